@@ -1,0 +1,17 @@
+"""snapkernel: Jupyter kernels in isolated (GPU) sandboxes that hibernate with their memory intact."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+
+def _jupyter_server_extension_points() -> list[dict[str, Any]]:
+    from snapkernel.jupyter_ext.app import SnapKernelApp
+
+    return [{"module": "snapkernel.jupyter_ext", "app": SnapKernelApp}]
+
+
+def _jupyter_labextension_paths() -> list[dict[str, str]]:
+    return [{"src": "labextension", "dest": "snapkernel"}]

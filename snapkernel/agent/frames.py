@@ -1,0 +1,64 @@
+"""Length-prefixed frames of `AgentMessage`s: the agent link on stdio, the shim socket, nothing else.
+
+Each frame is a 4-byte big-endian length followed by one serialized `AgentMessage`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+from snapkernel.backend.v1 import backend_pb2 as pb
+from snapkernel.errors import InvalidSpecError
+
+HEADER = struct.Struct(">I")
+MAX_FRAME = 512 * 1024 * 1024  # a kernel message larger than this is refused, not buffered
+
+
+def encode(msg: pb.AgentMessage) -> bytes:
+    body = msg.SerializeToString()
+    return HEADER.pack(len(body)) + body
+
+
+def decode(body: bytes) -> pb.AgentMessage:
+    msg = pb.AgentMessage()
+    try:
+        msg.ParseFromString(body)
+    except Exception as e:  # protobuf raises DecodeError, a bare Exception subclass
+        raise InvalidSpecError(f"malformed agent frame of {len(body)} bytes: {e}") from e
+    return msg
+
+
+class FrameBuffer:
+    """Accumulates bytes read from a non-blocking fd and yields whole frame bodies."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buf += data
+        out: list[bytes] = []
+        while len(self._buf) >= HEADER.size:
+            (size,) = HEADER.unpack_from(self._buf)
+            if size > MAX_FRAME:
+                raise InvalidSpecError(f"agent frame of {size} bytes is over the {MAX_FRAME} byte limit")
+            end = HEADER.size + size
+            if len(self._buf) < end:
+                break
+            out.append(bytes(self._buf[HEADER.size:end]))
+            del self._buf[:end]
+        return out
+
+
+async def read_frame(reader: asyncio.StreamReader) -> bytes | None:
+    """The next whole frame (header included), or None at a clean end of stream."""
+    try:
+        head = await reader.readexactly(HEADER.size)
+    except asyncio.IncompleteReadError as e:
+        if e.partial:
+            raise InvalidSpecError("agent link closed in the middle of a frame header") from e
+        return None
+    (size,) = HEADER.unpack(head)
+    if size > MAX_FRAME:
+        raise InvalidSpecError(f"agent frame of {size} bytes is over the {MAX_FRAME} byte limit")
+    return head + await reader.readexactly(size)

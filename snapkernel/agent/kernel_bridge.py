@@ -1,0 +1,235 @@
+"""The kernel bridge: one ipykernel on loopback ZMQ, its channels carried as frames on stdin/stdout.
+
+Single-threaded: one zmq.Poller watches stdin and every kernel socket. Shell, control and stdin traffic of
+each Jupyter client gets its own DEALER sockets carrying that client's identity, so the kernel routes its
+replies (and `input()` requests) back to the right client exactly as if the client were connected directly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections import OrderedDict
+from typing import Any
+
+import zmq
+
+from snapkernel.agent.frames import FrameBuffer, decode, encode
+from snapkernel.backend.v1 import backend_pb2 as pb
+
+log = logging.getLogger("snapkernel.agent")
+
+_CHANNEL_NAMES = {pb.SHELL: "shell", pb.CONTROL: "control", pb.STDIN: "stdin"}
+_MAX_CLIENTS = 64  # clients (identities) kept connected at once; the least recently seen are dropped
+_KILL_GRACE = 3.0
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _socket_identity(ident: bytes) -> bytes:
+    # ZMQ reserves identities starting with a zero byte (auto-generated ones look like that).
+    return b"\x01sk" + ident if not ident or ident[0] == 0 else ident
+
+
+class KernelBridge:
+    def __init__(self, key: bytes, signature_scheme: str, in_fd: int = 0, out_fd: int = 1) -> None:
+        self.key = key
+        self.signature_scheme = signature_scheme
+        self.in_fd = in_fd
+        self.out_fd = out_fd
+        self.ctx = zmq.Context()
+        self.poller = zmq.Poller()
+        self.kernel: subprocess.Popen[bytes] | None = None
+        self.generation = 0
+        self.ports: dict[str, int] = {}
+        self.iopub: zmq.Socket[Any] | None = None
+        # (channel, ident) -> DEALER socket; socket -> (channel, ident) for the way back
+        self.clients: OrderedDict[bytes, dict[int, zmq.Socket[Any]]] = OrderedDict()
+        self.routes: dict[zmq.Socket[Any], tuple[int, bytes]] = {}
+        self.exit_reported = True
+        self.running = True
+        self.runtime_dir = tempfile.mkdtemp(prefix="snapkernel-agent-")
+
+    # --- the link -------------------------------------------------------------------------------
+    def send(self, msg: pb.AgentMessage) -> None:
+        data = memoryview(encode(msg))
+        while data:
+            n = os.write(self.out_fd, data)
+            data = data[n:]
+
+    # --- the kernel -----------------------------------------------------------------------------
+    def start_kernel(self) -> None:
+        self.generation += 1
+        names = ["shell", "iopub", "stdin", "control", "hb"]
+        self.ports = dict(zip(names, _free_ports(len(names)), strict=True))
+        conn = {f"{n}_port": p for n, p in self.ports.items()}
+        conn.update(ip="127.0.0.1", transport="tcp", key=self.key.decode(),
+                    signature_scheme=self.signature_scheme, kernel_name="")
+        path = os.path.join(self.runtime_dir, f"kernel-{self.generation}.json")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(conn, f)
+        env = dict(os.environ)
+        env.pop("SNAPKERNEL_KERNEL_KEY", None)
+        # The kernel writes to the agent's log (fd 2), never to fd 1, which carries the frames.
+        self.kernel = subprocess.Popen(
+            [sys.executable, "-m", "ipykernel_launcher", "-f", path],
+            stdin=subprocess.DEVNULL, stdout=2, stderr=2, env=env,
+        )
+        self.iopub = self.ctx.socket(zmq.SUB)
+        self.iopub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.iopub.linger = 0
+        self.iopub.connect(f"tcp://127.0.0.1:{self.ports['iopub']}")
+        self.poller.register(self.iopub, zmq.POLLIN)
+        self.exit_reported = False
+        log.info("kernel started pid=%s generation=%s", self.kernel.pid, self.generation)
+        self.send(pb.AgentMessage(kernel_started=pb.KernelStarted(pid=self.kernel.pid,
+                                                                  generation=self.generation)))
+
+    def stop_kernel(self) -> None:
+        """Kill the kernel if alive and drop every socket of it."""
+        if self.kernel is not None and self.kernel.poll() is None:
+            self.kernel.terminate()
+            try:
+                self.kernel.wait(_KILL_GRACE)
+            except subprocess.TimeoutExpired:
+                self.kernel.kill()
+                self.kernel.wait()
+        self._report_exit()
+        for sock in list(self.routes):
+            self.poller.unregister(sock)
+            sock.close(0)
+        self.routes.clear()
+        self.clients.clear()
+        if self.iopub is not None:
+            self.poller.unregister(self.iopub)
+            self.iopub.close(0)
+            self.iopub = None
+
+    def _report_exit(self) -> None:
+        if self.kernel is None or self.exit_reported:
+            return
+        code = self.kernel.poll()
+        if code is None:
+            return
+        self.exit_reported = True
+        log.info("kernel exited code=%s generation=%s", code, self.generation)
+        self.send(pb.AgentMessage(kernel_exited=pb.KernelExited(code=code, generation=self.generation)))
+
+    # --- client sockets -------------------------------------------------------------------------
+    def _client_sockets(self, ident: bytes) -> dict[int, zmq.Socket[Any]]:
+        socks = self.clients.get(ident)
+        if socks is not None:
+            self.clients.move_to_end(ident)
+            return socks
+        if len(self.clients) >= _MAX_CLIENTS:
+            _, old = self.clients.popitem(last=False)
+            for s in old.values():
+                self.poller.unregister(s)
+                del self.routes[s]
+                s.close(0)
+        socks = {}
+        # stdin first: the kernel may ask for input as soon as it has the shell request.
+        for channel in (pb.STDIN, pb.CONTROL, pb.SHELL):
+            s = self.ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.IDENTITY, _socket_identity(ident))
+            s.linger = 0
+            s.connect(f"tcp://127.0.0.1:{self.ports[_CHANNEL_NAMES[channel]]}")
+            self.poller.register(s, zmq.POLLIN)
+            self.routes[s] = (channel, ident)
+            socks[channel] = s
+        self.clients[ident] = socks
+        return socks
+
+    # --- commands from the backend --------------------------------------------------------------
+    def handle(self, msg: pb.AgentMessage) -> None:
+        kind = msg.WhichOneof("kind")
+        if kind == "frame":
+            frame = msg.frame
+            if frame.channel not in _CHANNEL_NAMES or len(frame.parts) < 2:
+                self._error(f"dropped a frame for channel {frame.channel} with {len(frame.parts)} parts")
+                return
+            if self.kernel is None or self.kernel.poll() is not None:
+                self._error("dropped a kernel message: the kernel is not running (restart it)")
+                return
+            sock = self._client_sockets(frame.parts[0])[frame.channel]
+            sock.send_multipart(list(frame.parts[1:]), copy=False)
+        elif kind == "signal":
+            if self.kernel is not None and self.kernel.poll() is None:
+                try:
+                    os.kill(self.kernel.pid, msg.signal)
+                except (OSError, ValueError) as e:
+                    self._error(f"cannot send signal {msg.signal} to the kernel: {e}")
+        elif kind == "restart":
+            self.stop_kernel()
+            self.start_kernel()
+        elif kind == "shutdown":
+            self.running = False
+        else:
+            self._error(f"unknown command {kind!r}")
+
+    def _error(self, text: str) -> None:
+        log.warning("%s", text)
+        self.send(pb.AgentMessage(error=text))
+
+    # --- the loop -------------------------------------------------------------------------------
+    def run(self) -> int:
+        os.set_blocking(self.in_fd, False)
+        self.poller.register(self.in_fd, zmq.POLLIN)
+        self.send(pb.AgentMessage(hello=pb.AgentHello(python=sys.version.split()[0], pid=os.getpid())))
+        self.start_kernel()
+        frames = FrameBuffer()
+        while self.running:
+            for sock, _ in self.poller.poll(200):
+                if sock == self.in_fd:
+                    try:
+                        data = os.read(self.in_fd, 1 << 20)
+                    except BlockingIOError:
+                        continue
+                    if not data:
+                        log.info("link closed; stopping")
+                        self.running = False
+                        break
+                    for body in frames.feed(data):
+                        self.handle(decode(body))
+                elif sock is self.iopub:
+                    parts = sock.recv_multipart()
+                    self.send(pb.AgentMessage(frame=pb.KernelFrame(channel=pb.IOPUB, parts=parts)))
+                else:
+                    channel, ident = self.routes[sock]
+                    parts = sock.recv_multipart()
+                    self.send(pb.AgentMessage(frame=pb.KernelFrame(channel=channel, parts=[ident, *parts])))
+            self._report_exit()
+        self.stop_kernel()
+        return 0
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s agent %(levelname)s %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # interrupts are for the kernel, not the agent
+    key = os.environ.pop("SNAPKERNEL_KERNEL_KEY", "").encode()
+    scheme = os.environ.pop("SNAPKERNEL_SIGNATURE_SCHEME", "hmac-sha256")
+    bridge = KernelBridge(key, scheme)
+    try:
+        return bridge.run()
+    except BrokenPipeError:  # the shim is gone: nobody is left to talk to
+        if bridge.kernel is not None:
+            bridge.kernel.kill()
+        return 0

@@ -1,0 +1,1 @@
+"""The backend daemon: sandboxes, scheduling, snapshots, fan-out, served over gRPC."""

@@ -1,0 +1,78 @@
+"""The backend's end of one sandbox's agent link: a unix socket to the sandbox's shim."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from snapkernel.agent.frames import HEADER, decode, encode, read_frame
+from snapkernel.backend.v1 import backend_pb2 as pb
+from snapkernel.errors import SandboxFailedError
+
+log = logging.getLogger(__name__)
+
+
+class AgentLink:
+    def __init__(self, sandbox_id: str, socket_path: str,
+                 on_message: Callable[[pb.AgentMessage], None],
+                 on_closed: Callable[[], Awaitable[None]]) -> None:
+        self.sandbox_id = sandbox_id
+        self.socket_path = socket_path
+        self.on_message = on_message
+        self.on_closed = on_closed
+        self.writer: asyncio.StreamWriter | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def connect(self, timeout: float, alive: Callable[[], bool]) -> None:
+        """Connect to the shim's socket, retrying while the shim starts; then read in the background."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                reader, self.writer = await asyncio.open_unix_connection(self.socket_path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError) as e:
+                if loop.time() > deadline or not alive():
+                    raise SandboxFailedError(
+                        f"sandbox {self.sandbox_id}: its supervisor did not open {self.socket_path} ({e}); "
+                        "see sandbox.log in the sandbox directory"
+                    ) from e
+                await asyncio.sleep(0.01)
+        self._task = asyncio.create_task(self._read(reader))
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while (frame := await read_frame(reader)) is not None:
+                self.on_message(decode(frame[HEADER.size:]))
+        except (ConnectionError, asyncio.IncompleteReadError) as e:
+            log.info("sandbox_id=%s agent link broke: %s", self.sandbox_id, e)
+        except Exception:
+            log.exception("sandbox_id=%s agent link failed", self.sandbox_id)
+        finally:
+            self.close()
+            await self.on_closed()
+
+    def send(self, msg: pb.AgentMessage) -> None:
+        if self.writer is None or self.writer.is_closing():
+            raise SandboxFailedError(f"sandbox {self.sandbox_id}: the agent link is closed")
+        self.writer.write(encode(msg))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            with contextlib.suppress(Exception):
+                self.writer.close()
+
+    async def detach(self) -> None:
+        """Close without reporting (backend shutting down: the sandbox keeps running)."""
+        if self._task is not None:
+            self.on_closed = _nothing
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.close()
+
+
+async def _nothing() -> None:
+    return None

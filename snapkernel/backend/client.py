@@ -1,0 +1,104 @@
+"""The client of the backend's gRPC API, used by the provisioner, the CLI and the server extension.
+
+Finds the backend through SNAPKERNEL_BACKEND (address) and SNAPKERNEL_TOKEN (or the `token` file of the
+default state dir). Every call carries the token; failures come back as `snapkernel.errors` exceptions.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from snapkernel.backend.auth import call_metadata, read_token
+from snapkernel.backend.server import GRPC_OPTIONS, default_state_dir, grpc_target
+from snapkernel.backend.v1 import backend_pb2 as pb
+from snapkernel.backend.v1 import backend_pb2_grpc as pb_grpc
+from snapkernel.errors import UnauthenticatedError, from_grpc
+
+
+def default_address() -> str:
+    return os.environ.get("SNAPKERNEL_BACKEND") or f"unix://{default_state_dir().absolute() / 'backend.sock'}"
+
+
+def default_token(address: str) -> str:
+    token = os.environ.get("SNAPKERNEL_TOKEN")
+    if token:
+        return token
+    path = default_state_dir() / "token"
+    try:
+        return read_token(path)
+    except OSError as e:
+        raise UnauthenticatedError(
+            f"no token for the backend at {address}: set SNAPKERNEL_TOKEN or make {path} readable ({e})"
+        ) from e
+
+
+class BackendClient:
+    """One channel to the backend. Create and use it on one event loop (grpc.aio's rule)."""
+
+    def __init__(self, address: str | None = None, token: str | None = None, tls_ca: str | None = None) -> None:
+        self.address = address or default_address()
+        target = grpc_target(self.address)
+        self.token = token if token is not None else default_token(self.address)
+        self.metadata = call_metadata(self.token)
+        ca = tls_ca or os.environ.get("SNAPKERNEL_TLS_CA")
+        if ca and not target.startswith("unix://"):
+            creds = grpc.ssl_channel_credentials(Path(ca).read_bytes())
+            self.channel = grpc.aio.secure_channel(target, creds, options=GRPC_OPTIONS)
+        else:
+            self.channel = grpc.aio.insecure_channel(target, options=GRPC_OPTIONS)
+        self.stub = pb_grpc.BackendStub(self.channel)
+
+    async def _call(self, method: Any, request: Any, timeout: float | None = 30.0) -> Any:
+        try:
+            return await method(request, metadata=self.metadata, timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            raise from_grpc(e, self.address) from e
+
+    async def create_sandbox(self, request: pb.CreateSandboxRequest) -> pb.Sandbox:
+        result: pb.Sandbox = await self._call(self.stub.CreateSandbox, request)
+        return result
+
+    async def get_sandbox(self, sandbox_id: str) -> pb.Sandbox:
+        result: pb.Sandbox = await self._call(self.stub.GetSandbox, pb.GetSandboxRequest(id=sandbox_id))
+        return result
+
+    async def list_sandboxes(self, include_ended: bool = False) -> list[pb.Sandbox]:
+        resp = await self._call(self.stub.ListSandboxes, pb.ListSandboxesRequest(all=include_ended))
+        return list(resp.sandboxes)
+
+    async def delete_sandbox(self, sandbox_id: str) -> None:
+        await self._call(self.stub.DeleteSandbox, pb.DeleteSandboxRequest(id=sandbox_id), timeout=60.0)
+
+    async def signal_kernel(self, sandbox_id: str, signum: int) -> None:
+        await self._call(self.stub.SignalKernel, pb.SignalKernelRequest(id=sandbox_id, signal=signum))
+
+    async def restart_kernel(self, sandbox_id: str) -> pb.Sandbox:
+        result: pb.Sandbox = await self._call(self.stub.RestartKernel, pb.RestartKernelRequest(id=sandbox_id),
+                                              timeout=90.0)
+        return result
+
+    async def status(self) -> pb.Status:
+        result: pb.Status = await self._call(self.stub.GetStatus, pb.GetStatusRequest())
+        return result
+
+    async def watch(self, sandbox_id: str) -> AsyncIterator[pb.SandboxEvent]:
+        call = self.stub.WatchSandbox(pb.WatchSandboxRequest(id=sandbox_id), metadata=self.metadata)
+        try:
+            async for event in call:
+                yield event
+        except grpc.aio.AioRpcError as e:
+            raise from_grpc(e, self.address) from e
+        finally:
+            call.cancel()
+
+    def attach(self) -> Any:
+        """A bidirectional Attach call; write `AttachRequest(open=...)` first."""
+        return self.stub.Attach(metadata=self.metadata)
+
+    async def close(self) -> None:
+        await self.channel.close()

@@ -1,0 +1,1 @@
+"""Sandbox runtimes: `process` (plain subprocess) and, later, `gvisor` (runsc)."""

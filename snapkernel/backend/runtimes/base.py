@@ -1,0 +1,116 @@
+"""What every runtime does: start a sandbox's entry point under a shim, stop it, tell if it lives."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from snapkernel.backend.sandbox_db import SandboxRecord
+from snapkernel.backend.spec import ParsedSpec
+
+LINK_SOCKET = "link.sock"
+EXIT_FILE = "exit.json"
+LOG_FILE = "sandbox.log"
+STOP_GRACE = 3.0
+
+
+@dataclass
+class RuntimeInfo:
+    name: str
+    available: bool
+    version: str = ""
+    detail: str = ""
+
+
+@dataclass
+class Launch:
+    """What a runtime decided for one sandbox: the entry point, its environment and limits."""
+
+    argv: list[str]
+    env: dict[str, str]
+    limits: dict[str, Any]
+    limits_mode: str
+
+
+class SandboxRuntime(ABC):
+    name: ClassVar[str]
+
+    def __init__(self) -> None:
+        self._children: dict[str, asyncio.subprocess.Process] = {}
+
+    @abstractmethod
+    def probe(self) -> RuntimeInfo:
+        """Whether this runtime works on this host, its version, and what it supports."""
+
+    @abstractmethod
+    def prepare(self, record: SandboxRecord, spec: ParsedSpec, env: dict[str, str]) -> Launch:
+        """The sandbox's entry point and limits (the agent is the entry point's stdio peer)."""
+
+    async def launch(self, record: SandboxRecord, spec: ParsedSpec, env: dict[str, str]) -> str:
+        """Start the shim that runs the entry point; sets `record.pid`; returns how limits are applied."""
+        sandbox_dir = Path(record.dir)
+        (sandbox_dir / "workspace").mkdir(parents=True, exist_ok=True)
+        plan = self.prepare(record, spec, env)
+        argv = [
+            sys.executable, "-m", "snapkernel.backend.shim",
+            "--socket", str(sandbox_dir / LINK_SOCKET),
+            "--exit-file", str(sandbox_dir / EXIT_FILE),
+            "--limits", json.dumps(plan.limits),
+            "--sandbox-id", record.id,
+            "--", *plan.argv,
+        ]
+        with open(sandbox_dir / LOG_FILE, "ab") as log:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, cwd=sandbox_dir / "workspace", env=plan.env, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL, stderr=log, start_new_session=True,
+            )
+        self._children[record.id] = proc
+        record.pid = proc.pid
+        return plan.limits_mode
+
+    def is_alive(self, record: SandboxRecord) -> bool:
+        """The sandbox's shim still runs (checked by pid and command line, against pid reuse)."""
+        if record.pid <= 0:
+            return False
+        try:
+            with open(f"/proc/{record.pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            return False
+        return b"snapkernel.backend.shim" in cmdline and record.id.encode() in cmdline
+
+    async def stop(self, record: SandboxRecord) -> None:
+        """Stop the whole sandbox: SIGTERM to its process group, SIGKILL after a grace period."""
+        if self.is_alive(record):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(record.pid, signal.SIGTERM)
+            for _ in range(int(STOP_GRACE / 0.05)):
+                if not self.is_alive(record) or await self.reap(record, timeout=0.05) is not None:
+                    break
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(record.pid, signal.SIGKILL)
+        await self.reap(record, timeout=1.0)
+        self.cleanup(record)
+
+    async def reap(self, record: SandboxRecord, timeout: float) -> int | None:
+        """Collect the shim's exit status if this backend started it (avoids zombies)."""
+        proc = self._children.get(record.id)
+        if proc is None:
+            return None
+        try:
+            code = await asyncio.wait_for(proc.wait(), timeout)
+        except asyncio.TimeoutError:
+            return None
+        self._children.pop(record.id, None)
+        return code
+
+    def cleanup(self, record: SandboxRecord) -> None:
+        """Release what the runtime holds for a stopped sandbox (cgroups, mounts)."""

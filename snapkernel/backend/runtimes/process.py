@@ -1,0 +1,91 @@
+"""The `process` runtime: the agent as a plain subprocess in its own process group and directory.
+
+No isolation beyond that: for development, and as the GPU fallback where gVisor cannot drive the driver.
+Limits: a cgroup v2 group (memory.max, cpu.max, pids.max) when the cgroup tree is writable, otherwise
+rlimits (address space) and CPU affinity; `Sandbox.limits` says which was used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from snapkernel.backend.runtimes.base import Launch, RuntimeInfo, SandboxRuntime
+from snapkernel.backend.sandbox_db import SandboxRecord
+from snapkernel.backend.spec import ParsedSpec
+
+log = logging.getLogger(__name__)
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PIDS_MAX = 4096
+
+
+def _cgroup2_base() -> Path | None:
+    """`/sys/fs/cgroup/snapkernel` with cpu, memory and pids delegated, or None where that cannot be."""
+    if not (CGROUP_ROOT / "cgroup.controllers").exists():
+        return None
+    base = CGROUP_ROOT / "snapkernel"
+    try:
+        base.mkdir(exist_ok=True)
+        for parent in (CGROUP_ROOT, base):
+            (parent / "cgroup.subtree_control").write_text("+cpu +memory +pids")
+    except OSError as e:
+        log.info("cgroup v2 not writable (%s); using rlimits", e)
+        return None
+    return base
+
+
+class ProcessRuntime(SandboxRuntime):
+    name = "process"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cgroup_base = _cgroup2_base()
+        self._core_use: Counter[int] = Counter()
+        self._cores: dict[str, list[int]] = {}
+
+    def probe(self) -> RuntimeInfo:
+        mode = "cgroup2" if self.cgroup_base else "rlimit"
+        return RuntimeInfo(self.name, True, sys.version.split()[0],
+                           f"plain subprocess, no isolation; limits via {mode}")
+
+    def prepare(self, record: SandboxRecord, spec: ParsedSpec, env: dict[str, str]) -> Launch:
+        limits: dict[str, Any] = {"nofile": 65536}
+        mode = "rlimit"
+        if self.cgroup_base is not None:
+            group = self.cgroup_base / record.id
+            try:
+                group.mkdir(exist_ok=True)
+                (group / "memory.max").write_text(str(spec.memory))
+                (group / "cpu.max").write_text(f"{int(spec.cpu * 100000)} 100000")
+                (group / "pids.max").write_text(str(PIDS_MAX))
+                limits["cgroup"] = str(group)
+                mode = "cgroup2"
+            except OSError as e:
+                log.warning("sandbox_id=%s cgroup setup failed (%s); using rlimits", record.id, e)
+        if mode == "rlimit":
+            limits["memory"] = spec.memory
+            limits["cpus"] = self._pick_cores(record.id, spec.cpu)
+            env = {**env, "MALLOC_ARENA_MAX": "2"}  # address-space limits count malloc arenas
+        log.info("sandbox_id=%s limits via %s: cpu=%g memory=%d", record.id, mode, spec.cpu, spec.memory)
+        return Launch([sys.executable, "-m", "snapkernel.agent"], env, limits, mode)
+
+    def _pick_cores(self, sandbox_id: str, cpu: float) -> list[int]:
+        """The least used cores, as many as the cores asked for (rounded up)."""
+        cores = sorted(os.sched_getaffinity(0), key=lambda c: self._core_use[c])
+        chosen = sorted(cores[: max(1, min(len(cores), math.ceil(cpu)))])
+        self._core_use.update(chosen)
+        self._cores[sandbox_id] = chosen
+        return chosen
+
+    def cleanup(self, record: SandboxRecord) -> None:
+        self._core_use.subtract(self._cores.pop(record.id, []))
+        if self.cgroup_base is not None:
+            with contextlib.suppress(OSError):
+                (self.cgroup_base / record.id).rmdir()

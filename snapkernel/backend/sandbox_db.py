@@ -1,0 +1,81 @@
+"""Sandbox records on disk (SQLite in the state dir), so a restarted backend can re-adopt them."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from snapkernel.backend.v1 import backend_pb2 as pb
+
+ENDED = frozenset({pb.EXITED, pb.LOST, pb.FAILED, pb.DELETED})
+
+
+@dataclass
+class SandboxRecord:
+    id: str
+    kernel_id: str
+    runtime: str
+    spec: pb.SandboxSpec
+    dir: str
+    state: int = pb.PENDING
+    message: str = ""
+    exit_code: int = 0
+    gpu_indices: list[int] = field(default_factory=list)
+    limits: str = ""
+    created: float = 0.0
+    notebook_path: str = ""
+    pid: int = 0
+    kernel_generation: int = 0
+
+    @property
+    def ended(self) -> bool:
+        return self.state in ENDED
+
+    def to_pb(self) -> pb.Sandbox:
+        return pb.Sandbox(
+            id=self.id, kernel_id=self.kernel_id, runtime=self.runtime, state=self.state,  # type: ignore[arg-type]
+            message=self.message, exit_code=self.exit_code, spec=self.spec,
+            gpu_indices=self.gpu_indices, limits=self.limits, created=self.created,
+            notebook_path=self.notebook_path, pid=self.pid, kernel_generation=self.kernel_generation,
+        )
+
+
+_COLUMNS = ("id", "kernel_id", "runtime", "spec", "dir", "state", "message", "exit_code", "gpu_indices",
+            "limits", "created", "notebook_path", "pid", "kernel_generation")
+
+
+class SandboxDB:
+    def __init__(self, path: Path) -> None:
+        self.conn = sqlite3.connect(path, isolation_level=None)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute(
+            "CREATE TABLE IF NOT EXISTS sandboxes (id TEXT PRIMARY KEY, kernel_id TEXT, runtime TEXT, "
+            "spec BLOB, dir TEXT, state INTEGER, message TEXT, exit_code INTEGER, gpu_indices TEXT, "
+            "limits TEXT, created REAL, notebook_path TEXT, pid INTEGER, kernel_generation INTEGER)"
+        )
+
+    def save(self, r: SandboxRecord) -> None:
+        values = (r.id, r.kernel_id, r.runtime, r.spec.SerializeToString(), r.dir, r.state, r.message,
+                  r.exit_code, json.dumps(r.gpu_indices), r.limits, r.created, r.notebook_path, r.pid,
+                  r.kernel_generation)
+        marks = ",".join("?" * len(_COLUMNS))
+        self.conn.execute(f"INSERT OR REPLACE INTO sandboxes ({','.join(_COLUMNS)}) VALUES ({marks})", values)
+
+    def delete(self, sandbox_id: str) -> None:
+        self.conn.execute("DELETE FROM sandboxes WHERE id = ?", (sandbox_id,))
+
+    def load(self) -> list[SandboxRecord]:
+        rows = self.conn.execute(f"SELECT {','.join(_COLUMNS)} FROM sandboxes ORDER BY created").fetchall()
+        out = []
+        for row in rows:
+            d = dict(zip(_COLUMNS, row, strict=True))
+            spec = pb.SandboxSpec()
+            spec.ParseFromString(d.pop("spec"))
+            d["gpu_indices"] = json.loads(d["gpu_indices"])
+            out.append(SandboxRecord(spec=spec, **d))
+        return out
+
+    def close(self) -> None:
+        self.conn.close()

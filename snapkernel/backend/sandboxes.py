@@ -1,0 +1,355 @@
+"""The sandbox lifecycle: create, watch, attach, signal, restart, delete, re-adopt after a restart.
+
+State changes are saved to SQLite and pushed to watchers; kernel frames flow between Attach streams and
+the sandbox's agent link.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from snapkernel.backend.agent_link import AgentLink
+from snapkernel.backend.runtimes.base import EXIT_FILE, LINK_SOCKET, LOG_FILE, SandboxRuntime
+from snapkernel.backend.sandbox_db import SandboxDB, SandboxRecord
+from snapkernel.backend.scheduler import Scheduler
+from snapkernel.backend.spec import ParsedSpec, check_sandbox_id, parse_spec
+from snapkernel.backend.v1 import backend_pb2 as pb
+from snapkernel.errors import (
+    InvalidSpecError,
+    NotFoundError,
+    RuntimeUnavailableError,
+    SandboxFailedError,
+    SnapkernelError,
+    StateError,
+    TimeoutError_,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_PENDING_FRAMES = 1000  # frames held for a sandbox whose agent is not connected yet
+STATE_NAMES = {v: k.lower() for k, v in pb.SandboxState.items()}
+
+
+@dataclass
+class LiveSandbox:
+    record: SandboxRecord
+    spec: ParsedSpec
+    link: AgentLink | None = None
+    watchers: set[asyncio.Queue[pb.SandboxEvent | None]] = field(default_factory=set)
+    attached: set[asyncio.Queue[pb.KernelFrame | None]] = field(default_factory=set)
+    pending: list[pb.AgentMessage] = field(default_factory=list)
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    deleting: bool = False
+
+
+@dataclass
+class Defaults:
+    runtime: str
+    cpu: float
+    memory: int
+    start_timeout: float
+
+
+class SandboxManager:
+    def __init__(self, state_dir: Path, runtimes: dict[str, SandboxRuntime], scheduler: Scheduler,
+                 defaults: Defaults) -> None:
+        self.state_dir = state_dir
+        self.sandbox_root = state_dir / "sandboxes"
+        self.sandbox_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.db = SandboxDB(state_dir / "backend.db")
+        self.runtimes = runtimes
+        self.scheduler = scheduler
+        self.defaults = defaults
+        self.live: dict[str, LiveSandbox] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # --- helpers --------------------------------------------------------------------------------
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _parse(self, spec: pb.SandboxSpec) -> ParsedSpec:
+        return parse_spec(spec, default_runtime=self.defaults.runtime, default_cpu=self.defaults.cpu,
+                          default_memory=self.defaults.memory)
+
+    def get(self, sandbox_id: str) -> LiveSandbox:
+        check_sandbox_id(sandbox_id)
+        sb = self.live.get(sandbox_id)
+        if sb is None:
+            raise NotFoundError(f"no sandbox {sandbox_id!r} here; `snapkernel sandboxes list` shows them")
+        return sb
+
+    def _set_state(self, sb: LiveSandbox, state: int, message: str | None = None,
+                   progress: pb.Progress | None = None) -> None:
+        r = sb.record
+        r.state = state
+        if message is not None:
+            r.message = message
+        if state != pb.DELETED:
+            self.db.save(r)
+        self._notify(sb, progress)
+        log.info("sandbox_id=%s kernel_id=%s state=%s %s", r.id, r.kernel_id, STATE_NAMES[state],
+                 message or (progress.message if progress else ""))
+
+    def _notify(self, sb: LiveSandbox, progress: pb.Progress | None = None) -> None:
+        event = pb.SandboxEvent(sandbox=sb.record.to_pb(), progress=progress)
+        for q in sb.watchers:
+            q.put_nowait(event)
+
+        async def wake() -> None:
+            async with sb.changed:
+                sb.changed.notify_all()
+
+        self._spawn(wake())
+
+    def _progress(self, sb: LiveSandbox, step: str, message: str, fraction: float = -1.0) -> None:
+        self._notify(sb, pb.Progress(step=step, message=message, fraction=fraction))
+        log.info("sandbox_id=%s %s: %s", sb.record.id, step, message)
+
+    def _release(self, sb: LiveSandbox) -> None:
+        self.scheduler.release(sb.record.id, sb.spec.cpu, sb.spec.memory)
+
+    # --- create ---------------------------------------------------------------------------------
+    async def create(self, req: pb.CreateSandboxRequest) -> pb.Sandbox:
+        spec = self._parse(req.spec)
+        runtime = self.runtimes.get(spec.runtime)
+        if runtime is None:
+            raise RuntimeUnavailableError(
+                f"runtime {spec.runtime!r} is not available on this backend; available: "
+                f"{', '.join(self.runtimes)}"
+            )
+        if spec.restore_from:
+            raise InvalidSpecError(
+                f"restore_from {spec.restore_from!r}: this backend has no snapshot store yet"
+            )
+        if req.kernel.signature_scheme not in ("", "hmac-sha256"):
+            raise InvalidSpecError(
+                f"signature scheme {req.kernel.signature_scheme!r} is not supported: use hmac-sha256"
+            )
+        sandbox_id = f"sb-{secrets.token_hex(6)}"
+        gpus = self.scheduler.allocate(sandbox_id, spec)
+        record = SandboxRecord(
+            id=sandbox_id, kernel_id=req.kernel_id, runtime=spec.runtime, spec=req.spec,
+            dir=str(self.sandbox_root / sandbox_id), gpu_indices=gpus, created=time.time(),
+            notebook_path=req.notebook_path,
+        )
+        sb = LiveSandbox(record, spec)
+        self.live[sandbox_id] = sb
+        self._set_state(sb, pb.PENDING, "")
+        self._spawn(self._start(sb, runtime, req.kernel))
+        return record.to_pb()
+
+    def _sandbox_env(self, sb: LiveSandbox, kernel: pb.KernelConfig) -> dict[str, str]:
+        r = sb.record
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "LANG": os.environ.get("LANG", "C.UTF-8"),
+            "HOME": str(Path(r.dir) / "workspace"),
+            "SNAPKERNEL_SANDBOX_ID": r.id,
+            "SNAPKERNEL_KERNEL_KEY": kernel.key.decode(),
+            "SNAPKERNEL_SIGNATURE_SCHEME": kernel.signature_scheme or "hmac-sha256",
+            "PYTHONUNBUFFERED": "1",
+            # Only the GPUs given to this sandbox are visible; none at all without a GPU request.
+            "CUDA_VISIBLE_DEVICES": ",".join(map(str, r.gpu_indices)),
+            "NVIDIA_VISIBLE_DEVICES": ",".join(map(str, r.gpu_indices)) or "none",
+        }
+        env.update(sb.spec.env)
+        return env
+
+    async def _start(self, sb: LiveSandbox, runtime: SandboxRuntime, kernel: pb.KernelConfig) -> None:
+        r = sb.record
+        try:
+            self._progress(sb, "sandbox", f"starting a {r.runtime} sandbox", 0.1)
+            r.limits = await runtime.launch(r, sb.spec, self._sandbox_env(sb, kernel))
+            self._set_state(sb, pb.STARTING, "", pb.Progress(step="agent", message="agent starting",
+                                                              fraction=0.4))
+            await self._connect(sb, runtime, self.defaults.start_timeout)
+        except Exception as e:
+            log.exception("sandbox_id=%s failed to start", r.id)
+            why = str(e) if isinstance(e, SnapkernelError) else f"{type(e).__name__}: {e}"
+            with contextlib.suppress(Exception):
+                await runtime.stop(r)
+            self._release(sb)
+            self._set_state(sb, pb.FAILED, f"sandbox failed to start: {why}")
+
+    async def _connect(self, sb: LiveSandbox, runtime: SandboxRuntime, timeout: float) -> None:
+        r = sb.record
+        link = AgentLink(r.id, str(Path(r.dir) / LINK_SOCKET),
+                         lambda msg: self._on_agent_message(sb, msg), lambda: self._on_link_closed(sb))
+        await link.connect(timeout, lambda: runtime.is_alive(r))
+        sb.link = link
+        for msg in sb.pending:
+            link.send(msg)
+        sb.pending.clear()
+
+    # --- agent events ---------------------------------------------------------------------------
+    def _on_agent_message(self, sb: LiveSandbox, msg: pb.AgentMessage) -> None:
+        kind = msg.WhichOneof("kind")
+        r = sb.record
+        if kind == "frame":
+            for q in sb.attached:
+                q.put_nowait(msg.frame)
+        elif kind == "hello":
+            self._progress(sb, "kernel", f"agent up (python {msg.hello.python}); kernel starting", 0.6)
+        elif kind == "kernel_started":
+            r.kernel_generation = msg.kernel_started.generation
+            r.exit_code = 0
+            self._set_state(sb, pb.RUNNING, "", pb.Progress(step="kernel", message="kernel running",
+                                                            fraction=1.0))
+        elif kind == "kernel_exited":
+            if msg.kernel_exited.generation == r.kernel_generation and not sb.deleting:
+                r.exit_code = msg.kernel_exited.code
+                self._set_state(sb, pb.KERNEL_EXITED, f"kernel exited with code {r.exit_code}")
+        elif kind == "error":
+            log.warning("sandbox_id=%s agent: %s", r.id, msg.error)
+
+    async def _on_link_closed(self, sb: LiveSandbox) -> None:
+        sb.link = None
+        if sb.deleting or sb.record.ended:
+            return
+        runtime = self.runtimes.get(sb.record.runtime)
+        if runtime is not None:
+            await runtime.reap(sb.record, timeout=2.0)
+        self._end_without_backend(sb, runtime)
+
+    def _end_without_backend(self, sb: LiveSandbox, runtime: SandboxRuntime | None) -> None:
+        """The sandbox ended on its own: read its exit status, release what it held."""
+        r = sb.record
+        code = _read_exit_code(Path(r.dir) / EXIT_FILE)
+        self._release(sb)
+        if runtime is not None:
+            runtime.cleanup(r)
+        tail = _log_tail(Path(r.dir) / LOG_FILE)
+        if code is None:
+            self._set_state(sb, pb.LOST, f"the sandbox ended without leaving an exit status{tail}")
+        else:
+            r.exit_code = code
+            self._set_state(sb, pb.EXITED, f"sandbox exited with code {code}{tail}")
+        for q in sb.attached:
+            q.put_nowait(None)
+
+    # --- requests -------------------------------------------------------------------------------
+    def list(self, include_ended: bool) -> list[pb.Sandbox]:
+        return [sb.record.to_pb() for sb in self.live.values() if include_ended or not sb.record.ended]
+
+    async def delete(self, sandbox_id: str) -> None:
+        sb = self.get(sandbox_id)
+        if sb.deleting:
+            raise StateError(f"sandbox {sandbox_id} is already being deleted")
+        sb.deleting = True
+        r = sb.record
+        runtime = self.runtimes.get(r.runtime)
+        if not r.ended:
+            self._set_state(sb, pb.STOPPING, "deleting")
+            if runtime is not None:
+                await runtime.stop(r)
+            self._release(sb)
+        if sb.link is not None:
+            sb.link.close()
+        self._set_state(sb, pb.DELETED, "deleted")
+        for q in sb.attached:
+            q.put_nowait(None)
+        for w in sb.watchers:
+            w.put_nowait(None)
+        self.live.pop(sandbox_id, None)
+        self.db.delete(sandbox_id)
+        await asyncio.to_thread(shutil.rmtree, r.dir, True)
+
+    def send_to_agent(self, sb: LiveSandbox, msg: pb.AgentMessage) -> None:
+        if sb.record.ended or sb.deleting:
+            raise StateError(
+                f"sandbox {sb.record.id} is {STATE_NAMES[sb.record.state]}: start a new kernel"
+            )
+        if sb.link is None:
+            if len(sb.pending) >= MAX_PENDING_FRAMES:
+                raise StateError(f"sandbox {sb.record.id} is not connected and its queue is full")
+            sb.pending.append(msg)
+            return
+        sb.link.send(msg)
+
+    async def restart_kernel(self, sandbox_id: str, timeout: float) -> pb.Sandbox:
+        sb = self.get(sandbox_id)
+        generation = sb.record.kernel_generation
+        self.send_to_agent(sb, pb.AgentMessage(restart=True))
+        try:
+            async with sb.changed:
+                await asyncio.wait_for(
+                    sb.changed.wait_for(lambda: sb.record.kernel_generation > generation or sb.record.ended),
+                    timeout,
+                )
+        except asyncio.TimeoutError as e:
+            raise TimeoutError_(f"sandbox {sandbox_id}: the kernel did not restart within {timeout:g}s") from e
+        if sb.record.ended:
+            raise SandboxFailedError(f"sandbox {sandbox_id} ended while restarting: {sb.record.message}")
+        return sb.record.to_pb()
+
+    def signal_kernel(self, sandbox_id: str, signum: int) -> None:
+        if signum not in (2, 9, 15, 1, 10, 12):
+            raise InvalidSpecError(
+                f"signal {signum} is not accepted: use SIGINT (2), SIGTERM (15), SIGKILL (9), SIGHUP (1), "
+                "SIGUSR1 (10) or SIGUSR2 (12)"
+            )
+        self.send_to_agent(self.get(sandbox_id), pb.AgentMessage(signal=signum))
+
+    # --- start-up and shut-down -----------------------------------------------------------------
+    async def readopt(self) -> None:
+        """Take back the sandboxes of a previous backend: reconnect the living, mark the rest."""
+        for record in self.db.load():
+            spec = self._parse(record.spec)
+            sb = LiveSandbox(record, spec)
+            self.live[record.id] = sb
+            if record.ended:
+                continue
+            runtime = self.runtimes.get(record.runtime)
+            if runtime is not None and runtime.is_alive(record):
+                self.scheduler.claim(record.id, spec.cpu, spec.memory, record.gpu_indices)
+                try:
+                    await self._connect(sb, runtime, timeout=5.0)
+                    log.info("sandbox_id=%s re-adopted (state=%s)", record.id, STATE_NAMES[record.state])
+                    continue
+                except SnapkernelError as e:
+                    log.warning("sandbox_id=%s could not be re-adopted: %s", record.id, e)
+                    self._release(sb)
+                    self._set_state(sb, pb.LOST, f"could not reconnect after a backend restart: {e}")
+                    continue
+            self.scheduler.claim(record.id, spec.cpu, spec.memory, record.gpu_indices)
+            self._end_without_backend(sb, runtime)
+
+    async def close(self) -> None:
+        """Backend stopping: detach from sandboxes, leave them running for the next backend."""
+        for sb in self.live.values():
+            if sb.link is not None:
+                await sb.link.detach()
+            for q in sb.attached:
+                q.put_nowait(None)
+            for w in sb.watchers:
+                w.put_nowait(None)
+        for task in list(self._tasks):
+            task.cancel()
+        self.db.close()
+
+
+def _log_tail(path: Path, lines: int = 8) -> str:
+    """The last lines of a sandbox's log, to put in the message a user sees when it ends early."""
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()[-lines:]
+    except OSError:
+        return ""
+    return ("; last lines of its log:\n" + "\n".join(text)) if text else ""
+
+
+def _read_exit_code(path: Path) -> int | None:
+    try:
+        return int(json.loads(path.read_text())["code"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

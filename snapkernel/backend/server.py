@@ -1,0 +1,179 @@
+"""`snapkernel backend`: the daemon, as a traitlets Application (`snapkernel backend --help-all`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from traitlets import Float, Unicode, default, validate
+from traitlets.config import Application
+
+from snapkernel import __version__
+from snapkernel.backend.auth import TokenInterceptor, ensure_token
+from snapkernel.backend.gpus import inventory
+from snapkernel.backend.runtimes.base import RuntimeInfo, SandboxRuntime
+from snapkernel.backend.runtimes.process import ProcessRuntime
+from snapkernel.backend.sandboxes import Defaults, SandboxManager
+from snapkernel.backend.scheduler import Scheduler
+from snapkernel.backend.service import BackendService
+from snapkernel.backend.spec import RUNTIMES, parse_memory
+from snapkernel.backend.v1 import backend_pb2_grpc as pb_grpc
+from snapkernel.errors import InvalidSpecError, SnapkernelError
+
+log = logging.getLogger(__name__)
+MAX_MESSAGE = 512 * 1024 * 1024
+GRPC_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE),
+                ("grpc.max_receive_message_length", MAX_MESSAGE)]
+
+
+def default_state_dir() -> Path:
+    env = os.environ.get("SNAPKERNEL_STATE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "snapkernel"
+
+
+def grpc_target(address: str) -> str:
+    """Check an ADDR (`unix:///path.sock` or `HOST:PORT`) and return it as a gRPC target."""
+    if address.startswith("unix://"):
+        path = address[len("unix://"):]
+        if not path.startswith("/"):
+            raise InvalidSpecError(f"address {address!r} is not valid: unix sockets need an absolute "
+                                   "path, as in unix:///run/snapkernel.sock")
+        return address
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidSpecError(f"address {address!r} is not valid: use unix:///path.sock or HOST:PORT, "
+                               "e.g. 127.0.0.1:7531")
+    return address
+
+
+class BackendApp(Application):
+    name = "snapkernel-backend"
+    description = "The snapkernel backend daemon: runs kernels in sandboxes and serves them over gRPC."
+    version = __version__
+
+    listen = Unicode(help="Address to serve on: unix:///path.sock or HOST:PORT. "
+                          "Default: unix socket `backend.sock` in the state dir.").tag(config=True)
+    state_dir = Unicode(help="Where sandboxes, the database and the token live "
+                             "(default $SNAPKERNEL_STATE_DIR or ~/.local/state/snapkernel).").tag(config=True)
+    runtime = Unicode("process", help=f"Default runtime for sandboxes that do not name one: "
+                                      f"{', '.join(RUNTIMES)}.").tag(config=True)
+    default_cpu = Float(1.0, help="Cores for a sandbox that does not ask (e.g. 2 or 0.5).").tag(config=True)
+    default_memory = Unicode("4Gi", help="Memory for a sandbox that does not ask (e.g. '8Gi').").tag(config=True)
+    cpu_overcommit = Float(4.0, help="How many times the host's cores may be handed out in total.").tag(config=True)
+    memory_overcommit = Float(1.5, help="How many times the host's memory may be handed out in total.").tag(
+        config=True)
+    start_timeout = Float(60.0, help="Seconds a sandbox may take to start its agent.").tag(config=True)
+    tls_cert = Unicode("", help="PEM certificate file: serve TCP addresses with TLS.").tag(config=True)
+    tls_key = Unicode("", help="PEM private key file for --tls-cert.").tag(config=True)
+
+    log_level = 20  # type: ignore[assignment]
+
+    aliases = {
+        "listen": "BackendApp.listen",
+        "state-dir": "BackendApp.state_dir",
+        "runtime": "BackendApp.runtime",
+        "log-level": "Application.log_level",
+        "tls-cert": "BackendApp.tls_cert",
+        "tls-key": "BackendApp.tls_key",
+    }
+
+    @default("state_dir")
+    def _default_state_dir(self) -> str:
+        return str(default_state_dir())
+
+    @default("listen")
+    def _default_listen(self) -> str:
+        return f"unix://{Path(self.state_dir).absolute() / 'backend.sock'}"
+
+    @validate("runtime")
+    def _check_runtime(self, proposal: dict[str, Any]) -> str:
+        if proposal["value"] not in RUNTIMES:
+            raise InvalidSpecError(f"runtime {proposal['value']!r} is not known: use one of {', '.join(RUNTIMES)}")
+        return str(proposal["value"])
+
+    def build_runtimes(self) -> dict[str, SandboxRuntime]:
+        runtimes: dict[str, SandboxRuntime] = {"process": ProcessRuntime()}
+        return runtimes
+
+    async def serve(self, ready: asyncio.Event | None = None) -> None:
+        state = Path(self.state_dir).absolute()
+        state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(state, 0o700)
+        token = ensure_token(state / "token")
+        runtimes = self.build_runtimes()
+        if self.runtime not in runtimes:
+            raise InvalidSpecError(f"runtime {self.runtime!r} is not available here; use one of "
+                                   f"{', '.join(runtimes)}")
+        gpus, driver, why = await asyncio.to_thread(inventory)
+        log.info("GPUs: %s", ", ".join(f"{g.index}:{g.name}" for g in gpus) or why)
+        scheduler = Scheduler(gpus, self.cpu_overcommit, self.memory_overcommit)
+        manager = SandboxManager(state, runtimes, scheduler, Defaults(
+            runtime=self.runtime, cpu=self.default_cpu, memory=parse_memory(self.default_memory),
+            start_timeout=self.start_timeout))
+        await manager.readopt()
+
+        def infos() -> list[RuntimeInfo]:
+            known = [r.probe() for r in runtimes.values()]
+            missing = [RuntimeInfo(n, False, "", "not built into this backend yet") for n in RUNTIMES
+                       if n not in runtimes]
+            return known + missing
+
+        server = grpc.aio.server(interceptors=[TokenInterceptor(token)], options=GRPC_OPTIONS)
+        pb_grpc.add_BackendServicer_to_server(BackendService(manager, infos, self.runtime), server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        target = grpc_target(self.listen)
+        if target.startswith("unix://"):
+            sock = Path(target[len("unix://"):])
+            sock.parent.mkdir(parents=True, exist_ok=True)
+            sock.unlink(missing_ok=True)
+            old = os.umask(0o177)
+            try:
+                server.add_insecure_port(target)
+            finally:
+                os.umask(old)
+        elif self.tls_cert:
+            creds = grpc.ssl_server_credentials([(Path(self.tls_key).read_bytes(), Path(self.tls_cert).read_bytes())])
+            server.add_secure_port(target, creds)
+        else:
+            if not target.startswith(("127.", "localhost:", "[::1]:")):
+                log.warning("serving %s without TLS: the token travels in clear text (set --tls-cert)", target)
+            server.add_insecure_port(target)
+        await server.start()
+        for service in ("", "snapkernel.v1.Backend"):
+            await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("snapkernel backend %s serving on %s (state dir %s, default runtime %s)",
+                 __version__, target, state, self.runtime)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        if ready is not None:
+            ready.set()
+        print(f"snapkernel backend serving on {target}", flush=True)
+        await stop.wait()
+        log.info("stopping: sandboxes keep running and are re-adopted at the next start")
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(grace=2.0)
+        await manager.close()
+
+    def start(self) -> None:
+        logging.basicConfig(level=self.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        try:
+            asyncio.run(self.serve())
+        except SnapkernelError as e:
+            self.log.error("%s", e)
+            self.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    BackendApp.launch_instance(argv=argv)

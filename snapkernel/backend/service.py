@@ -1,0 +1,165 @@
+"""The gRPC servicer: translates requests to the sandbox manager and errors to gRPC status, once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from snapkernel import __version__
+from snapkernel.backend.gpus import inventory
+from snapkernel.backend.runtimes.base import RuntimeInfo
+from snapkernel.backend.sandboxes import SandboxManager
+from snapkernel.backend.spec import check_sandbox_id
+from snapkernel.backend.v1 import backend_pb2 as pb
+from snapkernel.backend.v1 import backend_pb2_grpc as pb_grpc
+from snapkernel.errors import InvalidSpecError, SnapkernelError
+
+log = logging.getLogger(__name__)
+Ctx = grpc.aio.ServicerContext[Any, Any]
+R = TypeVar("R")
+
+_CLIENT_CHANNELS = (pb.SHELL, pb.CONTROL, pb.STDIN)
+
+
+def _translate(fn: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
+    """Expected errors become their gRPC status with the message; the rest INTERNAL, logged whole."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: BackendService, request: Any, context: Ctx) -> R:
+        try:
+            return await fn(self, request, context)
+        except SnapkernelError as e:
+            await context.abort(e.code, str(e))
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as e:
+            log.exception("%s failed", fn.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {fn.__name__}: {e}")
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
+def check_client_frame(frame: pb.KernelFrame) -> None:
+    if frame.channel not in _CLIENT_CHANNELS:
+        raise InvalidSpecError(
+            f"malformed frame: channel {frame.channel} cannot be sent to a kernel; "
+            "use SHELL, CONTROL or STDIN"
+        )
+    if len(frame.parts) < 6 or b"<IDS|MSG>" not in frame.parts[1:3]:
+        raise InvalidSpecError(
+            f"malformed frame on channel {pb.Channel.Name(frame.channel)}: expected the client identity, "
+            "'<IDS|MSG>', signature, header, parent header, metadata and content parts; got "
+            f"{len(frame.parts)} part(s)"
+        )
+
+
+class BackendService(pb_grpc.BackendServicer):
+    def __init__(self, manager: SandboxManager, runtime_infos: Callable[[], list[RuntimeInfo]],
+                 default_runtime: str, restart_timeout: float = 60.0) -> None:
+        self.manager = manager
+        self.runtime_infos = runtime_infos
+        self.default_runtime = default_runtime
+        self.restart_timeout = restart_timeout
+
+    @_translate
+    async def CreateSandbox(self, request: pb.CreateSandboxRequest, context: Ctx) -> pb.Sandbox:
+        return await self.manager.create(request)
+
+    @_translate
+    async def GetSandbox(self, request: pb.GetSandboxRequest, context: Ctx) -> pb.Sandbox:
+        return self.manager.get(request.id).record.to_pb()
+
+    @_translate
+    async def ListSandboxes(self, request: pb.ListSandboxesRequest, context: Ctx) -> pb.ListSandboxesResponse:
+        return pb.ListSandboxesResponse(sandboxes=self.manager.list(request.all))
+
+    @_translate
+    async def DeleteSandbox(self, request: pb.DeleteSandboxRequest, context: Ctx) -> pb.DeleteSandboxResponse:
+        await self.manager.delete(request.id)
+        return pb.DeleteSandboxResponse()
+
+    @_translate
+    async def SignalKernel(self, request: pb.SignalKernelRequest, context: Ctx) -> pb.SignalKernelResponse:
+        self.manager.signal_kernel(request.id, request.signal)
+        return pb.SignalKernelResponse()
+
+    @_translate
+    async def RestartKernel(self, request: pb.RestartKernelRequest, context: Ctx) -> pb.Sandbox:
+        return await self.manager.restart_kernel(request.id, self.restart_timeout)
+
+    @_translate
+    async def GetStatus(self, request: pb.GetStatusRequest, context: Ctx) -> pb.Status:
+        gpus, driver, why = await asyncio.to_thread(inventory)
+        infos = self.runtime_infos()
+        return pb.Status(
+            version=__version__,
+            default_runtime=self.default_runtime,
+            runtimes=[pb.Runtime(name=i.name, available=i.available, version=i.version, detail=i.detail)
+                      for i in infos],
+            gpus=[pb.Gpu(index=g.index, uuid=g.uuid, model=g.model, name=g.name,
+                         memory_total=g.memory_total, memory_used=g.memory_used,
+                         utilization=g.utilization) for g in gpus],
+            capacity=self.manager.scheduler.capacity(),
+            sandboxes=len(self.manager.list(include_ended=False)),
+            gpu_detail=why,
+            driver_version=driver,
+        )
+
+    async def WatchSandbox(self, request: pb.WatchSandboxRequest, context: Ctx) -> AsyncIterator[pb.SandboxEvent]:
+        try:
+            sb = self.manager.get(request.id)
+        except SnapkernelError as e:
+            await context.abort(e.code, str(e))
+        queue: asyncio.Queue[pb.SandboxEvent | None] = asyncio.Queue()
+        sb.watchers.add(queue)
+        try:
+            yield pb.SandboxEvent(sandbox=sb.record.to_pb())
+            while (event := await queue.get()) is not None:
+                yield event
+        finally:
+            sb.watchers.discard(queue)
+
+    async def Attach(self, request_iterator: Any, context: Ctx) -> None:
+        first = await context.read()
+        if first is grpc.aio.EOF or first.WhichOneof("kind") != "open":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "Attach: the first message must be `open` with a sandbox id")
+        try:
+            sb = self.manager.get(check_sandbox_id(first.open.sandbox_id))
+        except SnapkernelError as e:
+            await context.abort(e.code, str(e))
+        outgoing: asyncio.Queue[pb.KernelFrame | None] = asyncio.Queue()
+        sb.attached.add(outgoing)
+        failure: list[SnapkernelError] = []
+
+        async def pump_in() -> None:
+            try:
+                while (req := await context.read()) is not grpc.aio.EOF:
+                    if req.WhichOneof("kind") != "frame":
+                        raise InvalidSpecError("Attach: only frames may follow `open`")
+                    check_client_frame(req.frame)
+                    self.manager.send_to_agent(sb, pb.AgentMessage(frame=req.frame))
+            except SnapkernelError as e:
+                failure.append(e)
+            finally:
+                outgoing.put_nowait(None)
+
+        reader = asyncio.create_task(pump_in())
+        try:
+            while (frame := await outgoing.get()) is not None:
+                await context.write(pb.AttachResponse(frame=frame))
+        finally:
+            sb.attached.discard(outgoing)
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+        if failure:
+            log.warning("sandbox_id=%s Attach closed: %s", sb.record.id, failure[0])
+            await context.abort(failure[0].code, str(failure[0]))

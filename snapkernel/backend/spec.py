@@ -1,0 +1,174 @@
+"""Parsing and checking of sandbox specs: GPU requests, memory sizes, runtimes.
+
+Used on both sides: the provisioner checks a kernelspec's config before asking, the backend checks every
+request again (it never trusts a client).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from snapkernel.backend.v1 import backend_pb2 as pb
+from snapkernel.errors import InvalidSpecError
+
+RUNTIMES = ("process", "gvisor")
+_GPU_RE = re.compile(r"^(?P<model>[A-Za-z][A-Za-z0-9_-]*)(?::(?P<count>\d+))?$")
+_MEM_RE = re.compile(r"^(?P<num>\d+(?:\.\d+)?)\s*(?P<unit>[KMGT]i?|[kmgt]i?|B)?$")
+_UNITS = {
+    None: 1, "B": 1,
+    "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4,
+    "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "Ti": 1024**4,
+}
+_SANDBOX_ID_RE = re.compile(r"^sb-[0-9a-f]{12}$")
+_ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+MIN_MEMORY = 64 * 1024**2
+CONFIG_KEYS = ("gpu", "cpu", "memory", "runtime", "image", "restore_from", "hibernate_after", "network", "env")
+
+
+@dataclass(frozen=True)
+class GpuRequest:
+    model: str  # "any" or a model name such as "H100" (compared case-insensitively)
+    count: int
+
+
+@dataclass
+class ParsedSpec:
+    gpu: GpuRequest | None
+    cpu: float
+    memory: int  # bytes
+    runtime: str
+    image: str
+    restore_from: str
+    hibernate_after: float
+    network: bool
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def parse_gpu(value: str) -> GpuRequest | None:
+    """`""` → None; `"H100"` → one H100; `"H100:2"`; `"any:1"`."""
+    value = value.strip()
+    if not value:
+        return None
+    m = _GPU_RE.match(value)
+    count = int(m.group("count") or 1) if m else 0
+    if not m or count < 1 or count > 64:
+        raise InvalidSpecError(
+            f"gpu spec {value!r} is not valid: use MODEL or MODEL:COUNT with COUNT from 1 to 64, "
+            "for example 'H100', 'H100:2' or 'any:1'"
+        )
+    return GpuRequest(model=m.group("model"), count=count)
+
+
+def parse_memory(value: str | int) -> int:
+    """`"8Gi"` → bytes. Plain numbers are bytes; K/M/G/T are powers of 1000, Ki/Mi/Gi/Ti of 1024."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        text = str(value).strip()
+        m = _MEM_RE.match(text)
+        unit = m.group("unit") if m else None
+        if unit and unit not in _UNITS:
+            unit = unit[0].upper() + unit[1:]
+        if not m or unit not in _UNITS:
+            raise InvalidSpecError(
+                f"memory size {value!r} is not valid: use a number of bytes or a number with a unit, "
+                "for example '512Mi', '8Gi' or '2G'"
+            )
+        size = int(float(m.group("num")) * _UNITS[unit])
+    if size < MIN_MEMORY:
+        raise InvalidSpecError(f"memory size {value!r} is too small: a kernel needs at least 64Mi")
+    return size
+
+
+def format_bytes(n: int) -> str:
+    for unit, scale in (("Ti", 1024**4), ("Gi", 1024**3), ("Mi", 1024**2), ("Ki", 1024)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}".replace(".0" + unit, unit)
+    return f"{n}B"
+
+
+def check_sandbox_id(value: str) -> str:
+    if not _SANDBOX_ID_RE.match(value or ""):
+        raise InvalidSpecError(
+            f"sandbox id {value!r} is not valid: ids look like 'sb-' and 12 hex digits "
+            "(see `snapkernel sandboxes list`)"
+        )
+    return value
+
+
+def parse_spec(spec: pb.SandboxSpec, *, default_runtime: str, default_cpu: float,
+               default_memory: int) -> ParsedSpec:
+    """Check every field of a request's spec; the first bad value raises `InvalidSpecError`."""
+    runtime = spec.runtime or default_runtime
+    if runtime not in RUNTIMES:
+        raise InvalidSpecError(f"runtime {runtime!r} is not known: use one of {', '.join(RUNTIMES)}")
+    cpu = spec.cpu or default_cpu
+    if not math.isfinite(cpu) or cpu <= 0 or cpu > 1024:
+        raise InvalidSpecError(f"cpu {spec.cpu!r} is not valid: use a number of cores above 0, e.g. 2 or 0.5")
+    hibernate = spec.hibernate_after
+    if not math.isfinite(hibernate) or hibernate < 0:
+        raise InvalidSpecError(
+            f"hibernate_after {hibernate!r} is not valid: use idle seconds (0 turns hibernation off)"
+        )
+    for key in spec.env:
+        if not _ENV_KEY_RE.match(key):
+            raise InvalidSpecError(f"environment variable name {key!r} is not valid: use letters, digits, _")
+    if spec.image and not spec.image.startswith("/"):
+        raise InvalidSpecError(f"image {spec.image!r} is not valid: give the absolute path of a root filesystem")
+    return ParsedSpec(
+        gpu=parse_gpu(spec.gpu),
+        cpu=float(cpu),
+        memory=parse_memory(spec.memory) if spec.memory else default_memory,
+        runtime=runtime,
+        image=spec.image,
+        restore_from=spec.restore_from,
+        hibernate_after=float(hibernate),
+        network=spec.network,
+        env=dict(spec.env),
+    )
+
+
+def spec_from_config(config: Mapping[str, Any]) -> pb.SandboxSpec:
+    """A kernelspec's `kernel_provisioner.config` (or a REST body) as a `SandboxSpec`, type-checked."""
+    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    if unknown:
+        raise InvalidSpecError(
+            f"unknown snapkernel config key(s) {', '.join(map(repr, unknown))}: accepted keys are "
+            f"{', '.join(CONFIG_KEYS)}"
+        )
+    spec = pb.SandboxSpec()
+    for key in ("gpu", "memory", "runtime", "image", "restore_from"):
+        value = config.get(key)
+        if value is None:
+            continue
+        if key == "memory" and isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str):
+            raise InvalidSpecError(f"{key} {value!r} is not valid: expected a string")
+        setattr(spec, key, value)
+    for key in ("cpu", "hibernate_after"):
+        value = config.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidSpecError(f"{key} {value!r} is not valid: expected a number")
+        setattr(spec, key, float(value))
+    if "network" in config:
+        if not isinstance(config["network"], bool):
+            raise InvalidSpecError(f"network {config['network']!r} is not valid: expected true or false")
+        spec.network = config["network"]
+    env = config.get("env") or {}
+    if not isinstance(env, Mapping) or not all(isinstance(v, str) for v in env.values()):
+        raise InvalidSpecError(f"env {env!r} is not valid: expected a mapping of names to strings")
+    spec.env.update(env)
+    # Parse what can be parsed without the backend's defaults, so errors show before anything starts.
+    parse_gpu(spec.gpu)
+    if spec.memory:
+        parse_memory(spec.memory)
+    if spec.runtime and spec.runtime not in RUNTIMES:
+        raise InvalidSpecError(f"runtime {spec.runtime!r} is not known: use one of {', '.join(RUNTIMES)}")
+    return spec

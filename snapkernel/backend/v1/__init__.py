@@ -1,0 +1,1 @@
+"""Generated from protos/snapkernel/v1/backend.proto; do not edit."""

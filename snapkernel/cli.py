@@ -1,0 +1,185 @@
+"""The `snapkernel` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+
+from snapkernel import __version__
+from snapkernel.errors import SnapkernelError
+
+
+def _run(coro: Coroutine[Any, Any, Any]) -> Any:
+    return asyncio.run(coro)
+
+
+async def _with_client(fn: Callable[[Any], Coroutine[Any, Any, Any]]) -> Any:
+    from snapkernel.backend.client import BackendClient
+
+    client = BackendClient()
+    try:
+        return await fn(client)
+    finally:
+        await client.close()
+
+
+def _sandbox_dict(sb: Any) -> dict[str, Any]:
+    from snapkernel.backend.sandboxes import STATE_NAMES
+
+    d = MessageToDict(sb, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    d["state"] = STATE_NAMES[sb.state]
+    return d
+
+
+def _print_table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    for row in [header, *rows]:
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=False)).rstrip())
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from snapkernel.backend.spec import format_bytes
+
+    status = _run(_with_client(lambda c: c.status()))
+    if args.json:
+        print(json.dumps(MessageToDict(status, preserving_proto_field_name=True,
+                                       always_print_fields_with_no_presence=True), indent=1))
+        return 0
+    cap = status.capacity
+    print(f"snapkernel backend {status.version}; default runtime: {status.default_runtime}")
+    print("runtimes:")
+    for r in status.runtimes:
+        print(f"  {r.name:8} {'available' if r.available else 'unavailable':11} {r.version:12} {r.detail}")
+    print("GPUs:" + ("" if status.gpus else f" none ({status.gpu_detail})"))
+    for g in status.gpus:
+        print(f"  {g.index}: {g.model} ({g.name}), {format_bytes(g.memory_total)}, "
+              f"{format_bytes(g.memory_used)} used, {g.utilization}% busy")
+    if status.driver_version:
+        print(f"  driver {status.driver_version}")
+    print(f"capacity: cpu {cap.cpu_allocated:g}/{cap.cpu_total:g} cores given out, memory "
+          f"{format_bytes(cap.memory_allocated)}/{format_bytes(cap.memory_total)}, GPUs "
+          f"{cap.gpus_allocated}/{cap.gpus_total}")
+    print(f"sandboxes: {status.sandboxes}")
+    return 0
+
+
+def cmd_sandboxes_list(args: argparse.Namespace) -> int:
+    from snapkernel.backend.sandboxes import STATE_NAMES
+
+    sandboxes = _run(_with_client(lambda c: c.list_sandboxes(include_ended=args.all)))
+    if args.json:
+        print(json.dumps([_sandbox_dict(s) for s in sandboxes], indent=1))
+        return 0
+    rows = [[s.id, s.kernel_id or "-", s.runtime, STATE_NAMES[s.state], s.spec.gpu or "-",
+             ",".join(map(str, s.gpu_indices)) or "-", s.message] for s in sandboxes]
+    _print_table(rows, ["ID", "KERNEL", "RUNTIME", "STATE", "GPU", "GPU IDX", "MESSAGE"])
+    return 0
+
+
+def cmd_sandboxes_rm(args: argparse.Namespace) -> int:
+    async def rm(client: Any) -> None:
+        for sid in args.ids:
+            await client.delete_sandbox(sid)
+            print(f"removed {sid}")
+
+    _run(_with_client(rm))
+    return 0
+
+
+def cmd_kernels_install(args: argparse.Namespace) -> int:
+    from snapkernel.kernel_provisioner import kernelspec
+
+    models: dict[str, int] = {}
+    if not args.no_gpu:
+        try:
+            status = _run(_with_client(lambda c: c.status()))
+            for g in status.gpus:
+                models[g.model] = models.get(g.model, 0) + 1
+        except SnapkernelError as e:
+            print(f"note: backend not reachable ({e}); installing the CPU kernel only", file=sys.stderr)
+    done = kernelspec.install(models, user=args.user, prefix=args.prefix)
+    if args.json:
+        print(json.dumps([{"id": n, "path": p} for n, p in done], indent=1))
+    else:
+        for name, path in done:
+            print(f"installed {name} in {path}")
+    return 0
+
+
+def cmd_kernels_list(args: argparse.Namespace) -> int:
+    from snapkernel.kernel_provisioner import kernelspec
+
+    specs = kernelspec.installed()
+    if args.json:
+        print(json.dumps(specs, indent=1))
+    else:
+        _print_table([[s["id"], s["display_name"], json.dumps(s["config"])] for s in specs],
+                     ["NAME", "DISPLAY NAME", "CONFIG"])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="snapkernel", description="Jupyter kernels in sandboxes that hibernate.")
+    p.add_argument("--version", action="version", version=__version__)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("lab", help="embedded backend + JupyterLab (extra arguments go to JupyterLab)",
+                   add_help=False)
+    sub.add_parser("backend", help="the backend daemon alone (`snapkernel backend --help-all`)", add_help=False)
+
+    s = sub.add_parser("status", help="runtimes, GPUs, capacity, sandboxes")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    sb = sub.add_parser("sandboxes", help="list or remove sandboxes").add_subparsers(dest="action", required=True)
+    s = sb.add_parser("list", help="list sandboxes")
+    s.add_argument("--all", action="store_true", help="include ended sandboxes")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_sandboxes_list)
+    s = sb.add_parser("rm", help="stop and remove sandboxes")
+    s.add_argument("ids", nargs="+", metavar="SANDBOX")
+    s.set_defaults(func=cmd_sandboxes_rm)
+
+    k = sub.add_parser("kernels", help="install or list kernelspecs").add_subparsers(dest="action", required=True)
+    s = k.add_parser("install", help="install snapkernel-python and one kernel per GPU model")
+    s.add_argument("--user", action="store_true", help="install for this user, not in sys.prefix")
+    s.add_argument("--prefix", help="install under this prefix")
+    s.add_argument("--no-gpu", action="store_true", help="do not ask the backend for GPU models")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_kernels_install)
+    s = k.add_parser("list", help="list snapkernel kernelspecs")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_kernels_list)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["backend"]:
+        from snapkernel.backend.server import main as backend_main
+
+        backend_main(argv[1:])
+        return 0
+    if argv[:1] == ["lab"]:
+        from snapkernel.lab import main as lab_main
+
+        return lab_main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args))
+    except SnapkernelError as e:
+        print(f"snapkernel: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""`SnapKernelProvisioner`: Jupyter kernels that run in backend sandboxes.
+
+The kernelspec's `metadata.kernel_provisioner.config` (gpu, cpu, memory, runtime, ...) becomes the
+sandbox's spec. The Jupyter server talks ZMQ to a local relay (127.0.0.1); the relay carries everything
+to the sandbox over the backend's gRPC Attach stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from typing import Any
+
+from jupyter_client.connect import KernelConnectionInfo
+from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
+from traitlets import Any as AnyTrait
+from traitlets import Bool, Dict, Float, Unicode, default
+
+from snapkernel.backend.sandbox_db import ENDED
+from snapkernel.backend.sandboxes import STATE_NAMES
+from snapkernel.backend.spec import CONFIG_KEYS, spec_from_config
+from snapkernel.backend.v1 import backend_pb2 as pb
+from snapkernel.backend.client import BackendClient
+from snapkernel.errors import NotFoundError, SandboxFailedError, StateError, TimeoutError_
+from snapkernel.kernel_provisioner.io_thread import IOThread
+from snapkernel.kernel_provisioner.relay import KernelRelay
+
+_ALIVE_WHILE = frozenset({pb.PENDING, pb.STARTING, pb.RUNNING, pb.STOPPING})
+
+
+class SnapKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
+    """Starts the kernel in a sandbox of the snapkernel backend."""
+
+    # The sandbox spec, straight from the kernelspec's provisioner config (see DESIGN.md).
+    gpu = Unicode(None, allow_none=True, help="GPU request: 'H100', 'H100:2', 'any:1'; absent = none.").tag(
+        config=True)
+    cpu = Float(None, allow_none=True, help="Cores for the sandbox, e.g. 2 or 0.5.").tag(config=True)
+    memory = AnyTrait(None, allow_none=True, help="Memory limit, e.g. '8Gi'.").tag(config=True)
+    runtime = Unicode(None, allow_none=True, help="Sandbox runtime: 'gvisor' or 'process'.").tag(config=True)
+    image = Unicode(None, allow_none=True, help="Root filesystem directory for the sandbox.").tag(config=True)
+    restore_from = Unicode(None, allow_none=True, help="Snapshot id to start the kernel from.").tag(config=True)
+    hibernate_after = Float(None, allow_none=True, help="Idle seconds before hibernating; 0 = never.").tag(
+        config=True)
+    network = Bool(None, allow_none=True, help="Give the sandbox network access.").tag(config=True)
+    env = Dict(None, allow_none=True, help="Extra environment variables for the kernel.").tag(config=True)
+
+    backend_address = Unicode(help="The backend's address (default: $SNAPKERNEL_BACKEND, else the "
+                                   "default state dir's unix socket).").tag(config=True)
+    backend_token = Unicode(None, allow_none=True,
+                            help="The backend's token (default: $SNAPKERNEL_TOKEN or the token file).").tag(
+        config=True)
+    start_timeout = Float(help="Seconds to wait for the sandbox and kernel to start "
+                               "(default $SNAPKERNEL_START_TIMEOUT or 120).").tag(config=True)
+    start_timeout_env = "SNAPKERNEL_START_TIMEOUT"
+
+    def __init__(self, **kwargs: Any) -> None:
+        known = set(self.class_trait_names()) | {"parent", "config", "log"}
+        self._unknown_config = {k: kwargs.pop(k) for k in list(kwargs) if k not in known}
+        super().__init__(**kwargs)
+        self.sandbox_id: str | None = None
+        self.relay: KernelRelay | None = None
+        self.io = IOThread.instance()
+        self._exit_code: int | None = None
+
+    @default("backend_address")
+    def _default_address(self) -> str:
+        return os.environ.get("SNAPKERNEL_BACKEND", "")
+
+    @default("start_timeout")
+    def _default_start_timeout(self) -> float:
+        return float(os.environ.get(self.start_timeout_env, "120"))
+
+    # --- helpers --------------------------------------------------------------------------------
+    def _tag(self) -> str:
+        return f"kernel_id={self.kernel_id} sandbox_id={self.sandbox_id}"
+
+    def sandbox_spec(self) -> pb.SandboxSpec:
+        config = {k: getattr(self, k) for k in CONFIG_KEYS if getattr(self, k) is not None}
+        env = dict(self.kernel_spec.env or {}) if self.kernel_spec is not None else {}
+        env.update(config.get("env") or {})
+        if env:
+            config["env"] = env
+        return spec_from_config({**config, **self._unknown_config})
+
+    def _client(self) -> BackendClient:
+        return self.io.client(self.backend_address or None, self.backend_token)
+
+    def _on_event(self, event: pb.SandboxEvent) -> None:
+        if event.HasField("progress"):
+            p = event.progress
+            self.log.info("%s %s: %s", self._tag(), p.step, p.message)
+
+    # --- KernelProvisionerBase ------------------------------------------------------------------
+    @property
+    def has_process(self) -> bool:
+        return self.sandbox_id is not None
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        self.sandbox_spec()  # a bad spec fails here, before anything starts
+        km = self.parent
+        if self.relay is None:
+            self.relay = await self.io.call(self._make_relay())
+        ports = self.relay.ports
+        km.transport = "tcp"
+        km.ip = "127.0.0.1"
+        km.shell_port, km.iopub_port = ports["shell"], ports["iopub"]
+        km.stdin_port, km.hb_port, km.control_port = ports["stdin"], ports["hb"], ports["control"]
+        km.write_connection_file()
+        self.connection_info = km.get_connection_info()
+        kernel_cmd = km.format_kernel_cmd(extra_arguments=kwargs.pop("extra_arguments", []))
+        return await super().pre_launch(cmd=kernel_cmd, **kwargs)
+
+    async def _make_relay(self) -> KernelRelay:
+        relay = KernelRelay(self._client(), sandbox_id="", on_event=self._on_event)
+        relay.bind()
+        return relay
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
+        assert self.relay is not None
+        self._exit_code = None
+        if self.sandbox_id is not None and self.relay.sandbox is not None \
+                and self.relay.sandbox.state not in ENDED:
+            self.log.info("%s restarting the kernel inside its sandbox", self._tag())
+            await self.io.call(self._client().restart_kernel(self.sandbox_id))
+            await self._wait_running()
+            return self.connection_info
+        await self._create_sandbox(kwargs.get("env") or {})
+        return self.connection_info
+
+    async def _create_sandbox(self, launch_env: dict[str, str]) -> None:
+        assert self.relay is not None
+        km = self.parent
+        request = pb.CreateSandboxRequest(
+            spec=self.sandbox_spec(),
+            kernel=pb.KernelConfig(key=km.session.key, signature_scheme=km.session.signature_scheme,
+                                   kernel_name=getattr(km, "kernel_name", "")),
+            kernel_id=self.kernel_id or "",
+            notebook_path=launch_env.get("JPY_SESSION_NAME", ""),
+        )
+        sandbox = await self.io.call(self._client().create_sandbox(request))
+        self.sandbox_id = sandbox.id
+        self.relay.sandbox_id = sandbox.id
+        self.log.info("%s sandbox created (runtime %s); waiting for the kernel", self._tag(), sandbox.runtime)
+        await self.io.call(self._start_relay())
+        await self._wait_running()
+
+    async def _start_relay(self) -> None:
+        assert self.relay is not None
+        self.relay.start()
+
+    async def _wait_running(self) -> None:
+        assert self.relay is not None
+        relay = self.relay
+        generation = relay.sandbox.kernel_generation if relay.sandbox else 0
+        try:
+            sandbox = await self.io.call(relay.wait_for(
+                lambda s: (s.state == pb.RUNNING and s.kernel_generation > generation)
+                or s.state in ENDED or s.state == pb.KERNEL_EXITED,
+                self.start_timeout))
+        except asyncio.TimeoutError as e:
+            state = STATE_NAMES.get(relay.sandbox.state, "unknown") if relay.sandbox else "unknown"
+            failed = TimeoutError_(
+                f"sandbox {self.sandbox_id} did not start its kernel within {self.start_timeout:g}s "
+                f"(last state: {state}); raise SNAPKERNEL_START_TIMEOUT or check the backend's log")
+            await self._discard()
+            raise failed from e
+        if sandbox.state != pb.RUNNING:
+            message = sandbox.message or STATE_NAMES[sandbox.state]
+            failed = SandboxFailedError(f"sandbox {self.sandbox_id} failed: {message}")
+            await self._discard()
+            raise failed
+        self.log.info("%s kernel running", self._tag())
+
+    async def _discard(self) -> None:
+        """A start that failed: remove the sandbox so nothing is left behind."""
+        if self.sandbox_id is not None:
+            try:
+                await self.io.call(self._client().delete_sandbox(self.sandbox_id))
+            except Exception as e:
+                self.log.warning("%s could not remove the failed sandbox: %s", self._tag(), e)
+        await self.cleanup(restart=False)
+
+    async def poll(self) -> int | None:
+        """None while the sandbox's kernel lives (or is starting); its exit code once it ended."""
+        if self.relay is None or self.relay.sandbox is None:
+            return None if self.sandbox_id else self._exit_code
+        sandbox = self.relay.sandbox
+        if sandbox.state in _ALIVE_WHILE:
+            return None
+        return sandbox.exit_code if sandbox.exit_code else (0 if sandbox.state == pb.KERNEL_EXITED else 1)
+
+    async def wait(self) -> int | None:
+        while (code := await self.poll()) is None:
+            await asyncio.sleep(0.05)
+        return code
+
+    async def send_signal(self, signum: int) -> None:
+        if self.sandbox_id is None:
+            return
+        try:
+            await self.io.call(self._client().signal_kernel(self.sandbox_id, signum))
+        except (NotFoundError, StateError, SandboxFailedError) as e:
+            self.log.debug("%s signal %s not delivered: %s", self._tag(), signum, e)
+
+    async def kill(self, restart: bool = False) -> None:
+        await self.send_signal(signal.SIGKILL)
+
+    async def terminate(self, restart: bool = False) -> None:
+        await self.send_signal(signal.SIGTERM)
+
+    async def cleanup(self, restart: bool = False) -> None:
+        """Remove the sandbox and the relay unless restarting. Safe to call more than once."""
+        if restart:
+            return
+        sandbox_id, self.sandbox_id = self.sandbox_id, None
+        relay, self.relay = self.relay, None
+        if sandbox_id is not None:
+            try:
+                await self.io.call(self._client().delete_sandbox(sandbox_id))
+                self.log.info("kernel_id=%s sandbox_id=%s removed", self.kernel_id, sandbox_id)
+            except NotFoundError:
+                pass
+            except Exception as e:
+                self.log.warning("kernel_id=%s sandbox_id=%s not removed: %s", self.kernel_id, sandbox_id, e)
+        if relay is not None:
+            self._exit_code = relay.sandbox.exit_code if relay.sandbox is not None else 0
+            await self.io.call(relay.close())
+
+    async def get_provisioner_info(self) -> dict[str, Any]:
+        info: dict[str, Any] = await super().get_provisioner_info()
+        info.update(sandbox_id=self.sandbox_id, ports=self.relay.ports if self.relay else {})
+        return info
+
+    async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
+        await super().load_provisioner_info(provisioner_info)
+        self.sandbox_id = provisioner_info.get("sandbox_id")
+        if self.sandbox_id and self.relay is None:
+            ports = provisioner_info.get("ports") or {}
+            relay = KernelRelay(self._client(), self.sandbox_id, ports, self._on_event)
+
+            async def start() -> KernelRelay:
+                relay.bind()
+                relay.start()
+                return relay
+
+            self.relay = await self.io.call(start())
