@@ -8,9 +8,9 @@ __version__ = "0.1.0"
 
 
 def _jupyter_server_extension_points() -> list[dict[str, Any]]:
-    from snapkernel.jupyter_ext.app import SnapKernelApp
+    from snapkernel.jupyter_ext import _jupyter_server_extension_points as points
 
-    return [{"module": "snapkernel.jupyter_ext", "app": SnapKernelApp}]
+    return points()
 
 
 def _jupyter_labextension_paths() -> list[dict[str, str]]:

@@ -219,7 +219,14 @@ class SandboxManager:
             return
         runtime = self.runtimes.get(sb.record.runtime)
         if runtime is not None:
-            await runtime.reap(sb.record, timeout=2.0)
+            await runtime.reap(sb.record, timeout=1.0)
+            if runtime.is_alive(sb.record):  # the shim lives on: the link alone broke, so reconnect
+                log.warning("sandbox_id=%s agent link closed while the sandbox lives; reconnecting", sb.record.id)
+                try:
+                    await self._connect(sb, runtime, timeout=5.0)
+                    return
+                except SnapkernelError as e:
+                    log.warning("sandbox_id=%s could not reconnect: %s", sb.record.id, e)
         self._end_without_backend(sb, runtime)
 
     def _end_without_backend(self, sb: LiveSandbox, runtime: SandboxRuntime | None) -> None:
@@ -251,9 +258,9 @@ class SandboxManager:
         runtime = self.runtimes.get(r.runtime)
         if not r.ended:
             self._set_state(sb, pb.STOPPING, "deleting")
-            if runtime is not None:
-                await runtime.stop(r)
             self._release(sb)
+        if runtime is not None:
+            await runtime.stop(r)  # also when it ended: nothing of it may be left running
         if sb.link is not None:
             sb.link.close()
         self._set_state(sb, pb.DELETED, "deleted")

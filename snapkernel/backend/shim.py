@@ -53,11 +53,6 @@ class Shim:
     async def run(self) -> int:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
-        old = os.umask(0o177)  # the socket is the backend's alone
-        try:
-            server = await asyncio.start_unix_server(self._on_connect, self.socket_path)
-        finally:
-            os.umask(old)
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
@@ -67,6 +62,11 @@ class Shim:
             print(f"shim: cannot start {self.argv[0]} with limits {self.limits}: {e}", file=sys.stderr)
             self._write_exit(127)
             return 1
+        old = os.umask(0o177)  # the socket is the backend's alone
+        try:
+            server = await asyncio.start_unix_server(self._on_connect, self.socket_path)
+        finally:
+            os.umask(old)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(sig, self._forward, sig)
