@@ -1,0 +1,123 @@
+"""Shared fixtures: a real backend daemon in a subprocess, and the snapkernel kernelspecs on JUPYTER_PATH."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from snapkernel.kernel_provisioner.kernelspec import install
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Backend:
+    """A `snapkernel backend` process on a unix socket in its own state dir; can be restarted."""
+
+    def __init__(self, state_dir: Path, runtime: str = "process") -> None:
+        self.state_dir = state_dir
+        self.address = f"unix://{state_dir / 'backend.sock'}"
+        self.runtime = runtime
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.token = ""
+
+    def start(self) -> None:
+        sock = self.state_dir / "backend.sock"
+        sock.unlink(missing_ok=True)
+        self.log = open(self.state_dir / "backend.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "snapkernel.cli", "backend", "--listen", self.address,
+             "--state-dir", str(self.state_dir), "--runtime", self.runtime],
+            stdout=self.log, stderr=self.log,
+        )
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert self.proc.poll() is None, f"backend exited: {self.read_log()}"
+            assert time.monotonic() < deadline, f"backend did not start: {self.read_log()}"
+            time.sleep(0.02)
+        self.token = (self.state_dir / "token").read_text().strip()
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(15)
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def read_log(self) -> str:
+        return (self.state_dir / "backend.log").read_text(errors="replace")[-4000:]
+
+    def env(self) -> dict[str, str]:
+        return {"SNAPKERNEL_BACKEND": self.address, "SNAPKERNEL_TOKEN": self.token}
+
+
+def _cleanup_sandboxes(backend: Backend) -> None:
+    """Kill whatever sandbox processes a test left behind (they run in their own process groups)."""
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            cmd = (pid_dir / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"snapkernel.backend.shim" in cmd and str(backend.state_dir).encode() in cmd:
+            try:
+                os.killpg(int(pid_dir.name), signal.SIGKILL)
+            except OSError:
+                pass
+
+
+@pytest.fixture(scope="session")
+def kernelspec_dir() -> Iterator[Path]:
+    """snapkernel kernelspecs installed in a private prefix, first on JUPYTER_PATH."""
+    with tempfile.TemporaryDirectory(prefix="snapkernel-specs-") as tmp:
+        install({}, prefix=tmp)
+        data = Path(tmp) / "share" / "jupyter"
+        old = os.environ.get("JUPYTER_PATH")
+        os.environ["JUPYTER_PATH"] = os.pathsep.join(filter(None, [str(data), old]))
+        yield data
+        if old is None:
+            os.environ.pop("JUPYTER_PATH", None)
+        else:
+            os.environ["JUPYTER_PATH"] = old
+
+
+@pytest.fixture(scope="session")
+def backend(kernelspec_dir: Path) -> Iterator[Backend]:
+    """One backend for the session; its address and token are in the environment for provisioners."""
+    with tempfile.TemporaryDirectory(prefix="snapkernel-test-") as tmp:
+        b = Backend(Path(tmp))
+        b.start()
+        saved = {k: os.environ.get(k) for k in b.env()}
+        os.environ.update(b.env())
+        yield b
+        b.stop()
+        _cleanup_sandboxes(b)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def own_backend(kernelspec_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Backend]:
+    """A backend of this test's own (for restarts), in the environment while the test runs."""
+    with tempfile.TemporaryDirectory(prefix="snapkernel-own-") as tmp:
+        b = Backend(Path(tmp))
+        b.start()
+        for k, v in b.env().items():
+            monkeypatch.setenv(k, v)
+        yield b
+        b.stop()
+        _cleanup_sandboxes(b)
