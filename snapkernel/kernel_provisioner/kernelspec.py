@@ -44,7 +44,7 @@ def install(gpu_models: dict[str, int], user: bool = False, prefix: str | None =
     for name, spec in specs_for(gpu_models).items():
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "kernel.json").write_text(json.dumps(spec, indent=1))
-            path = ksm.install_kernel_spec(tmp, kernel_name=name, user=user, prefix=prefix, replace=True)
+            path = ksm.install_kernel_spec(tmp, kernel_name=name, user=user, prefix=prefix)
         installed.append((name, path))
     return installed
 

@@ -122,8 +122,9 @@ class SnapKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if self.sandbox_id is not None and self.relay.sandbox is not None \
                 and self.relay.sandbox.state not in ENDED:
             self.log.info("%s restarting the kernel inside its sandbox", self._tag())
+            generation = self.relay.sandbox.kernel_generation
             await self.io.call(self._client().restart_kernel(self.sandbox_id))
-            await self._wait_running()
+            await self._wait_running(generation)
             return self.connection_info
         await self._create_sandbox(kwargs.get("env") or {})
         return self.connection_info
@@ -138,21 +139,25 @@ class SnapKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             kernel_id=self.kernel_id or "",
             notebook_path=launch_env.get("JPY_SESSION_NAME", ""),
         )
-        sandbox = await self.io.call(self._client().create_sandbox(request))
+        try:
+            sandbox = await self.io.call(self._client().create_sandbox(request))
+        except Exception:
+            await self.cleanup(restart=False)  # the relay's sockets must not outlive a refused start
+            raise
         self.sandbox_id = sandbox.id
         self.relay.sandbox_id = sandbox.id
         self.log.info("%s sandbox created (runtime %s); waiting for the kernel", self._tag(), sandbox.runtime)
         await self.io.call(self._start_relay())
-        await self._wait_running()
+        await self._wait_running(0)
 
     async def _start_relay(self) -> None:
         assert self.relay is not None
         self.relay.start()
 
-    async def _wait_running(self) -> None:
+    async def _wait_running(self, generation: int) -> None:
+        """Wait until a kernel newer than `generation` runs in the sandbox, or the sandbox failed."""
         assert self.relay is not None
         relay = self.relay
-        generation = relay.sandbox.kernel_generation if relay.sandbox else 0
         try:
             sandbox = await self.io.call(relay.wait_for(
                 lambda s: (s.state == pb.RUNNING and s.kernel_generation > generation)

@@ -1,0 +1,41 @@
+"""Helpers to drive real kernels through jupyter_client, as a notebook frontend would."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from jupyter_client.blocking.client import BlockingKernelClient
+from jupyter_client.manager import KernelManager
+
+
+@contextlib.contextmanager
+def running_kernel(name: str = "snapkernel-python") -> Iterator[tuple[KernelManager, BlockingKernelClient]]:
+    km = KernelManager(kernel_name=name)
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        yield km, kc
+    finally:
+        kc.stop_channels()
+        if km.has_kernel:
+            km.shutdown_kernel(now=True)
+
+
+def run(kc: BlockingKernelClient, code: str, timeout: float = 30) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Execute `code`; returns (reply content, iopub messages of that request)."""
+    outputs: list[dict[str, Any]] = []
+    reply = kc.execute_interactive(code, timeout=timeout, output_hook=outputs.append)
+    return reply["content"], outputs
+
+
+def value(kc: BlockingKernelClient, expr: str, timeout: float = 30) -> str:
+    """The text/plain repr of `expr` evaluated in the kernel."""
+    content, outputs = run(kc, expr, timeout)
+    assert content["status"] == "ok", content
+    results = [m["content"]["data"]["text/plain"] for m in outputs if m["msg_type"] == "execute_result"]
+    assert results, outputs
+    return str(results[-1])

@@ -1,0 +1,154 @@
+"""Real kernels in real sandboxes, through jupyter_client as a notebook frontend drives them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from snapkernel.backend.client import BackendClient
+from tests.conftest import Backend
+from tests.kernel_provisioner.kernel_helpers import run, running_kernel, value
+
+
+def sandbox_ids(backend: Backend) -> list[str]:
+    async def ids() -> list[str]:
+        client = BackendClient(backend.address, backend.token)
+        try:
+            return [s.id for s in await client.list_sandboxes()]
+        finally:
+            await client.close()
+
+    return asyncio.run(ids())
+
+
+def test_execute_streams_display_and_errors(backend: Backend) -> None:
+    with running_kernel() as (_km, kc):
+        content, outputs = run(kc, "import sys\nprint('to out')\nprint('to err', file=sys.stderr)\n6*7")
+        assert content["status"] == "ok"
+        streams = {(m["content"]["name"], m["content"]["text"]) for m in outputs if m["msg_type"] == "stream"}
+        assert ("stdout", "to out\n") in streams and ("stderr", "to err\n") in streams
+        assert value(kc, "6*7") == "42"
+
+        _, outputs = run(kc, "from IPython.display import HTML, display\ndisplay(HTML('<b>rich</b>'))")
+        shown = [m["content"]["data"] for m in outputs if m["msg_type"] == "display_data"]
+        assert shown and shown[0]["text/html"] == "<b>rich</b>"
+
+        content, outputs = run(kc, "def f():\n    return 1/0\nf()")
+        assert content["status"] == "error" and content["ename"] == "ZeroDivisionError"
+        tb = re.sub(r"\x1b\[[0-9;]*m", "", "".join(
+            next(m for m in outputs if m["msg_type"] == "error")["content"]["traceback"]))
+        assert "f()" in tb and "1/0" in tb
+
+
+def test_input_over_stdin(backend: Backend) -> None:
+    with running_kernel() as (_km, kc):
+        msg_id = kc.execute("answer = input('name? ')", allow_stdin=True)
+        request = kc.get_stdin_msg(timeout=20)
+        assert request["msg_type"] == "input_request" and request["content"]["prompt"] == "name? "
+        kc.input("ada")
+        reply = kc.get_shell_msg(timeout=20)
+        assert reply["parent_header"]["msg_id"] == msg_id and reply["content"]["status"] == "ok"
+        assert value(kc, "answer") == "'ada'"
+
+
+def test_interrupt_returns_control_within_two_seconds(backend: Backend) -> None:
+    with running_kernel() as (km, kc):
+        msg_id = kc.execute("import time\ntime.sleep(600)")
+        while True:  # wait until the cell really runs
+            msg = kc.get_iopub_msg(timeout=20)
+            if msg["msg_type"] == "execute_input" and msg["parent_header"]["msg_id"] == msg_id:
+                break
+        time.sleep(0.2)
+        started = time.monotonic()
+        km.interrupt_kernel()
+        reply = kc.get_shell_msg(timeout=10)
+        elapsed = time.monotonic() - started
+        assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"
+        assert elapsed < 2.0, f"interrupt took {elapsed:.2f}s"
+        assert value(kc, "'alive'") == "'alive'"
+
+
+def test_restart_keeps_the_sandbox_and_resets_the_kernel(backend: Backend) -> None:
+    with running_kernel() as (km, kc):
+        run(kc, "import os\nx = 1")
+        sandbox, pid = value(kc, "os.environ['SNAPKERNEL_SANDBOX_ID']"), value(kc, "os.getpid()")
+        km.restart_kernel()
+        kc.wait_for_ready(timeout=60)
+        run(kc, "import os")
+        assert value(kc, "os.environ['SNAPKERNEL_SANDBOX_ID']") == sandbox
+        assert value(kc, "os.getpid()") != pid
+        assert value(kc, "'x' in globals()") == "False"
+
+
+def test_shutdown_removes_the_sandbox_and_its_processes(backend: Backend) -> None:
+    with running_kernel() as (km, kc):
+        run(kc, "import os")
+        sandbox = value(kc, "os.environ['SNAPKERNEL_SANDBOX_ID']").strip("'")
+        kernel_pid = int(value(kc, "os.getpid()"))
+        assert sandbox in sandbox_ids(backend)
+        km.shutdown_kernel()
+    assert sandbox not in sandbox_ids(backend)
+    assert not Path(f"/proc/{kernel_pid}").exists()
+    assert not (backend.state_dir / "sandboxes" / sandbox).exists()
+
+
+def test_two_kernels_stay_separate(backend: Backend) -> None:
+    with running_kernel() as (_k1, c1), running_kernel() as (_k2, c2):
+        run(c1, "import os\nwho = 'one'")
+        run(c2, "import os\nwho = 'two'")
+        assert value(c1, "who") == "'one'" and value(c2, "who") == "'two'"
+        assert value(c1, "os.environ['SNAPKERNEL_SANDBOX_ID']") != value(c2, "os.environ['SNAPKERNEL_SANDBOX_ID']")
+        assert value(c1, "os.getcwd()") != value(c2, "os.getcwd()")
+
+
+def test_kernel_does_not_see_the_backend_token(backend: Backend) -> None:
+    with running_kernel() as (_km, kc):
+        run(kc, "import os")
+        assert value(kc, "sorted(k for k in os.environ if 'TOKEN' in k or k == 'SNAPKERNEL_KERNEL_KEY')") == "[]"
+        assert backend.token not in value(kc, "open('/proc/self/environ','rb').read()")
+
+
+def test_kernel_survives_a_backend_restart_with_its_variables(own_backend: Backend) -> None:
+    with running_kernel() as (km, kc):
+        run(kc, "state = {'answer': 42}")
+        own_backend.restart()
+        assert value(kc, "state['answer']", timeout=60) == "42"
+        assert km.is_alive()
+    assert sandbox_ids(own_backend) == []
+
+
+def test_kernel_killed_inside_is_reported_dead(backend: Backend) -> None:
+    with running_kernel() as (km, kc):
+        kc.execute("import os\nos._exit(3)")
+        deadline = time.monotonic() + 20
+        while km.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not km.is_alive()
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ({"gpu": "Z999:-1"}, "gpu spec 'Z999:-1' is not valid"),
+    ({"memory": "lots"}, "memory size 'lots' is not valid"),
+    ({"runtime": "docker"}, "runtime 'docker' is not known"),
+    ({"gpu": "H100"}, "no GPU of model 'H100' here; these exist:"),
+])
+def test_bad_kernelspec_config_fails_clearly(backend: Backend, kernelspec_dir: Path, config: dict[str, str],
+                                             message: str) -> None:
+    from snapkernel.kernel_provisioner.kernelspec import kernel_json
+
+    name = f"snapkernel-bad-{abs(hash(str(config)))}"
+    spec_dir = kernelspec_dir / "kernels" / name
+    spec_dir.mkdir(parents=True)
+    (spec_dir / "kernel.json").write_text(json.dumps(kernel_json("bad", config)))
+    before = sandbox_ids(backend)
+    with pytest.raises(Exception, match=message.replace("(", r"\(")):
+        with running_kernel(name):
+            pass
+    assert sandbox_ids(backend) == before
+    assert os.environ.get("SNAPKERNEL_BACKEND") == backend.address
