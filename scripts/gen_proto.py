@@ -28,6 +28,8 @@ def generate(out: Path) -> None:
         f"--grpc_python_out={tmp}",
         f"--plugin=protoc-gen-mypy={Path(sys.executable).parent / 'protoc-gen-mypy'}",
         f"--mypy_out={tmp}",
+        f"--plugin=protoc-gen-mypy_grpc={Path(sys.executable).parent / 'protoc-gen-mypy_grpc'}",
+        f"--mypy_grpc_out={tmp}",
         str(proto),
     ]
     if protoc.main(args) != 0:

@@ -75,7 +75,7 @@ class SandboxFailedError(SnapkernelError):
     reason = "sandbox_failed"
 
 
-class TimeoutError_(SnapkernelError):  # noqa: N801 - avoid shadowing the builtin
+class TimeoutError_(SnapkernelError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
     http_status = 504
     reason = "timeout"

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from snapkernel.backend.server import default_state_dir
+from snapkernel.backend.v1 import backend_pb2 as pb
 from snapkernel.errors import BackendUnavailableError, SnapkernelError
 
 READY_TIMEOUT = 30.0
@@ -51,7 +52,7 @@ def main(argv: list[str]) -> int:
     os.environ["SNAPKERNEL_BACKEND"] = address
     os.environ["SNAPKERNEL_STATE_DIR"] = str(state_dir)
 
-    async def status():  # type: ignore[no-untyped-def]
+    async def status() -> pb.Status:
         client = BackendClient(address)
         try:
             return await client.status()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 from snapkernel.kernel_provisioner.kernelspec import install
 
 ROOT = Path(__file__).resolve().parent.parent
+pytest_plugins = ["pytest_jupyter.jupyter_server"]
 
 
 class Backend:
@@ -71,10 +73,8 @@ def _cleanup_sandboxes(backend: Backend) -> None:
         except OSError:
             continue
         if b"snapkernel.backend.shim" in cmd and str(backend.state_dir).encode() in cmd:
-            try:
+            with contextlib.suppress(OSError):
                 os.killpg(int(pid_dir.name), signal.SIGKILL)
-            except OSError:
-                pass
 
 
 @pytest.fixture(scope="session")

@@ -60,8 +60,8 @@ class KernelBridge:
         self.ports: dict[str, int] = {}
         self.iopub: zmq.Socket[Any] | None = None
         # (channel, ident) -> DEALER socket; socket -> (channel, ident) for the way back
-        self.clients: OrderedDict[bytes, dict[int, zmq.Socket[Any]]] = OrderedDict()
-        self.routes: dict[zmq.Socket[Any], tuple[int, bytes]] = {}
+        self.clients: OrderedDict[bytes, dict[pb.Channel.ValueType, zmq.Socket[Any]]] = OrderedDict()
+        self.routes: dict[zmq.Socket[Any], tuple[pb.Channel.ValueType, bytes]] = {}
         self.exit_reported = True
         self.running = True
         self.runtime_dir = tempfile.mkdtemp(prefix="snapkernel-agent-")
@@ -78,7 +78,7 @@ class KernelBridge:
         self.generation += 1
         names = ["shell", "iopub", "stdin", "control", "hb"]
         self.ports = dict(zip(names, _free_ports(len(names)), strict=True))
-        conn = {f"{n}_port": p for n, p in self.ports.items()}
+        conn: dict[str, Any] = {f"{n}_port": p for n, p in self.ports.items()}
         conn.update(ip="127.0.0.1", transport="tcp", key=self.key.decode(),
                     signature_scheme=self.signature_scheme, kernel_name="")
         path = os.path.join(self.runtime_dir, f"kernel-{self.generation}.json")
@@ -133,7 +133,7 @@ class KernelBridge:
         self.send(pb.AgentMessage(kernel_exited=pb.KernelExited(code=code, generation=self.generation)))
 
     # --- client sockets -------------------------------------------------------------------------
-    def _client_sockets(self, ident: bytes) -> dict[int, zmq.Socket[Any]]:
+    def _client_sockets(self, ident: bytes) -> dict[pb.Channel.ValueType, zmq.Socket[Any]]:
         socks = self.clients.get(ident)
         if socks is not None:
             self.clients.move_to_end(ident)
@@ -208,8 +208,8 @@ class KernelBridge:
                         break
                     for body in frames.feed(data):
                         self.handle(decode(body))
-                elif sock is self.iopub:
-                    parts = sock.recv_multipart()
+                elif sock is self.iopub and self.iopub is not None:
+                    parts = self.iopub.recv_multipart()
                     self.send(pb.AgentMessage(frame=pb.KernelFrame(channel=pb.IOPUB, parts=parts)))
                 else:
                     channel, ident = self.routes[sock]

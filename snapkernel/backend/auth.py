@@ -38,7 +38,7 @@ def call_metadata(token: str) -> tuple[tuple[str, str], ...]:
     return ((METADATA_KEY, f"Bearer {token}"),)
 
 
-class TokenInterceptor(grpc.aio.ServerInterceptor):
+class TokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Rejects every call whose `authorization` metadata is not `Bearer <token>`."""
 
     def __init__(self, token: str) -> None:
@@ -46,9 +46,9 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         given = dict(details.invocation_metadata or ()).get(METADATA_KEY)
         if given is not None and hmac.compare_digest(str(given).encode(), self._expected):
             return await continuation(details)
@@ -61,7 +61,7 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         return _rejecting(handler, why)
 
 
-def _rejecting(handler: grpc.RpcMethodHandler | None, why: str) -> grpc.RpcMethodHandler:
+def _rejecting(handler: grpc.RpcMethodHandler[Any, Any] | None, why: str) -> grpc.RpcMethodHandler[Any, Any]:
     async def abort(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
 

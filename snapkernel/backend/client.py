@@ -98,7 +98,7 @@ class BackendClient:
 
     def attach(self) -> Any:
         """A bidirectional Attach call; write `AttachRequest(open=...)` first."""
-        return self.stub.Attach(metadata=self.metadata)
+        return self.stub.Attach(metadata=self.metadata)  # type: ignore[call-arg]  # read/write style call
 
     async def close(self) -> None:
-        await self.channel.close()
+        await self.channel.close(None)

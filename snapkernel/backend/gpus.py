@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from dataclasses import dataclass
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,7 @@ def short_model(name: str) -> str:
     return words[0]
 
 
-def _nvml():  # type: ignore[no-untyped-def]
+def _nvml() -> Any:
     import pynvml
 
     pynvml.nvmlInit()
@@ -72,7 +74,5 @@ def inventory() -> tuple[list[GpuInfo], str, str]:
         log.warning("NVML inventory failed: %s", e)
         return [], "", f"NVML inventory failed: {e}"
     finally:
-        try:
+        with contextlib.suppress(Exception):
             nvml.nvmlShutdown()
-        except Exception:
-            pass

@@ -14,8 +14,10 @@ import os
 import secrets
 import shutil
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from snapkernel.backend.agent_link import AgentLink
 from snapkernel.backend.runtimes.base import EXIT_FILE, LINK_SOCKET, LOG_FILE, SandboxRuntime
@@ -36,7 +38,7 @@ from snapkernel.errors import (
 log = logging.getLogger(__name__)
 
 MAX_PENDING_FRAMES = 1000  # frames held for a sandbox whose agent is not connected yet
-STATE_NAMES = {v: k.lower() for k, v in pb.SandboxState.items()}
+STATE_NAMES: dict[int, str] = {v: k.lower() for k, v in pb.SandboxState.items()}
 
 
 @dataclass
@@ -73,8 +75,8 @@ class SandboxManager:
         self._tasks: set[asyncio.Task[None]] = set()
 
     # --- helpers --------------------------------------------------------------------------------
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -113,7 +113,7 @@ class BackendApp(Application):
         if self.runtime not in runtimes:
             raise InvalidSpecError(f"runtime {self.runtime!r} is not available here; use one of "
                                    f"{', '.join(runtimes)}")
-        gpus, driver, why = await asyncio.to_thread(inventory)
+        gpus, _driver, why = await asyncio.to_thread(inventory)
         log.info("GPUs: %s", ", ".join(f"{g.index}:{g.name}" for g in gpus) or why)
         scheduler = Scheduler(gpus, self.cpu_overcommit, self.memory_overcommit)
         manager = SandboxManager(state, runtimes, scheduler, Defaults(
@@ -129,7 +129,7 @@ class BackendApp(Application):
 
         server = grpc.aio.server(interceptors=[TokenInterceptor(token)], options=GRPC_OPTIONS)
         pb_grpc.add_BackendServicer_to_server(BackendService(manager, infos, self.runtime), server)
-        health_servicer = health.aio.HealthServicer()
+        health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         target = grpc_target(self.listen)
         if target.startswith("unix://"):

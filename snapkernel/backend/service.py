@@ -25,6 +25,7 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 R = TypeVar("R")
 
 _CLIENT_CHANNELS = (pb.SHELL, pb.CONTROL, pb.STDIN)
+_EOF = grpc.aio.EOF  # type: ignore[attr-defined]  # missing from grpc-stubs
 
 
 def _translate(fn: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
@@ -126,9 +127,9 @@ class BackendService(pb_grpc.BackendServicer):
         finally:
             sb.watchers.discard(queue)
 
-    async def Attach(self, request_iterator: Any, context: Ctx) -> None:
+    async def Attach(self, request_iterator: Any, context: Ctx) -> None:  # type: ignore[override]
         first = await context.read()
-        if first is grpc.aio.EOF or first.WhichOneof("kind") != "open":
+        if first is _EOF or first.WhichOneof("kind") != "open":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 "Attach: the first message must be `open` with a sandbox id")
         try:
@@ -141,7 +142,7 @@ class BackendService(pb_grpc.BackendServicer):
 
         async def pump_in() -> None:
             try:
-                while (req := await context.read()) is not grpc.aio.EOF:
+                while (req := await context.read()) is not _EOF:
                     if req.WhichOneof("kind") != "frame":
                         raise InvalidSpecError("Attach: only frames may follow `open`")
                     check_client_frame(req.frame)

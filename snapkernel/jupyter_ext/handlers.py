@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import tornado.web
 from google.protobuf.json_format import MessageToDict
@@ -12,6 +12,9 @@ from jupyter_server.extension.handler import ExtensionHandlerMixin
 
 from snapkernel.backend.client import BackendClient
 from snapkernel.errors import SnapkernelError
+
+if TYPE_CHECKING:
+    from snapkernel.jupyter_ext.app import SnapKernelApp
 
 
 class SnapKernelHandler(ExtensionHandlerMixin, APIHandler):  # type: ignore[misc]
@@ -24,7 +27,7 @@ class SnapKernelHandler(ExtensionHandlerMixin, APIHandler):  # type: ignore[misc
         super().write_error(status_code, **kwargs)
 
     async def backend_call(self, fn: Any) -> Any:
-        client = BackendClient(**self.extensionapp.backend_kwargs())
+        client = BackendClient(**cast("SnapKernelApp", self.extensionapp).backend_kwargs())
         try:
             return await fn(client)
         finally:

@@ -17,12 +17,12 @@ from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Any as AnyTrait
 from traitlets import Bool, Dict, Float, Unicode, default
 
+from snapkernel.backend.client import BackendClient
 from snapkernel.backend.sandbox_db import ENDED
 from snapkernel.backend.sandboxes import STATE_NAMES
 from snapkernel.backend.spec import CONFIG_KEYS, spec_from_config
 from snapkernel.backend.v1 import backend_pb2 as pb
-from snapkernel.backend.client import BackendClient
-from snapkernel.errors import NotFoundError, SandboxFailedError, StateError, TimeoutError_
+from snapkernel.errors import NotFoundError, SandboxFailedError, SnapkernelError, StateError, TimeoutError_
 from snapkernel.kernel_provisioner.io_thread import IOThread
 from snapkernel.kernel_provisioner.relay import KernelRelay
 
@@ -98,7 +98,7 @@ class SnapKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         self.sandbox_spec()  # a bad spec fails here, before anything starts
-        km = self.parent
+        km: Any = self.parent
         if self.relay is None:
             self.relay = await self.io.call(self._make_relay())
         ports = self.relay.ports
@@ -131,7 +131,7 @@ class SnapKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     async def _create_sandbox(self, launch_env: dict[str, str]) -> None:
         assert self.relay is not None
-        km = self.parent
+        km: Any = self.parent
         request = pb.CreateSandboxRequest(
             spec=self.sandbox_spec(),
             kernel=pb.KernelConfig(key=km.session.key, signature_scheme=km.session.signature_scheme,
@@ -165,7 +165,7 @@ class SnapKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 self.start_timeout))
         except asyncio.TimeoutError as e:
             state = STATE_NAMES.get(relay.sandbox.state, "unknown") if relay.sandbox else "unknown"
-            failed = TimeoutError_(
+            failed: SnapkernelError = TimeoutError_(
                 f"sandbox {self.sandbox_id} did not start its kernel within {self.start_timeout:g}s "
                 f"(last state: {state}); raise SNAPKERNEL_START_TIMEOUT or check the backend's log")
             await self._discard()

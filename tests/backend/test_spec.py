@@ -34,7 +34,7 @@ def test_bad_memory_names_value(text: str) -> None:
 
 
 def test_config_rejects_unknown_keys_and_wrong_types() -> None:
-    with pytest.raises(InvalidSpecError, match="unknown snapkernel config key.*'gpus'.*accepted keys"):
+    with pytest.raises(InvalidSpecError, match=r"unknown snapkernel config key.*'gpus'.*accepted keys"):
         spec_from_config({"gpus": "H100"})
     with pytest.raises(InvalidSpecError, match="cpu 'two' is not valid"):
         spec_from_config({"cpu": "two"})

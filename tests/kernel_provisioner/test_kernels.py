@@ -147,8 +147,7 @@ def test_bad_kernelspec_config_fails_clearly(backend: Backend, kernelspec_dir: P
     spec_dir.mkdir(parents=True)
     (spec_dir / "kernel.json").write_text(json.dumps(kernel_json("bad", config)))
     before = sandbox_ids(backend)
-    with pytest.raises(Exception, match=message.replace("(", r"\(")):
-        with running_kernel(name):
-            pass
+    with pytest.raises(Exception, match=message.replace("(", r"\(")), running_kernel(name):
+        pass
     assert sandbox_ids(backend) == before
     assert os.environ.get("SNAPKERNEL_BACKEND") == backend.address

@@ -112,5 +112,5 @@ class SandboxRuntime(ABC):
         self._children.pop(record.id, None)
         return code
 
-    def cleanup(self, record: SandboxRecord) -> None:
+    def cleanup(self, record: SandboxRecord) -> None:  # noqa: B027 - most runtimes hold nothing
         """Release what the runtime holds for a stopped sandbox (cgroups, mounts)."""

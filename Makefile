@@ -1,0 +1,39 @@
+# snapkernel: `make run` starts JupyterLab with an embedded backend; `make test` runs every test.
+# Both begin with `make install`, which sets up .venv/ (quick when nothing changed).
+
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.snapkernel-installed
+SOURCES := pyproject.toml labextension/package.json labextension/package-lock.json \
+           $(wildcard labextension/src/*.ts labextension/style/*)
+ROOT    := $(shell [ "$$(id -u)" = 0 ] && echo yes)
+
+.PHONY: install run test lint proto clean
+
+install: $(STAMP)
+
+$(STAMP): $(SOURCES)
+	@command -v npm >/dev/null || { \
+	  if [ -n "$(ROOT)" ]; then apt-get update -q && apt-get install -y -q nodejs npm; \
+	  else echo "npm is missing: run 'sudo apt-get install nodejs npm' and try again" >&2; exit 1; fi; }
+	@[ -x $(PY) ] || python3 -m venv $(VENV) || { \
+	  echo "python3 -m venv failed: on Debian run 'sudo apt-get install python3-venv'" >&2; exit 1; }
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test,dev]"
+	@touch $(STAMP)
+
+run: install
+	$(VENV)/bin/snapkernel lab $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check snapkernel tests bench scripts
+	$(VENV)/bin/mypy
+
+test: install lint
+	$(VENV)/bin/pytest -q -rs $(PYTEST_ARGS)
+
+proto: install
+	$(PY) scripts/gen_proto.py
+
+clean:
+	rm -rf $(VENV) snapkernel/labextension labextension/node_modules labextension/lib

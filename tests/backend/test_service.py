@@ -1,0 +1,118 @@
+"""The gRPC API of a real backend: tokens, bad requests, malformed frames; the daemon keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from snapkernel.backend.auth import call_metadata
+from snapkernel.backend.client import BackendClient
+from snapkernel.backend.v1 import backend_pb2 as pb
+from snapkernel.backend.v1 import backend_pb2_grpc as pb_grpc
+from snapkernel.errors import InvalidSpecError, NoCapacityError, NotFoundError, UnauthenticatedError
+from tests.conftest import Backend
+from tests.kernel_provisioner.kernel_helpers import running_kernel, value
+
+
+def request(**spec: str) -> pb.CreateSandboxRequest:
+    return pb.CreateSandboxRequest(spec=pb.SandboxSpec(**spec), kernel=pb.KernelConfig(key=b"k"))
+
+
+@pytest.mark.parametrize("token", [None, "not-the-token"])
+async def test_calls_without_the_right_token_are_refused(backend: Backend, token: str | None) -> None:
+    client = BackendClient(backend.address, token or "")
+    if token is None:
+        client.metadata = ()
+    try:
+        with pytest.raises(UnauthenticatedError, match="no token sent" if token is None else "wrong token"):
+            await client.list_sandboxes()
+        with pytest.raises(UnauthenticatedError):
+            async for _ in client.watch("sb-000000000000"):
+                pass
+        health = health_pb2_grpc.HealthStub(client.channel)
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await health.Check(health_pb2.HealthCheckRequest(), metadata=client.metadata)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        await client.close()
+
+
+async def test_health_service_serves_with_the_token(backend: Backend) -> None:
+    client = BackendClient(backend.address, backend.token)
+    try:
+        health = health_pb2_grpc.HealthStub(client.channel)
+        reply = await health.Check(health_pb2.HealthCheckRequest(service="snapkernel.v1.Backend"),
+                                   metadata=client.metadata)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize(("spec", "error", "message"), [
+    ({"gpu": "Z999:-1"}, InvalidSpecError, "gpu spec 'Z999:-1' is not valid"),
+    ({"memory": "lots"}, InvalidSpecError, "memory size 'lots' is not valid: use a number of bytes"),
+    ({"runtime": "vmware"}, InvalidSpecError, "runtime 'vmware' is not known: use one of process, gvisor"),
+    ({"gpu": "H100:2"}, NoCapacityError, "no GPU of model 'H100' here; these exist: "),
+    ({"image": "relative/dir"}, InvalidSpecError, "image 'relative/dir' is not valid"),
+])
+async def test_bad_specs_are_refused_with_the_value_named(backend: Backend, spec: dict[str, str],
+                                                          error: type[Exception], message: str) -> None:
+    client = BackendClient(backend.address, backend.token)
+    try:
+        before = await client.list_sandboxes(include_ended=True)
+        with pytest.raises(error, match=message.replace("(", r"\(")):
+            await client.create_sandbox(request(**spec))
+        assert await client.list_sandboxes(include_ended=True) == before
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize("sandbox_id", ["../../etc", "sb-xyz", ""])
+async def test_bad_sandbox_ids_are_refused(backend: Backend, sandbox_id: str) -> None:
+    client = BackendClient(backend.address, backend.token)
+    try:
+        with pytest.raises(InvalidSpecError, match=r"sandbox id .* is not valid"):
+            await client.delete_sandbox(sandbox_id)
+        with pytest.raises(NotFoundError, match="no sandbox 'sb-0123456789ab'"):
+            await client.get_sandbox("sb-0123456789ab")
+    finally:
+        await client.close()
+
+
+def test_malformed_attach_frames_close_that_stream_only(backend: Backend) -> None:
+    with running_kernel() as (_km, kc):
+        sandbox = value(kc, "__import__('os').environ['SNAPKERNEL_SANDBOX_ID']").strip("'")
+
+        async def abuse(first: pb.AttachRequest, then: pb.AttachRequest | None) -> grpc.aio.AioRpcError:
+            channel = grpc.aio.insecure_channel(backend.address)
+            try:
+                attach = pb_grpc.BackendStub(channel).Attach(metadata=call_metadata(backend.token))
+                await attach.write(first)
+                if then is not None:
+                    await attach.write(then)
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    async for _ in attach:
+                        pass
+                return e.value
+            finally:
+                await channel.close()
+
+        opened = pb.AttachRequest(open=pb.AttachOpen(sandbox_id=sandbox))
+        cases = [
+            (pb.AttachRequest(frame=pb.KernelFrame(channel=pb.SHELL, parts=[b"x"])), None,
+             "the first message must be `open`"),
+            (opened, pb.AttachRequest(frame=pb.KernelFrame(channel=pb.IOPUB, parts=[b"a"] * 7)),
+             "channel 4 cannot be sent to a kernel"),
+            (opened, pb.AttachRequest(frame=pb.KernelFrame(channel=pb.SHELL, parts=[b"id", b"garbage"])),
+             "malformed frame on channel SHELL"),
+            (pb.AttachRequest(open=pb.AttachOpen(sandbox_id="nope")), None, "sandbox id 'nope' is not valid"),
+        ]
+        for first, then, message in cases:
+            err = asyncio.run(abuse(first, then))
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+            assert message in (err.details() or "")
+        # The kernel and the daemon are unharmed.
+        assert value(kc, "40 + 2") == "42"
