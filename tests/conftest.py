@@ -57,7 +57,13 @@ class Backend:
         self.start()
 
     def read_log(self) -> str:
-        return (self.state_dir / "backend.log").read_text(errors="replace")[-4000:]
+        return (self.state_dir / "backend.log").read_text(errors="replace")[-6000:]
+
+    def report(self) -> None:
+        """Print the backend's and sandboxes' logs: pytest shows them for failed tests only."""
+        print(f"--- backend log ({self.state_dir}) ---\n{self.read_log()}")
+        for log in sorted(self.state_dir.glob("sandboxes/*/sandbox.log")):
+            print(f"--- {log} ---\n{log.read_text(errors='replace')[-3000:]}")
 
     def env(self) -> dict[str, str]:
         return {"SNAPKERNEL_BACKEND": self.address, "SNAPKERNEL_TOKEN": self.token}
@@ -75,6 +81,20 @@ def _cleanup_sandboxes(backend: Backend) -> None:
         if b"snapkernel.backend.shim" in cmd and str(backend.state_dir).encode() in cmd:
             with contextlib.suppress(OSError):
                 os.killpg(int(pid_dir.name), signal.SIGKILL)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu` tests run only where NVML lists a GPU; `gvisor` tests only where runsc is installed."""
+    import shutil
+
+    from snapkernel.backend.gpus import inventory
+
+    gpus, _, why = inventory()
+    for item in items:
+        if "gpu" in item.keywords and not gpus:
+            item.add_marker(pytest.mark.skip(reason=f"needs an NVIDIA GPU: {why}"))
+        if "gvisor" in item.keywords and not shutil.which("runsc"):
+            item.add_marker(pytest.mark.skip(reason="needs runsc (gVisor)"))
 
 
 @pytest.fixture(scope="session")
@@ -102,6 +122,7 @@ def backend(kernelspec_dir: Path) -> Iterator[Backend]:
         os.environ.update(b.env())
         yield b
         b.stop()
+        b.report()
         _cleanup_sandboxes(b)
         for k, v in saved.items():
             if v is None:
@@ -120,4 +141,5 @@ def own_backend(kernelspec_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterat
             monkeypatch.setenv(k, v)
         yield b
         b.stop()
+        b.report()
         _cleanup_sandboxes(b)

@@ -165,6 +165,8 @@ class SandboxManager:
             "CUDA_VISIBLE_DEVICES": ",".join(map(str, r.gpu_indices)),
             "NVIDIA_VISIBLE_DEVICES": ",".join(map(str, r.gpu_indices)) or "none",
         }
+        if "PYTHONPATH" in os.environ:  # the agent runs on this interpreter and needs the same packages
+            env["PYTHONPATH"] = os.environ["PYTHONPATH"]
         env.update(sb.spec.env)
         return env
 

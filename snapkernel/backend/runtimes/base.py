@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ class SandboxRuntime(ABC):
     name: ClassVar[str]
 
     def __init__(self) -> None:
-        self._children: dict[str, asyncio.subprocess.Process] = {}
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
 
     @abstractmethod
     def probe(self) -> RuntimeInfo:
@@ -67,10 +68,12 @@ class SandboxRuntime(ABC):
             "--sandbox-id", record.id,
             "--", *plan.argv,
         ]
+        # A plain Popen, not asyncio's: asyncio kills the children it still tracks when its loop closes,
+        # and sandboxes must outlive the backend.
         with open(sandbox_dir / LOG_FILE, "ab") as log:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, cwd=sandbox_dir / "workspace", env=plan.env, stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL, stderr=log, start_new_session=True,
+            proc = subprocess.Popen(
+                argv, cwd=sandbox_dir / "workspace", env=plan.env, stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
             )
         self._children[record.id] = proc
         record.pid = proc.pid
@@ -105,10 +108,12 @@ class SandboxRuntime(ABC):
         proc = self._children.get(record.id)
         if proc is None:
             return None
-        try:
-            code = await asyncio.wait_for(proc.wait(), timeout)
-        except asyncio.TimeoutError:
-            return None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (code := proc.poll()) is None:
+            if loop.time() >= deadline:
+                return None
+            await asyncio.sleep(0.02)
         self._children.pop(record.id, None)
         return code
 
