@@ -45,7 +45,7 @@ from jupyter_client.manager import KernelManager
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "bench" / "results" / "kernel_latency.json"
-SNAPKERNEL = str(Path(sys.executable).with_name("snapkernel"))
+SNAPKERNEL = [sys.executable, "-m", "snapkernel.cli"]
 
 # The targets, for every snapkernel kind against the local baseline.
 TARGET_RTT_P50_RATIO = 2.0
@@ -124,7 +124,7 @@ class Backend:
     def start(self, timeout: float = 30.0) -> None:
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                [SNAPKERNEL, "backend", "--listen", self.address, "--state-dir", str(self.state_dir),
+                [*SNAPKERNEL, "backend", "--listen", self.address, "--state-dir", str(self.state_dir),
                  "--runtime", "process"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         token = self.state_dir / "token"
@@ -139,12 +139,12 @@ class Backend:
         os.environ["SNAPKERNEL_TOKEN"] = token.read_text().strip()
 
     def leftover_sandboxes(self) -> list[dict[str, Any]]:
-        out = subprocess.run([SNAPKERNEL, "sandboxes", "list", "--json"], capture_output=True, text=True,
+        out = subprocess.run([*SNAPKERNEL, "sandboxes", "list", "--json"], capture_output=True, text=True,
                              timeout=60, check=True)
         return list(json.loads(out.stdout or "[]"))
 
     def remove_sandboxes(self, ids: list[str]) -> None:
-        subprocess.run([SNAPKERNEL, "sandboxes", "rm", *ids], capture_output=True, timeout=120, check=False)
+        subprocess.run([*SNAPKERNEL, "sandboxes", "rm", *ids], capture_output=True, timeout=120, check=False)
 
     def stop(self, timeout: float = 20.0) -> None:
         if self.proc is None or self.proc.poll() is not None:

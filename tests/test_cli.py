@@ -53,7 +53,9 @@ def test_unreachable_backend_and_bad_token_say_what_to_do(backend: Backend, tmp_
 
 def test_kernels_install_and_list(backend: Backend, tmp_path: object) -> None:
     out = json.loads(cli("kernels", "install", "--prefix", str(tmp_path), "--json").stdout)
-    assert [k["id"] for k in out] == ["snapkernel-python"]
+    status = json.loads(cli("status", "--json").stdout)
+    gpu_kernels = sorted({f"snapkernel-gpu-{g['model'].lower()}" for g in status["gpus"]})
+    assert [k["id"] for k in out] == ["snapkernel-python", *gpu_kernels]
     listed = json.loads(cli("kernels", "list", "--json").stdout)
     spec = next(k for k in listed if k["id"] == "snapkernel-python")
     assert spec["config"] == {}
