@@ -12,7 +12,7 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from snapkernel.backend.client import BackendClient
+from snapkernel.backend.client import BackendClient, default_address, default_token
 
 T = TypeVar("T")
 
@@ -25,7 +25,7 @@ class IOThread:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="snapkernel-io", daemon=True)
         self.thread.start()
-        self.clients: dict[tuple[str | None, str | None], BackendClient] = {}
+        self.clients: dict[tuple[str, str], BackendClient] = {}
 
     @classmethod
     def instance(cls) -> IOThread:
@@ -39,7 +39,13 @@ class IOThread:
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
 
     def client(self, address: str | None, token: str | None) -> BackendClient:
-        """The shared client for a backend; only call from the I/O loop."""
+        """The shared client for a backend; only call from the I/O loop.
+
+        Address and token are resolved first (environment, token file), so a changed
+        SNAPKERNEL_TOKEN or SNAPKERNEL_BACKEND gets a client of its own rather than a stale one.
+        """
+        address = address or default_address()
+        token = token if token is not None else default_token(address)
         key = (address, token)
         if key not in self.clients:
             self.clients[key] = BackendClient(address, token)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
@@ -26,6 +27,7 @@ from snapkernel.errors import NotFoundError, SandboxFailedError, SnapkernelError
 from snapkernel.kernel_provisioner.io_thread import IOThread
 from snapkernel.kernel_provisioner.relay import KernelRelay
 
+T = TypeVar("T")
 _ALIVE_WHILE = frozenset({pb.PENDING, pb.STARTING, pb.RUNNING, pb.STOPPING})
 
 
@@ -84,7 +86,16 @@ class SnapKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         return spec_from_config({**config, **self._unknown_config})
 
     def _client(self) -> BackendClient:
+        """The shared backend client; call on the I/O loop only (see io_thread)."""
         return self.io.client(self.backend_address or None, self.backend_token)
+
+    async def _backend(self, call: Callable[[BackendClient], Awaitable[T]]) -> T:
+        """Run one backend call on the I/O loop, from whatever loop the provisioner is called on."""
+
+        async def on_io_loop() -> T:
+            return await call(self._client())
+
+        return await self.io.call(on_io_loop())
 
     def _on_event(self, event: pb.SandboxEvent) -> None:
         if event.HasField("progress"):
@@ -119,11 +130,11 @@ class SnapKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         assert self.relay is not None
         self._exit_code = None
-        if self.sandbox_id is not None and self.relay.sandbox is not None \
-                and self.relay.sandbox.state not in ENDED:
+        sandbox_id = self.sandbox_id
+        if sandbox_id is not None and self.relay.sandbox is not None and self.relay.sandbox.state not in ENDED:
             self.log.info("%s restarting the kernel inside its sandbox", self._tag())
             generation = self.relay.sandbox.kernel_generation
-            await self.io.call(self._client().restart_kernel(self.sandbox_id))
+            await self._backend(lambda c: c.restart_kernel(sandbox_id))
             await self._wait_running(generation)
             return self.connection_info
         await self._create_sandbox(kwargs.get("env") or {})
@@ -140,7 +151,7 @@ class SnapKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             notebook_path=launch_env.get("JPY_SESSION_NAME", ""),
         )
         try:
-            sandbox = await self.io.call(self._client().create_sandbox(request))
+            sandbox = await self._backend(lambda c: c.create_sandbox(request))
         except Exception:
             await self.cleanup(restart=False)  # the relay's sockets must not outlive a refused start
             raise
@@ -168,23 +179,14 @@ class SnapKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             failed: SnapkernelError = TimeoutError_(
                 f"sandbox {self.sandbox_id} did not start its kernel within {self.start_timeout:g}s "
                 f"(last state: {state}); raise SNAPKERNEL_START_TIMEOUT or check the backend's log")
-            await self._discard()
+            await self.cleanup(restart=False)  # a failed start leaves nothing behind
             raise failed from e
         if sandbox.state != pb.RUNNING:
             message = sandbox.message or STATE_NAMES[sandbox.state]
             failed = SandboxFailedError(f"sandbox {self.sandbox_id} failed: {message}")
-            await self._discard()
+            await self.cleanup(restart=False)  # a failed start leaves nothing behind
             raise failed
         self.log.info("%s kernel running", self._tag())
-
-    async def _discard(self) -> None:
-        """A start that failed: remove the sandbox so nothing is left behind."""
-        if self.sandbox_id is not None:
-            try:
-                await self.io.call(self._client().delete_sandbox(self.sandbox_id))
-            except Exception as e:
-                self.log.warning("%s could not remove the failed sandbox: %s", self._tag(), e)
-        await self.cleanup(restart=False)
 
     async def poll(self) -> int | None:
         """None while the sandbox's kernel lives (or is starting); its exit code once it ended."""
@@ -201,10 +203,11 @@ class SnapKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         return code
 
     async def send_signal(self, signum: int) -> None:
-        if self.sandbox_id is None:
+        sandbox_id = self.sandbox_id
+        if sandbox_id is None:
             return
         try:
-            await self.io.call(self._client().signal_kernel(self.sandbox_id, signum))
+            await self._backend(lambda c: c.signal_kernel(sandbox_id, signum))
         except (NotFoundError, StateError, SandboxFailedError) as e:
             self.log.debug("%s signal %s not delivered: %s", self._tag(), signum, e)
 
@@ -222,7 +225,7 @@ class SnapKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         relay, self.relay = self.relay, None
         if sandbox_id is not None:
             try:
-                await self.io.call(self._client().delete_sandbox(sandbox_id))
+                await self._backend(lambda c: c.delete_sandbox(sandbox_id))
                 self.log.info("kernel_id=%s sandbox_id=%s removed", self.kernel_id, sandbox_id)
             except NotFoundError:
                 pass
@@ -242,9 +245,10 @@ class SnapKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self.sandbox_id = provisioner_info.get("sandbox_id")
         if self.sandbox_id and self.relay is None:
             ports = provisioner_info.get("ports") or {}
-            relay = KernelRelay(self._client(), self.sandbox_id, ports, self._on_event)
+            sandbox_id = self.sandbox_id
 
             async def start() -> KernelRelay:
+                relay = KernelRelay(self._client(), sandbox_id, ports, self._on_event)
                 relay.bind()
                 relay.start()
                 return relay

@@ -6,6 +6,8 @@ import asyncio
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -151,3 +153,56 @@ def test_bad_kernelspec_config_fails_clearly(backend: Backend, kernelspec_dir: P
         pass
     assert sandbox_ids(backend) == before
     assert os.environ.get("SNAPKERNEL_BACKEND") == backend.address
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"SNAPKERNEL_BACKEND": "unix:///nonexistent/backend.sock"}, "cannot reach the snapkernel backend at unix:///"),
+    ({"SNAPKERNEL_TOKEN": "wrong"}, "wrong token"),
+])
+def test_start_errors_name_the_cause(backend: Backend, monkeypatch: pytest.MonkeyPatch, env: dict[str, str],
+                                     message: str) -> None:
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(Exception, match=message), running_kernel():
+        pass
+
+
+def test_cleanup_can_run_twice(backend: Backend) -> None:
+    from jupyter_core.utils import run_sync
+
+    with running_kernel() as (km, _kc):
+        provisioner = km.provisioner
+        km.shutdown_kernel()
+        assert provisioner is not None
+        run_sync(provisioner.cleanup)(restart=False)
+        run_sync(provisioner.cleanup)(restart=False)
+        assert not provisioner.has_process
+
+
+def test_sandbox_killed_while_backend_is_down_is_marked_lost(own_backend: Backend) -> None:
+    import signal as signals
+
+    with running_kernel() as (km, kc):
+        run(kc, "import os")
+        sandbox = value(kc, "os.environ['SNAPKERNEL_SANDBOX_ID']").strip("'")
+        own_backend.stop()
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit() and sandbox.encode() in _cmdline(proc) and b"shim" in _cmdline(proc):
+                os.killpg(int(proc.name), signals.SIGKILL)
+        own_backend.start()
+        rows = json.loads(subprocess.run(
+            [sys.executable, "-m", "snapkernel.cli", "sandboxes", "list", "--all", "--json"],
+            capture_output=True, text=True, check=True).stdout)
+        row = next(r for r in rows if r["id"] == sandbox)
+        assert row["state"] == "lost" and "without leaving an exit status" in row["message"]
+        deadline = time.monotonic() + 20
+        while km.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not km.is_alive()
+
+
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""
