@@ -71,7 +71,11 @@ def main(argv: list[str]) -> int:
             print(f"{bar}\nsnapkernel: kernels run with the `process` runtime: plain processes, NOT isolated "
                   f"by gVisor.\n{bar}", file=sys.stderr)
         print(f"snapkernel: backend on {address} (log: {state_dir / 'backend.log'})")
+        if os.geteuid() == 0 and "--allow-root" not in argv:
+            argv = [*argv, "--allow-root"]  # `make run` as root on a fresh machine is a supported set-up
         lab = subprocess.Popen([sys.executable, "-m", "jupyterlab", *argv])
+        # SIGTERM ends JupyterLab first; the backend is stopped below, never left behind.
+        signal.signal(signal.SIGTERM, lambda *_: lab.terminate())
         try:
             return lab.wait()
         except KeyboardInterrupt:
