@@ -12,7 +12,8 @@ ROOT    := $(shell [ "$$(id -u)" = 0 ] && echo yes)
 
 install: $(STAMP)
 
-$(STAMP): $(SOURCES)
+$(STAMP): $(SOURCES) scripts/install-runsc.sh
+	@scripts/install-runsc.sh
 	@command -v npm >/dev/null || { \
 	  if [ -n "$(ROOT)" ]; then apt-get update -q && apt-get install -y -q nodejs npm; \
 	  else echo "npm is missing: run 'sudo apt-get install nodejs npm' and try again" >&2; exit 1; fi; }

@@ -138,6 +138,7 @@ class SandboxManager:
             raise InvalidSpecError(
                 f"signature scheme {req.kernel.signature_scheme!r} is not supported: use hmac-sha256"
             )
+        runtime.check(spec)
         sandbox_id = f"sb-{secrets.token_hex(6)}"
         gpus = self.scheduler.allocate(sandbox_id, spec)
         record = SandboxRecord(

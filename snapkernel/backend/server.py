@@ -18,6 +18,7 @@ from snapkernel import __version__
 from snapkernel.backend.auth import TokenInterceptor, ensure_token
 from snapkernel.backend.gpus import inventory
 from snapkernel.backend.runtimes.base import RuntimeInfo, SandboxRuntime
+from snapkernel.backend.runtimes.gvisor import GvisorRuntime, find_runsc
 from snapkernel.backend.runtimes.process import ProcessRuntime
 from snapkernel.backend.sandboxes import Defaults, SandboxManager
 from snapkernel.backend.scheduler import Scheduler
@@ -64,8 +65,10 @@ class BackendApp(Application):
                           "Default: unix socket `backend.sock` in the state dir.").tag(config=True)
     state_dir = Unicode(help="Where sandboxes, the database and the token live "
                              "(default $SNAPKERNEL_STATE_DIR or ~/.local/state/snapkernel).").tag(config=True)
-    runtime = Unicode("process", help=f"Default runtime for sandboxes that do not name one: "
-                                      f"{', '.join(RUNTIMES)}.").tag(config=True)
+    runtime = Unicode("", help=f"Default runtime for sandboxes that do not name one: {', '.join(RUNTIMES)}. "
+                               "Default: gvisor where runsc works, else process (and it says so).").tag(config=True)
+    runsc = Unicode("", help="Path of the runsc binary (default: `runsc` on PATH).").tag(config=True)
+    platform = Unicode("", help="gVisor platform: systrap, ptrace or kvm (default: runsc's own).").tag(config=True)
     default_cpu = Float(1.0, help="Cores for a sandbox that does not ask (e.g. 2 or 0.5).").tag(config=True)
     default_memory = Unicode("4Gi", help="Memory for a sandbox that does not ask (e.g. '8Gi').").tag(config=True)
     cpu_overcommit = Float(4.0, help="How many times the host's cores may be handed out in total.").tag(config=True)
@@ -81,6 +84,7 @@ class BackendApp(Application):
         "listen": "BackendApp.listen",
         "state-dir": "BackendApp.state_dir",
         "runtime": "BackendApp.runtime",
+        "runsc": "BackendApp.runsc",
         "log-level": "Application.log_level",
         "tls-cert": "BackendApp.tls_cert",
         "tls-key": "BackendApp.tls_key",
@@ -96,39 +100,53 @@ class BackendApp(Application):
 
     @validate("runtime")
     def _check_runtime(self, proposal: dict[str, Any]) -> str:
-        if proposal["value"] not in RUNTIMES:
+        if proposal["value"] and proposal["value"] not in RUNTIMES:
             raise InvalidSpecError(f"runtime {proposal['value']!r} is not known: use one of {', '.join(RUNTIMES)}")
         return str(proposal["value"])
 
-    def build_runtimes(self) -> dict[str, SandboxRuntime]:
+    def build_runtimes(self, state: Path, driver: str) -> tuple[dict[str, SandboxRuntime], list[RuntimeInfo]]:
+        """The runtimes that work here, and a line for each that does not."""
         runtimes: dict[str, SandboxRuntime] = {"process": ProcessRuntime()}
-        return runtimes
+        missing: list[RuntimeInfo] = []
+        runsc = find_runsc(self.runsc)
+        if runsc is None:
+            missing.append(RuntimeInfo("gvisor", False, "", "runsc not found: `make install` as root installs it, "
+                                       "or set --BackendApp.runsc=PATH"))
+        else:
+            gvisor = GvisorRuntime(runsc, state, driver, self.platform)
+            if gvisor.available:
+                runtimes["gvisor"] = gvisor
+            else:
+                missing.append(gvisor.probe())
+        return runtimes, missing
 
     async def serve(self, ready: asyncio.Event | None = None) -> None:
         state = Path(self.state_dir).absolute()
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(state, 0o700)
         token = ensure_token(state / "token")
-        runtimes = self.build_runtimes()
-        if self.runtime not in runtimes:
-            raise InvalidSpecError(f"runtime {self.runtime!r} is not available here; use one of "
-                                   f"{', '.join(runtimes)}")
-        gpus, _driver, why = await asyncio.to_thread(inventory)
+        gpus, driver, why = await asyncio.to_thread(inventory)
         log.info("GPUs: %s", ", ".join(f"{g.index}:{g.name}" for g in gpus) or why)
+        runtimes, missing = self.build_runtimes(state, driver)
+        default_runtime = self.runtime or ("gvisor" if "gvisor" in runtimes else "process")
+        if default_runtime not in runtimes:
+            why_not = next((m.detail for m in missing if m.name == default_runtime), "")
+            raise InvalidSpecError(f"runtime {default_runtime!r} is not available here ({why_not}); "
+                                   f"use one of {', '.join(runtimes)}")
+        if default_runtime == "process":
+            log.warning("default runtime is `process`: kernels run as plain processes, NOT isolated by gVisor (%s)",
+                        "; ".join(m.detail for m in missing) or "chosen by --runtime")
         scheduler = Scheduler(gpus, self.cpu_overcommit, self.memory_overcommit)
         manager = SandboxManager(state, runtimes, scheduler, Defaults(
-            runtime=self.runtime, cpu=self.default_cpu, memory=parse_memory(self.default_memory),
+            runtime=default_runtime, cpu=self.default_cpu, memory=parse_memory(self.default_memory),
             start_timeout=self.start_timeout))
         await manager.readopt()
 
         def infos() -> list[RuntimeInfo]:
-            known = [r.probe() for r in runtimes.values()]
-            missing = [RuntimeInfo(n, False, "", "not built into this backend yet") for n in RUNTIMES
-                       if n not in runtimes]
-            return known + missing
+            return [r.probe() for r in runtimes.values()] + missing
 
         server = grpc.aio.server(interceptors=[TokenInterceptor(token)], options=GRPC_OPTIONS)
-        pb_grpc.add_BackendServicer_to_server(BackendService(manager, infos, self.runtime), server)
+        pb_grpc.add_BackendServicer_to_server(BackendService(manager, infos, default_runtime), server)
         health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         target = grpc_target(self.listen)
@@ -152,7 +170,7 @@ class BackendApp(Application):
         for service in ("", "snapkernel.v1.Backend"):
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("snapkernel backend %s serving on %s (state dir %s, default runtime %s)",
-                 __version__, target, state, self.runtime)
+                 __version__, target, state, default_runtime)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -51,6 +51,9 @@ class SandboxRuntime(ABC):
     def probe(self) -> RuntimeInfo:
         """Whether this runtime works on this host, its version, and what it supports."""
 
+    def check(self, spec: ParsedSpec) -> None:  # noqa: B027 - most runtimes run any spec
+        """Refuse at once a spec this runtime cannot run here (raises a `SnapkernelError`)."""
+
     @abstractmethod
     def prepare(self, record: SandboxRecord, spec: ParsedSpec, env: dict[str, str]) -> Launch:
         """The sandbox's entry point and limits (the agent is the entry point's stdio peer)."""

@@ -1,0 +1,204 @@
+"""The `gvisor` runtime: each sandbox is a gVisor sandbox started with `runsc run` under the shim.
+
+The root filesystem is an image directory or, by default, the host's `/` read-only; `/tmp` and the
+sandbox's workspace are writable; the backend's state dir is hidden behind an empty tmpfs; the network
+is `none` unless the spec asks for it. CPU, memory and pid limits go in the OCI spec (runsc applies them).
+What the installed runsc can do (platform, checkpoint flags, nvproxy and the host driver) is detected once
+at start-up and shown by `snapkernel status`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from snapkernel.backend.runtimes.base import Launch, RuntimeInfo, SandboxRuntime
+from snapkernel.backend.sandbox_db import SandboxRecord
+from snapkernel.backend.spec import ParsedSpec
+from snapkernel.errors import RuntimeUnavailableError
+
+log = logging.getLogger(__name__)
+
+PIDS_LIMIT = 1024
+# The first runsc build that checkpoints a live ipykernel (Debian trixie's 0.0~20240729.0).
+SNAPSHOT_MIN_VERSION = 20240729
+_VERSION_RE = re.compile(r"runsc version (?:release-)?(?:0\.0~)?(\d{8})")
+
+
+@dataclass
+class RunscFeatures:
+    path: str
+    version: str = ""
+    build_date: int = 0
+    platform: str = ""
+    checkpoint_flags: set[str] = field(default_factory=set)
+    nvproxy: bool = False
+    nvproxy_drivers: list[str] = field(default_factory=list)
+    error: str = ""
+
+    @property
+    def can_snapshot_live_kernel(self) -> bool:
+        return self.build_date >= SNAPSHOT_MIN_VERSION
+
+    def nvproxy_problem(self, driver: str) -> str:
+        """Why GPU sandboxes cannot run under this runsc with this driver ("" when they can)."""
+        if not self.nvproxy:
+            return f"runsc {self.version} has no --nvproxy"
+        if driver and self.nvproxy_drivers and driver not in self.nvproxy_drivers:
+            return (f"runsc {self.version} does not support NVIDIA driver {driver} (nvproxy knows "
+                    f"{', '.join(self.nvproxy_drivers[:3])}...)")
+        return ""
+
+
+def _run(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"<{e}>"
+    return out.stdout + out.stderr
+
+
+def detect(path: str) -> RunscFeatures:
+    f = RunscFeatures(path=path)
+    text = _run([path, "--version"])
+    m = _VERSION_RE.search(text)
+    if not m:
+        f.error = f"`{path} --version` said: {text.strip()[:200]}"
+        return f
+    f.version = text.split("\n")[0].removeprefix("runsc version ").strip()
+    f.build_date = int(m.group(1))
+    flags = _run([path, "flags"])
+    pm = re.search(r'-platform string.*?\(default "(\w+)"\)', flags, re.S)
+    f.platform = pm.group(1) if pm else "ptrace"
+    f.nvproxy = "-nvproxy\n" in flags or "-nvproxy " in flags
+    f.checkpoint_flags = {name for name in ("compression", "direct", "exclude-committed-zero-pages",
+                                            "leave-running") if f"-{name}" in _run([path, "help", "checkpoint"])}
+    if f.nvproxy:
+        drivers = _run([path, "nvproxy", "list-supported-drivers"]).split()
+        f.nvproxy_drivers = [d for d in drivers if re.fullmatch(r"\d+\.\d+(\.\d+)?", d)]
+    return f
+
+
+def find_runsc(configured: str = "") -> str | None:
+    if configured:
+        return configured if os.access(configured, os.X_OK) else None
+    return shutil.which("runsc")
+
+
+def python_paths() -> list[str]:
+    """Directories the agent's interpreter needs: prefixes and every existing sys.path entry."""
+    paths = {sys.prefix, sys.base_prefix, *(p for p in sys.path if p)}
+    import snapkernel
+
+    paths.add(str(Path(snapkernel.__file__).resolve().parent.parent))
+    return sorted(p for p in (os.path.realpath(p) for p in paths) if os.path.isdir(p))
+
+
+class GvisorRuntime(SandboxRuntime):
+    name = "gvisor"
+
+    def __init__(self, runsc: str, state_dir: Path, driver_version: str = "", platform: str = "") -> None:
+        super().__init__()
+        self.features = detect(runsc)
+        self.state_dir = state_dir
+        self.root = state_dir / "runsc"
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.driver_version = driver_version
+        self.platform = platform or self.features.platform
+
+    @property
+    def available(self) -> bool:
+        return not self.features.error
+
+    def probe(self) -> RuntimeInfo:
+        f = self.features
+        if f.error:
+            return RuntimeInfo(self.name, False, "", f.error)
+        gpu = f.nvproxy_problem(self.driver_version) if self.driver_version else "no NVIDIA driver here"
+        snap = ("yes" if f.can_snapshot_live_kernel else
+                f"no: runsc {f.version} cannot checkpoint a live ipykernel; `make install` as root installs "
+                "the 2024-07 build")
+        detail = (f"{f.path}; platform {self.platform}; memory snapshots of live kernels: {snap}; "
+                  f"checkpoint flags: {', '.join(sorted(f.checkpoint_flags)) or 'none'}; "
+                  f"GPUs (nvproxy): {('no: ' + gpu) if gpu else 'yes'}")
+        return RuntimeInfo(self.name, True, f.version, detail)
+
+    def check(self, spec: ParsedSpec) -> None:
+        if spec.gpu is None:
+            return
+        problem = self.features.nvproxy_problem(self.driver_version)
+        if problem:
+            raise RuntimeUnavailableError(
+                f"GPU sandboxes cannot run under gvisor here: {problem}. Use a newer runsc, or ask for "
+                "runtime 'process' (in the kernelspec config: \"runtime\": \"process\")"
+            )
+
+    def prepare(self, record: SandboxRecord, spec: ParsedSpec, env: dict[str, str]) -> Launch:
+        sandbox_dir = Path(record.dir)
+        bundle = sandbox_dir / "bundle"
+        bundle.mkdir(exist_ok=True)
+        (bundle / "config.json").write_text(json.dumps(self.oci_spec(record, spec, env), indent=1))
+        argv = [self.features.path, "--root", str(self.root), f"--platform={self.platform}",
+                f"--network={'sandbox' if spec.network else 'none'}"]
+        if record.gpu_indices:
+            argv.append("--nvproxy")
+        argv += ["run", "--bundle", str(bundle), record.id]
+        host_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+        return Launch(argv, host_env, {}, "runsc")
+
+    def oci_spec(self, record: SandboxRecord, spec: ParsedSpec, env: dict[str, str]) -> dict[str, Any]:
+        workspace = str(Path(record.dir) / "workspace")
+        masked = ["/tmp", str(self.state_dir.resolve())]
+        mounts: list[dict[str, Any]] = [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs"},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "tmpfs"},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["ro"]},
+        ]
+        mounts += [{"destination": m, "type": "tmpfs", "source": "tmpfs"} for m in masked]
+        # The interpreter and packages the agent runs from, where a mask above would hide them.
+        for path in python_paths():
+            if any(path == m or path.startswith(m + "/") for m in masked):
+                mounts.append({"destination": path, "type": "bind", "source": path, "options": ["rbind", "ro"]})
+        mounts.append({"destination": workspace, "type": "bind", "source": workspace, "options": ["rbind", "rw"]})
+        resources: dict[str, Any] = {
+            "memory": {"limit": spec.memory},
+            "cpu": {"quota": int(spec.cpu * 100000), "period": 100000},
+            "pids": {"limit": PIDS_LIMIT},
+        }
+        return {
+            "ociVersion": "1.0.0",
+            "process": {
+                "terminal": False,
+                "user": {"uid": 0, "gid": 0},
+                "args": [sys.executable, "-m", "snapkernel.agent"],
+                "env": [f"{k}={v}" for k, v in env.items()],
+                "cwd": workspace,
+                "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 65536, "soft": 65536}],
+                "noNewPrivileges": True,
+            },
+            "root": {"path": spec.image or "/", "readonly": True},
+            "hostname": record.id,
+            "mounts": mounts,
+            "linux": {
+                "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")],
+                "resources": resources,
+            },
+        }
+
+    def cleanup(self, record: SandboxRecord) -> None:
+        out = subprocess.run([self.features.path, "--root", str(self.root), "delete", "--force", record.id],
+                             capture_output=True, text=True, timeout=30, check=False)
+        if out.returncode != 0 and "does not exist" not in out.stderr:
+            log.warning("sandbox_id=%s runsc delete: %s", record.id, out.stderr.strip()[-300:])
+        with contextlib.suppress(OSError):
+            shutil.rmtree(Path(record.dir) / "bundle")
