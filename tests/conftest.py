@@ -69,6 +69,19 @@ class Backend:
         return {"SNAPKERNEL_BACKEND": self.address, "SNAPKERNEL_TOKEN": self.token}
 
 
+def sandbox_processes(marker: str) -> list[int]:
+    """Host pids whose command line names `marker` (a sandbox id or a state dir)."""
+    pids = []
+    for pid_dir in Path("/proc").iterdir():
+        if pid_dir.name.isdigit() and pid_dir.name != str(os.getpid()):
+            try:
+                if marker.encode() in (pid_dir / "cmdline").read_bytes():
+                    pids.append(int(pid_dir.name))
+            except OSError:
+                continue
+    return pids
+
+
 def _cleanup_sandboxes(backend: Backend) -> None:
     """Kill whatever sandbox processes a test left behind (they run in their own process groups)."""
     for pid_dir in Path("/proc").iterdir():
@@ -112,11 +125,15 @@ def kernelspec_dir() -> Iterator[Path]:
             os.environ["JUPYTER_PATH"] = old
 
 
-@pytest.fixture(scope="session")
-def backend(kernelspec_dir: Path) -> Iterator[Backend]:
-    """One backend for the session; its address and token are in the environment for provisioners."""
+# Every kernel test runs once per runtime; gvisor ones skip where runsc is missing.
+RUNTIMES = [pytest.param("process"), pytest.param("gvisor", marks=pytest.mark.gvisor)]
+
+
+@pytest.fixture(scope="session", params=RUNTIMES)
+def backend(request: pytest.FixtureRequest, kernelspec_dir: Path) -> Iterator[Backend]:
+    """One backend per runtime for the session; its address and token are in the environment."""
     with tempfile.TemporaryDirectory(prefix="snapkernel-test-") as tmp:
-        b = Backend(Path(tmp))
+        b = Backend(Path(tmp), runtime=request.param)
         b.start()
         saved = {k: os.environ.get(k) for k in b.env()}
         os.environ.update(b.env())
@@ -131,11 +148,12 @@ def backend(kernelspec_dir: Path) -> Iterator[Backend]:
                 os.environ[k] = v
 
 
-@pytest.fixture
-def own_backend(kernelspec_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Backend]:
+@pytest.fixture(params=RUNTIMES)
+def own_backend(request: pytest.FixtureRequest, kernelspec_dir: Path,
+                monkeypatch: pytest.MonkeyPatch) -> Iterator[Backend]:
     """A backend of this test's own (for restarts), in the environment while the test runs."""
     with tempfile.TemporaryDirectory(prefix="snapkernel-own-") as tmp:
-        b = Backend(Path(tmp))
+        b = Backend(Path(tmp), runtime=request.param)
         b.start()
         for k, v in b.env().items():
             monkeypatch.setenv(k, v)

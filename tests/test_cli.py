@@ -18,7 +18,7 @@ def cli(*args: str, check: bool = True, **env: str) -> subprocess.CompletedProce
 
 def test_status_json_lists_runtimes_and_capacity(backend: Backend) -> None:
     status = json.loads(cli("status", "--json").stdout)
-    assert status["default_runtime"] == "process"
+    assert status["default_runtime"] == backend.runtime
     assert {r["name"] for r in status["runtimes"]} >= {"process", "gvisor"}
     assert status["capacity"]["cpu_total"] >= 1
     human = cli("status").stdout
@@ -30,7 +30,7 @@ def test_sandboxes_list_and_rm(backend: Backend) -> None:
         sandbox = value(kc, "__import__('os').environ['SNAPKERNEL_SANDBOX_ID']").strip("'")
         rows = json.loads(cli("sandboxes", "list", "--json").stdout)
         row = next(r for r in rows if r["id"] == sandbox)
-        assert row["kernel_id"] == km.kernel_id and row["runtime"] == "process" and row["state"] == "running"
+        assert row["kernel_id"] == km.kernel_id and row["runtime"] == backend.runtime and row["state"] == "running"
         assert sandbox in cli("sandboxes", "list").stdout
         assert f"removed {sandbox}" in cli("sandboxes", "rm", sandbox).stdout
         assert sandbox not in [r["id"] for r in json.loads(cli("sandboxes", "list", "--json").stdout)]

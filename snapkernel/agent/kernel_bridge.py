@@ -28,6 +28,7 @@ log = logging.getLogger("snapkernel.agent")
 _CHANNEL_NAMES = {pb.SHELL: "shell", pb.CONTROL: "control", pb.STDIN: "stdin"}
 _MAX_CLIENTS = 64  # clients (identities) kept connected at once; the least recently seen are dropped
 _KILL_GRACE = 3.0
+STDIN_CONNECT_TIMEOUT_MS = 2000
 
 
 def _free_ports(n: int) -> list[int]:
@@ -145,12 +146,20 @@ class KernelBridge:
                 del self.routes[s]
                 s.close(0)
         socks = {}
-        # stdin first: the kernel may ask for input as soon as it has the shell request.
         for channel in (pb.STDIN, pb.CONTROL, pb.SHELL):
             s = self.ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.IDENTITY, _socket_identity(ident))
             s.linger = 0
+            if channel == pb.STDIN:
+                monitor = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
             s.connect(f"tcp://127.0.0.1:{self.ports[_CHANNEL_NAMES[channel]]}")
+            if channel == pb.STDIN:
+                # The kernel's stdin ROUTER drops an input_request for an identity it has not seen yet,
+                # so the shell request may only go out once this client's stdin socket is connected.
+                if not monitor.poll(STDIN_CONNECT_TIMEOUT_MS):
+                    log.warning("stdin socket of a new client not connected after %s ms", STDIN_CONNECT_TIMEOUT_MS)
+                s.disable_monitor()
+                monitor.close(0)
             self.poller.register(s, zmq.POLLIN)
             self.routes[s] = (channel, ident)
             socks[channel] = s

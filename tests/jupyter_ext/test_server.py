@@ -27,7 +27,7 @@ def jp_base_url() -> str:
 async def test_status_route_needs_authentication(backend: Backend, jp_fetch: Any) -> None:
     reply = await jp_fetch("snapkernel", "api", "status")
     body = json.loads(reply.body)
-    assert reply.code == 200 and body["default_runtime"] == "process"
+    assert reply.code == 200 and body["default_runtime"] == backend.runtime
     with pytest.raises(HTTPClientError) as e:
         await jp_fetch("snapkernel", "api", "status", headers={"Authorization": ""})
     assert e.value.code == 403

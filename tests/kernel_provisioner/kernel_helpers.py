@@ -32,6 +32,14 @@ def run(kc: BlockingKernelClient, code: str, timeout: float = 30) -> tuple[dict[
     return reply["content"], outputs
 
 
+def reply_to(kc: BlockingKernelClient, msg_id: str, timeout: float = 20) -> dict[str, Any]:
+    """The shell reply to `msg_id`, skipping stale ones (wait_for_ready may leave kernel_info replies)."""
+    while True:
+        reply: dict[str, Any] = kc.get_shell_msg(timeout=timeout)
+        if reply["parent_header"].get("msg_id") == msg_id:
+            return reply
+
+
 def value(kc: BlockingKernelClient, expr: str, timeout: float = 30) -> str:
     """The text/plain repr of `expr` evaluated in the kernel."""
     content, outputs = run(kc, expr, timeout)

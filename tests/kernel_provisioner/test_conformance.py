@@ -1,16 +1,22 @@
-"""jupyter_kernel_test's conformance suite against `snapkernel-python`."""
+"""jupyter_kernel_test's conformance suite against `snapkernel-python`, once per runtime.
+
+The suite is a unittest class; pytest cannot parametrize those, so a plain test runs it against each
+`backend` (process, gvisor) and reports every failure of the suite.
+"""
 
 from __future__ import annotations
 
+import io
 import unittest
 from typing import Any
 
 import jupyter_kernel_test
-import pytest
+
+from tests.conftest import Backend
 
 
-@pytest.mark.usefixtures("backend")
 class SnapKernelConformance(jupyter_kernel_test.KernelTests):
+    __test__ = False  # run by test_conformance below, against each runtime's backend
     kernel_name = "snapkernel-python"
     language_name = "python"
     file_extension = ".py"
@@ -38,5 +44,9 @@ class SnapKernelConformance(jupyter_kernel_test.KernelTests):
     code_clear_output = "from IPython.display import clear_output; clear_output()"
 
 
-if __name__ == "__main__":
-    unittest.main()
+def test_conformance(backend: Backend) -> None:
+    suite = unittest.defaultTestLoader.loadTestsFromTestCase(SnapKernelConformance)
+    out = io.StringIO()
+    result = unittest.TextTestRunner(stream=out, verbosity=2).run(suite)
+    assert result.testsRun >= 12
+    assert result.wasSuccessful(), out.getvalue()
