@@ -23,7 +23,7 @@ from snapkernel.backend.agent_link import AgentLink
 from snapkernel.backend.runtimes.base import EXIT_FILE, LINK_SOCKET, LOG_FILE, SandboxRuntime
 from snapkernel.backend.sandbox_db import SandboxDB, SandboxRecord
 from snapkernel.backend.scheduler import Scheduler
-from snapkernel.backend.spec import ParsedSpec, check_sandbox_id, parse_spec
+from snapkernel.backend.spec import ParsedSpec, check_sandbox_id, format_bytes, parse_spec
 from snapkernel.backend.v1 import backend_pb2 as pb
 from snapkernel.errors import (
     InvalidSpecError,
@@ -162,6 +162,7 @@ class SandboxManager:
             "SNAPKERNEL_KERNEL_KEY": kernel.key.decode(),
             "SNAPKERNEL_SIGNATURE_SCHEME": kernel.signature_scheme or "hmac-sha256",
             "PYTHONUNBUFFERED": "1",
+            "MALLOC_ARENA_MAX": "2",  # keeps the address space small under a memory (RLIMIT_AS) limit
             # Only the GPUs given to this sandbox are visible; none at all without a GPU request.
             "CUDA_VISIBLE_DEVICES": ",".join(map(str, r.gpu_indices)),
             "NVIDIA_VISIBLE_DEVICES": ",".join(map(str, r.gpu_indices)) or "none",
@@ -244,6 +245,11 @@ class SandboxManager:
         tail = _log_tail(Path(r.dir) / LOG_FILE)
         if code is None:
             self._set_state(sb, pb.LOST, f"the sandbox ended without leaving an exit status{tail}")
+        elif code in (137, -9):
+            r.exit_code = code
+            self._set_state(sb, pb.EXITED, (
+                f"the sandbox was killed (SIGKILL), most likely for going over its {format_bytes(sb.spec.memory)} "
+                f"memory limit: ask for more memory (kernelspec config `memory`){tail}"))
         else:
             r.exit_code = code
             self._set_state(sb, pb.EXITED, f"sandbox exited with code {code}{tail}")

@@ -183,7 +183,10 @@ class GvisorRuntime(SandboxRuntime):
                 "args": [sys.executable, "-m", "snapkernel.agent"],
                 "env": [f"{k}={v}" for k, v in env.items()],
                 "cwd": workspace,
-                "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 65536, "soft": 65536}],
+                # An address-space limit turns a memory hog into a MemoryError in the cell, reported to the
+                # notebook, before the sandbox's cgroup limit would kill the whole sandbox.
+                "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 65536, "soft": 65536},
+                            {"type": "RLIMIT_AS", "hard": spec.memory, "soft": spec.memory}],
                 "noNewPrivileges": True,
             },
             "root": {"path": spec.image or "/", "readonly": True},

@@ -56,7 +56,9 @@ class ProcessRuntime(SandboxRuntime):
                            f"plain subprocess, no isolation; limits via {mode}")
 
     def prepare(self, record: SandboxRecord, spec: ParsedSpec, env: dict[str, str]) -> Launch:
-        limits: dict[str, Any] = {"nofile": 65536}
+        # The address-space limit applies in both modes: a memory hog gets a MemoryError in its cell
+        # rather than the cgroup's OOM kill of the kernel.
+        limits: dict[str, Any] = {"nofile": 65536, "memory": spec.memory}
         mode = "rlimit"
         if self.cgroup_base is not None:
             group = self.cgroup_base / record.id
@@ -70,9 +72,7 @@ class ProcessRuntime(SandboxRuntime):
             except OSError as e:
                 log.warning("sandbox_id=%s cgroup setup failed (%s); using rlimits", record.id, e)
         if mode == "rlimit":
-            limits["memory"] = spec.memory
             limits["cpus"] = self._pick_cores(record.id, spec.cpu)
-            env = {**env, "MALLOC_ARENA_MAX": "2"}  # address-space limits count malloc arenas
         log.info("sandbox_id=%s limits via %s: cpu=%g memory=%d", record.id, mode, spec.cpu, spec.memory)
         return Launch([sys.executable, "-m", "snapkernel.agent"], env, limits, mode)
 

@@ -1,0 +1,114 @@
+"""What a gvisor kernel cannot do: see the host kernel, reach the network, write or read host files."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from jupyter_client.blocking.client import BlockingKernelClient
+
+from snapkernel.kernel_provisioner.kernelspec import kernel_json
+from tests.conftest import Backend
+from tests.kernel_provisioner.kernel_helpers import run, running_kernel, value
+
+pytestmark = [pytest.mark.gvisor, pytest.mark.parametrize("backend", ["gvisor"], indirect=True)]
+
+
+def gvisor_kernel(kernelspec_dir: Path, name: str, **config: str) -> str:
+    spec_dir = kernelspec_dir / "kernels" / name
+    spec_dir.mkdir(parents=True, exist_ok=True)
+    (spec_dir / "kernel.json").write_text(json.dumps(kernel_json(name, {"runtime": "gvisor", **config})))
+    return name
+
+
+@pytest.fixture(scope="module")
+def kc(backend: Backend, kernelspec_dir: Path) -> Iterator[BlockingKernelClient]:
+    with running_kernel(gvisor_kernel(kernelspec_dir, "snapkernel-test-gvisor")) as (_km, client):
+        run(client, "import os, socket")
+        yield client
+
+
+def test_kernel_runs_on_gvisors_kernel_not_the_hosts(kc: BlockingKernelClient) -> None:
+    import os
+
+    release = value(kc, "os.uname().release").strip("'")
+    assert release != os.uname().release
+    assert release == "4.4.0"  # what gVisor reports
+
+
+def test_no_network_to_the_hosts_loopback(kc: BlockingKernelClient) -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        content, _ = run(kc, f"socket.create_connection(('127.0.0.1', {port}), timeout=3)")
+        assert content["status"] == "error"
+        assert content["ename"] in ("ConnectionRefusedError", "TimeoutError", "OSError")
+        listener.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            listener.accept()
+
+
+def test_only_tmp_and_the_workspace_are_writable(kc: BlockingKernelClient, tmp_path: Path) -> None:
+    for path in ("/etc/snapkernel-probe", "/usr/snapkernel-probe", str(Path.home() / "snapkernel-probe")):
+        content, _ = run(kc, f"open({path!r}, 'w')")
+        assert content["status"] == "error" and content["ename"] == "OSError", (path, content)
+        assert not Path(path).exists()
+    assert value(kc, "open('/tmp/probe', 'w').write('x')") == "1"
+    assert value(kc, "open(os.path.join(os.getcwd(), 'probe'), 'w').write('xy')") == "2"
+
+
+def test_backend_state_dir_and_token_are_hidden(kc: BlockingKernelClient, backend: Backend) -> None:
+    token = backend.state_dir / "token"
+    content, _ = run(kc, f"open({str(token)!r}).read()")
+    assert content["status"] == "error" and content["ename"] in ("FileNotFoundError", "PermissionError")
+    assert value(kc, f"sorted(os.listdir({str(backend.state_dir)!r}))") == "['sandboxes']"
+    assert value(kc, f"os.path.exists({str(backend.state_dir / 'backend.db')!r})") == "False"
+
+
+def test_memory_hog_gets_a_memory_error_and_the_kernel_lives(backend: Backend, kernelspec_dir: Path) -> None:
+    with running_kernel(gvisor_kernel(kernelspec_dir, "snapkernel-test-gvisor-512m", memory="512Mi")) as (km, c):
+        content, outputs = run(c, "hog = bytearray(2 * 1024**3)", timeout=60)
+        assert content["status"] == "error" and content["ename"] == "MemoryError"
+        assert any(m["msg_type"] == "error" for m in outputs)  # shown in the notebook
+        assert km.is_alive() and value(c, "'still here'") == "'still here'"
+
+
+def test_fork_bomb_stays_inside_the_sandbox(kc: BlockingKernelClient, backend: Backend, kernelspec_dir: Path) -> None:
+    """A fork bomb is bounded by the sandbox's pid limit (systrap's stub processes live in its cgroup)."""
+    from snapkernel.backend.runtimes.gvisor import PIDS_LIMIT
+    from snapkernel.backend.client import BackendClient
+
+    def host_tasks() -> int:
+        return sum(1 for p in Path("/proc").iterdir() if p.name.isdigit())
+
+    bomb = gvisor_kernel(kernelspec_dir, "snapkernel-test-gvisor-bomb", memory="1Gi")
+    with running_kernel(bomb) as (_km, c):
+        before = host_tasks()
+        c.execute(
+            "import os, time\nkids = 0\ntry:\n    for _ in range(3000):\n        if os.fork() == 0:\n"
+            "            time.sleep(20); os._exit(0)\n        kids += 1\nexcept OSError as e:\n    print(kids, e)\n")
+        peak = before
+        for _ in range(40):  # while it forks, watch the host's task count
+            peak = max(peak, host_tasks())
+            try:
+                c.get_shell_msg(timeout=0.25)
+                break
+            except Exception:
+                continue
+        assert peak - before <= PIDS_LIMIT + 64, f"host tasks grew from {before} to {peak}"
+        assert value(kc, "1 + 1") == "2"  # another sandbox is unaffected
+
+        import asyncio
+
+        async def status() -> int:
+            client = BackendClient(backend.address, backend.token)
+            try:
+                return int((await client.status()).capacity.cpu_total)
+            finally:
+                await client.close()
+
+        assert asyncio.run(status()) >= 1  # the backend keeps serving
