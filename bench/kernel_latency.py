@@ -67,12 +67,12 @@ class KernelKind:
     baseline: bool = False
 
 
-# The kinds measured now. A later issue adds e.g.
-#   KernelKind("snapkernel (gvisor)", "snapkernel-bench-gvisor", {"runtime": "gvisor"})
 KINDS: list[KernelKind] = [
     KernelKind("local ipykernel", "python3", baseline=True),
     KernelKind("snapkernel (process)", "snapkernel-python", {"runtime": "process"}),
 ]
+if shutil.which("runsc"):  # gVisor where runsc is installed (`make install` as root)
+    KINDS.append(KernelKind("snapkernel (gvisor)", "snapkernel-bench-gvisor", {"runtime": "gvisor"}))
 
 
 @dataclass

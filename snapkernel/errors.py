@@ -6,33 +6,43 @@ turn any `SnapkernelError` into a `UsageError`. Messages say what was wrong and 
 
 from __future__ import annotations
 
-import grpc
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # grpc is not imported at run time: the agent in every sandbox imports this module
+    import grpc
 
 
 class SnapkernelError(Exception):
     """Base of every error snapkernel raises on purpose."""
 
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    status = "INTERNAL"
     http_status: int = 500
     reason: str = "internal"
+
+    @property
+    def code(self) -> grpc.StatusCode:
+        """The gRPC status this error travels as."""
+        import grpc
+
+        return grpc.StatusCode[self.status]
 
 
 class InvalidSpecError(SnapkernelError):
     """A request or spec value that is not accepted (names the value and what is accepted)."""
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    status = "INVALID_ARGUMENT"
     http_status = 400
     reason = "invalid"
 
 
 class NotFoundError(SnapkernelError):
-    code = grpc.StatusCode.NOT_FOUND
+    status = "NOT_FOUND"
     http_status = 404
     reason = "not_found"
 
 
 class UnauthenticatedError(SnapkernelError):
-    code = grpc.StatusCode.UNAUTHENTICATED
+    status = "UNAUTHENTICATED"
     http_status = 401
     reason = "unauthenticated"
 
@@ -40,7 +50,7 @@ class UnauthenticatedError(SnapkernelError):
 class NoCapacityError(SnapkernelError):
     """The host cannot give what was asked (GPUs of that model, cores, memory)."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    status = "RESOURCE_EXHAUSTED"
     http_status = 409
     reason = "no_capacity"
 
@@ -48,13 +58,13 @@ class NoCapacityError(SnapkernelError):
 class StateError(SnapkernelError):
     """The operation does not fit the sandbox's current state."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    status = "FAILED_PRECONDITION"
     http_status = 409
     reason = "wrong_state"
 
 
 class BackendUnavailableError(SnapkernelError):
-    code = grpc.StatusCode.UNAVAILABLE
+    status = "UNAVAILABLE"
     http_status = 503
     reason = "backend_unavailable"
 
@@ -62,7 +72,7 @@ class BackendUnavailableError(SnapkernelError):
 class RuntimeUnavailableError(SnapkernelError):
     """The chosen runtime cannot run here (for example runsc missing)."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    status = "FAILED_PRECONDITION"
     http_status = 409
     reason = "runtime_unavailable"
 
@@ -70,36 +80,36 @@ class RuntimeUnavailableError(SnapkernelError):
 class SandboxFailedError(SnapkernelError):
     """A sandbox or its kernel failed to start or ended unexpectedly."""
 
-    code = grpc.StatusCode.ABORTED
+    status = "ABORTED"
     http_status = 500
     reason = "sandbox_failed"
 
 
 class TimeoutError_(SnapkernelError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    status = "DEADLINE_EXCEEDED"
     http_status = 504
     reason = "timeout"
 
 
-_BY_CODE: dict[grpc.StatusCode, type[SnapkernelError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidSpecError,
-    grpc.StatusCode.NOT_FOUND: NotFoundError,
-    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
-    grpc.StatusCode.PERMISSION_DENIED: UnauthenticatedError,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: NoCapacityError,
-    grpc.StatusCode.FAILED_PRECONDITION: StateError,
-    grpc.StatusCode.UNAVAILABLE: BackendUnavailableError,
-    grpc.StatusCode.ABORTED: SandboxFailedError,
-    grpc.StatusCode.DEADLINE_EXCEEDED: TimeoutError_,
+_BY_STATUS: dict[str, type[SnapkernelError]] = {
+    "INVALID_ARGUMENT": InvalidSpecError,
+    "NOT_FOUND": NotFoundError,
+    "UNAUTHENTICATED": UnauthenticatedError,
+    "PERMISSION_DENIED": UnauthenticatedError,
+    "RESOURCE_EXHAUSTED": NoCapacityError,
+    "FAILED_PRECONDITION": StateError,
+    "UNAVAILABLE": BackendUnavailableError,
+    "ABORTED": SandboxFailedError,
+    "DEADLINE_EXCEEDED": TimeoutError_,
 }
 
 
-def from_grpc(err: grpc.RpcError, address: str = "") -> SnapkernelError:
-    """The typed error for a failed gRPC call, keeping the server's message."""
-    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+def from_grpc(err: Any, address: str = "") -> SnapkernelError:
+    """The typed error for a failed gRPC call (a `grpc.RpcError`), keeping the server's message."""
+    status = err.code().name if hasattr(err, "code") else "UNKNOWN"
     details = (err.details() if hasattr(err, "details") else None) or str(err)
-    cls = _BY_CODE.get(code, SnapkernelError)
-    if code == grpc.StatusCode.UNAVAILABLE:
+    cls = _BY_STATUS.get(status, SnapkernelError)
+    if status == "UNAVAILABLE":
         where = f" at {address}" if address else ""
         details = (
             f"cannot reach the snapkernel backend{where} ({details}); start it with "

@@ -1,5 +1,21 @@
+"""`python -m snapkernel.agent`: the sandbox's entry point.
+
+The kernel is launched before anything heavy is imported, so its start-up overlaps the agent's.
+"""
+
+import os
+import signal
 import sys
+import tempfile
 
-from snapkernel.agent.kernel_bridge import main
+from snapkernel.agent.kernel_process import KernelProcess
 
-sys.exit(main())
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # interrupts are for the kernel, not the agent
+key = os.environ.pop("SNAPKERNEL_KERNEL_KEY", "").encode()
+scheme = os.environ.pop("SNAPKERNEL_SIGNATURE_SCHEME", "hmac-sha256")
+runtime_dir = tempfile.mkdtemp(prefix="ska-")  # short: unix socket paths are limited to 107 bytes
+launched = KernelProcess.launch(key, scheme, runtime_dir, generation=1)
+
+from snapkernel.agent.kernel_bridge import main  # noqa: E402 - after the launch, on purpose
+
+sys.exit(main(launched, key, scheme, runtime_dir))

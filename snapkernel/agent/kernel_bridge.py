@@ -7,20 +7,17 @@ replies (and `input()` requests) back to the right client exactly as if the clie
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 from collections import OrderedDict
 from typing import Any
 
 import zmq
 
 from snapkernel.agent.frames import FrameBuffer, decode, encode
+from snapkernel.agent.kernel_process import KernelProcess
 from snapkernel.backend.v1 import backend_pb2 as pb
 
 log = logging.getLogger("snapkernel.agent")
@@ -31,25 +28,13 @@ _KILL_GRACE = 3.0
 STDIN_CONNECT_TIMEOUT_MS = 2000
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def _socket_identity(ident: bytes) -> bytes:
     # ZMQ reserves identities starting with a zero byte (auto-generated ones look like that).
     return b"\x01sk" + ident if not ident or ident[0] == 0 else ident
 
 
 class KernelBridge:
-    def __init__(self, key: bytes, signature_scheme: str, in_fd: int = 0, out_fd: int = 1) -> None:
+    def __init__(self, key: bytes, signature_scheme: str, runtime_dir: str, in_fd: int = 0, out_fd: int = 1) -> None:
         self.key = key
         self.signature_scheme = signature_scheme
         self.in_fd = in_fd
@@ -58,14 +43,14 @@ class KernelBridge:
         self.poller = zmq.Poller()
         self.kernel: subprocess.Popen[bytes] | None = None
         self.generation = 0
-        self.ports: dict[str, int] = {}
+        self.addresses: dict[str, str] = {}
         self.iopub: zmq.Socket[Any] | None = None
         # (channel, ident) -> DEALER socket; socket -> (channel, ident) for the way back
         self.clients: OrderedDict[bytes, dict[pb.Channel.ValueType, zmq.Socket[Any]]] = OrderedDict()
         self.routes: dict[zmq.Socket[Any], tuple[pb.Channel.ValueType, bytes]] = {}
         self.exit_reported = True
         self.running = True
-        self.runtime_dir = tempfile.mkdtemp(prefix="snapkernel-agent-")
+        self.runtime_dir = runtime_dir
 
     # --- the link -------------------------------------------------------------------------------
     def send(self, msg: pb.AgentMessage) -> None:
@@ -75,28 +60,15 @@ class KernelBridge:
             data = data[n:]
 
     # --- the kernel -----------------------------------------------------------------------------
-    def start_kernel(self) -> None:
+    def start_kernel(self, launched: KernelProcess | None = None) -> None:
+        """Start a kernel (or adopt one `__main__` launched already) and connect to its iopub."""
         self.generation += 1
-        names = ["shell", "iopub", "stdin", "control", "hb"]
-        self.ports = dict(zip(names, _free_ports(len(names)), strict=True))
-        conn: dict[str, Any] = {f"{n}_port": p for n, p in self.ports.items()}
-        conn.update(ip="127.0.0.1", transport="tcp", key=self.key.decode(),
-                    signature_scheme=self.signature_scheme, kernel_name="")
-        path = os.path.join(self.runtime_dir, f"kernel-{self.generation}.json")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(conn, f)
-        env = dict(os.environ)
-        env.pop("SNAPKERNEL_KERNEL_KEY", None)
-        # The kernel writes to the agent's log (fd 2), never to fd 1, which carries the frames.
-        self.kernel = subprocess.Popen(
-            [sys.executable, "-m", "ipykernel_launcher", "-f", path],
-            stdin=subprocess.DEVNULL, stdout=2, stderr=2, env=env,
-        )
+        kp = launched or KernelProcess.launch(self.key, self.signature_scheme, self.runtime_dir, self.generation)
+        self.kernel, self.addresses = kp.proc, kp.addresses
         self.iopub = self.ctx.socket(zmq.SUB)
         self.iopub.setsockopt(zmq.SUBSCRIBE, b"")
         self.iopub.linger = 0
-        self.iopub.connect(f"tcp://127.0.0.1:{self.ports['iopub']}")
+        self.iopub.connect(self.addresses["iopub"])
         self.poller.register(self.iopub, zmq.POLLIN)
         self.exit_reported = False
         log.info("kernel started pid=%s generation=%s", self.kernel.pid, self.generation)
@@ -152,7 +124,7 @@ class KernelBridge:
             s.linger = 0
             if channel == pb.STDIN:
                 monitor = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
-            s.connect(f"tcp://127.0.0.1:{self.ports[_CHANNEL_NAMES[channel]]}")
+            s.connect(self.addresses[_CHANNEL_NAMES[channel]])
             if channel == pb.STDIN:
                 # The kernel's stdin ROUTER drops an input_request for an identity it has not seen yet,
                 # so the shell request may only go out once this client's stdin socket is connected.
@@ -198,11 +170,11 @@ class KernelBridge:
         self.send(pb.AgentMessage(error=text))
 
     # --- the loop -------------------------------------------------------------------------------
-    def run(self) -> int:
+    def run(self, launched: KernelProcess | None = None) -> int:
         os.set_blocking(self.in_fd, False)
         self.poller.register(self.in_fd, zmq.POLLIN)
         self.send(pb.AgentMessage(hello=pb.AgentHello(python=sys.version.split()[0], pid=os.getpid())))
-        self.start_kernel()
+        self.start_kernel(launched)
         frames = FrameBuffer()
         while self.running:
             for sock, _ in self.poller.poll(200):
@@ -229,15 +201,12 @@ class KernelBridge:
         return 0
 
 
-def main() -> int:
+def main(launched: KernelProcess, key: bytes, scheme: str, runtime_dir: str) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s agent %(levelname)s %(message)s")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # interrupts are for the kernel, not the agent
-    key = os.environ.pop("SNAPKERNEL_KERNEL_KEY", "").encode()
-    scheme = os.environ.pop("SNAPKERNEL_SIGNATURE_SCHEME", "hmac-sha256")
-    bridge = KernelBridge(key, scheme)
+    bridge = KernelBridge(key, scheme, runtime_dir)
     try:
-        return bridge.run()
+        return bridge.run(launched)
     except BrokenPipeError:  # the shim is gone: nobody is left to talk to
         if bridge.kernel is not None:
             bridge.kernel.kill()

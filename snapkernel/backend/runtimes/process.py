@@ -73,6 +73,10 @@ class ProcessRuntime(SandboxRuntime):
                 log.warning("sandbox_id=%s cgroup setup failed (%s); using rlimits", record.id, e)
         if mode == "rlimit":
             limits["cpus"] = self._pick_cores(record.id, spec.cpu)
+        # The sandbox's temporary files (the kernel's sockets among them) go with the sandbox.
+        tmp = Path(record.dir) / "tmp"
+        tmp.mkdir(mode=0o700, exist_ok=True)
+        env = {**env, "TMPDIR": str(tmp)}
         log.info("sandbox_id=%s limits via %s: cpu=%g memory=%d", record.id, mode, spec.cpu, spec.memory)
         return Launch([sys.executable, "-m", "snapkernel.agent"], env, limits, mode)
 
