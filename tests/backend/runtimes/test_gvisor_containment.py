@@ -79,8 +79,8 @@ def test_memory_hog_gets_a_memory_error_and_the_kernel_lives(backend: Backend, k
 
 def test_fork_bomb_stays_inside_the_sandbox(kc: BlockingKernelClient, backend: Backend, kernelspec_dir: Path) -> None:
     """A fork bomb is bounded by the sandbox's pid limit (systrap's stub processes live in its cgroup)."""
-    from snapkernel.backend.runtimes.gvisor import PIDS_LIMIT
     from snapkernel.backend.client import BackendClient
+    from snapkernel.backend.runtimes.gvisor import PIDS_LIMIT
 
     def host_tasks() -> int:
         return sum(1 for p in Path("/proc").iterdir() if p.name.isdigit())
