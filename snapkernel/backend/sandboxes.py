@@ -233,15 +233,15 @@ class SandboxManager:
                     return
                 except SnapkernelError as e:
                     log.warning("sandbox_id=%s could not reconnect: %s", sb.record.id, e)
-        self._end_without_backend(sb, runtime)
+        await self._ended_on_its_own(sb, runtime)
 
-    def _end_without_backend(self, sb: LiveSandbox, runtime: SandboxRuntime | None) -> None:
+    async def _ended_on_its_own(self, sb: LiveSandbox, runtime: SandboxRuntime | None) -> None:
         """The sandbox ended on its own: read its exit status, release what it held."""
         r = sb.record
         code = _read_exit_code(Path(r.dir) / EXIT_FILE)
         self._release(sb)
         if runtime is not None:
-            runtime.cleanup(r)
+            await asyncio.to_thread(runtime.cleanup, r)
         tail = _log_tail(Path(r.dir) / LOG_FILE)
         if code is None:
             self._set_state(sb, pb.LOST, f"the sandbox ended without leaving an exit status{tail}")
@@ -341,7 +341,7 @@ class SandboxManager:
                     self._set_state(sb, pb.LOST, f"could not reconnect after a backend restart: {e}")
                     continue
             self.scheduler.claim(record.id, spec.cpu, spec.memory, record.gpu_indices)
-            self._end_without_backend(sb, runtime)
+            await self._ended_on_its_own(sb, runtime)
 
     async def close(self) -> None:
         """Backend stopping: detach from sandboxes, leave them running for the next backend."""

@@ -104,7 +104,7 @@ class SandboxRuntime(ABC):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(record.pid, signal.SIGKILL)
         await self.reap(record, timeout=1.0)
-        self.cleanup(record)
+        await asyncio.to_thread(self.cleanup, record)
 
     async def reap(self, record: SandboxRecord, timeout: float) -> int | None:
         """Collect the shim's exit status if this backend started it (avoids zombies)."""

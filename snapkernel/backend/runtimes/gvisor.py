@@ -183,10 +183,7 @@ class GvisorRuntime(SandboxRuntime):
                 "args": [sys.executable, "-m", "snapkernel.agent"],
                 "env": [f"{k}={v}" for k, v in env.items()],
                 "cwd": workspace,
-                # An address-space limit turns a memory hog into a MemoryError in the cell, reported to the
-                # notebook, before the sandbox's cgroup limit would kill the whole sandbox.
-                "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 65536, "soft": 65536},
-                            {"type": "RLIMIT_AS", "hard": spec.memory, "soft": spec.memory}],
+                "rlimits": self.rlimits(spec),
                 "noNewPrivileges": True,
             },
             "root": {"path": spec.image or "/", "readonly": True},
@@ -197,6 +194,16 @@ class GvisorRuntime(SandboxRuntime):
                 "resources": resources,
             },
         }
+
+    @staticmethod
+    def rlimits(spec: ParsedSpec) -> list[dict[str, Any]]:
+        limits: list[dict[str, Any]] = [{"type": "RLIMIT_NOFILE", "hard": 65536, "soft": 65536}]
+        if spec.gpu is None:
+            # An address-space limit turns a memory hog into a MemoryError in its cell, reported to the
+            # notebook, before the cgroup limit kills the whole sandbox. Not with GPUs: CUDA reserves far
+            # more address space than it ever touches.
+            limits.append({"type": "RLIMIT_AS", "hard": spec.memory, "soft": spec.memory})
+        return limits
 
     def cleanup(self, record: SandboxRecord) -> None:
         out = subprocess.run([self.features.path, "--root", str(self.root), "delete", "--force", record.id],

@@ -56,9 +56,11 @@ class ProcessRuntime(SandboxRuntime):
                            f"plain subprocess, no isolation; limits via {mode}")
 
     def prepare(self, record: SandboxRecord, spec: ParsedSpec, env: dict[str, str]) -> Launch:
-        # The address-space limit applies in both modes: a memory hog gets a MemoryError in its cell
-        # rather than the cgroup's OOM kill of the kernel.
-        limits: dict[str, Any] = {"nofile": 65536, "memory": spec.memory}
+        limits: dict[str, Any] = {"nofile": 65536}
+        if spec.gpu is None:
+            # An address-space limit makes a memory hog a MemoryError in its cell rather than an OOM kill of
+            # the kernel. Not with GPUs: CUDA reserves far more address space than it ever touches.
+            limits["memory"] = spec.memory
         mode = "rlimit"
         if self.cgroup_base is not None:
             group = self.cgroup_base / record.id
