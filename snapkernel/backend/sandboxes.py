@@ -139,6 +139,10 @@ class SandboxManager:
                 f"signature scheme {req.kernel.signature_scheme!r} is not supported: use hmac-sha256"
             )
         runtime.check(spec)
+        state = self.state_dir.resolve()
+        if spec.mount_dir and (Path(spec.mount_dir) == state or state in Path(spec.mount_dir).parents):
+            raise InvalidSpecError(f"mount_dir {spec.mount_dir!r} is inside the backend's state dir: mount a "
+                                   "notebook directory elsewhere")
         sandbox_id = f"sb-{secrets.token_hex(6)}"
         gpus = self.scheduler.allocate(sandbox_id, spec)
         record = SandboxRecord(

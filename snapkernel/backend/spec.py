@@ -7,6 +7,7 @@ request again (it never trusts a client).
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,7 +27,8 @@ _UNITS = {
 _SANDBOX_ID_RE = re.compile(r"^sb-[0-9a-f]{12}$")
 _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MIN_MEMORY = 64 * 1024**2
-CONFIG_KEYS = ("gpu", "cpu", "memory", "runtime", "image", "restore_from", "hibernate_after", "network", "env")
+CONFIG_KEYS = ("gpu", "cpu", "memory", "runtime", "image", "restore_from", "hibernate_after", "network", "env",
+               "mount_notebook_dir")
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class ParsedSpec:
     hibernate_after: float
     network: bool
     env: dict[str, str] = field(default_factory=dict)
+    mount_dir: str = ""
 
 
 def parse_gpu(value: str) -> GpuRequest | None:
@@ -117,6 +120,9 @@ def parse_spec(spec: pb.SandboxSpec, *, default_runtime: str, default_cpu: float
     for key in spec.env:
         if not _ENV_KEY_RE.match(key):
             raise InvalidSpecError(f"environment variable name {key!r} is not valid: use letters, digits, _")
+    if spec.mount_dir and (not os.path.isabs(spec.mount_dir) or not os.path.isdir(spec.mount_dir)):
+        raise InvalidSpecError(f"mount_dir {spec.mount_dir!r} is not valid: give the absolute path of an existing "
+                               "directory")
     if spec.image and not spec.image.startswith("/"):
         raise InvalidSpecError(f"image {spec.image!r} is not valid: give the absolute path of a root filesystem")
     return ParsedSpec(
@@ -129,6 +135,7 @@ def parse_spec(spec: pb.SandboxSpec, *, default_runtime: str, default_cpu: float
         hibernate_after=float(hibernate),
         network=spec.network,
         env=dict(spec.env),
+        mount_dir=os.path.realpath(spec.mount_dir) if spec.mount_dir else "",
     )
 
 
@@ -161,6 +168,9 @@ def spec_from_config(config: Mapping[str, Any]) -> pb.SandboxSpec:
         if not isinstance(config["network"], bool):
             raise InvalidSpecError(f"network {config['network']!r} is not valid: expected true or false")
         spec.network = config["network"]
+    if not isinstance(config.get("mount_notebook_dir", False), bool):
+        raise InvalidSpecError(f"mount_notebook_dir {config['mount_notebook_dir']!r} is not valid: expected true "
+                               "or false")
     env = config.get("env") or {}
     if not isinstance(env, Mapping) or not all(isinstance(v, str) for v in env.values()):
         raise InvalidSpecError(f"env {env!r} is not valid: expected a mapping of names to strings")

@@ -46,6 +46,8 @@ class SnapKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         config=True)
     network = Bool(None, allow_none=True, help="Give the sandbox network access.").tag(config=True)
     env = Dict(None, allow_none=True, help="Extra environment variables for the kernel.").tag(config=True)
+    mount_notebook_dir = Bool(None, allow_none=True, help="Mount the notebook's directory read-write in the "
+                              "sandbox, as the kernel's working directory.").tag(config=True)
 
     backend_address = Unicode(help="The backend's address (default: $SNAPKERNEL_BACKEND, else the "
                                    "default state dir's unix socket).").tag(config=True)
@@ -77,13 +79,16 @@ class SnapKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     def _tag(self) -> str:
         return f"kernel_id={self.kernel_id} sandbox_id={self.sandbox_id}"
 
-    def sandbox_spec(self) -> pb.SandboxSpec:
+    def sandbox_spec(self, cwd: str = "") -> pb.SandboxSpec:
         config = {k: getattr(self, k) for k in CONFIG_KEYS if getattr(self, k) is not None}
         env = dict(self.kernel_spec.env or {}) if self.kernel_spec is not None else {}
         env.update(config.get("env") or {})
         if env:
             config["env"] = env
-        return spec_from_config({**config, **self._unknown_config})
+        spec = spec_from_config({**config, **self._unknown_config})
+        if self.mount_notebook_dir:
+            spec.mount_dir = os.path.abspath(cwd or os.getcwd())
+        return spec
 
     def _client(self) -> BackendClient:
         """The shared backend client; call on the I/O loop only (see io_thread)."""
@@ -137,14 +142,14 @@ class SnapKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             await self._backend(lambda c: c.restart_kernel(sandbox_id))
             await self._wait_running(generation)
             return self.connection_info
-        await self._create_sandbox(kwargs.get("env") or {})
+        await self._create_sandbox(kwargs.get("env") or {}, str(kwargs.get("cwd") or ""))
         return self.connection_info
 
-    async def _create_sandbox(self, launch_env: dict[str, str]) -> None:
+    async def _create_sandbox(self, launch_env: dict[str, str], cwd: str) -> None:
         assert self.relay is not None
         km: Any = self.parent
         request = pb.CreateSandboxRequest(
-            spec=self.sandbox_spec(),
+            spec=self.sandbox_spec(cwd),
             kernel=pb.KernelConfig(key=km.session.key, signature_scheme=km.session.signature_scheme,
                                    kernel_name=getattr(km, "kernel_name", "")),
             kernel_id=self.kernel_id or "",

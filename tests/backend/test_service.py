@@ -57,6 +57,7 @@ async def test_health_service_serves_with_the_token(backend: Backend) -> None:
     ({"runtime": "vmware"}, InvalidSpecError, "runtime 'vmware' is not known: use one of process, gvisor"),
     ({"gpu": "Z999:2"}, NoCapacityError, "no GPU of model 'Z999' here; these exist: "),
     ({"image": "relative/dir"}, InvalidSpecError, "image 'relative/dir' is not valid"),
+    ({"mount_dir": "notebooks"}, InvalidSpecError, "mount_dir 'notebooks' is not valid"),
 ])
 async def test_bad_specs_are_refused_with_the_value_named(backend: Backend, spec: dict[str, str],
                                                           error: type[Exception], message: str) -> None:
@@ -116,3 +117,13 @@ def test_malformed_attach_frames_close_that_stream_only(backend: Backend) -> Non
             assert message in (err.details() or "")
         # The kernel and the daemon are unharmed.
         assert value(kc, "40 + 2") == "42"
+
+
+async def test_the_state_dir_cannot_be_mounted(backend: Backend) -> None:
+    client = BackendClient(backend.address, backend.token)
+    try:
+        for path in (backend.state_dir, backend.state_dir / "sandboxes"):
+            with pytest.raises(InvalidSpecError, match="is inside the backend's state dir"):
+                await client.create_sandbox(request(mount_dir=str(path)))
+    finally:
+        await client.close()

@@ -11,9 +11,10 @@ from jupyter_client.manager import KernelManager
 
 
 @contextlib.contextmanager
-def running_kernel(name: str = "snapkernel-python") -> Iterator[tuple[KernelManager, BlockingKernelClient]]:
+def running_kernel(name: str = "snapkernel-python",
+                   cwd: str | None = None) -> Iterator[tuple[KernelManager, BlockingKernelClient]]:
     km = KernelManager(kernel_name=name)
-    km.start_kernel()
+    km.start_kernel(**({"cwd": cwd} if cwd else {}))
     kc = km.client()
     kc.start_channels()
     try:

@@ -39,6 +39,7 @@ class Launch:
     env: dict[str, str]
     limits: dict[str, Any]
     limits_mode: str
+    cwd: str = ""  # default: the sandbox's workspace
 
 
 class SandboxRuntime(ABC):
@@ -75,7 +76,7 @@ class SandboxRuntime(ABC):
         # and sandboxes must outlive the backend.
         with open(sandbox_dir / LOG_FILE, "ab") as log:
             proc = subprocess.Popen(
-                argv, cwd=sandbox_dir / "workspace", env=plan.env, stdin=subprocess.DEVNULL,
+                argv, cwd=plan.cwd or sandbox_dir / "workspace", env=plan.env, stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
             )
         self._children[record.id] = proc

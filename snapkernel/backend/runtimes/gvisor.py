@@ -103,6 +103,10 @@ def python_paths() -> list[str]:
     return sorted(p for p in (os.path.realpath(p) for p in paths) if os.path.isdir(p))
 
 
+def _bind(path: str, mode: str) -> dict[str, Any]:
+    return {"destination": path, "type": "bind", "source": path, "options": ["rbind", mode]}
+
+
 class GvisorRuntime(SandboxRuntime):
     name = "gvisor"
 
@@ -157,19 +161,22 @@ class GvisorRuntime(SandboxRuntime):
 
     def oci_spec(self, record: SandboxRecord, spec: ParsedSpec, env: dict[str, str]) -> dict[str, Any]:
         workspace = str(Path(record.dir) / "workspace")
-        masked = ["/tmp", str(self.state_dir.resolve())]
+        state = str(self.state_dir.resolve())
         mounts: list[dict[str, Any]] = [
             {"destination": "/proc", "type": "proc", "source": "proc"},
             {"destination": "/dev", "type": "tmpfs", "source": "tmpfs"},
             {"destination": "/dev/shm", "type": "tmpfs", "source": "tmpfs"},
             {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["ro"]},
+            {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs"},
         ]
-        mounts += [{"destination": m, "type": "tmpfs", "source": "tmpfs"} for m in masked]
+        if spec.mount_dir:  # the notebook's directory, only when the spec asks for it
+            mounts.append(_bind(spec.mount_dir, "rw"))
+        # After the notebook's directory, which may hold it: the backend's state dir, token included.
+        mounts.append({"destination": state, "type": "tmpfs", "source": "tmpfs"})
         # The interpreter and packages the agent runs from, where a mask above would hide them.
-        for path in python_paths():
-            if any(path == m or path.startswith(m + "/") for m in masked):
-                mounts.append({"destination": path, "type": "bind", "source": path, "options": ["rbind", "ro"]})
-        mounts.append({"destination": workspace, "type": "bind", "source": workspace, "options": ["rbind", "rw"]})
+        masked = ("/tmp", state)
+        mounts += [_bind(p, "ro") for p in python_paths() if any(p == m or p.startswith(m + "/") for m in masked)]
+        mounts.append(_bind(workspace, "rw"))
         resources: dict[str, Any] = {
             "memory": {"limit": spec.memory},
             "cpu": {"quota": int(spec.cpu * 100000), "period": 100000},
@@ -182,7 +189,7 @@ class GvisorRuntime(SandboxRuntime):
                 "user": {"uid": 0, "gid": 0},
                 "args": [sys.executable, "-m", "snapkernel.agent"],
                 "env": [f"{k}={v}" for k, v in env.items()],
-                "cwd": workspace,
+                "cwd": spec.mount_dir or workspace,
                 "rlimits": self.rlimits(spec),
                 "noNewPrivileges": True,
             },

@@ -80,7 +80,7 @@ class ProcessRuntime(SandboxRuntime):
         tmp.mkdir(mode=0o700, exist_ok=True)
         env = {**env, "TMPDIR": str(tmp)}
         log.info("sandbox_id=%s limits via %s: cpu=%g memory=%d", record.id, mode, spec.cpu, spec.memory)
-        return Launch([sys.executable, "-m", "snapkernel.agent"], env, limits, mode)
+        return Launch([sys.executable, "-m", "snapkernel.agent"], env, limits, mode, cwd=spec.mount_dir)
 
     def _pick_cores(self, sandbox_id: str, cpu: float) -> list[int]:
         """The least used cores, as many as the cores asked for (rounded up)."""

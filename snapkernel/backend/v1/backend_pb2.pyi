@@ -123,6 +123,7 @@ class SandboxSpec(_message.Message):
     HIBERNATE_AFTER_FIELD_NUMBER: _builtins.int
     NETWORK_FIELD_NUMBER: _builtins.int
     ENV_FIELD_NUMBER: _builtins.int
+    MOUNT_DIR_FIELD_NUMBER: _builtins.int
     gpu: _builtins.str
     """"" (none), "H100", "H100:2", "any:1" """
     cpu: _builtins.float
@@ -139,6 +140,10 @@ class SandboxSpec(_message.Message):
     """idle seconds before an automatic snapshot; 0 = never"""
     network: _builtins.bool
     """give the sandbox network access"""
+    mount_dir: _builtins.str
+    """A host directory (the notebook's) mounted read-write at the same path and used as the kernel's
+    working directory. Empty: the sandbox sees no host directory beyond its own workspace.
+    """
     @_builtins.property
     def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
@@ -153,10 +158,11 @@ class SandboxSpec(_message.Message):
         hibernate_after: _builtins.float = ...,
         network: _builtins.bool = ...,
         env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        mount_dir: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu", b"cpu", "env", b"env", "gpu", b"gpu", "hibernate_after", b"hibernate_after", "image", b"image", "memory", b"memory", "network", b"network", "restore_from", b"restore_from", "runtime", b"runtime"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu", b"cpu", "env", b"env", "gpu", b"gpu", "hibernate_after", b"hibernate_after", "image", b"image", "memory", b"memory", "mount_dir", b"mount_dir", "network", b"network", "restore_from", b"restore_from", "runtime", b"runtime"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -17,7 +17,7 @@ from tests.kernel_provisioner.kernel_helpers import run, running_kernel, value
 pytestmark = [pytest.mark.gvisor, pytest.mark.parametrize("backend", ["gvisor"], indirect=True)]
 
 
-def gvisor_kernel(kernelspec_dir: Path, name: str, **config: str) -> str:
+def gvisor_kernel(kernelspec_dir: Path, name: str, **config: str | bool) -> str:
     spec_dir = kernelspec_dir / "kernels" / name
     spec_dir.mkdir(parents=True, exist_ok=True)
     (spec_dir / "kernel.json").write_text(json.dumps(kernel_json(name, {"runtime": "gvisor", **config})))
@@ -112,3 +112,16 @@ def test_fork_bomb_stays_inside_the_sandbox(kc: BlockingKernelClient, backend: B
                 await client.close()
 
         assert asyncio.run(status()) >= 1  # the backend keeps serving
+
+
+def test_notebook_dir_is_mounted_only_when_asked(kc: BlockingKernelClient, kernelspec_dir: Path,
+                                                 tmp_path: Path) -> None:
+    (tmp_path / "data.csv").write_text("a,b\n1,2\n")
+    assert value(kc, f"os.path.exists({str(tmp_path)!r})") == "False"
+    name = gvisor_kernel(kernelspec_dir, "snapkernel-test-gvisor-mount", mount_notebook_dir=True)
+    with running_kernel(name, cwd=str(tmp_path)) as (_km, c):
+        run(c, "import os")
+        assert value(c, "os.getcwd()") == repr(str(tmp_path))
+        assert value(c, "open('data.csv').read()") == repr("a,b\n1,2\n")
+        assert value(c, "open('out.txt', 'w').write('written in the sandbox')") == "22"
+    assert (tmp_path / "out.txt").read_text() == "written in the sandbox"
