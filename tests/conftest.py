@@ -84,16 +84,10 @@ def sandbox_processes(marker: str) -> list[int]:
 
 def _cleanup_sandboxes(backend: Backend) -> None:
     """Kill whatever sandbox processes a test left behind (they run in their own process groups)."""
-    for pid_dir in Path("/proc").iterdir():
-        if not pid_dir.name.isdigit():
-            continue
-        try:
-            cmd = (pid_dir / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"snapkernel.backend.shim" in cmd and str(backend.state_dir).encode() in cmd:
-            with contextlib.suppress(OSError):
-                os.killpg(int(pid_dir.name), signal.SIGKILL)
+    for pid in sandbox_processes(str(backend.state_dir)):
+        with contextlib.suppress(OSError):
+            if b"snapkernel.backend.shim" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.killpg(pid, signal.SIGKILL)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

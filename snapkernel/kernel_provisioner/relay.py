@@ -27,6 +27,7 @@ from snapkernel.errors import NotFoundError, SnapkernelError
 log = logging.getLogger(__name__)
 
 CHANNELS = {"shell": pb.SHELL, "control": pb.CONTROL, "stdin": pb.STDIN}
+_CHANNEL_NAMES = {v: k for k, v in CHANNELS.items()}
 MAX_QUEUED = 10000
 RETRY_DELAYS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 
@@ -121,7 +122,7 @@ class KernelRelay:
         if frame.channel == pb.IOPUB:
             self.sockets["iopub"].send_multipart(list(frame.parts), copy=False)
             return
-        name = {pb.SHELL: "shell", pb.CONTROL: "control", pb.STDIN: "stdin"}.get(frame.channel)
+        name = _CHANNEL_NAMES.get(frame.channel)
         if name is not None and frame.parts:
             self.sockets[name].send_multipart(list(frame.parts), copy=False)
 

@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager
+
+from snapkernel.kernel_provisioner.kernelspec import kernel_json
+
+
+def write_kernelspec(kernelspec_dir: Path, name: str, config: dict[str, Any]) -> str:
+    """A snapkernel kernelspec with this provisioner config, in the tests' kernelspec dir; returns its name."""
+    spec_dir = kernelspec_dir / "kernels" / name
+    spec_dir.mkdir(parents=True, exist_ok=True)
+    (spec_dir / "kernel.json").write_text(json.dumps(kernel_json(name, config)))
+    return name
 
 
 @contextlib.contextmanager

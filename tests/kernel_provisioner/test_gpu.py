@@ -8,18 +8,14 @@ from pathlib import Path
 import pytest
 
 from snapkernel.backend.gpus import inventory
-from snapkernel.kernel_provisioner.kernelspec import kernel_json
 from tests.conftest import Backend
-from tests.kernel_provisioner.kernel_helpers import run, running_kernel, value
+from tests.kernel_provisioner.kernel_helpers import run, running_kernel, value, write_kernelspec
 
 pytestmark = pytest.mark.gpu
 
 
 def gpu_kernelspec(kernelspec_dir: Path, name: str, gpu: str) -> str:
-    spec_dir = kernelspec_dir / "kernels" / name
-    spec_dir.mkdir(parents=True, exist_ok=True)
-    (spec_dir / "kernel.json").write_text(json.dumps(kernel_json(name, {"gpu": gpu})))
-    return name
+    return write_kernelspec(kernelspec_dir, name, {"gpu": gpu})
 
 
 def test_gpu_kernel_gets_its_gpu_and_cpu_kernel_none(backend: Backend, kernelspec_dir: Path) -> None:

@@ -15,7 +15,7 @@ import pytest
 
 from snapkernel.backend.client import BackendClient
 from tests.conftest import Backend, sandbox_processes
-from tests.kernel_provisioner.kernel_helpers import reply_to, run, running_kernel, value
+from tests.kernel_provisioner.kernel_helpers import reply_to, run, running_kernel, value, write_kernelspec
 
 
 def sandbox_ids(backend: Backend) -> list[str]:
@@ -143,12 +143,7 @@ def test_kernel_killed_inside_is_reported_dead(backend: Backend) -> None:
 ])
 def test_bad_kernelspec_config_fails_clearly(backend: Backend, kernelspec_dir: Path, config: dict[str, str],
                                              message: str) -> None:
-    from snapkernel.kernel_provisioner.kernelspec import kernel_json
-
-    name = f"snapkernel-bad-{abs(hash(str(config)))}"
-    spec_dir = kernelspec_dir / "kernels" / name
-    spec_dir.mkdir(parents=True, exist_ok=True)
-    (spec_dir / "kernel.json").write_text(json.dumps(kernel_json("bad", config)))
+    name = write_kernelspec(kernelspec_dir, f"snapkernel-bad-{abs(hash(str(config)))}", config)
     before = sandbox_ids(backend)
     with pytest.raises(Exception, match=message.replace("(", r"\(")), running_kernel(name):
         pass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,18 +9,14 @@ from pathlib import Path
 import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
 
-from snapkernel.kernel_provisioner.kernelspec import kernel_json
 from tests.conftest import Backend
-from tests.kernel_provisioner.kernel_helpers import run, running_kernel, value
+from tests.kernel_provisioner.kernel_helpers import run, running_kernel, value, write_kernelspec
 
 pytestmark = [pytest.mark.gvisor, pytest.mark.parametrize("backend", ["gvisor"], indirect=True)]
 
 
 def gvisor_kernel(kernelspec_dir: Path, name: str, **config: str | bool) -> str:
-    spec_dir = kernelspec_dir / "kernels" / name
-    spec_dir.mkdir(parents=True, exist_ok=True)
-    (spec_dir / "kernel.json").write_text(json.dumps(kernel_json(name, {"runtime": "gvisor", **config})))
-    return name
+    return write_kernelspec(kernelspec_dir, name, {"runtime": "gvisor", **config})
 
 
 @pytest.fixture(scope="module")
