@@ -85,6 +85,14 @@ class SandboxFailedError(SnapkernelError):
     reason = "sandbox_failed"
 
 
+class SnapshotCorruptError(SnapkernelError):
+    """A snapshot whose files do not match their recorded checksums: never restored."""
+
+    status = "DATA_LOSS"
+    http_status = 500
+    reason = "snapshot_corrupt"
+
+
 class TimeoutError_(SnapkernelError):
     status = "DEADLINE_EXCEEDED"
     http_status = 504
@@ -101,6 +109,7 @@ _BY_STATUS: dict[str, type[SnapkernelError]] = {
     "UNAVAILABLE": BackendUnavailableError,
     "ABORTED": SandboxFailedError,
     "DEADLINE_EXCEEDED": TimeoutError_,
+    "DATA_LOSS": SnapshotCorruptError,
 }
 
 

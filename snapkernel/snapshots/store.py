@@ -1,0 +1,192 @@
+"""The snapshot store: one directory per snapshot plus one catalog row (SQLite) describing it.
+
+Writes are atomic: files go into a `.partial-*` directory, are hashed and fsynced, and only then is the
+directory renamed into place and the row inserted; partial directories left by a crash are discarded at
+start-up. Every file's sha256 is recorded and checked before a restore; a snapshot that fails the check,
+or that was written by an incompatible runtime, is refused with the file and the reason named. Nothing
+here deletes or overwrites a good snapshot except an explicit `delete`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from snapkernel.backend.spec import format_bytes
+from snapkernel.errors import InvalidSpecError, NoCapacityError, NotFoundError, SnapshotCorruptError, StateError
+
+KINDS = ("memory", "state")
+_ID_RE = re.compile(r"^snap-[0-9a-f]{12}$")
+_PARTIAL = ".partial-"
+FREE_SPACE_MARGIN = 256 * 1024**2  # left free beyond what a snapshot is expected to take
+
+
+@dataclass
+class SnapshotFile:
+    name: str  # relative to the snapshot's directory
+    size: int
+    sha256: str
+
+
+@dataclass
+class Snapshot:
+    id: str
+    kind: str
+    name: str = ""
+    sandbox_id: str = ""
+    notebook_path: str = ""
+    spec: dict[str, object] = field(default_factory=dict)
+    runtime: str = ""
+    runtime_version: str = ""
+    gpu_model: str = ""
+    created: float = 0.0
+    files: list[SnapshotFile] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+def check_snapshot_id(value: str) -> str:
+    if not _ID_RE.match(value or ""):
+        raise InvalidSpecError(f"snapshot id {value!r} is not valid: ids look like 'snap-' and 12 hex digits "
+                               "(see `snapkernel snapshots list`)")
+    return value
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * 1024 * 1024):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*"), reverse=True):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SnapshotStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.db = sqlite3.connect(root / "catalog.db", isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS snapshots (id TEXT PRIMARY KEY, notebook_path TEXT, "
+                        "created REAL, body TEXT)")
+        self.discard_partials()
+
+    def path(self, snapshot_id: str) -> Path:
+        return self.root / check_snapshot_id(snapshot_id)
+
+    def discard_partials(self) -> list[str]:
+        """Remove what an interrupted write left behind (a crash mid-snapshot); returns their names."""
+        gone = []
+        for d in self.root.glob(_PARTIAL + "*"):
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d.name)
+        return gone
+
+    def check_free_space(self, expected_size: int) -> None:
+        free = shutil.disk_usage(self.root).free
+        if expected_size + FREE_SPACE_MARGIN > free:
+            raise NoCapacityError(
+                f"not enough disk space for a snapshot of about {format_bytes(expected_size)}: "
+                f"{format_bytes(free)} free at {self.root}; delete snapshots (`snapkernel snapshots rm`) or free space"
+            )
+
+    @contextlib.contextmanager
+    def write(self, meta: Snapshot, expected_size: int) -> Iterator[Path]:
+        """Yield an empty directory to write the snapshot's files into; commit it when the block ends.
+
+        `meta.id`, `created` and `files` are filled in here. On any error the partial directory is removed
+        and nothing is recorded.
+        """
+        if meta.kind not in KINDS:
+            raise InvalidSpecError(f"snapshot kind {meta.kind!r} is not known: use {' or '.join(KINDS)}")
+        self.check_free_space(expected_size)
+        meta.id = f"snap-{secrets.token_hex(6)}"
+        partial = self.root / f"{_PARTIAL}{meta.id}"
+        partial.mkdir(mode=0o700)
+        try:
+            yield partial
+            meta.files = [SnapshotFile(str(p.relative_to(partial)), p.stat().st_size, _sha256(p))
+                          for p in sorted(partial.rglob("*")) if p.is_file()]
+            meta.created = time.time()
+            _fsync_tree(partial)
+            os.rename(partial, self.root / meta.id)
+            self.db.execute("INSERT INTO snapshots VALUES (?, ?, ?, ?)",
+                            (meta.id, meta.notebook_path, meta.created, json.dumps(asdict(meta))))
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+
+    def get(self, snapshot_id: str) -> Snapshot:
+        row = self.db.execute("SELECT body FROM snapshots WHERE id = ?", (check_snapshot_id(snapshot_id),)).fetchone()
+        if row is None:
+            raise NotFoundError(f"no snapshot {snapshot_id!r}; `snapkernel snapshots list` shows them")
+        return _from_json(row[0])
+
+    def list(self, notebook_path: str | None = None) -> list[Snapshot]:
+        """Newest first; with `notebook_path`, that notebook's snapshots first, then the rest."""
+        rows = self.db.execute("SELECT body FROM snapshots ORDER BY created DESC").fetchall()
+        snaps = [_from_json(r[0]) for r in rows]
+        if notebook_path is not None:
+            snaps.sort(key=lambda s: s.notebook_path != notebook_path)
+        return snaps
+
+    def delete(self, snapshot_id: str) -> None:
+        self.get(snapshot_id)
+        self.db.execute("DELETE FROM snapshots WHERE id = ?", (snapshot_id,))
+        shutil.rmtree(self.path(snapshot_id), ignore_errors=True)
+
+    def verify(self, snapshot_id: str, runtime: str, runtime_version: str = "") -> Snapshot:
+        """The snapshot, once every file matches its checksum and the runtime can restore it."""
+        snap = self.get(snapshot_id)
+        if snap.kind == "memory" and (snap.runtime != runtime or
+                                      (runtime_version and snap.runtime_version != runtime_version)):
+            raise StateError(
+                f"snapshot {snapshot_id} is a memory snapshot written by {snap.runtime} {snap.runtime_version}; "
+                f"this backend restores with {runtime} {runtime_version}: use a state snapshot to move a "
+                "kernel across runtimes"
+            )
+        base = self.path(snapshot_id)
+        for f in snap.files:
+            path = base / f.name
+            if not path.is_file():
+                raise SnapshotCorruptError(f"snapshot {snapshot_id} is missing its file {f.name}; it will not be "
+                                           "restored")
+            actual = _sha256(path)
+            if actual != f.sha256:
+                raise SnapshotCorruptError(
+                    f"snapshot {snapshot_id}: file {f.name} fails its checksum (sha256 {actual[:12]}…, recorded "
+                    f"{f.sha256[:12]}…); it will not be restored"
+                )
+        return snap
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def _from_json(body: str) -> Snapshot:
+    d = json.loads(body)
+    d["files"] = [SnapshotFile(**f) for f in d["files"]]
+    return Snapshot(**d)
