@@ -82,6 +82,23 @@ class BackendClient:
                                               timeout=90.0)
         return result
 
+    async def create_snapshot(self, sandbox_id: str, kind: str = "memory", name: str = "") -> pb.SnapshotInfo:
+        result: pb.SnapshotInfo = await self._call(
+            self.stub.CreateSnapshot, pb.CreateSnapshotRequest(sandbox_id=sandbox_id, kind=kind, name=name),
+            timeout=600.0)
+        return result
+
+    async def get_snapshot(self, snapshot_id: str) -> pb.SnapshotInfo:
+        result: pb.SnapshotInfo = await self._call(self.stub.GetSnapshot, pb.GetSnapshotRequest(id=snapshot_id))
+        return result
+
+    async def list_snapshots(self, notebook_path: str = "") -> list[pb.SnapshotInfo]:
+        resp = await self._call(self.stub.ListSnapshots, pb.ListSnapshotsRequest(notebook_path=notebook_path))
+        return list(resp.snapshots)
+
+    async def delete_snapshot(self, snapshot_id: str) -> None:
+        await self._call(self.stub.DeleteSnapshot, pb.DeleteSnapshotRequest(id=snapshot_id))
+
     async def status(self) -> pb.Status:
         result: pb.Status = await self._call(self.stub.GetStatus, pb.GetStatusRequest())
         return result

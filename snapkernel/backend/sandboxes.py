@@ -21,6 +21,7 @@ from typing import Any
 
 from snapkernel.backend.agent_link import AgentLink
 from snapkernel.backend.runtimes.base import EXIT_FILE, LINK_SOCKET, LOG_FILE, SandboxRuntime
+from snapkernel.backend.runtimes.gvisor import GvisorRuntime
 from snapkernel.backend.sandbox_db import SandboxDB, SandboxRecord
 from snapkernel.backend.scheduler import Scheduler
 from snapkernel.backend.spec import ParsedSpec, check_sandbox_id, format_bytes, parse_spec
@@ -34,6 +35,8 @@ from snapkernel.errors import (
     StateError,
     TimeoutError_,
 )
+from snapkernel.snapshots import memory
+from snapkernel.snapshots.store import Snapshot, SnapshotStore
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,7 @@ class SandboxManager:
         self.scheduler = scheduler
         self.defaults = defaults
         self.live: dict[str, LiveSandbox] = {}
+        self.snapshots = SnapshotStore(state_dir / "snapshots")
         self._tasks: set[asyncio.Task[None]] = set()
 
     # --- helpers --------------------------------------------------------------------------------
@@ -130,10 +134,14 @@ class SandboxManager:
                 f"runtime {spec.runtime!r} is not available on this backend; available: "
                 f"{', '.join(self.runtimes)}"
             )
+        restore: Path | None = None
         if spec.restore_from:
-            raise InvalidSpecError(
-                f"restore_from {spec.restore_from!r}: this backend has no snapshot store yet"
-            )
+            runtime_version = runtime.features.version if isinstance(runtime, GvisorRuntime) else ""
+            snap = await asyncio.to_thread(self.snapshots.verify, spec.restore_from, spec.runtime, runtime_version)
+            if snap.kind != "memory":
+                raise InvalidSpecError(f"snapshot {snap.id} is a {snap.kind} snapshot: only memory snapshots "
+                                       "can be resumed so far")
+            restore = self.snapshots.path(snap.id)
         if req.kernel.signature_scheme not in ("", "hmac-sha256"):
             raise InvalidSpecError(
                 f"signature scheme {req.kernel.signature_scheme!r} is not supported: use hmac-sha256"
@@ -153,7 +161,7 @@ class SandboxManager:
         sb = LiveSandbox(record, spec)
         self.live[sandbox_id] = sb
         self._set_state(sb, pb.PENDING, "")
-        self._spawn(self._start(sb, runtime, req.kernel))
+        self._spawn(self._start(sb, runtime, req.kernel, restore))
         return record.to_pb()
 
     def _sandbox_env(self, sb: LiveSandbox, kernel: pb.KernelConfig) -> dict[str, str]:
@@ -176,14 +184,23 @@ class SandboxManager:
         env.update(sb.spec.env)
         return env
 
-    async def _start(self, sb: LiveSandbox, runtime: SandboxRuntime, kernel: pb.KernelConfig) -> None:
+    async def _start(self, sb: LiveSandbox, runtime: SandboxRuntime, kernel: pb.KernelConfig,
+                     restore: Path | None) -> None:
         r = sb.record
         try:
-            self._progress(sb, "sandbox", f"starting a {r.runtime} sandbox", 0.1)
-            r.limits = await runtime.launch(r, sb.spec, self._sandbox_env(sb, kernel))
+            if restore is not None:
+                self._progress(sb, "restore", f"restoring snapshot {sb.spec.restore_from}", 0.1)
+                await memory.restore_workspace(restore, Path(r.dir) / "workspace")
+            else:
+                self._progress(sb, "sandbox", f"starting a {r.runtime} sandbox", 0.1)
+            r.limits = await runtime.launch(r, sb.spec, self._sandbox_env(sb, kernel), restore)
             self._set_state(sb, pb.STARTING, "", pb.Progress(step="agent", message="agent starting",
                                                               fraction=0.4))
             await self._connect(sb, runtime, self.defaults.start_timeout)
+            if restore is not None:  # a resumed agent does not start over: its kernel runs already
+                r.kernel_generation = max(r.kernel_generation, 1)
+                self._set_state(sb, pb.RUNNING, "", pb.Progress(step="restore", message="kernel resumed",
+                                                                fraction=1.0))
         except Exception as e:
             log.exception("sandbox_id=%s failed to start", r.id)
             why = str(e) if isinstance(e, SnapkernelError) else f"{type(e).__name__}: {e}"
@@ -323,6 +340,24 @@ class SandboxManager:
             )
         self.send_to_agent(self.get(sandbox_id), pb.AgentMessage(signal=signum))
 
+    # --- snapshots ------------------------------------------------------------------------------
+    async def snapshot(self, req: pb.CreateSnapshotRequest) -> Snapshot:
+        sb = self.get(req.sandbox_id)
+        kind = req.kind or "memory"
+        if kind != "memory":
+            raise InvalidSpecError(f"snapshot kind {kind!r} is not available yet: use 'memory' (gvisor sandboxes)")
+        runtime = self.runtimes.get(sb.record.runtime)
+        if not isinstance(runtime, GvisorRuntime):
+            raise StateError(f"sandbox {sb.record.id} runs under {sb.record.runtime}: memory snapshots need the "
+                             "gvisor runtime")
+        if sb.record.state != pb.RUNNING:
+            raise StateError(f"sandbox {sb.record.id} is {STATE_NAMES[sb.record.state]}: only a running kernel "
+                             "can be snapshotted")
+        self._progress(sb, "snapshot", "checkpointing the sandbox's memory", 0.2)
+        snap = await memory.take(self.snapshots, runtime, sb.record, req.name, sb.spec.memory)
+        self._progress(sb, "snapshot", f"snapshot {snap.id} written ({format_bytes(snap.size)})", 1.0)
+        return snap
+
     # --- start-up and shut-down -----------------------------------------------------------------
     async def readopt(self) -> None:
         """Take back the sandboxes of a previous backend: reconnect the living, mark the rest."""
@@ -359,6 +394,7 @@ class SandboxManager:
         for task in list(self._tasks):
             task.cancel()
         self.db.close()
+        self.snapshots.close()
 
 
 def _log_tail(path: Path, lines: int = 8) -> str:

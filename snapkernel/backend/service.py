@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.json_format import ParseDict
 
 from snapkernel import __version__
 from snapkernel.backend.gpus import inventory
@@ -19,6 +20,8 @@ from snapkernel.backend.spec import check_sandbox_id
 from snapkernel.backend.v1 import backend_pb2 as pb
 from snapkernel.backend.v1 import backend_pb2_grpc as pb_grpc
 from snapkernel.errors import InvalidSpecError, SnapkernelError
+from snapkernel.snapshots import memory
+from snapkernel.snapshots.store import Snapshot
 
 log = logging.getLogger(__name__)
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -59,6 +62,16 @@ def check_client_frame(frame: pb.KernelFrame) -> None:
             "'<IDS|MSG>', signature, header, parent header, metadata and content parts; got "
             f"{len(frame.parts)} part(s)"
         )
+
+
+def snapshot_info(snap: Snapshot) -> pb.SnapshotInfo:
+    info = pb.SnapshotInfo(
+        id=snap.id, kind=snap.kind, name=snap.name, sandbox_id=snap.sandbox_id, notebook_path=snap.notebook_path,
+        runtime=snap.runtime, runtime_version=snap.runtime_version, gpu_model=snap.gpu_model, created=snap.created,
+        size=snap.size, files=[pb.SnapshotFileInfo(name=f.name, size=f.size, sha256=f.sha256) for f in snap.files],
+    )
+    ParseDict(snap.spec, info.spec)
+    return info
 
 
 class BackendService(pb_grpc.BackendServicer):
@@ -112,6 +125,28 @@ class BackendService(pb_grpc.BackendServicer):
             gpu_detail=why,
             driver_version=driver,
         )
+
+    @_translate
+    async def CreateSnapshot(self, request: pb.CreateSnapshotRequest, context: Ctx) -> pb.SnapshotInfo:
+        return snapshot_info(await self.manager.snapshot(request))
+
+    @_translate
+    async def GetSnapshot(self, request: pb.GetSnapshotRequest, context: Ctx) -> pb.SnapshotInfo:
+        snap = self.manager.snapshots.get(request.id)
+        info = snapshot_info(snap)
+        if snap.kind == "memory":
+            info.kernel_key = memory.kernel_key(self.manager.snapshots.path(snap.id))
+        return info
+
+    @_translate
+    async def ListSnapshots(self, request: pb.ListSnapshotsRequest, context: Ctx) -> pb.ListSnapshotsResponse:
+        return pb.ListSnapshotsResponse(snapshots=[
+            snapshot_info(s) for s in self.manager.snapshots.list(request.notebook_path or None)])
+
+    @_translate
+    async def DeleteSnapshot(self, request: pb.DeleteSnapshotRequest, context: Ctx) -> pb.DeleteSnapshotResponse:
+        await asyncio.to_thread(self.manager.snapshots.delete, request.id)
+        return pb.DeleteSnapshotResponse()
 
     async def WatchSandbox(self, request: pb.WatchSandboxRequest, context: Ctx) -> AsyncIterator[pb.SandboxEvent]:
         try:

@@ -115,6 +115,12 @@ class SnapKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         self.sandbox_spec()  # a bad spec fails here, before anything starts
         km: Any = self.parent
+        if self.restore_from and self.sandbox_id is None:
+            # A kernel resumed from a memory snapshot signs with the key it had: this session must use it.
+            restore_from = self.restore_from
+            snapshot = await self._backend(lambda c: c.get_snapshot(restore_from))
+            if snapshot.kernel_key:
+                km.session.key = snapshot.kernel_key
         if self.relay is None:
             self.relay = await self.io.call(self._make_relay())
         ports = self.relay.ports

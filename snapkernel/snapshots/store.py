@@ -17,6 +17,7 @@ import re
 import secrets
 import shutil
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -88,7 +89,9 @@ class SnapshotStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.db = sqlite3.connect(root / "catalog.db", isolation_level=None)
+        # Slow work (hashing, copying) runs in worker threads; the catalog is small and locked.
+        self.db = sqlite3.connect(root / "catalog.db", isolation_level=None, check_same_thread=False)
+        self.lock = threading.Lock()
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("CREATE TABLE IF NOT EXISTS snapshots (id TEXT PRIMARY KEY, notebook_path TEXT, "
                         "created REAL, body TEXT)")
@@ -133,21 +136,25 @@ class SnapshotStore:
             meta.created = time.time()
             _fsync_tree(partial)
             os.rename(partial, self.root / meta.id)
-            self.db.execute("INSERT INTO snapshots VALUES (?, ?, ?, ?)",
-                            (meta.id, meta.notebook_path, meta.created, json.dumps(asdict(meta))))
+            with self.lock:
+                self.db.execute("INSERT INTO snapshots VALUES (?, ?, ?, ?)",
+                                (meta.id, meta.notebook_path, meta.created, json.dumps(asdict(meta))))
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
 
     def get(self, snapshot_id: str) -> Snapshot:
-        row = self.db.execute("SELECT body FROM snapshots WHERE id = ?", (check_snapshot_id(snapshot_id),)).fetchone()
+        with self.lock:
+            row = self.db.execute("SELECT body FROM snapshots WHERE id = ?",
+                                  (check_snapshot_id(snapshot_id),)).fetchone()
         if row is None:
             raise NotFoundError(f"no snapshot {snapshot_id!r}; `snapkernel snapshots list` shows them")
         return _from_json(row[0])
 
     def list(self, notebook_path: str | None = None) -> list[Snapshot]:
         """Newest first; with `notebook_path`, that notebook's snapshots first, then the rest."""
-        rows = self.db.execute("SELECT body FROM snapshots ORDER BY created DESC").fetchall()
+        with self.lock:
+            rows = self.db.execute("SELECT body FROM snapshots ORDER BY created DESC").fetchall()
         snaps = [_from_json(r[0]) for r in rows]
         if notebook_path is not None:
             snaps.sort(key=lambda s: s.notebook_path != notebook_path)
@@ -155,7 +162,8 @@ class SnapshotStore:
 
     def delete(self, snapshot_id: str) -> None:
         self.get(snapshot_id)
-        self.db.execute("DELETE FROM snapshots WHERE id = ?", (snapshot_id,))
+        with self.lock:
+            self.db.execute("DELETE FROM snapshots WHERE id = ?", (snapshot_id,))
         shutil.rmtree(self.path(snapshot_id), ignore_errors=True)
 
     def verify(self, snapshot_id: str, runtime: str, runtime_version: str = "") -> Snapshot:

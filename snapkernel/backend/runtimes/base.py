@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 from snapkernel.backend.sandbox_db import SandboxRecord
 from snapkernel.backend.spec import ParsedSpec
+from snapkernel.errors import StateError
 
 LINK_SOCKET = "link.sock"
 EXIT_FILE = "exit.json"
@@ -59,11 +60,17 @@ class SandboxRuntime(ABC):
     def prepare(self, record: SandboxRecord, spec: ParsedSpec, env: dict[str, str]) -> Launch:
         """The sandbox's entry point and limits (the agent is the entry point's stdio peer)."""
 
-    async def launch(self, record: SandboxRecord, spec: ParsedSpec, env: dict[str, str]) -> str:
-        """Start the shim that runs the entry point; sets `record.pid`; returns how limits are applied."""
+    def prepare_restore(self, record: SandboxRecord, snapshot_dir: Path) -> Launch:
+        """The entry point that resumes a memory snapshot in this sandbox."""
+        raise StateError(f"the {self.name} runtime cannot restore memory snapshots; use a state snapshot")
+
+    async def launch(self, record: SandboxRecord, spec: ParsedSpec, env: dict[str, str],
+                     restore: Path | None = None) -> str:
+        """Start the shim that runs the entry point (or resumes the memory snapshot in `restore`);
+        sets `record.pid`; returns how limits are applied."""
         sandbox_dir = Path(record.dir)
         (sandbox_dir / "workspace").mkdir(parents=True, exist_ok=True)
-        plan = self.prepare(record, spec, env)
+        plan = self.prepare_restore(record, restore) if restore else self.prepare(record, spec, env)
         argv = [
             sys.executable, "-m", "snapkernel.backend.shim",
             "--socket", str(sandbox_dir / LINK_SOCKET),

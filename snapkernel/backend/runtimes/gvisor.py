@@ -9,6 +9,7 @@ at start-up and shown by `snapkernel status`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -24,7 +25,7 @@ from typing import Any
 from snapkernel.backend.runtimes.base import Launch, RuntimeInfo, SandboxRuntime
 from snapkernel.backend.sandbox_db import SandboxRecord
 from snapkernel.backend.spec import ParsedSpec
-from snapkernel.errors import RuntimeUnavailableError
+from snapkernel.errors import RuntimeUnavailableError, SandboxFailedError, StateError
 
 log = logging.getLogger(__name__)
 
@@ -151,11 +152,8 @@ class GvisorRuntime(SandboxRuntime):
         bundle = sandbox_dir / "bundle"
         bundle.mkdir(exist_ok=True)
         (bundle / "config.json").write_text(json.dumps(self.oci_spec(record, spec, env), indent=1))
-        argv = [self.features.path, "--root", str(self.root), f"--platform={self.platform}",
-                f"--network={'sandbox' if spec.network else 'none'}"]
-        if record.gpu_indices:
-            argv.append("--nvproxy")
-        argv += ["run", "--bundle", str(bundle), record.id]
+        argv = [*self._argv(record, spec.network, bool(record.gpu_indices)), "run", "--bundle", str(bundle),
+                record.id]
         host_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
         return Launch(argv, host_env, {}, "runsc")
 
@@ -201,6 +199,54 @@ class GvisorRuntime(SandboxRuntime):
                 "resources": resources,
             },
         }
+
+    def _argv(self, record: SandboxRecord, spec_network: bool, gpus: bool) -> list[str]:
+        argv = [self.features.path, "--root", str(self.root), f"--platform={self.platform}",
+                f"--network={'sandbox' if spec_network else 'none'}"]
+        return [*argv, "--nvproxy"] if gpus else argv
+
+    async def checkpoint(self, record: SandboxRecord, image_dir: Path) -> None:
+        """Write the running sandbox's memory image to `image_dir`; the sandbox keeps running."""
+        if not self.features.can_snapshot_live_kernel:
+            raise StateError(
+                f"runsc {self.features.version} cannot checkpoint a live kernel (it panics on ipykernel's "
+                "loopback listener); `make install` as root installs the 2024-07 build, or use --kind state"
+            )
+        image_dir.mkdir(mode=0o700)
+        argv = [self.features.path, "--root", str(self.root), "checkpoint", "--image-path", str(image_dir),
+                "--leave-running"]
+        if "compression" in self.features.checkpoint_flags:
+            argv.append("--compression=none")
+        proc = await asyncio.create_subprocess_exec(*argv, record.id, stdin=asyncio.subprocess.DEVNULL,
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        _, err = await proc.communicate()
+        if proc.returncode != 0:
+            raise SandboxFailedError(f"checkpointing sandbox {record.id}: runsc exited {proc.returncode}: "
+                                     f"{err.decode(errors='replace').strip()[-400:]}")
+
+    def save_bundle(self, record: SandboxRecord, snapshot_dir: Path) -> None:
+        """Keep what a restore needs besides the image: the OCI spec and where the workspace was."""
+        oci = json.loads((Path(record.dir) / "bundle" / "config.json").read_text())
+        (snapshot_dir / "sandbox.json").write_text(json.dumps({
+            "oci": oci, "workspace": str(Path(record.dir) / "workspace"),
+            "network": record.spec.network, "gpus": bool(record.gpu_indices),
+        }))
+
+    def prepare_restore(self, record: SandboxRecord, snapshot_dir: Path) -> Launch:
+        saved = json.loads((snapshot_dir / "sandbox.json").read_text())
+        oci = saved["oci"]
+        workspace = str(Path(record.dir) / "workspace")
+        # The restored processes expect every mount where it was; only the workspace's source moves.
+        for mount in oci["mounts"]:
+            if mount["destination"] == saved["workspace"]:
+                mount["source"] = workspace
+        oci["hostname"] = record.id
+        bundle = Path(record.dir) / "bundle"
+        bundle.mkdir(exist_ok=True)
+        (bundle / "config.json").write_text(json.dumps(oci, indent=1))
+        argv = [*self._argv(record, saved["network"], saved["gpus"]), "restore", "--image-path",
+                str(snapshot_dir / "image"), "--bundle", str(bundle), record.id]
+        return Launch(argv, {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}, {}, "runsc")
 
     @staticmethod
     def rlimits(spec: ParsedSpec) -> list[dict[str, Any]]:

@@ -79,6 +79,26 @@ class BackendStub:
                 request_serializer=snapkernel_dot_v1_dot_backend__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=snapkernel_dot_v1_dot_backend__pb2.Status.FromString,
                 _registered_method=True)
+        self.CreateSnapshot = channel.unary_unary(
+                '/snapkernel.v1.Backend/CreateSnapshot',
+                request_serializer=snapkernel_dot_v1_dot_backend__pb2.CreateSnapshotRequest.SerializeToString,
+                response_deserializer=snapkernel_dot_v1_dot_backend__pb2.SnapshotInfo.FromString,
+                _registered_method=True)
+        self.GetSnapshot = channel.unary_unary(
+                '/snapkernel.v1.Backend/GetSnapshot',
+                request_serializer=snapkernel_dot_v1_dot_backend__pb2.GetSnapshotRequest.SerializeToString,
+                response_deserializer=snapkernel_dot_v1_dot_backend__pb2.SnapshotInfo.FromString,
+                _registered_method=True)
+        self.ListSnapshots = channel.unary_unary(
+                '/snapkernel.v1.Backend/ListSnapshots',
+                request_serializer=snapkernel_dot_v1_dot_backend__pb2.ListSnapshotsRequest.SerializeToString,
+                response_deserializer=snapkernel_dot_v1_dot_backend__pb2.ListSnapshotsResponse.FromString,
+                _registered_method=True)
+        self.DeleteSnapshot = channel.unary_unary(
+                '/snapkernel.v1.Backend/DeleteSnapshot',
+                request_serializer=snapkernel_dot_v1_dot_backend__pb2.DeleteSnapshotRequest.SerializeToString,
+                response_deserializer=snapkernel_dot_v1_dot_backend__pb2.DeleteSnapshotResponse.FromString,
+                _registered_method=True)
 
 
 class BackendServicer:
@@ -147,6 +167,31 @@ class BackendServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateSnapshot(self, request, context):
+        """Snapshot a running sandbox. `memory` (gvisor): the exact image of the sandbox, taken live.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSnapshot(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSnapshots(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSnapshot(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BackendServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -194,6 +239,26 @@ def add_BackendServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=snapkernel_dot_v1_dot_backend__pb2.GetStatusRequest.FromString,
                     response_serializer=snapkernel_dot_v1_dot_backend__pb2.Status.SerializeToString,
+            ),
+            'CreateSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSnapshot,
+                    request_deserializer=snapkernel_dot_v1_dot_backend__pb2.CreateSnapshotRequest.FromString,
+                    response_serializer=snapkernel_dot_v1_dot_backend__pb2.SnapshotInfo.SerializeToString,
+            ),
+            'GetSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSnapshot,
+                    request_deserializer=snapkernel_dot_v1_dot_backend__pb2.GetSnapshotRequest.FromString,
+                    response_serializer=snapkernel_dot_v1_dot_backend__pb2.SnapshotInfo.SerializeToString,
+            ),
+            'ListSnapshots': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSnapshots,
+                    request_deserializer=snapkernel_dot_v1_dot_backend__pb2.ListSnapshotsRequest.FromString,
+                    response_serializer=snapkernel_dot_v1_dot_backend__pb2.ListSnapshotsResponse.SerializeToString,
+            ),
+            'DeleteSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSnapshot,
+                    request_deserializer=snapkernel_dot_v1_dot_backend__pb2.DeleteSnapshotRequest.FromString,
+                    response_serializer=snapkernel_dot_v1_dot_backend__pb2.DeleteSnapshotResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -439,6 +504,114 @@ class Backend:
             '/snapkernel.v1.Backend/GetStatus',
             snapkernel_dot_v1_dot_backend__pb2.GetStatusRequest.SerializeToString,
             snapkernel_dot_v1_dot_backend__pb2.Status.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snapkernel.v1.Backend/CreateSnapshot',
+            snapkernel_dot_v1_dot_backend__pb2.CreateSnapshotRequest.SerializeToString,
+            snapkernel_dot_v1_dot_backend__pb2.SnapshotInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snapkernel.v1.Backend/GetSnapshot',
+            snapkernel_dot_v1_dot_backend__pb2.GetSnapshotRequest.SerializeToString,
+            snapkernel_dot_v1_dot_backend__pb2.SnapshotInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSnapshots(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snapkernel.v1.Backend/ListSnapshots',
+            snapkernel_dot_v1_dot_backend__pb2.ListSnapshotsRequest.SerializeToString,
+            snapkernel_dot_v1_dot_backend__pb2.ListSnapshotsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snapkernel.v1.Backend/DeleteSnapshot',
+            snapkernel_dot_v1_dot_backend__pb2.DeleteSnapshotRequest.SerializeToString,
+            snapkernel_dot_v1_dot_backend__pb2.DeleteSnapshotResponse.FromString,
             options,
             channel_credentials,
             insecure,

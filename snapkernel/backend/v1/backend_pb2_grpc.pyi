@@ -54,6 +54,11 @@ class BackendStub:
     """Start a fresh kernel inside the same sandbox (the old one is killed if still alive)."""
     GetStatus: _grpc.UnaryUnaryMultiCallable[_backend_pb2.GetStatusRequest, _backend_pb2.Status]
     """Runtimes, GPUs and capacity of this host."""
+    CreateSnapshot: _grpc.UnaryUnaryMultiCallable[_backend_pb2.CreateSnapshotRequest, _backend_pb2.SnapshotInfo]
+    """Snapshot a running sandbox. `memory` (gvisor): the exact image of the sandbox, taken live."""
+    GetSnapshot: _grpc.UnaryUnaryMultiCallable[_backend_pb2.GetSnapshotRequest, _backend_pb2.SnapshotInfo]
+    ListSnapshots: _grpc.UnaryUnaryMultiCallable[_backend_pb2.ListSnapshotsRequest, _backend_pb2.ListSnapshotsResponse]
+    DeleteSnapshot: _grpc.UnaryUnaryMultiCallable[_backend_pb2.DeleteSnapshotRequest, _backend_pb2.DeleteSnapshotResponse]
 
 @_typing.type_check_only
 class BackendAsyncStub(BackendStub):
@@ -78,6 +83,11 @@ class BackendAsyncStub(BackendStub):
     """Start a fresh kernel inside the same sandbox (the old one is killed if still alive)."""
     GetStatus: _aio.UnaryUnaryMultiCallable[_backend_pb2.GetStatusRequest, _backend_pb2.Status]  # type: ignore[assignment]
     """Runtimes, GPUs and capacity of this host."""
+    CreateSnapshot: _aio.UnaryUnaryMultiCallable[_backend_pb2.CreateSnapshotRequest, _backend_pb2.SnapshotInfo]  # type: ignore[assignment]
+    """Snapshot a running sandbox. `memory` (gvisor): the exact image of the sandbox, taken live."""
+    GetSnapshot: _aio.UnaryUnaryMultiCallable[_backend_pb2.GetSnapshotRequest, _backend_pb2.SnapshotInfo]  # type: ignore[assignment]
+    ListSnapshots: _aio.UnaryUnaryMultiCallable[_backend_pb2.ListSnapshotsRequest, _backend_pb2.ListSnapshotsResponse]  # type: ignore[assignment]
+    DeleteSnapshot: _aio.UnaryUnaryMultiCallable[_backend_pb2.DeleteSnapshotRequest, _backend_pb2.DeleteSnapshotResponse]  # type: ignore[assignment]
 
 class BackendServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -153,5 +163,34 @@ class BackendServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_backend_pb2.Status, _abc.Awaitable[_backend_pb2.Status]]:
         """Runtimes, GPUs and capacity of this host."""
+
+    @_abc_1.abstractmethod
+    def CreateSnapshot(
+        self,
+        request: _backend_pb2.CreateSnapshotRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_backend_pb2.SnapshotInfo, _abc.Awaitable[_backend_pb2.SnapshotInfo]]:
+        """Snapshot a running sandbox. `memory` (gvisor): the exact image of the sandbox, taken live."""
+
+    @_abc_1.abstractmethod
+    def GetSnapshot(
+        self,
+        request: _backend_pb2.GetSnapshotRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_backend_pb2.SnapshotInfo, _abc.Awaitable[_backend_pb2.SnapshotInfo]]: ...
+
+    @_abc_1.abstractmethod
+    def ListSnapshots(
+        self,
+        request: _backend_pb2.ListSnapshotsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_backend_pb2.ListSnapshotsResponse, _abc.Awaitable[_backend_pb2.ListSnapshotsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteSnapshot(
+        self,
+        request: _backend_pb2.DeleteSnapshotRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_backend_pb2.DeleteSnapshotResponse, _abc.Awaitable[_backend_pb2.DeleteSnapshotResponse]]: ...
 
 def add_BackendServicer_to_server(servicer: BackendServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
