@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -92,6 +93,65 @@ def cmd_sandboxes_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _snapshot_dict(snap: Any) -> dict[str, Any]:
+    d = MessageToDict(snap, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    d.pop("kernel_key", None)  # a secret: never printed
+    d["size"] = int(d.get("size", 0))  # proto3 JSON writes 64-bit integers as strings
+    for f in d.get("files", []):
+        f["size"] = int(f["size"])
+    return d
+
+
+def _print_snapshots(snaps: list[Any]) -> None:
+    from snapkernel.backend.spec import format_bytes
+
+    rows = [[s.id, s.kind, s.name or "-", s.sandbox_id, format_bytes(s.size),
+             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.created)), s.notebook_path or "-"] for s in snaps]
+    _print_table(rows, ["ID", "KIND", "NAME", "SANDBOX", "SIZE", "CREATED", "NOTEBOOK"])
+
+
+def cmd_snapshots_create(args: argparse.Namespace) -> int:
+    snap = _run(_with_client(lambda c: c.create_snapshot(args.sandbox, args.kind, args.name or "")))
+    if args.json:
+        print(json.dumps(_snapshot_dict(snap), indent=1))
+    else:
+        _print_snapshots([snap])
+    return 0
+
+
+def cmd_snapshots_list(args: argparse.Namespace) -> int:
+    snaps = _run(_with_client(lambda c: c.list_snapshots(args.notebook or "")))
+    if args.json:
+        print(json.dumps([_snapshot_dict(s) for s in snaps], indent=1))
+    else:
+        _print_snapshots(snaps)
+    return 0
+
+
+def cmd_snapshots_show(args: argparse.Namespace) -> int:
+    snap = _run(_with_client(lambda c: c.get_snapshot(args.id)))
+    d = _snapshot_dict(snap)
+    if args.json:
+        print(json.dumps(d, indent=1))
+    else:
+        files = d.pop("files", [])
+        for key, val in d.items():
+            print(f"{key}: {val}")
+        for f in files:
+            print(f"  {f['name']}  {f['size']} bytes  sha256 {f['sha256']}")
+    return 0
+
+
+def cmd_snapshots_rm(args: argparse.Namespace) -> int:
+    async def rm(client: Any) -> None:
+        for sid in args.ids:
+            await client.delete_snapshot(sid)
+            print(f"removed {sid}")
+
+    _run(_with_client(rm))
+    return 0
+
+
 def cmd_kernels_install(args: argparse.Namespace) -> int:
     from snapkernel.kernel_provisioner import kernelspec
 
@@ -144,6 +204,26 @@ def build_parser() -> argparse.ArgumentParser:
     s = sb.add_parser("rm", help="stop and remove sandboxes")
     s.add_argument("ids", nargs="+", metavar="SANDBOX")
     s.set_defaults(func=cmd_sandboxes_rm)
+
+    sn = sub.add_parser("snapshots", help="create, list, show or remove snapshots").add_subparsers(
+        dest="action", required=True)
+    s = sn.add_parser("create", help="snapshot a running sandbox (memory: live, gvisor)")
+    s.add_argument("sandbox", metavar="SANDBOX")
+    s.add_argument("--kind", choices=["memory", "state"], default="memory")
+    s.add_argument("--name", help="a name to find it by")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_snapshots_create)
+    s = sn.add_parser("list", help="list snapshots, newest first")
+    s.add_argument("--notebook", help="this notebook's snapshots first")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_snapshots_list)
+    s = sn.add_parser("show", help="one snapshot, with its files and checksums")
+    s.add_argument("id", metavar="SNAPSHOT")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_snapshots_show)
+    s = sn.add_parser("rm", help="delete snapshots")
+    s.add_argument("ids", nargs="+", metavar="SNAPSHOT")
+    s.set_defaults(func=cmd_snapshots_rm)
 
     k = sub.add_parser("kernels", help="install or list kernelspecs").add_subparsers(dest="action", required=True)
     s = k.add_parser("install", help="install snapkernel-python and one kernel per GPU model")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,25 @@ def test_memory_snapshots_need_gvisor(backend: Backend) -> None:
         sandbox = value(kc, "os.environ['SNAPKERNEL_SANDBOX_ID']").strip("'")
         with pytest.raises(StateError, match="memory snapshots need the gvisor runtime"):
             backend_call(backend, lambda c: c.create_snapshot(sandbox))
+
+
+@on_gvisor
+def test_snapshot_commands(backend: Backend) -> None:
+    from tests.test_cli import cli
+
+    with running_kernel() as (_km, kc):
+        run(kc, "import os")
+        sandbox = value(kc, "os.environ['SNAPKERNEL_SANDBOX_ID']").strip("'")
+        made = json.loads(cli("snapshots", "create", sandbox, "--name", "before-fit", "--json").stdout)
+    assert made["id"].startswith("snap-") and made["kind"] == "memory" and made["name"] == "before-fit"
+    assert "kernel_key" not in made
+    listed = json.loads(cli("snapshots", "list", "--json").stdout)
+    assert made["id"] in [s["id"] for s in listed]
+    shown = json.loads(cli("snapshots", "show", made["id"], "--json").stdout)
+    assert shown["size"] == made["size"] and "kernel_key" not in shown and shown["files"]
+    assert made["id"] in cli("snapshots", "list").stdout
+    assert f"removed {made['id']}" in cli("snapshots", "rm", made["id"]).stdout
+    gone = cli("snapshots", "show", made["id"], check=False)
+    assert gone.returncode == 2 and f"no snapshot '{made['id']}'" in gone.stderr
+    bad = cli("snapshots", "create", sandbox, check=False)
+    assert bad.returncode == 2 and f"no sandbox '{sandbox}'" in bad.stderr
