@@ -114,8 +114,9 @@ def percentile(values: list[float], q: float) -> float:
 class Backend:
     """`snapkernel backend` on a unix socket in `state_dir`, logging to `state_dir/backend.log`."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, runtime: str = "process") -> None:
         self.state_dir = state_dir
+        self.runtime = runtime
         self.socket = state_dir / "backend.sock"
         self.address = f"unix://{self.socket}"
         self.log_path = state_dir / "backend.log"
@@ -125,7 +126,7 @@ class Backend:
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 [*SNAPKERNEL, "backend", "--listen", self.address, "--state-dir", str(self.state_dir),
-                 "--runtime", "process"],
+                 "--runtime", self.runtime],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         token = self.state_dir / "token"
         deadline = time.monotonic() + timeout
