@@ -54,6 +54,7 @@ class LiveSandbox:
     pending: list[pb.AgentMessage] = field(default_factory=list)
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     deleting: bool = False
+    snapshotting: bool = False
 
 
 @dataclass
@@ -353,8 +354,14 @@ class SandboxManager:
         if sb.record.state != pb.RUNNING:
             raise StateError(f"sandbox {sb.record.id} is {STATE_NAMES[sb.record.state]}: only a running kernel "
                              "can be snapshotted")
-        self._progress(sb, "snapshot", "checkpointing the sandbox's memory", 0.2)
-        snap = await memory.take(self.snapshots, runtime, sb.record, req.name, sb.spec.memory)
+        if sb.snapshotting:
+            raise StateError(f"sandbox {sb.record.id} is being snapshotted already: wait for that one")
+        sb.snapshotting = True
+        try:
+            self._progress(sb, "snapshot", "checkpointing the sandbox's memory", 0.2)
+            snap = await memory.take(self.snapshots, runtime, sb.record, req.name, sb.spec.memory)
+        finally:
+            sb.snapshotting = False
         self._progress(sb, "snapshot", f"snapshot {snap.id} written ({format_bytes(snap.size)})", 1.0)
         return snap
 

@@ -116,6 +116,31 @@ class SnapshotStore:
                 f"{format_bytes(free)} free at {self.root}; delete snapshots (`snapkernel snapshots rm`) or free space"
             )
 
+    def begin(self, meta: Snapshot, expected_size: int) -> Path:
+        """Check kind and free space, give `meta` its id, and return the empty directory to fill."""
+        if meta.kind not in KINDS:
+            raise InvalidSpecError(f"snapshot kind {meta.kind!r} is not known: use {' or '.join(KINDS)}")
+        self.check_free_space(expected_size)
+        meta.id = f"snap-{secrets.token_hex(6)}"
+        partial = self.root / f"{_PARTIAL}{meta.id}"
+        partial.mkdir(mode=0o700)
+        return partial
+
+    def commit(self, meta: Snapshot, partial: Path) -> None:
+        """Hash and fsync the files, move the directory into place, record it (slow: call off the loop)."""
+        meta.files = [SnapshotFile(str(p.relative_to(partial)), p.stat().st_size, _sha256(p))
+                      for p in sorted(partial.rglob("*")) if p.is_file()]
+        meta.created = time.time()
+        _fsync_tree(partial)
+        os.rename(partial, self.root / meta.id)
+        with self.lock:
+            self.db.execute("INSERT INTO snapshots VALUES (?, ?, ?, ?)",
+                            (meta.id, meta.notebook_path, meta.created, json.dumps(asdict(meta))))
+
+    @staticmethod
+    def abort(partial: Path) -> None:
+        shutil.rmtree(partial, ignore_errors=True)
+
     @contextlib.contextmanager
     def write(self, meta: Snapshot, expected_size: int) -> Iterator[Path]:
         """Yield an empty directory to write the snapshot's files into; commit it when the block ends.
@@ -123,24 +148,12 @@ class SnapshotStore:
         `meta.id`, `created` and `files` are filled in here. On any error the partial directory is removed
         and nothing is recorded.
         """
-        if meta.kind not in KINDS:
-            raise InvalidSpecError(f"snapshot kind {meta.kind!r} is not known: use {' or '.join(KINDS)}")
-        self.check_free_space(expected_size)
-        meta.id = f"snap-{secrets.token_hex(6)}"
-        partial = self.root / f"{_PARTIAL}{meta.id}"
-        partial.mkdir(mode=0o700)
+        partial = self.begin(meta, expected_size)
         try:
             yield partial
-            meta.files = [SnapshotFile(str(p.relative_to(partial)), p.stat().st_size, _sha256(p))
-                          for p in sorted(partial.rglob("*")) if p.is_file()]
-            meta.created = time.time()
-            _fsync_tree(partial)
-            os.rename(partial, self.root / meta.id)
-            with self.lock:
-                self.db.execute("INSERT INTO snapshots VALUES (?, ?, ?, ?)",
-                                (meta.id, meta.notebook_path, meta.created, json.dumps(asdict(meta))))
+            self.commit(meta, partial)
         except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
+            self.abort(partial)
             raise
 
     def get(self, snapshot_id: str) -> Snapshot:
