@@ -18,6 +18,7 @@ import zmq
 
 from snapkernel.agent.frames import FrameBuffer, decode, encode
 from snapkernel.agent.kernel_process import KernelProcess
+from snapkernel.agent.own_client import OwnClient
 from snapkernel.backend.v1 import backend_pb2 as pb
 
 log = logging.getLogger("snapkernel.agent")
@@ -50,6 +51,8 @@ class KernelBridge:
         self.routes: dict[zmq.Socket[Any], tuple[pb.Channel.ValueType, bytes]] = {}
         self.exit_reported = True
         self.running = True
+        self.own = OwnClient(key)
+        self.own_shell: zmq.Socket[Any] | None = None
         self.runtime_dir = runtime_dir
 
     # --- the link -------------------------------------------------------------------------------
@@ -90,6 +93,14 @@ class KernelBridge:
             sock.close(0)
         self.routes.clear()
         self.clients.clear()
+        if self.own_shell is not None:
+            self.poller.unregister(self.own_shell)
+            self.own_shell.close(0)
+            self.own_shell = None
+        for pending in self.own.pending.values():
+            self.send(pb.AgentMessage(code_result=pb.CodeResult(id=pending.request_id, ok=False,
+                                                                error="the kernel stopped")))
+        self.own.pending.clear()
         if self.iopub is not None:
             self.poller.unregister(self.iopub)
             self.iopub.close(0)
@@ -162,8 +173,21 @@ class KernelBridge:
             self.start_kernel()
         elif kind == "shutdown":
             self.running = False
+        elif kind == "run_code":
+            self._run_code(msg.run_code)
         else:
             self._error(f"unknown command {kind!r}")
+
+    def _run_code(self, req: pb.RunCode) -> None:
+        if self.kernel is None or self.kernel.poll() is not None:
+            self.send(pb.AgentMessage(code_result=pb.CodeResult(id=req.id, ok=False, error="no kernel running")))
+            return
+        if self.own_shell is None:
+            self.own_shell = self.ctx.socket(zmq.DEALER)
+            self.own_shell.linger = 0
+            self.own_shell.connect(self.addresses["shell"])
+            self.poller.register(self.own_shell, zmq.POLLIN)
+        self.own_shell.send_multipart(self.own.execute_request(req.id, req.code))
 
     def _error(self, text: str) -> None:
         log.warning("%s", text)
@@ -191,7 +215,16 @@ class KernelBridge:
                         self.handle(decode(body))
                 elif sock is self.iopub and self.iopub is not None:
                     parts = self.iopub.recv_multipart()
-                    self.send(pb.AgentMessage(frame=pb.KernelFrame(channel=pb.IOPUB, parts=parts)))
+                    if self.own.pending and self.own.owns(parts):
+                        self.own.on_iopub(parts)  # the agent's own request: not the notebook's business
+                    else:
+                        self.send(pb.AgentMessage(frame=pb.KernelFrame(channel=pb.IOPUB, parts=parts)))
+                elif sock is self.own_shell and self.own_shell is not None:
+                    result = self.own.on_reply(self.own_shell.recv_multipart())
+                    if result is not None:
+                        rid, ok, output, error = result
+                        self.send(pb.AgentMessage(code_result=pb.CodeResult(id=rid, ok=ok, output=output,
+                                                                            error=error)))
                 else:
                     channel, ident = self.routes[sock]
                     parts = sock.recv_multipart()

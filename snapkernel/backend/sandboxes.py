@@ -35,12 +35,13 @@ from snapkernel.errors import (
     StateError,
     TimeoutError_,
 )
-from snapkernel.snapshots import memory
+from snapkernel.snapshots import memory, state
 from snapkernel.snapshots.store import Snapshot, SnapshotStore
 
 log = logging.getLogger(__name__)
 
 MAX_PENDING_FRAMES = 1000  # frames held for a sandbox whose agent is not connected yet
+STATE_TIMEOUT = 600.0  # seconds a state snapshot's save or load may take in the kernel
 STATE_NAMES: dict[int, str] = {v: k.lower() for k, v in pb.SandboxState.items()}
 
 
@@ -55,6 +56,8 @@ class LiveSandbox:
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     deleting: bool = False
     snapshotting: bool = False
+    code_results: dict[str, asyncio.Future[pb.CodeResult]] = field(default_factory=dict)
+    restore_state: Path | None = None  # a state snapshot to load once the kernel runs
 
 
 @dataclass
@@ -136,13 +139,14 @@ class SandboxManager:
                 f"{', '.join(self.runtimes)}"
             )
         restore: Path | None = None
+        restore_state: Path | None = None
         if spec.restore_from:
             runtime_version = runtime.features.version if isinstance(runtime, GvisorRuntime) else ""
             snap = await asyncio.to_thread(self.snapshots.verify, spec.restore_from, spec.runtime, runtime_version)
-            if snap.kind != "memory":
-                raise InvalidSpecError(f"snapshot {snap.id} is a {snap.kind} snapshot: only memory snapshots "
-                                       "can be resumed so far")
-            restore = self.snapshots.path(snap.id)
+            if snap.kind == "memory":
+                restore = self.snapshots.path(snap.id)
+            else:
+                restore_state = self.snapshots.path(snap.id)
         if req.kernel.signature_scheme not in ("", "hmac-sha256"):
             raise InvalidSpecError(
                 f"signature scheme {req.kernel.signature_scheme!r} is not supported: use hmac-sha256"
@@ -159,7 +163,7 @@ class SandboxManager:
             dir=str(self.sandbox_root / sandbox_id), gpu_indices=gpus, created=time.time(),
             notebook_path=req.notebook_path,
         )
-        sb = LiveSandbox(record, spec)
+        sb = LiveSandbox(record, spec, restore_state=restore_state)
         self.live[sandbox_id] = sb
         self._set_state(sb, pb.PENDING, "")
         self._spawn(self._start(sb, runtime, req.kernel, restore))
@@ -232,8 +236,16 @@ class SandboxManager:
         elif kind == "kernel_started":
             r.kernel_generation = msg.kernel_started.generation
             r.exit_code = 0
+            if sb.restore_state is not None:
+                self._spawn(self._load_state(sb, sb.restore_state))
+                sb.restore_state = None
+                return
             self._set_state(sb, pb.RUNNING, "", pb.Progress(step="kernel", message="kernel running",
                                                             fraction=1.0))
+        elif kind == "code_result":
+            future = sb.code_results.pop(msg.code_result.id, None)
+            if future is not None and not future.done():
+                future.set_result(msg.code_result)
         elif kind == "kernel_exited":
             if msg.kernel_exited.generation == r.kernel_generation and not sb.deleting:
                 r.exit_code = msg.kernel_exited.code
@@ -342,15 +354,70 @@ class SandboxManager:
         self.send_to_agent(self.get(sandbox_id), pb.AgentMessage(signal=signum))
 
     # --- snapshots ------------------------------------------------------------------------------
+    async def run_in_kernel(self, sb: LiveSandbox, code: str, timeout: float) -> pb.CodeResult:
+        """Run `code` in the sandbox's kernel as the agent's own client (its output is not the notebook's)."""
+        request_id = secrets.token_hex(8)
+        future: asyncio.Future[pb.CodeResult] = asyncio.get_running_loop().create_future()
+        sb.code_results[request_id] = future
+        self.send_to_agent(sb, pb.AgentMessage(run_code=pb.RunCode(id=request_id, code=code)))
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError as e:
+            raise TimeoutError_(f"sandbox {sb.record.id}: the kernel did not finish within {timeout:g}s "
+                                "(is a cell still running? state snapshots wait for the kernel to be idle)") from e
+        finally:
+            sb.code_results.pop(request_id, None)
+
+    async def _load_state(self, sb: LiveSandbox, snapshot_dir: Path) -> None:
+        """Put a state snapshot's variables into the fresh kernel, then declare it running."""
+        r = sb.record
+        self._progress(sb, "restore", f"loading the variables of snapshot {snapshot_dir.name}", 0.8)
+        inside = f".snapkernel-restore-{secrets.token_hex(4)}"
+        try:
+            await asyncio.to_thread(shutil.copytree, snapshot_dir, Path(r.dir) / "workspace" / inside)
+            result = await self.run_in_kernel(sb, state.load_code(inside), STATE_TIMEOUT)
+            if not result.ok:
+                raise SandboxFailedError(f"loading snapshot {snapshot_dir.name} failed: {result.error}")
+        except SnapkernelError as e:
+            self._set_state(sb, pb.FAILED, str(e))
+            return
+        finally:
+            await asyncio.to_thread(shutil.rmtree, Path(r.dir) / "workspace" / inside, True)
+        self._set_state(sb, pb.RUNNING, "", pb.Progress(step="restore", message=result.output.strip(),
+                                                        fraction=1.0))
+
+    async def _take_state(self, sb: LiveSandbox, name: str) -> Snapshot:
+        r = sb.record
+        inside = f".snapkernel-state-{secrets.token_hex(4)}"
+        host = Path(r.dir) / "workspace" / inside
+        try:
+            result = await self.run_in_kernel(sb, state.save_code(inside), STATE_TIMEOUT)
+            if not result.ok:
+                raise SandboxFailedError(f"saving the kernel's variables failed: {result.error}")
+            report = json.loads(result.output.strip().splitlines()[-1])
+            size = sum(p.stat().st_size for p in host.rglob("*") if p.is_file())
+            meta = Snapshot(id="", kind="state", name=name, sandbox_id=r.id, notebook_path=r.notebook_path,
+                            runtime=r.runtime, skipped=report["skipped"])
+            partial = self.snapshots.begin(meta, size)
+            try:
+                await asyncio.to_thread(shutil.copytree, host, partial, dirs_exist_ok=True)
+                await asyncio.to_thread(self.snapshots.commit, meta, partial)
+            except BaseException:
+                self.snapshots.abort(partial)
+                raise
+            return meta
+        finally:
+            await asyncio.to_thread(shutil.rmtree, host, True)
+
     async def snapshot(self, req: pb.CreateSnapshotRequest) -> Snapshot:
         sb = self.get(req.sandbox_id)
         kind = req.kind or "memory"
-        if kind != "memory":
-            raise InvalidSpecError(f"snapshot kind {kind!r} is not available yet: use 'memory' (gvisor sandboxes)")
+        if kind not in ("memory", "state"):
+            raise InvalidSpecError(f"snapshot kind {kind!r} is not known: use 'memory' or 'state'")
         runtime = self.runtimes.get(sb.record.runtime)
-        if not isinstance(runtime, GvisorRuntime):
+        if kind == "memory" and not isinstance(runtime, GvisorRuntime):
             raise StateError(f"sandbox {sb.record.id} runs under {sb.record.runtime}: memory snapshots need the "
-                             "gvisor runtime")
+                             "gvisor runtime; use --kind state")
         if sb.record.state != pb.RUNNING:
             raise StateError(f"sandbox {sb.record.id} is {STATE_NAMES[sb.record.state]}: only a running kernel "
                              "can be snapshotted")
@@ -358,8 +425,13 @@ class SandboxManager:
             raise StateError(f"sandbox {sb.record.id} is being snapshotted already: wait for that one")
         sb.snapshotting = True
         try:
-            self._progress(sb, "snapshot", "checkpointing the sandbox's memory", 0.2)
-            snap = await memory.take(self.snapshots, runtime, sb.record, req.name, sb.spec.memory)
+            if kind == "state":
+                self._progress(sb, "snapshot", "saving the kernel's variables", 0.2)
+                snap = await self._take_state(sb, req.name)
+            else:
+                assert isinstance(runtime, GvisorRuntime)
+                self._progress(sb, "snapshot", "checkpointing the sandbox's memory", 0.2)
+                snap = await memory.take(self.snapshots, runtime, sb.record, req.name, sb.spec.memory)
         finally:
             sb.snapshotting = False
         self._progress(sb, "snapshot", f"snapshot {snap.id} written ({format_bytes(snap.size)})", 1.0)

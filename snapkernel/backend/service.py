@@ -69,6 +69,7 @@ def snapshot_info(snap: Snapshot) -> pb.SnapshotInfo:
         id=snap.id, kind=snap.kind, name=snap.name, sandbox_id=snap.sandbox_id, notebook_path=snap.notebook_path,
         runtime=snap.runtime, runtime_version=snap.runtime_version, gpu_model=snap.gpu_model, created=snap.created,
         size=snap.size, files=[pb.SnapshotFileInfo(name=f.name, size=f.size, sha256=f.sha256) for f in snap.files],
+        skipped=snap.skipped,
     )
     ParseDict(snap.spec, info.spec)
     return info

@@ -52,6 +52,7 @@ class Snapshot:
     gpu_model: str = ""
     created: float = 0.0
     files: list[SnapshotFile] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # state snapshots: variable -> why not saved
 
     @property
     def size(self) -> int:

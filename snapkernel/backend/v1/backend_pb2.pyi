@@ -143,6 +143,26 @@ Global___SnapshotFileInfo: _TypeAlias = SnapshotFileInfo  # noqa: Y015
 class SnapshotInfo(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class SkippedEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ID_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
@@ -156,6 +176,7 @@ class SnapshotInfo(_message.Message):
     FILES_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
     KERNEL_KEY_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     kind: _builtins.str
     name: _builtins.str
@@ -174,6 +195,10 @@ class SnapshotInfo(_message.Message):
     def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___SnapshotFileInfo]: ...
     @_builtins.property
     def spec(self) -> Global___SandboxSpec: ...
+    @_builtins.property
+    def skipped(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """State snapshots: variables that could not be saved, with the reason."""
+
     def __init__(
         self,
         *,
@@ -190,10 +215,11 @@ class SnapshotInfo(_message.Message):
         files: _abc.Iterable[Global___SnapshotFileInfo] | None = ...,
         spec: Global___SandboxSpec | None = ...,
         kernel_key: _builtins.bytes = ...,
+        skipped: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "files", b"files", "gpu_model", b"gpu_model", "id", b"id", "kernel_key", b"kernel_key", "kind", b"kind", "name", b"name", "notebook_path", b"notebook_path", "runtime", b"runtime", "runtime_version", b"runtime_version", "sandbox_id", b"sandbox_id", "size", b"size", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "files", b"files", "gpu_model", b"gpu_model", "id", b"id", "kernel_key", b"kernel_key", "kind", b"kind", "name", b"name", "notebook_path", b"notebook_path", "runtime", b"runtime", "runtime_version", b"runtime_version", "sandbox_id", b"sandbox_id", "size", b"size", "skipped", b"skipped", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -985,6 +1011,8 @@ class AgentMessage(_message.Message):
     RESTART_FIELD_NUMBER: _builtins.int
     SHUTDOWN_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    RUN_CODE_FIELD_NUMBER: _builtins.int
+    CODE_RESULT_FIELD_NUMBER: _builtins.int
     signal: _builtins.int
     """backend -> agent"""
     restart: _builtins.bool
@@ -1003,6 +1031,14 @@ class AgentMessage(_message.Message):
     def kernel_started(self) -> Global___KernelStarted: ...
     @_builtins.property
     def kernel_exited(self) -> Global___KernelExited: ...
+    @_builtins.property
+    def run_code(self) -> Global___RunCode:
+        """backend -> agent: run code in the kernel as the agent's own client"""
+
+    @_builtins.property
+    def code_result(self) -> Global___CodeResult:
+        """agent -> backend"""
+
     def __init__(
         self,
         *,
@@ -1014,16 +1050,70 @@ class AgentMessage(_message.Message):
         restart: _builtins.bool = ...,
         shutdown: _builtins.bool = ...,
         error: _builtins.str = ...,
+        run_code: Global___RunCode | None = ...,
+        code_result: Global___CodeResult | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "frame", b"frame", "hello", b"hello", "kernel_exited", b"kernel_exited", "kernel_started", b"kernel_started", "kind", b"kind", "restart", b"restart", "shutdown", b"shutdown", "signal", b"signal"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["code_result", b"code_result", "error", b"error", "frame", b"frame", "hello", b"hello", "kernel_exited", b"kernel_exited", "kernel_started", b"kernel_started", "kind", b"kind", "restart", b"restart", "run_code", b"run_code", "shutdown", b"shutdown", "signal", b"signal"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "frame", b"frame", "hello", b"hello", "kernel_exited", b"kernel_exited", "kernel_started", b"kernel_started", "kind", b"kind", "restart", b"restart", "shutdown", b"shutdown", "signal", b"signal"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code_result", b"code_result", "error", b"error", "frame", b"frame", "hello", b"hello", "kernel_exited", b"kernel_exited", "kernel_started", b"kernel_started", "kind", b"kind", "restart", b"restart", "run_code", b"run_code", "shutdown", b"shutdown", "signal", b"signal"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["frame", "hello", "kernel_started", "kernel_exited", "signal", "restart", "shutdown", "error"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["frame", "hello", "kernel_started", "kernel_exited", "signal", "restart", "shutdown", "error", "run_code", "code_result"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___AgentMessage: _TypeAlias = AgentMessage  # noqa: Y015
+
+@_typing.final
+class RunCode(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    code: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        code: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunCode: _TypeAlias = RunCode  # noqa: Y015
+
+@_typing.final
+class CodeResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    OK_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    ok: _builtins.bool
+    output: _builtins.str
+    """what the code printed"""
+    error: _builtins.str
+    """"Name: message" when it raised"""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        ok: _builtins.bool = ...,
+        output: _builtins.str = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "id", b"id", "ok", b"ok", "output", b"output"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CodeResult: _TypeAlias = CodeResult  # noqa: Y015
 
 @_typing.final
 class AgentHello(_message.Message):

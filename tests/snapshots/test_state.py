@@ -1,0 +1,48 @@
+"""State snapshots: the namespace saved portably and loaded into a fresh kernel, on any runtime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from snapkernel.backend.v1 import backend_pb2 as pb
+from tests.conftest import Backend
+from tests.kernel_provisioner.kernel_helpers import run, running_kernel, value, write_kernelspec
+from tests.snapshots.test_memory import backend_call
+
+
+def test_state_snapshot_moves_variables_to_a_fresh_kernel(backend: Backend, kernelspec_dir: Path) -> None:
+    with running_kernel() as (_km, kc):
+        run(kc, "import os, math, numpy as np, threading\n"
+                "table = {'rows': [1, 2, 3], 'name': 'fit'}\narr = np.arange(12, dtype=np.float32).reshape(3, 4)\n"
+                "def helper(x):\n    return x * 2 + len(table['rows'])\n"
+                "square = lambda v: v * v\nlock = threading.Lock()\n_private = 1")
+        sandbox = value(kc, "os.environ['SNAPKERNEL_SANDBOX_ID']").strip("'")
+        snap: pb.SnapshotInfo = backend_call(backend, lambda c: c.create_snapshot(sandbox, "state", "vars"))
+        assert snap.kind == "state" and "arr.npy" in {f.name for f in snap.files}
+        assert dict(snap.skipped).keys() == {"lock"} and "pickle" in snap.skipped["lock"]
+        # The agent's own request left no trace in the notebook's session.
+        _, outputs = run(kc, "1")
+        assert not [m for m in outputs if m["msg_type"] == "stream"]
+    resume = write_kernelspec(kernelspec_dir, f"snapkernel-test-state-{backend.runtime}", {"restore_from": snap.id})
+    with running_kernel(resume) as (_km, kc):
+        assert value(kc, "table") == "{'rows': [1, 2, 3], 'name': 'fit'}"
+        assert value(kc, "arr.dtype.name, arr.shape, float(arr.sum())") == "('float32', (3, 4), 66.0)"
+        assert value(kc, "helper(10), square(4), math.pi > 3, np.__name__") == "(23, 16, True, 'numpy')"
+        assert value(kc, "'lock' in globals(), '_private' in globals()") == "(False, False)"
+
+
+@pytest.mark.gvisor
+@pytest.mark.parametrize("backend", ["gvisor"], indirect=True)
+def test_state_snapshot_moves_across_runtimes(backend: Backend, kernelspec_dir: Path) -> None:
+    source = write_kernelspec(kernelspec_dir, "snapkernel-test-state-src", {"runtime": "gvisor"})
+    with running_kernel(source) as (_km, kc):
+        run(kc, "import os\nmoved = list(range(5))")
+        sandbox = value(kc, "os.environ['SNAPKERNEL_SANDBOX_ID']").strip("'")
+        snap = backend_call(backend, lambda c: c.create_snapshot(sandbox, "state"))
+    target = write_kernelspec(kernelspec_dir, "snapkernel-test-state-dst", {"runtime": "process",
+                                                                            "restore_from": snap.id})
+    with running_kernel(target) as (_km, kc):
+        assert value(kc, "moved") == "[0, 1, 2, 3, 4]"
+        assert value(kc, "__import__('os').uname().release") != "'4.4.0'"  # now outside gVisor
