@@ -46,11 +46,14 @@ class BackendClient:
         self.token = token if token is not None else default_token(self.address)
         self.metadata = call_metadata(self.token)
         ca = tls_ca or os.environ.get("SNAPKERNEL_TLS_CA")
+        # Subchannels of its own: grpc otherwise shares them process-wide, and a new client would inherit
+        # the connect backoff of an old one to a backend that has since restarted.
+        options = [*GRPC_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
         if ca and not target.startswith("unix://"):
             creds = grpc.ssl_channel_credentials(Path(ca).read_bytes())
-            self.channel = grpc.aio.secure_channel(target, creds, options=GRPC_OPTIONS)
+            self.channel = grpc.aio.secure_channel(target, creds, options=options)
         else:
-            self.channel = grpc.aio.insecure_channel(target, options=GRPC_OPTIONS)
+            self.channel = grpc.aio.insecure_channel(target, options=options)
         self.stub = pb_grpc.BackendStub(self.channel)
 
     async def _call(self, method: Any, request: Any, timeout: float | None = 30.0) -> Any:

@@ -35,7 +35,10 @@ def running_kernel(name: str = "snapkernel-python",
     finally:
         kc.stop_channels()
         if km.has_kernel:
-            km.shutdown_kernel(now=True)
+            try:
+                km.shutdown_kernel(now=True)
+            except Exception as e:  # never hide the test's own failure behind a teardown error
+                print(f"kernel shutdown failed: {e}")
 
 
 def run(kc: BlockingKernelClient, code: str, timeout: float = 30) -> tuple[dict[str, Any], list[dict[str, Any]]]:
