@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import sys
+import threading
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -152,6 +153,45 @@ def cmd_snapshots_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_resume(args: argparse.Namespace) -> int:
+    """Start a kernel from a snapshot and keep it until interrupted; print how to connect to it."""
+    import signal
+    import tempfile
+    from pathlib import Path
+
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import KernelManager
+
+    from snapkernel.kernel_provisioner.kernelspec import kernel_json
+
+    config: dict[str, Any] = {"restore_from": args.snapshot}
+    if args.runtime:
+        config["runtime"] = args.runtime
+    with tempfile.TemporaryDirectory(prefix="snapkernel-resume-") as tmp:
+        spec_dir = Path(tmp) / "kernels" / "snapkernel-resume"
+        spec_dir.mkdir(parents=True)
+        (spec_dir / "kernel.json").write_text(json.dumps(kernel_json(f"resumed {args.snapshot}", config)))
+        km = KernelManager(kernel_name="snapkernel-resume",
+                           kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(Path(tmp) / "kernels")]))
+        km.start_kernel()
+        try:
+            sandbox = getattr(km.provisioner, "sandbox_id", "")
+            if args.json:
+                print(json.dumps({"id": sandbox, "snapshot": args.snapshot,
+                                  "connection_file": km.connection_file}), flush=True)
+            else:
+                print(f"resumed {args.snapshot} in sandbox {sandbox}; connect with:\n"
+                      f"  jupyter console --existing {km.connection_file}\n(Ctrl-C here stops it)", flush=True)
+            stop = threading.Event()
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            signal.signal(signal.SIGINT, lambda *_: stop.set())
+            while not stop.wait(1.0) and km.is_alive():
+                pass
+        finally:
+            km.shutdown_kernel(now=True)
+    return 0
+
+
 def cmd_kernels_install(args: argparse.Namespace) -> int:
     from snapkernel.kernel_provisioner import kernelspec
 
@@ -224,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sn.add_parser("rm", help="delete snapshots")
     s.add_argument("ids", nargs="+", metavar="SNAPSHOT")
     s.set_defaults(func=cmd_snapshots_rm)
+
+    s = sub.add_parser("resume", help="start a kernel from a snapshot and keep it until Ctrl-C")
+    s.add_argument("snapshot", metavar="SNAPSHOT")
+    s.add_argument("--runtime", choices=["gvisor", "process"], help="for state snapshots: where to resume")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_resume)
 
     k = sub.add_parser("kernels", help="install or list kernelspecs").add_subparsers(dest="action", required=True)
     s = k.add_parser("install", help="install snapkernel-python and one kernel per GPU model")

@@ -46,3 +46,37 @@ def test_state_snapshot_moves_across_runtimes(backend: Backend, kernelspec_dir: 
     with running_kernel(target) as (_km, kc):
         assert value(kc, "moved") == "[0, 1, 2, 3, 4]"
         assert value(kc, "__import__('os').uname().release") != "'4.4.0'"  # now outside gVisor
+
+
+def test_resume_command_serves_the_snapshot_until_stopped(backend: Backend) -> None:
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from jupyter_client.blocking.client import BlockingKernelClient
+
+    with running_kernel() as (_km, kc):
+        run(kc, "import os\nresumed_value = 'from the snapshot'")
+        sandbox = value(kc, "os.environ['SNAPKERNEL_SANDBOX_ID']").strip("'")
+        snap = backend_call(backend, lambda c: c.create_snapshot(sandbox, "state"))
+    proc = subprocess.Popen([sys.executable, "-m", "snapkernel.cli", "resume", snap.id, "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    try:
+        assert proc.stdout is not None
+        info = json.loads(proc.stdout.readline())
+        client = BlockingKernelClient(connection_file=info["connection_file"])
+        client.load_connection_file()
+        client.start_channels()
+        try:
+            client.wait_for_ready(timeout=60)
+            assert value(client, "resumed_value") == "'from the snapshot'"
+        finally:
+            client.stop_channels()
+        assert info["id"] in [s.id for s in backend_call(backend, lambda c: c.list_sandboxes())]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    assert proc.returncode == 0
+    assert info["id"] not in [s.id for s in backend_call(backend, lambda c: c.list_sandboxes())]
