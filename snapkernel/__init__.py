@@ -13,5 +13,12 @@ def _jupyter_server_extension_points() -> list[dict[str, Any]]:
     return points()
 
 
+def load_ipython_extension(ipython: Any) -> None:
+    """`%load_ext snapkernel`: the `%snapshot` magic (loaded in snapkernel kernels by default)."""
+    from snapkernel.jupyter_ext.magics import SnapKernelMagics
+
+    ipython.register_magics(SnapKernelMagics)
+
+
 def _jupyter_labextension_paths() -> list[dict[str, str]]:
     return [{"src": "labextension", "dest": "snapkernel"}]

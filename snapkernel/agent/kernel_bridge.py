@@ -26,6 +26,7 @@ log = logging.getLogger("snapkernel.agent")
 _CHANNEL_NAMES = {pb.SHELL: "shell", pb.CONTROL: "control", pb.STDIN: "stdin"}
 _MAX_CLIENTS = 64  # clients (identities) kept connected at once; the least recently seen are dropped
 _KILL_GRACE = 3.0
+REQUEST_MARK = b"snapkernel_request"
 STDIN_CONNECT_TIMEOUT_MS = 2000
 
 
@@ -52,6 +53,7 @@ class KernelBridge:
         self.exit_reported = True
         self.running = True
         self.own = OwnClient(key)
+        self.requests: dict[str, list[pb.KernelRequest]] = {}  # cell msg_id -> requests to send when it ends
         self.own_shell: zmq.Socket[Any] | None = None
         self.runtime_dir = runtime_dir
 
@@ -178,6 +180,26 @@ class KernelBridge:
         else:
             self._error(f"unknown command {kind!r}")
 
+    def _kernel_request(self, parts: list[bytes]) -> bool:
+        """Take a `%snapshot` request off iopub; it is sent once its cell has finished."""
+        if not any(REQUEST_MARK in p for p in parts[:4]):
+            return False
+        header, parent, content = OwnClient.decode(parts)
+        if header.get("msg_type") != "snapkernel_request":
+            return False
+        request = pb.KernelRequest(action=str(content.get("action", "")), name=str(content.get("name", "")),
+                                   kind=str(content.get("kind", "")))
+        self.requests.setdefault(parent.get("msg_id", ""), []).append(request)
+        return True
+
+    def _release_requests(self, parts: list[bytes]) -> None:
+        if not any(b'"idle"' in p for p in parts[-1:]):
+            return
+        _, parent, content = OwnClient.decode(parts)
+        if content.get("execution_state") == "idle":
+            for request in self.requests.pop(parent.get("msg_id", ""), []):
+                self.send(pb.AgentMessage(kernel_request=request))
+
     def _run_code(self, req: pb.RunCode) -> None:
         if self.kernel is None or self.kernel.poll() is not None:
             self.send(pb.AgentMessage(code_result=pb.CodeResult(id=req.id, ok=False, error="no kernel running")))
@@ -217,7 +239,11 @@ class KernelBridge:
                     parts = self.iopub.recv_multipart()
                     if self.own.pending and self.own.owns(parts):
                         self.own.on_iopub(parts)  # the agent's own request: not the notebook's business
+                    elif self._kernel_request(parts):
+                        pass
                     else:
+                        if self.requests:
+                            self._release_requests(parts)
                         self.send(pb.AgentMessage(frame=pb.KernelFrame(channel=pb.IOPUB, parts=parts)))
                 elif sock is self.own_shell and self.own_shell is not None:
                     result = self.own.on_reply(self.own_shell.recv_multipart())

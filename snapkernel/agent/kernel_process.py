@@ -35,6 +35,7 @@ class KernelProcess:
         env = dict(os.environ)
         env.pop("SNAPKERNEL_KERNEL_KEY", None)
         # The kernel writes to the agent's log (fd 2), never to fd 1, which carries the frames.
-        proc = subprocess.Popen([sys.executable, "-m", "ipykernel_launcher", "-f", path],
+        proc = subprocess.Popen([sys.executable, "-m", "ipykernel_launcher", "-f", path,
+                                 "--IPKernelApp.extra_extensions=snapkernel"],
                                 stdin=subprocess.DEVNULL, stdout=2, stderr=2, env=env)
         return cls(proc, {name: f"ipc://{base}-{port}" for name, port in ports.items()}, generation)

@@ -55,7 +55,7 @@ class OwnClient:
         return any(self.session_bytes in p for p in parts[:6])
 
     def on_iopub(self, parts: list[bytes]) -> None:
-        header, parent, content = self._decode(parts)
+        header, parent, content = self.decode(parts)
         pending = self.pending.get(parent.get("msg_id", ""))
         if pending is None:
             return
@@ -66,7 +66,7 @@ class OwnClient:
 
     def on_reply(self, parts: list[bytes]) -> tuple[str, bool, str, str] | None:
         """(request id, ok, output, error) once the execute_reply arrives."""
-        _, parent, content = self._decode(parts)
+        _, parent, content = self.decode(parts)
         pending = self.pending.pop(parent.get("msg_id", ""), None)
         if pending is None:
             return None
@@ -75,7 +75,7 @@ class OwnClient:
         return pending.request_id, ok, "".join(pending.output), error
 
     @staticmethod
-    def _decode(parts: list[bytes]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    def decode(parts: list[bytes]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
         i = parts.index(DELIM)
         header, parent, _meta, content = (json.loads(p) for p in parts[i + 2:i + 6])
         return header, parent, content

@@ -242,6 +242,8 @@ class SandboxManager:
                 return
             self._set_state(sb, pb.RUNNING, "", pb.Progress(step="kernel", message="kernel running",
                                                             fraction=1.0))
+        elif kind == "kernel_request":
+            self._spawn(self._on_kernel_request(sb, msg.kernel_request))
         elif kind == "code_result":
             future = sb.code_results.pop(msg.code_result.id, None)
             if future is not None and not future.done():
@@ -367,6 +369,17 @@ class SandboxManager:
                                 "(is a cell still running? state snapshots wait for the kernel to be idle)") from e
         finally:
             sb.code_results.pop(request_id, None)
+
+    async def _on_kernel_request(self, sb: LiveSandbox, request: pb.KernelRequest) -> None:
+        if request.action != "snapshot":
+            log.warning("sandbox_id=%s unknown kernel request %r", sb.record.id, request.action)
+            return
+        try:
+            snap = await self.snapshot(pb.CreateSnapshotRequest(sandbox_id=sb.record.id, kind=request.kind,
+                                                                name=request.name))
+            log.info("sandbox_id=%s %%snapshot took %s", sb.record.id, snap.id)
+        except SnapkernelError as e:
+            self._progress(sb, "snapshot", f"%snapshot failed: {e}")
 
     async def _load_state(self, sb: LiveSandbox, snapshot_dir: Path) -> None:
         """Put a state snapshot's variables into the fresh kernel, then declare it running."""

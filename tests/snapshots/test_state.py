@@ -80,3 +80,24 @@ def test_resume_command_serves_the_snapshot_until_stopped(backend: Backend) -> N
         proc.wait(60)
     assert proc.returncode == 0
     assert info["id"] not in [s.id for s in backend_call(backend, lambda c: c.list_sandboxes())]
+
+
+@pytest.mark.parametrize("kind", ["state", pytest.param("memory", marks=pytest.mark.gvisor)])
+def test_snapshot_magic_snapshots_when_the_cell_ends(backend: Backend, kind: str) -> None:
+    import time
+
+    if kind == "memory" and backend.runtime != "gvisor":
+        pytest.skip("memory snapshots are gvisor's")
+    name = f"magic-{kind}-{backend.runtime}"
+    with running_kernel() as (_km, kc):
+        content, outputs = run(kc, f"%snapshot --name {name} --kind {kind}\nafter_magic = 1")
+        assert content["status"] == "ok"
+        assert any("will be taken when this cell finishes" in m["content"].get("text", "") for m in outputs)
+        deadline = time.monotonic() + 60
+        found: list[pb.SnapshotInfo] = []
+        while not found and time.monotonic() < deadline:
+            found = [s for s in backend_call(backend, lambda c: c.list_snapshots()) if s.name == name]
+            time.sleep(0.2)
+        assert found and found[0].kind == kind
+        content, _ = run(kc, "%snapshot --kind disk")
+        assert content["status"] == "error" and "invalid choice: 'disk'" in content["evalue"]

@@ -1013,6 +1013,7 @@ class AgentMessage(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     RUN_CODE_FIELD_NUMBER: _builtins.int
     CODE_RESULT_FIELD_NUMBER: _builtins.int
+    KERNEL_REQUEST_FIELD_NUMBER: _builtins.int
     signal: _builtins.int
     """backend -> agent"""
     restart: _builtins.bool
@@ -1039,6 +1040,10 @@ class AgentMessage(_message.Message):
     def code_result(self) -> Global___CodeResult:
         """agent -> backend"""
 
+    @_builtins.property
+    def kernel_request(self) -> Global___KernelRequest:
+        """agent -> backend: asked for by code in the kernel (%snapshot)"""
+
     def __init__(
         self,
         *,
@@ -1052,16 +1057,43 @@ class AgentMessage(_message.Message):
         error: _builtins.str = ...,
         run_code: Global___RunCode | None = ...,
         code_result: Global___CodeResult | None = ...,
+        kernel_request: Global___KernelRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["code_result", b"code_result", "error", b"error", "frame", b"frame", "hello", b"hello", "kernel_exited", b"kernel_exited", "kernel_started", b"kernel_started", "kind", b"kind", "restart", b"restart", "run_code", b"run_code", "shutdown", b"shutdown", "signal", b"signal"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["code_result", b"code_result", "error", b"error", "frame", b"frame", "hello", b"hello", "kernel_exited", b"kernel_exited", "kernel_request", b"kernel_request", "kernel_started", b"kernel_started", "kind", b"kind", "restart", b"restart", "run_code", b"run_code", "shutdown", b"shutdown", "signal", b"signal"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code_result", b"code_result", "error", b"error", "frame", b"frame", "hello", b"hello", "kernel_exited", b"kernel_exited", "kernel_started", b"kernel_started", "kind", b"kind", "restart", b"restart", "run_code", b"run_code", "shutdown", b"shutdown", "signal", b"signal"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code_result", b"code_result", "error", b"error", "frame", b"frame", "hello", b"hello", "kernel_exited", b"kernel_exited", "kernel_request", b"kernel_request", "kernel_started", b"kernel_started", "kind", b"kind", "restart", b"restart", "run_code", b"run_code", "shutdown", b"shutdown", "signal", b"signal"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["frame", "hello", "kernel_started", "kernel_exited", "signal", "restart", "shutdown", "error", "run_code", "code_result"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["frame", "hello", "kernel_started", "kernel_exited", "signal", "restart", "shutdown", "error", "run_code", "code_result", "kernel_request"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___AgentMessage: _TypeAlias = AgentMessage  # noqa: Y015
+
+@_typing.final
+class KernelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTION_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    action: _builtins.str
+    """"snapshot" """
+    name: _builtins.str
+    kind: _builtins.str
+    def __init__(
+        self,
+        *,
+        action: _builtins.str = ...,
+        name: _builtins.str = ...,
+        kind: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "kind", b"kind", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KernelRequest: _TypeAlias = KernelRequest  # noqa: Y015
 
 @_typing.final
 class RunCode(_message.Message):
