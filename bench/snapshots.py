@@ -40,8 +40,8 @@ GiB = 1024**3
 NOTEBOOK = [
     "import numpy as np, pandas as pd, scipy.stats as st\n"
     "from sklearn.ensemble import RandomForestClassifier\nfrom sklearn.model_selection import train_test_split",
-    "rng = np.random.default_rng(0)\nX = pd.DataFrame(rng.normal(size=(20000, 20)))\n"
-    "y = (X.sum(axis=1) + rng.normal(size=len(X)) > 0).astype(int)\nX['z'] = st.zscore(X[0])",
+    "rng = np.random.default_rng(0)\nX = pd.DataFrame(rng.normal(size=(20000, 20))).add_prefix('f')\n"
+    "y = (X.sum(axis=1) + rng.normal(size=len(X)) > 0).astype(int)\nX['z'] = st.zscore(X['f0'])",
     "X_tr, X_te, y_tr, y_te = train_test_split(X, y, random_state=0)\n"
     "model = RandomForestClassifier(n_estimators=100, random_state=0).fit(X_tr, y_tr)",
     "score = round(model.score(X_te, y_te), 4)",
@@ -67,7 +67,7 @@ def run_cell(kc: Any, code: str) -> str:
     reply = kc.execute_interactive(code, timeout=900, output_hook=lambda m: out.append(
         m["content"].get("data", {}).get("text/plain", "") if m["msg_type"] == "execute_result" else ""))
     if reply["content"]["status"] != "ok":
-        raise RuntimeError(f"cell failed: {reply['content']}")
+        raise RuntimeError(f"cell failed: {reply['content'].get('ename')}: {reply['content'].get('evalue')}")
     return "".join(out)
 
 
