@@ -101,3 +101,26 @@ def test_snapshot_magic_snapshots_when_the_cell_ends(backend: Backend, kind: str
         assert found and found[0].kind == kind
         content, _ = run(kc, "%snapshot --kind disk")
         assert content["status"] == "error" and "invalid choice: 'disk'" in content["evalue"]
+
+
+@pytest.mark.gpu
+def test_state_snapshot_puts_gpu_tensors_back_on_a_gpu_or_the_cpu(backend: Backend, kernelspec_dir: Path) -> None:
+    """A CUDA tensor comes back on the GPU where there is one, and on the CPU where there is none."""
+    from snapkernel.backend.gpus import inventory
+
+    model = inventory()[0][0].model
+    gpu_kernel = write_kernelspec(kernelspec_dir, f"snapkernel-test-state-gpu-{backend.runtime}", {"gpu": model})
+    with running_kernel(gpu_kernel) as (_km, kc):
+        if value(kc, "__import__('importlib.util').util.find_spec('torch') is not None") != "True":
+            pytest.skip("needs torch in the kernel")
+        run(kc, "import os, torch\nt = torch.arange(6, dtype=torch.float32, device='cuda').reshape(2, 3)")
+        sandbox = value(kc, "os.environ['SNAPKERNEL_SANDBOX_ID']").strip("'")
+        snap = backend_call(backend, lambda c: c.create_snapshot(sandbox, "state"))
+    on_gpu = write_kernelspec(kernelspec_dir, f"snapkernel-test-state-gpu-back-{backend.runtime}",
+                              {"gpu": model, "restore_from": snap.id})
+    with running_kernel(on_gpu) as (_km, kc):
+        assert value(kc, "t.device.type, t.shape, float(t.sum())") == "('cuda', torch.Size([2, 3]), 15.0)"
+    on_cpu = write_kernelspec(kernelspec_dir, f"snapkernel-test-state-cpu-back-{backend.runtime}",
+                              {"restore_from": snap.id})
+    with running_kernel(on_cpu) as (_km, kc):
+        assert value(kc, "t.device.type, float(t.sum())") == "('cpu', 15.0)"
