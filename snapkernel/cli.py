@@ -84,14 +84,19 @@ def cmd_sandboxes_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sandboxes_rm(args: argparse.Namespace) -> int:
+def _remove_each(ids: list[str], method: str) -> int:
+    """Delete each id with the client's `method`, saying so as it goes (stops at the first error)."""
     async def rm(client: Any) -> None:
-        for sid in args.ids:
-            await client.delete_sandbox(sid)
-            print(f"removed {sid}")
+        for one in ids:
+            await getattr(client, method)(one)
+            print(f"removed {one}")
 
     _run(_with_client(rm))
     return 0
+
+
+def cmd_sandboxes_rm(args: argparse.Namespace) -> int:
+    return _remove_each(args.ids, "delete_sandbox")
 
 
 def _snapshot_dict(snap: Any) -> dict[str, Any]:
@@ -144,13 +149,7 @@ def cmd_snapshots_show(args: argparse.Namespace) -> int:
 
 
 def cmd_snapshots_rm(args: argparse.Namespace) -> int:
-    async def rm(client: Any) -> None:
-        for sid in args.ids:
-            await client.delete_snapshot(sid)
-            print(f"removed {sid}")
-
-    _run(_with_client(rm))
-    return 0
+    return _remove_each(args.ids, "delete_snapshot")
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
