@@ -411,13 +411,10 @@ class SandboxManager:
             size = sum(p.stat().st_size for p in host.rglob("*") if p.is_file())
             meta = Snapshot(id="", kind="state", name=name, sandbox_id=r.id, notebook_path=r.notebook_path,
                             runtime=r.runtime, skipped=report["skipped"])
-            partial = self.snapshots.begin(meta, size)
-            try:
-                await asyncio.to_thread(shutil.copytree, host, partial, dirs_exist_ok=True)
-                await asyncio.to_thread(self.snapshots.commit, meta, partial)
-            except BaseException:
-                self.snapshots.abort(partial)
-                raise
+            async with self.snapshots.writing(meta, size) as partial:
+                # Both live under the state dir, so this is a rename, not a copy of GiBs.
+                for entry in list(host.iterdir()):
+                    await asyncio.to_thread(shutil.move, entry, partial / entry.name)
             return meta
         finally:
             await asyncio.to_thread(shutil.rmtree, host, True)

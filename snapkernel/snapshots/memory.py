@@ -27,15 +27,10 @@ async def take(store: SnapshotStore, runtime: GvisorRuntime, record: SandboxReco
     meta = Snapshot(id="", kind="memory", name=name, sandbox_id=record.id, notebook_path=record.notebook_path,
                     spec=MessageToDict(record.spec, preserving_proto_field_name=True), runtime=runtime.name,
                     runtime_version=runtime.features.version)
-    d = store.begin(meta, expected_size)
-    try:
+    async with store.writing(meta, expected_size) as d:
         await runtime.checkpoint(record, d / IMAGE)
         await asyncio.to_thread(shutil.copytree, Path(record.dir) / WORKSPACE, d / WORKSPACE, symlinks=True)
         runtime.save_bundle(record, d)
-        await asyncio.to_thread(store.commit, meta, d)  # hashing a GiB must not stall other kernels
-    except BaseException:
-        store.abort(d)
-        raise
     return meta
 
 

@@ -9,6 +9,7 @@ here deletes or overwrites a good snapshot except an explicit `delete`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -19,7 +20,7 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -141,6 +142,17 @@ class SnapshotStore:
     @staticmethod
     def abort(partial: Path) -> None:
         shutil.rmtree(partial, ignore_errors=True)
+
+    @contextlib.asynccontextmanager
+    async def writing(self, meta: Snapshot, expected_size: int) -> AsyncIterator[Path]:
+        """`write` for the event loop: the slow commit (hashing, fsync) runs in a worker thread."""
+        partial = self.begin(meta, expected_size)
+        try:
+            yield partial
+            await asyncio.to_thread(self.commit, meta, partial)
+        except BaseException:
+            self.abort(partial)
+            raise
 
     @contextlib.contextmanager
     def write(self, meta: Snapshot, expected_size: int) -> Iterator[Path]:
