@@ -45,6 +45,12 @@ class _SandboxStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SandboxS
     FAILED: _SandboxState.ValueType  # 8
     """could not start; see `message`"""
     DELETED: _SandboxState.ValueType  # 9
+    HIBERNATING: _SandboxState.ValueType  # 10
+    """being saved; messages are held"""
+    HIBERNATED: _SandboxState.ValueType  # 11
+    """saved, resources released; the next message wakes it"""
+    WAKING: _SandboxState.ValueType  # 12
+    """being restored; messages are held"""
 
 class SandboxState(_SandboxState, metaclass=_SandboxStateEnumTypeWrapper): ...
 
@@ -65,6 +71,12 @@ LOST: SandboxState.ValueType  # 7
 FAILED: SandboxState.ValueType  # 8
 """could not start; see `message`"""
 DELETED: SandboxState.ValueType  # 9
+HIBERNATING: SandboxState.ValueType  # 10
+"""being saved; messages are held"""
+HIBERNATED: SandboxState.ValueType  # 11
+"""saved, resources released; the next message wakes it"""
+WAKING: SandboxState.ValueType  # 12
+"""being restored; messages are held"""
 Global___SandboxState: _TypeAlias = SandboxState  # noqa: Y015
 
 class _Channel:
@@ -87,6 +99,44 @@ CONTROL: Channel.ValueType  # 2
 STDIN: Channel.ValueType  # 3
 IOPUB: Channel.ValueType  # 4
 Global___Channel: _TypeAlias = Channel  # noqa: Y015
+
+@_typing.final
+class HibernateSandboxRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HibernateSandboxRequest: _TypeAlias = HibernateSandboxRequest  # noqa: Y015
+
+@_typing.final
+class WakeSandboxRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WakeSandboxRequest: _TypeAlias = WakeSandboxRequest  # noqa: Y015
 
 @_typing.final
 class CreateSnapshotRequest(_message.Message):
@@ -515,6 +565,9 @@ class Sandbox(_message.Message):
     NOTEBOOK_PATH_FIELD_NUMBER: _builtins.int
     PID_FIELD_NUMBER: _builtins.int
     KERNEL_GENERATION_FIELD_NUMBER: _builtins.int
+    LAST_ACTIVITY_FIELD_NUMBER: _builtins.int
+    HIBERNATION_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     kernel_id: _builtins.str
     runtime: _builtins.str
@@ -532,6 +585,12 @@ class Sandbox(_message.Message):
     """host pid of the sandbox's supervisor"""
     kernel_generation: _builtins.int
     """bumped on each kernel (re)start"""
+    last_activity: _builtins.float
+    """unix time of the last kernel message either way"""
+    hibernation: _builtins.str
+    """how it was hibernated: "memory", "suspend", "state"; "" when awake"""
+    snapshot_id: _builtins.str
+    """the hibernation snapshot, while hibernated"""
     @_builtins.property
     def spec(self) -> Global___SandboxSpec: ...
     @_builtins.property
@@ -552,10 +611,13 @@ class Sandbox(_message.Message):
         notebook_path: _builtins.str = ...,
         pid: _builtins.int = ...,
         kernel_generation: _builtins.int = ...,
+        last_activity: _builtins.float = ...,
+        hibernation: _builtins.str = ...,
+        snapshot_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "exit_code", b"exit_code", "gpu_indices", b"gpu_indices", "id", b"id", "kernel_generation", b"kernel_generation", "kernel_id", b"kernel_id", "limits", b"limits", "message", b"message", "notebook_path", b"notebook_path", "pid", b"pid", "runtime", b"runtime", "spec", b"spec", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "exit_code", b"exit_code", "gpu_indices", b"gpu_indices", "hibernation", b"hibernation", "id", b"id", "kernel_generation", b"kernel_generation", "kernel_id", b"kernel_id", "last_activity", b"last_activity", "limits", b"limits", "message", b"message", "notebook_path", b"notebook_path", "pid", b"pid", "runtime", b"runtime", "snapshot_id", b"snapshot_id", "spec", b"spec", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -99,6 +99,16 @@ class BackendStub:
                 request_serializer=snapkernel_dot_v1_dot_backend__pb2.DeleteSnapshotRequest.SerializeToString,
                 response_deserializer=snapkernel_dot_v1_dot_backend__pb2.DeleteSnapshotResponse.FromString,
                 _registered_method=True)
+        self.HibernateSandbox = channel.unary_unary(
+                '/snapkernel.v1.Backend/HibernateSandbox',
+                request_serializer=snapkernel_dot_v1_dot_backend__pb2.HibernateSandboxRequest.SerializeToString,
+                response_deserializer=snapkernel_dot_v1_dot_backend__pb2.Sandbox.FromString,
+                _registered_method=True)
+        self.WakeSandbox = channel.unary_unary(
+                '/snapkernel.v1.Backend/WakeSandbox',
+                request_serializer=snapkernel_dot_v1_dot_backend__pb2.WakeSandboxRequest.SerializeToString,
+                response_deserializer=snapkernel_dot_v1_dot_backend__pb2.Sandbox.FromString,
+                _registered_method=True)
 
 
 class BackendServicer:
@@ -192,6 +202,21 @@ class BackendServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def HibernateSandbox(self, request, context):
+        """Hibernate a running sandbox now (as `hibernate_after` does when it is idle): its memory, GPU
+        memory included, goes to a snapshot or host memory and its GPUs are released.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WakeSandbox(self, request, context):
+        """Wake a hibernated sandbox. Attach wakes it too, on the first frame it carries.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BackendServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -259,6 +284,16 @@ def add_BackendServicer_to_server(servicer, server):
                     servicer.DeleteSnapshot,
                     request_deserializer=snapkernel_dot_v1_dot_backend__pb2.DeleteSnapshotRequest.FromString,
                     response_serializer=snapkernel_dot_v1_dot_backend__pb2.DeleteSnapshotResponse.SerializeToString,
+            ),
+            'HibernateSandbox': grpc.unary_unary_rpc_method_handler(
+                    servicer.HibernateSandbox,
+                    request_deserializer=snapkernel_dot_v1_dot_backend__pb2.HibernateSandboxRequest.FromString,
+                    response_serializer=snapkernel_dot_v1_dot_backend__pb2.Sandbox.SerializeToString,
+            ),
+            'WakeSandbox': grpc.unary_unary_rpc_method_handler(
+                    servicer.WakeSandbox,
+                    request_deserializer=snapkernel_dot_v1_dot_backend__pb2.WakeSandboxRequest.FromString,
+                    response_serializer=snapkernel_dot_v1_dot_backend__pb2.Sandbox.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -612,6 +647,60 @@ class Backend:
             '/snapkernel.v1.Backend/DeleteSnapshot',
             snapkernel_dot_v1_dot_backend__pb2.DeleteSnapshotRequest.SerializeToString,
             snapkernel_dot_v1_dot_backend__pb2.DeleteSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HibernateSandbox(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snapkernel.v1.Backend/HibernateSandbox',
+            snapkernel_dot_v1_dot_backend__pb2.HibernateSandboxRequest.SerializeToString,
+            snapkernel_dot_v1_dot_backend__pb2.Sandbox.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WakeSandbox(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snapkernel.v1.Backend/WakeSandbox',
+            snapkernel_dot_v1_dot_backend__pb2.WakeSandboxRequest.SerializeToString,
+            snapkernel_dot_v1_dot_backend__pb2.Sandbox.FromString,
             options,
             channel_credentials,
             insecure,

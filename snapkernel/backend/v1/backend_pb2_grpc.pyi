@@ -59,6 +59,12 @@ class BackendStub:
     GetSnapshot: _grpc.UnaryUnaryMultiCallable[_backend_pb2.GetSnapshotRequest, _backend_pb2.SnapshotInfo]
     ListSnapshots: _grpc.UnaryUnaryMultiCallable[_backend_pb2.ListSnapshotsRequest, _backend_pb2.ListSnapshotsResponse]
     DeleteSnapshot: _grpc.UnaryUnaryMultiCallable[_backend_pb2.DeleteSnapshotRequest, _backend_pb2.DeleteSnapshotResponse]
+    HibernateSandbox: _grpc.UnaryUnaryMultiCallable[_backend_pb2.HibernateSandboxRequest, _backend_pb2.Sandbox]
+    """Hibernate a running sandbox now (as `hibernate_after` does when it is idle): its memory, GPU
+    memory included, goes to a snapshot or host memory and its GPUs are released.
+    """
+    WakeSandbox: _grpc.UnaryUnaryMultiCallable[_backend_pb2.WakeSandboxRequest, _backend_pb2.Sandbox]
+    """Wake a hibernated sandbox. Attach wakes it too, on the first frame it carries."""
 
 @_typing.type_check_only
 class BackendAsyncStub(BackendStub):
@@ -88,6 +94,12 @@ class BackendAsyncStub(BackendStub):
     GetSnapshot: _aio.UnaryUnaryMultiCallable[_backend_pb2.GetSnapshotRequest, _backend_pb2.SnapshotInfo]  # type: ignore[assignment]
     ListSnapshots: _aio.UnaryUnaryMultiCallable[_backend_pb2.ListSnapshotsRequest, _backend_pb2.ListSnapshotsResponse]  # type: ignore[assignment]
     DeleteSnapshot: _aio.UnaryUnaryMultiCallable[_backend_pb2.DeleteSnapshotRequest, _backend_pb2.DeleteSnapshotResponse]  # type: ignore[assignment]
+    HibernateSandbox: _aio.UnaryUnaryMultiCallable[_backend_pb2.HibernateSandboxRequest, _backend_pb2.Sandbox]  # type: ignore[assignment]
+    """Hibernate a running sandbox now (as `hibernate_after` does when it is idle): its memory, GPU
+    memory included, goes to a snapshot or host memory and its GPUs are released.
+    """
+    WakeSandbox: _aio.UnaryUnaryMultiCallable[_backend_pb2.WakeSandboxRequest, _backend_pb2.Sandbox]  # type: ignore[assignment]
+    """Wake a hibernated sandbox. Attach wakes it too, on the first frame it carries."""
 
 class BackendServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -192,5 +204,23 @@ class BackendServicer(metaclass=_abc_1.ABCMeta):
         request: _backend_pb2.DeleteSnapshotRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_backend_pb2.DeleteSnapshotResponse, _abc.Awaitable[_backend_pb2.DeleteSnapshotResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def HibernateSandbox(
+        self,
+        request: _backend_pb2.HibernateSandboxRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_backend_pb2.Sandbox, _abc.Awaitable[_backend_pb2.Sandbox]]:
+        """Hibernate a running sandbox now (as `hibernate_after` does when it is idle): its memory, GPU
+        memory included, goes to a snapshot or host memory and its GPUs are released.
+        """
+
+    @_abc_1.abstractmethod
+    def WakeSandbox(
+        self,
+        request: _backend_pb2.WakeSandboxRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_backend_pb2.Sandbox, _abc.Awaitable[_backend_pb2.Sandbox]]:
+        """Wake a hibernated sandbox. Attach wakes it too, on the first frame it carries."""
 
 def add_BackendServicer_to_server(servicer: BackendServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
