@@ -448,6 +448,13 @@ class SandboxManager:
         return snap
 
     # --- start-up and shut-down -----------------------------------------------------------------
+    # --- hibernation ----------------------------------------------------------------------------
+    async def hibernate(self, sandbox_id: str) -> pb.Sandbox:
+        raise StateError(f"sandbox {sandbox_id!r}: hibernation is not available yet")
+
+    async def wake(self, sandbox_id: str) -> pb.Sandbox:
+        raise StateError(f"sandbox {sandbox_id!r}: hibernation is not available yet")
+
     async def readopt(self) -> None:
         """Take back the sandboxes of a previous backend: reconnect the living, mark the rest."""
         for record in self.db.load():

@@ -149,6 +149,14 @@ class BackendService(pb_grpc.BackendServicer):
         await asyncio.to_thread(self.manager.snapshots.delete, request.id)
         return pb.DeleteSnapshotResponse()
 
+    @_translate
+    async def HibernateSandbox(self, request: pb.HibernateSandboxRequest, context: Ctx) -> pb.Sandbox:
+        return await self.manager.hibernate(request.id)
+
+    @_translate
+    async def WakeSandbox(self, request: pb.WakeSandboxRequest, context: Ctx) -> pb.Sandbox:
+        return await self.manager.wake(request.id)
+
     async def WatchSandbox(self, request: pb.WatchSandboxRequest, context: Ctx) -> AsyncIterator[pb.SandboxEvent]:
         try:
             sb = self.manager.get(request.id)
