@@ -99,6 +99,31 @@ def cmd_sandboxes_rm(args: argparse.Namespace) -> int:
     return _remove_each(args.ids, "delete_sandbox")
 
 
+def _each(ids: list[str], method: str, as_json: bool) -> int:
+    """Call the client's `method` on each sandbox id, printing the sandbox it returns."""
+    async def go(client: Any) -> list[Any]:
+        done = []
+        for one in ids:
+            sb = await getattr(client, method)(one)
+            done.append(sb)
+            if not as_json:
+                print(f"{sb.id}: {_sandbox_dict(sb)['state']}{' (' + sb.message + ')' if sb.message else ''}")
+        return done
+
+    done = _run(_with_client(go))
+    if as_json:
+        print(json.dumps([_sandbox_dict(s) for s in done], indent=1))
+    return 0
+
+
+def cmd_sandboxes_hibernate(args: argparse.Namespace) -> int:
+    return _each(args.ids, "hibernate_sandbox", args.json)
+
+
+def cmd_sandboxes_wake(args: argparse.Namespace) -> int:
+    return _each(args.ids, "wake_sandbox", args.json)
+
+
 def _snapshot_dict(snap: Any) -> dict[str, Any]:
     d = MessageToDict(snap, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
     d.pop("kernel_key", None)  # a secret: never printed
@@ -235,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)
 
-    sb = sub.add_parser("sandboxes", help="list or remove sandboxes").add_subparsers(dest="action", required=True)
+    sb = sub.add_parser("sandboxes", help="list, remove, hibernate or wake sandboxes").add_subparsers(
+        dest="action", required=True)
     s = sb.add_parser("list", help="list sandboxes")
     s.add_argument("--all", action="store_true", help="include ended sandboxes")
     s.add_argument("--json", action="store_true")
@@ -243,6 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sb.add_parser("rm", help="stop and remove sandboxes")
     s.add_argument("ids", nargs="+", metavar="SANDBOX")
     s.set_defaults(func=cmd_sandboxes_rm)
+    for name, func, what in (("hibernate", cmd_sandboxes_hibernate, "hibernate running kernels now"),
+                             ("wake", cmd_sandboxes_wake, "wake hibernated kernels now")):
+        s = sb.add_parser(name, help=what)
+        s.add_argument("ids", nargs="+", metavar="SANDBOX")
+        s.add_argument("--json", action="store_true")
+        s.set_defaults(func=func)
 
     sn = sub.add_parser("snapshots", help="create, list, show or remove snapshots").add_subparsers(
         dest="action", required=True)

@@ -85,6 +85,16 @@ class BackendClient:
                                               timeout=90.0)
         return result
 
+    async def hibernate_sandbox(self, sandbox_id: str) -> pb.Sandbox:
+        result: pb.Sandbox = await self._call(self.stub.HibernateSandbox, pb.HibernateSandboxRequest(id=sandbox_id),
+                                              timeout=None)
+        return result
+
+    async def wake_sandbox(self, sandbox_id: str) -> pb.Sandbox:
+        result: pb.Sandbox = await self._call(self.stub.WakeSandbox, pb.WakeSandboxRequest(id=sandbox_id),
+                                              timeout=None)
+        return result
+
     async def create_snapshot(self, sandbox_id: str, kind: str = "memory", name: str = "") -> pb.SnapshotInfo:
         result: pb.SnapshotInfo = await self._call(
             self.stub.CreateSnapshot, pb.CreateSnapshotRequest(sandbox_id=sandbox_id, kind=kind, name=name),

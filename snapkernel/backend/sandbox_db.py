@@ -10,6 +10,8 @@ from pathlib import Path
 from snapkernel.backend.v1 import backend_pb2 as pb
 
 ENDED = frozenset({pb.EXITED, pb.LOST, pb.FAILED, pb.DELETED})
+# Hibernating, hibernated or waking: kernel messages are held, and the sandbox may be stopped meanwhile.
+ASLEEP = frozenset({pb.HIBERNATING, pb.HIBERNATED, pb.WAKING})
 
 
 @dataclass
@@ -28,6 +30,10 @@ class SandboxRecord:
     notebook_path: str = ""
     pid: int = 0
     kernel_generation: int = 0
+    kernel: pb.KernelConfig = field(default_factory=pb.KernelConfig)  # to start its kernel again on a wake
+    last_activity: float = 0.0
+    hibernation: str = ""  # how it is hibernated ("memory", "suspend", "state"); "" while awake
+    hibernate_after: float = 0.0
 
     @property
     def ended(self) -> bool:
@@ -39,11 +45,15 @@ class SandboxRecord:
             message=self.message, exit_code=self.exit_code, spec=self.spec,
             gpu_indices=self.gpu_indices, limits=self.limits, created=self.created,
             notebook_path=self.notebook_path, pid=self.pid, kernel_generation=self.kernel_generation,
+            last_activity=self.last_activity, hibernation=self.hibernation, hibernate_after=self.hibernate_after,
         )
 
 
 _COLUMNS = ("id", "kernel_id", "runtime", "spec", "dir", "state", "message", "exit_code", "gpu_indices",
-            "limits", "created", "notebook_path", "pid", "kernel_generation")
+            "limits", "created", "notebook_path", "pid", "kernel_generation", "kernel", "last_activity",
+            "hibernation", "hibernate_after")
+# Columns added after the first release, with their SQL types: databases of older backends get them added.
+_ADDED = {"kernel": "BLOB", "last_activity": "REAL", "hibernation": "TEXT", "hibernate_after": "REAL"}
 
 
 class SandboxDB:
@@ -55,11 +65,16 @@ class SandboxDB:
             "spec BLOB, dir TEXT, state INTEGER, message TEXT, exit_code INTEGER, gpu_indices TEXT, "
             "limits TEXT, created REAL, notebook_path TEXT, pid INTEGER, kernel_generation INTEGER)"
         )
+        have = {row[1] for row in self.conn.execute("PRAGMA table_info(sandboxes)")}
+        for name, sql_type in _ADDED.items():
+            if name not in have:
+                self.conn.execute(f"ALTER TABLE sandboxes ADD COLUMN {name} {sql_type}")
 
     def save(self, r: SandboxRecord) -> None:
         values = (r.id, r.kernel_id, r.runtime, r.spec.SerializeToString(), r.dir, r.state, r.message,
                   r.exit_code, json.dumps(r.gpu_indices), r.limits, r.created, r.notebook_path, r.pid,
-                  r.kernel_generation)
+                  r.kernel_generation, r.kernel.SerializeToString(), r.last_activity, r.hibernation,
+                  r.hibernate_after)
         marks = ",".join("?" * len(_COLUMNS))
         self.conn.execute(f"INSERT OR REPLACE INTO sandboxes ({','.join(_COLUMNS)}) VALUES ({marks})", values)
 
@@ -74,7 +89,11 @@ class SandboxDB:
             spec = pb.SandboxSpec()
             spec.ParseFromString(d.pop("spec"))
             d["gpu_indices"] = json.loads(d["gpu_indices"])
-            out.append(SandboxRecord(spec=spec, **d))
+            kernel = pb.KernelConfig()
+            kernel.ParseFromString(d.pop("kernel") or b"")
+            d.update(last_activity=d["last_activity"] or 0.0, hibernation=d["hibernation"] or "",
+                     hibernate_after=d["hibernate_after"] or 0.0)
+            out.append(SandboxRecord(spec=spec, kernel=kernel, **d))
         return out
 
     def close(self) -> None:

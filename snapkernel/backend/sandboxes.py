@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from snapkernel.backend.agent_link import AgentLink
+from snapkernel.backend.hibernation import Hibernator
 from snapkernel.backend.runtimes.base import EXIT_FILE, LINK_SOCKET, LOG_FILE, SandboxRuntime
 from snapkernel.backend.runtimes.gvisor import GvisorRuntime
-from snapkernel.backend.sandbox_db import SandboxDB, SandboxRecord
+from snapkernel.backend.sandbox_db import ASLEEP, SandboxDB, SandboxRecord
 from snapkernel.backend.scheduler import Scheduler
 from snapkernel.backend.spec import ParsedSpec, check_sandbox_id, format_bytes, parse_spec
 from snapkernel.backend.v1 import backend_pb2 as pb
@@ -35,7 +36,7 @@ from snapkernel.errors import (
     StateError,
     TimeoutError_,
 )
-from snapkernel.snapshots import memory, state
+from snapkernel.snapshots import cuda, memory, state
 from snapkernel.snapshots.store import Snapshot, SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,16 @@ class LiveSandbox:
     deleting: bool = False
     snapshotting: bool = False
     code_results: dict[str, asyncio.Future[pb.CodeResult]] = field(default_factory=dict)
-    restore_state: Path | None = None  # a state snapshot to load once the kernel runs
+    restore_state: str | None = None  # a state dir in the workspace to load once the kernel runs
+    restore_source: Path | None = None  # where to copy that dir from first (a snapshot in the store)
+    state_error: str = ""  # why loading it failed
+    busy: bool = False  # the kernel said `busy` on iopub and not yet `idle`
+    # Hibernation (see hibernation.py)
+    held: list[pb.AgentMessage] = field(default_factory=list)  # kernel messages waiting for it to wake
+    waking: asyncio.Future[None] | None = None
+    suspended: cuda.Suspended | None = None
+    refused_at: float = -1.0  # `last_activity` when it last could not hibernate: not again until used
+    told_waiting: bool = False
 
 
 @dataclass
@@ -66,6 +76,10 @@ class Defaults:
     cpu: float
     memory: int
     start_timeout: float
+    hibernate_after_gpu: float = 600.0
+    hibernate_after_cpu: float = 0.0
+    gpu_offload: bool = True
+    wake_timeout: float = 600.0
 
 
 class SandboxManager:
@@ -81,6 +95,7 @@ class SandboxManager:
         self.live: dict[str, LiveSandbox] = {}
         self.snapshots = SnapshotStore(state_dir / "snapshots")
         self._tasks: set[asyncio.Task[None]] = set()
+        self.hibernator = Hibernator(self)
 
     # --- helpers --------------------------------------------------------------------------------
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -127,7 +142,14 @@ class SandboxManager:
         log.info("sandbox_id=%s %s: %s", sb.record.id, step, message)
 
     def _release(self, sb: LiveSandbox) -> None:
-        self.scheduler.release(sb.record.id, sb.spec.cpu, sb.spec.memory)
+        self.scheduler.release(sb.record.id)
+
+    def state_name(self, sb: LiveSandbox) -> str:
+        return STATE_NAMES[sb.record.state]
+
+    def to_clients(self, sb: LiveSandbox, frame: pb.KernelFrame) -> None:
+        for q in sb.attached:
+            q.put_nowait(frame)
 
     # --- create ---------------------------------------------------------------------------------
     async def create(self, req: pb.CreateSandboxRequest) -> pb.Sandbox:
@@ -139,14 +161,14 @@ class SandboxManager:
                 f"{', '.join(self.runtimes)}"
             )
         restore: Path | None = None
-        restore_state: Path | None = None
+        restore_source: Path | None = None
         if spec.restore_from:
             runtime_version = runtime.features.version if isinstance(runtime, GvisorRuntime) else ""
             snap = await asyncio.to_thread(self.snapshots.verify, spec.restore_from, spec.runtime, runtime_version)
             if snap.kind == "memory":
                 restore = self.snapshots.path(snap.id)
             else:
-                restore_state = self.snapshots.path(snap.id)
+                restore_source = self.snapshots.path(snap.id)
         if req.kernel.signature_scheme not in ("", "hmac-sha256"):
             raise InvalidSpecError(
                 f"signature scheme {req.kernel.signature_scheme!r} is not supported: use hmac-sha256"
@@ -161,9 +183,13 @@ class SandboxManager:
         record = SandboxRecord(
             id=sandbox_id, kernel_id=req.kernel_id, runtime=spec.runtime, spec=req.spec,
             dir=str(self.sandbox_root / sandbox_id), gpu_indices=gpus, created=time.time(),
-            notebook_path=req.notebook_path,
+            notebook_path=req.notebook_path, kernel=req.kernel, last_activity=time.time(),
+            hibernate_after=spec.hibernate_after if spec.hibernate_after is not None
+            else self.defaults.hibernate_after_gpu if spec.gpu else self.defaults.hibernate_after_cpu,
         )
-        sb = LiveSandbox(record, spec, restore_state=restore_state)
+        sb = LiveSandbox(record, spec)
+        if restore_source is not None:
+            sb.restore_state, sb.restore_source = f".snapkernel-restore-{secrets.token_hex(4)}", restore_source
         self.live[sandbox_id] = sb
         self._set_state(sb, pb.PENDING, "")
         self._spawn(self._start(sb, runtime, req.kernel, restore))
@@ -229,16 +255,18 @@ class SandboxManager:
         kind = msg.WhichOneof("kind")
         r = sb.record
         if kind == "frame":
-            for q in sb.attached:
-                q.put_nowait(msg.frame)
+            r.last_activity = time.time()
+            if msg.frame.channel == pb.IOPUB:
+                _track_busy(sb, msg.frame)
+            self.to_clients(sb, msg.frame)
         elif kind == "hello":
             self._progress(sb, "kernel", f"agent up (python {msg.hello.python}); kernel starting", 0.6)
         elif kind == "kernel_started":
             r.kernel_generation = msg.kernel_started.generation
             r.exit_code = 0
+            sb.busy = False
             if sb.restore_state is not None:
-                self._spawn(self._load_state(sb, sb.restore_state))
-                sb.restore_state = None
+                self._spawn(self._load_state(sb))
                 return
             self._set_state(sb, pb.RUNNING, "", pb.Progress(step="kernel", message="kernel running",
                                                             fraction=1.0))
@@ -258,6 +286,12 @@ class SandboxManager:
     async def _on_link_closed(self, sb: LiveSandbox) -> None:
         sb.link = None
         if sb.deleting or sb.record.ended:
+            return
+        if sb.record.state in ASLEEP:  # stopped on purpose; or, while waking, the new sandbox died
+            if sb.record.state == pb.WAKING and sb.restore_state is not None:
+                sb.state_error = f"the sandbox ended while waking{_log_tail(Path(sb.record.dir) / LOG_FILE)}"
+                sb.restore_state = None
+                self._notify(sb)
             return
         runtime = self.runtimes.get(sb.record.runtime)
         if runtime is not None:
@@ -302,6 +336,8 @@ class SandboxManager:
             raise StateError(f"sandbox {sandbox_id} is already being deleted")
         sb.deleting = True
         r = sb.record
+        if sb.waking is not None:
+            sb.waking.cancel()
         runtime = self.runtimes.get(r.runtime)
         if not r.ended:
             self._set_state(sb, pb.STOPPING, "deleting")
@@ -319,11 +355,22 @@ class SandboxManager:
         self.db.delete(sandbox_id)
         await asyncio.to_thread(shutil.rmtree, r.dir, True)
 
-    def send_to_agent(self, sb: LiveSandbox, msg: pb.AgentMessage) -> None:
+    def send_to_agent(self, sb: LiveSandbox, msg: pb.AgentMessage, internal: bool = False) -> None:
+        """Send to the sandbox's agent. While it hibernates, messages other than the backend's own
+        (`internal`) are held, and the first of them wakes it."""
         if sb.record.ended or sb.deleting:
             raise StateError(
                 f"sandbox {sb.record.id} is {STATE_NAMES[sb.record.state]}: start a new kernel"
             )
+        if not internal:
+            if sb.record.state in ASLEEP:
+                if len(sb.held) >= MAX_PENDING_FRAMES:
+                    raise StateError(f"sandbox {sb.record.id} is {STATE_NAMES[sb.record.state]} and "
+                                     f"already holds {MAX_PENDING_FRAMES} messages for it: wait for it to wake")
+                sb.held.append(msg)
+                self.hibernator.wake_soon(sb)
+                return
+            sb.record.last_activity = time.time()
         if sb.link is None:
             if len(sb.pending) >= MAX_PENDING_FRAMES:
                 raise StateError(f"sandbox {sb.record.id} is not connected and its queue is full")
@@ -353,7 +400,11 @@ class SandboxManager:
                 f"signal {signum} is not accepted: use SIGINT (2), SIGTERM (15), SIGKILL (9), SIGHUP (1), "
                 "SIGUSR1 (10) or SIGUSR2 (12)"
             )
-        self.send_to_agent(self.get(sandbox_id), pb.AgentMessage(signal=signum))
+        sb = self.get(sandbox_id)
+        if sb.record.state in ASLEEP:  # nothing runs in a hibernated kernel: no reason to wake it for this
+            log.info("sandbox_id=%s signal %s ignored: the kernel is %s", sandbox_id, signum, self.state_name(sb))
+            return
+        self.send_to_agent(sb, pb.AgentMessage(signal=signum))
 
     # --- snapshots ------------------------------------------------------------------------------
     async def run_in_kernel(self, sb: LiveSandbox, code: str, timeout: float) -> pb.CodeResult:
@@ -361,7 +412,7 @@ class SandboxManager:
         request_id = secrets.token_hex(8)
         future: asyncio.Future[pb.CodeResult] = asyncio.get_running_loop().create_future()
         sb.code_results[request_id] = future
-        self.send_to_agent(sb, pb.AgentMessage(run_code=pb.RunCode(id=request_id, code=code)))
+        self.send_to_agent(sb, pb.AgentMessage(run_code=pb.RunCode(id=request_id, code=code)), internal=True)
         try:
             return await asyncio.wait_for(future, timeout)
         except asyncio.TimeoutError as e:
@@ -381,33 +432,47 @@ class SandboxManager:
         except SnapkernelError as e:
             self._progress(sb, "snapshot", f"%snapshot failed: {e}")
 
-    async def _load_state(self, sb: LiveSandbox, snapshot_dir: Path) -> None:
-        """Put a state snapshot's variables into the fresh kernel, then declare it running."""
+    async def _load_state(self, sb: LiveSandbox) -> None:
+        """Put saved variables into the fresh kernel (a resume from a state snapshot, or a wake)."""
         r = sb.record
-        self._progress(sb, "restore", f"loading the variables of snapshot {snapshot_dir.name}", 0.8)
-        inside = f".snapkernel-restore-{secrets.token_hex(4)}"
+        inside = sb.restore_state
+        assert inside is not None
+        host = Path(r.dir) / "workspace" / inside
+        waking = r.state == pb.WAKING
+        self._progress(sb, "restore", "loading the kernel's variables", 0.8)
         try:
-            await asyncio.to_thread(shutil.copytree, snapshot_dir, Path(r.dir) / "workspace" / inside)
+            if sb.restore_source is not None:
+                await asyncio.to_thread(shutil.copytree, sb.restore_source, host)
             result = await self.run_in_kernel(sb, state.load_code(inside), STATE_TIMEOUT)
             if not result.ok:
-                raise SandboxFailedError(f"loading snapshot {snapshot_dir.name} failed: {result.error}")
+                raise SandboxFailedError(f"loading the saved variables failed: {result.error}")
         except SnapkernelError as e:
-            self._set_state(sb, pb.FAILED, str(e))
+            sb.state_error = str(e)
+            if not waking:
+                self._set_state(sb, pb.FAILED, str(e))
             return
         finally:
-            await asyncio.to_thread(shutil.rmtree, Path(r.dir) / "workspace" / inside, True)
-        self._set_state(sb, pb.RUNNING, "", pb.Progress(step="restore", message=result.output.strip(),
-                                                        fraction=1.0))
+            await asyncio.to_thread(shutil.rmtree, host, True)
+            sb.restore_state = sb.restore_source = None
+            self._notify(sb)
+        if not waking:
+            self._set_state(sb, pb.RUNNING, "", pb.Progress(step="restore", message=result.output.strip(),
+                                                            fraction=1.0))
+
+    async def save_state(self, sb: LiveSandbox, inside: str) -> dict[str, Any]:
+        """Save the kernel's variables into `inside` (a directory of its workspace); returns the report."""
+        result = await self.run_in_kernel(sb, state.save_code(inside), STATE_TIMEOUT)
+        if not result.ok:
+            raise SandboxFailedError(f"saving the kernel's variables failed: {result.error}")
+        report: dict[str, Any] = json.loads(result.output.strip().splitlines()[-1])
+        return report
 
     async def _take_state(self, sb: LiveSandbox, name: str) -> Snapshot:
         r = sb.record
         inside = f".snapkernel-state-{secrets.token_hex(4)}"
         host = Path(r.dir) / "workspace" / inside
         try:
-            result = await self.run_in_kernel(sb, state.save_code(inside), STATE_TIMEOUT)
-            if not result.ok:
-                raise SandboxFailedError(f"saving the kernel's variables failed: {result.error}")
-            report = json.loads(result.output.strip().splitlines()[-1])
+            report = await self.save_state(sb, inside)
             size = sum(p.stat().st_size for p in host.rglob("*") if p.is_file())
             meta = Snapshot(id="", kind="state", name=name, sandbox_id=r.id, notebook_path=r.notebook_path,
                             runtime=r.runtime, skipped=report["skipped"])
@@ -447,13 +512,14 @@ class SandboxManager:
         self._progress(sb, "snapshot", f"snapshot {snap.id} written ({format_bytes(snap.size)})", 1.0)
         return snap
 
-    # --- start-up and shut-down -----------------------------------------------------------------
     # --- hibernation ----------------------------------------------------------------------------
     async def hibernate(self, sandbox_id: str) -> pb.Sandbox:
-        raise StateError(f"sandbox {sandbox_id!r}: hibernation is not available yet")
+        return await self.hibernator.hibernate(self.get(sandbox_id), "asked to")
 
     async def wake(self, sandbox_id: str) -> pb.Sandbox:
-        raise StateError(f"sandbox {sandbox_id!r}: hibernation is not available yet")
+        return await self.hibernator.wake(self.get(sandbox_id))
+
+    # --- start-up and shut-down -----------------------------------------------------------------
 
     async def readopt(self) -> None:
         """Take back the sandboxes of a previous backend: reconnect the living, mark the rest."""
@@ -464,8 +530,20 @@ class SandboxManager:
             if record.ended:
                 continue
             runtime = self.runtimes.get(record.runtime)
-            if runtime is not None and runtime.is_alive(record):
-                self.scheduler.claim(record.id, spec.cpu, spec.memory, record.gpu_indices)
+            alive = runtime is not None and runtime.is_alive(record)
+            if record.state in ASLEEP and record.hibernation in ("memory", "state") and not alive:
+                # Its image or variables are on disk: it stays hibernated, holding nothing.
+                self._set_state(sb, pb.HIBERNATED, "hibernated (backend restarted); the next message wakes it")
+                continue
+            if record.state in (pb.HIBERNATING, pb.WAKING) and alive:
+                # Interrupted half-way by the restart. A suspend is undone on the next wake; otherwise it runs.
+                state = pb.HIBERNATED if record.hibernation == "suspend" else pb.RUNNING
+                if state == pb.RUNNING:
+                    record.hibernation = ""
+                self._set_state(sb, state, "the backend restarted while it was hibernating or waking")
+            if alive and runtime is not None:
+                asleep_on_host = record.state == pb.HIBERNATED  # suspended: its GPUs are free meanwhile
+                self.scheduler.claim(record.id, spec.cpu, spec.memory, [] if asleep_on_host else record.gpu_indices)
                 try:
                     await self._connect(sb, runtime, timeout=5.0)
                     log.info("sandbox_id=%s re-adopted (state=%s)", record.id, STATE_NAMES[record.state])
@@ -480,6 +558,7 @@ class SandboxManager:
 
     async def close(self) -> None:
         """Backend stopping: detach from sandboxes, leave them running for the next backend."""
+        await self.hibernator.stop()
         for sb in self.live.values():
             if sb.link is not None:
                 await sb.link.detach()
@@ -491,6 +570,19 @@ class SandboxManager:
             task.cancel()
         self.db.close()
         self.snapshots.close()
+
+
+def _track_busy(sb: LiveSandbox, frame: pb.KernelFrame) -> None:
+    """Follow the kernel's `status` messages on iopub: a busy kernel is never idle enough to hibernate."""
+    parts = frame.parts
+    for i in range(min(len(parts), 4)):
+        if parts[i] == b"<IDS|MSG>":
+            break
+    else:
+        return
+    header = parts[i + 2] if len(parts) > i + 5 else b""
+    if b'"msg_type": "status"' in header or b'"msg_type":"status"' in header:
+        sb.busy = b'"busy"' in parts[i + 5]
 
 
 def _log_tail(path: Path, lines: int = 8) -> str:

@@ -7,12 +7,18 @@ the time.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 from snapkernel.backend.gpus import GpuInfo
 from snapkernel.backend.spec import GpuRequest, ParsedSpec, format_bytes
 from snapkernel.backend.v1 import backend_pb2 as pb
 from snapkernel.errors import NoCapacityError
+
+R = TypeVar("R")
 
 
 def host_memory() -> int:
@@ -24,31 +30,54 @@ def host_memory() -> int:
 
 
 class Scheduler:
+    """Who holds what. Claims are per sandbox, so releasing twice is harmless. Waking kernels that find
+    their GPUs taken wait in one line (first come, first served); while anyone waits, new kernels get no
+    GPU ahead of them."""
+
     def __init__(self, gpus: list[GpuInfo], cpu_overcommit: float, memory_overcommit: float) -> None:
         self.gpus = gpus
         self.cpu_total = float(os.cpu_count() or 1)
         self.memory_total = host_memory()
         self.cpu_overcommit = cpu_overcommit
         self.memory_overcommit = memory_overcommit
-        self.cpu_allocated = 0.0
-        self.memory_allocated = 0
+        self.claims: dict[str, tuple[float, int]] = {}  # sandbox id -> (cores, bytes)
         self.gpu_owner: dict[int, str] = {}  # GPU index -> sandbox id
+        self.line: list[str] = []  # sandbox ids waiting for GPUs, first first
+        self._changed = asyncio.Condition()
 
-    def _pick_gpus(self, req: GpuRequest) -> list[int]:
+    @property
+    def cpu_allocated(self) -> float:
+        return sum(c for c, _ in self.claims.values())
+
+    @property
+    def memory_allocated(self) -> int:
+        return sum(m for _, m in self.claims.values())
+
+    def _matching(self, req: GpuRequest) -> list[GpuInfo]:
         matching = [g for g in self.gpus if req.model.lower() in ("any", g.model.lower(), g.name.lower())]
         if not matching:
             have = ", ".join(sorted({f"{g.model} ({g.name})" for g in self.gpus})) or "none"
             raise NoCapacityError(
-                f"no GPU of model {req.model!r} here; these exist: {have}. Ask for one of those, "
-                "'any:N', or no GPU"
+                f"no GPU of model {req.model!r} here; these exist: {have}. Ask for one of those, 'any:N', or no GPU"
             )
+        if len(matching) < req.count:
+            raise NoCapacityError(f"asked for {req.count} GPUs of model {req.model!r}; only {len(matching)} exist here")
+        return matching
+
+    def _pick_gpus(self, sandbox_id: str, req: GpuRequest) -> list[int]:
+        matching = self._matching(req)
+        ahead = self._ahead_of(sandbox_id)
         free = [g.index for g in matching if g.index not in self.gpu_owner]
-        if len(free) < req.count:
+        if len(free) < req.count or ahead:
+            waiting = f"; {len(ahead)} waking kernel(s) wait for GPUs ahead of this one" if ahead else ""
             raise NoCapacityError(
                 f"asked for {req.count} GPU(s) of model {req.model!r}; {len(matching)} exist here and "
-                f"{len(free)} are free. Shut down another GPU kernel or ask for fewer"
+                f"{len(free)} are free{waiting}. Shut down or hibernate another GPU kernel, or ask for fewer"
             )
         return free[: req.count]
+
+    def _ahead_of(self, sandbox_id: str) -> list[str]:
+        return self.line[: self.line.index(sandbox_id)] if sandbox_id in self.line else list(self.line)
 
     def allocate(self, sandbox_id: str, spec: ParsedSpec) -> list[int]:
         if spec.cpu > self.cpu_total:
@@ -67,22 +96,66 @@ class Scheduler:
                 f"no room for {format_bytes(spec.memory)} more memory: {format_bytes(self.memory_allocated)} "
                 f"of {format_bytes(self.memory_total)} are given out; stop a kernel or ask for less"
             )
-        indices = self._pick_gpus(spec.gpu) if spec.gpu else []
+        indices = self._pick_gpus(sandbox_id, spec.gpu) if spec.gpu else []
         self.claim(sandbox_id, spec.cpu, spec.memory, indices)
         return indices
 
     def claim(self, sandbox_id: str, cpu: float, memory: int, gpu_indices: list[int]) -> None:
         """Record an allocation (also used when re-adopting sandboxes after a restart)."""
-        self.cpu_allocated += cpu
-        self.memory_allocated += memory
+        self.claims[sandbox_id] = (cpu, memory)
         for i in gpu_indices:
             self.gpu_owner[i] = sandbox_id
 
-    def release(self, sandbox_id: str, cpu: float, memory: int) -> None:
-        self.cpu_allocated = max(0.0, self.cpu_allocated - cpu)
-        self.memory_allocated = max(0, self.memory_allocated - memory)
+    def claim_gpus(self, sandbox_id: str, gpu_indices: list[int]) -> None:
+        """Take back exactly these GPUs (a suspended process wakes on the GPUs it had)."""
+        taken = {i: self.gpu_owner[i] for i in gpu_indices if self.gpu_owner.get(i, sandbox_id) != sandbox_id}
+        ahead = self._ahead_of(sandbox_id)
+        if taken or ahead:
+            held = ", ".join(f"GPU {i} is held by {owner}" for i, owner in taken.items())
+            raise NoCapacityError(held or f"{len(ahead)} waking kernel(s) wait for GPUs ahead of this one")
+        for i in gpu_indices:
+            self.gpu_owner[i] = sandbox_id
+
+    def release(self, sandbox_id: str) -> None:
+        self.claims.pop(sandbox_id, None)
+        self.release_gpus(sandbox_id)
+
+    def release_gpus(self, sandbox_id: str) -> None:
         for i in [i for i, owner in self.gpu_owner.items() if owner == sandbox_id]:
             del self.gpu_owner[i]
+        self._wake_line()
+
+    def _wake_line(self) -> None:
+        async def notify() -> None:
+            async with self._changed:
+                self._changed.notify_all()
+
+        with contextlib.suppress(RuntimeError):  # no running loop: nobody can be waiting
+            asyncio.get_running_loop().create_task(notify())
+
+    async def wait_in_line(self, sandbox_id: str, take: Callable[[], R], on_wait: Callable[[str], None],
+                           timeout: float) -> R:
+        """Call `take` (which raises `NoCapacityError` while what it wants is held) until it succeeds, in
+        first-come order with other waiters; `on_wait` hears why it waits. Gives up after `timeout`."""
+        self.line.append(sandbox_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            while True:
+                try:
+                    return take()
+                except NoCapacityError as e:
+                    if loop.time() >= deadline:
+                        raise NoCapacityError(f"{e}; gave up after waiting {timeout:g}s") from e
+                    position = self.line.index(sandbox_id) + 1
+                    on_wait(f"{e}; waiting in line (position {position} of {len(self.line)})")
+                async with self._changed:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        # Also retry now and then: GPU memory used outside the scheduler frees up unseen.
+                        await asyncio.wait_for(self._changed.wait(), min(5.0, max(0.1, deadline - loop.time())))
+        finally:
+            self.line.remove(sandbox_id)
+            self._wake_line()
 
     def capacity(self) -> pb.Capacity:
         return pb.Capacity(

@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from traitlets import Float, Unicode, default, validate
+from traitlets import Bool, Float, Unicode, default, validate
 from traitlets.config import Application
 
 from snapkernel import __version__
@@ -75,6 +75,16 @@ class BackendApp(Application):
     memory_overcommit = Float(1.5, help="How many times the host's memory may be handed out in total.").tag(
         config=True)
     start_timeout = Float(60.0, help="Seconds a sandbox may take to start its agent.").tag(config=True)
+    hibernate_after_gpu = Float(600.0, help="Idle seconds before a GPU kernel hibernates, unless its kernelspec "
+                                            "sets `hibernate_after`; 0 = never.").tag(config=True)
+    hibernate_after_cpu = Float(0.0, help="Idle seconds before a CPU kernel hibernates, unless its kernelspec "
+                                          "sets `hibernate_after`; 0 = never.").tag(config=True)
+    gpu_offload = Bool(True, help="Hibernating GPU kernels on the process runtime: move torch tensors out through "
+                                  "pinned host buffers (fast) before the CUDA driver's checkpoint moves the rest. "
+                                  "Off: the driver moves everything (slower; for code that keeps raw GPU pointers)."
+                       ).tag(config=True)
+    wake_timeout = Float(600.0, help="Seconds a waking kernel may wait for its GPU and take to come back.").tag(
+        config=True)
     tls_cert = Unicode("", help="PEM certificate file: serve TCP addresses with TLS.").tag(config=True)
     tls_key = Unicode("", help="PEM private key file for --tls-cert.").tag(config=True)
 
@@ -139,8 +149,11 @@ class BackendApp(Application):
         scheduler = Scheduler(gpus, self.cpu_overcommit, self.memory_overcommit)
         manager = SandboxManager(state, runtimes, scheduler, Defaults(
             runtime=default_runtime, cpu=self.default_cpu, memory=parse_memory(self.default_memory),
-            start_timeout=self.start_timeout))
+            start_timeout=self.start_timeout, hibernate_after_gpu=self.hibernate_after_gpu,
+            hibernate_after_cpu=self.hibernate_after_cpu, gpu_offload=self.gpu_offload,
+            wake_timeout=self.wake_timeout))
         await manager.readopt()
+        manager.hibernator.start()
 
         def infos() -> list[RuntimeInfo]:
             return [r.probe() for r in runtimes.values()] + missing

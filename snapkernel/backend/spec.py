@@ -45,7 +45,7 @@ class ParsedSpec:
     runtime: str
     image: str
     restore_from: str
-    hibernate_after: float
+    hibernate_after: float | None  # None: the backend's default
     network: bool
     env: dict[str, str] = field(default_factory=dict)
     mount_dir: str = ""
@@ -112,8 +112,8 @@ def parse_spec(spec: pb.SandboxSpec, *, default_runtime: str, default_cpu: float
     cpu = spec.cpu or default_cpu
     if not math.isfinite(cpu) or cpu <= 0 or cpu > 1024:
         raise InvalidSpecError(f"cpu {spec.cpu!r} is not valid: use a number of cores above 0, e.g. 2 or 0.5")
-    hibernate = spec.hibernate_after
-    if not math.isfinite(hibernate) or hibernate < 0:
+    hibernate = spec.hibernate_after if spec.HasField("hibernate_after") else None
+    if hibernate is not None and (not math.isfinite(hibernate) or hibernate < 0):
         raise InvalidSpecError(
             f"hibernate_after {hibernate!r} is not valid: use idle seconds (0 turns hibernation off)"
         )
@@ -132,7 +132,7 @@ def parse_spec(spec: pb.SandboxSpec, *, default_runtime: str, default_cpu: float
         runtime=runtime,
         image=spec.image,
         restore_from=spec.restore_from,
-        hibernate_after=float(hibernate),
+        hibernate_after=hibernate,
         network=spec.network,
         env=dict(spec.env),
         mount_dir=os.path.realpath(spec.mount_dir) if spec.mount_dir else "",

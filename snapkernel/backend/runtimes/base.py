@@ -88,6 +88,11 @@ class SandboxRuntime(ABC):
             )
         self._children[record.id] = proc
         record.pid = proc.pid
+        # Until the child has exec'd, /proc shows the backend's command line and `is_alive` would say no.
+        for _ in range(400):
+            if proc.poll() is not None or self.is_alive(record):
+                break
+            await asyncio.sleep(0.005)
         return plan.limits_mode
 
     def is_alive(self, record: SandboxRecord) -> bool:

@@ -47,6 +47,11 @@ class RunscFeatures:
     error: str = ""
 
     @property
+    def cuda_checkpoint(self) -> bool:
+        """This runsc moves GPU memory into its checkpoints itself (builds from mid-2026 on)."""
+        return "cuda-checkpoint-path" in self.checkpoint_flags
+
+    @property
     def can_snapshot_live_kernel(self) -> bool:
         return self.build_date >= SNAPSHOT_MIN_VERSION
 
@@ -81,8 +86,9 @@ def detect(path: str) -> RunscFeatures:
     pm = re.search(r'-platform string.*?\(default "(\w+)"\)', flags, re.S)
     f.platform = pm.group(1) if pm else "ptrace"
     f.nvproxy = "-nvproxy\n" in flags or "-nvproxy " in flags
-    f.checkpoint_flags = {name for name in ("compression", "direct", "exclude-committed-zero-pages",
-                                            "leave-running") if f"-{name}" in _run([path, "help", "checkpoint"])}
+    help_checkpoint = _run([path, "help", "checkpoint"])
+    f.checkpoint_flags = {name for name in ("compression", "direct", "exclude-committed-zero-pages", "leave-running",
+                                            "cuda-checkpoint-path") if f"-{name}" in help_checkpoint}
     if f.nvproxy:
         drivers = _run([path, "nvproxy", "list-supported-drivers"]).split()
         f.nvproxy_drivers = [d for d in drivers if re.fullmatch(r"\d+\.\d+(\.\d+)?", d)]
@@ -205,18 +211,22 @@ class GvisorRuntime(SandboxRuntime):
                 f"--network={'sandbox' if spec_network else 'none'}"]
         return [*argv, "--nvproxy"] if gpus else argv
 
-    async def checkpoint(self, record: SandboxRecord, image_dir: Path) -> None:
-        """Write the running sandbox's memory image to `image_dir`; the sandbox keeps running."""
+    async def checkpoint(self, record: SandboxRecord, image_dir: Path, leave_running: bool = True) -> None:
+        """Write the running sandbox's memory image to `image_dir`; the sandbox keeps running unless
+        `leave_running` is false (hibernation: it stops once its image is written)."""
         if not self.features.can_snapshot_live_kernel:
             raise StateError(
                 f"runsc {self.features.version} cannot checkpoint a live kernel (it panics on ipykernel's "
                 "loopback listener); `make install` as root installs the 2024-07 build, or use --kind state"
             )
         image_dir.mkdir(mode=0o700)
-        argv = [self.features.path, "--root", str(self.root), "checkpoint", "--image-path", str(image_dir),
-                "--leave-running"]
+        argv = [self.features.path, "--root", str(self.root), "checkpoint", "--image-path", str(image_dir)]
+        if leave_running:
+            argv.append("--leave-running")
         if "compression" in self.features.checkpoint_flags:
             argv.append("--compression=none")
+        if "exclude-committed-zero-pages" in self.features.checkpoint_flags:
+            argv.append("--exclude-committed-zero-pages")
         proc = await asyncio.create_subprocess_exec(*argv, record.id, stdin=asyncio.subprocess.DEVNULL,
                                                     stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         _, err = await proc.communicate()

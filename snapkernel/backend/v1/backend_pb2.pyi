@@ -416,7 +416,9 @@ class SandboxSpec(_message.Message):
     restore_from: _builtins.str
     """snapshot id"""
     hibernate_after: _builtins.float
-    """idle seconds before an automatic snapshot; 0 = never"""
+    """Idle seconds before the kernel hibernates; 0 = never; absent = the backend's default (600 s for GPU
+    kernels, off for CPU kernels).
+    """
     network: _builtins.bool
     """give the sandbox network access"""
     mount_dir: _builtins.str
@@ -434,16 +436,18 @@ class SandboxSpec(_message.Message):
         runtime: _builtins.str = ...,
         image: _builtins.str = ...,
         restore_from: _builtins.str = ...,
-        hibernate_after: _builtins.float = ...,
+        hibernate_after: _builtins.float | None = ...,
         network: _builtins.bool = ...,
         env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         mount_dir: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_hibernate_after", b"_hibernate_after", "hibernate_after", b"hibernate_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu", b"cpu", "env", b"env", "gpu", b"gpu", "hibernate_after", b"hibernate_after", "image", b"image", "memory", b"memory", "mount_dir", b"mount_dir", "network", b"network", "restore_from", b"restore_from", "runtime", b"runtime"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_hibernate_after", b"_hibernate_after", "cpu", b"cpu", "env", b"env", "gpu", b"gpu", "hibernate_after", b"hibernate_after", "image", b"image", "memory", b"memory", "mount_dir", b"mount_dir", "network", b"network", "restore_from", b"restore_from", "runtime", b"runtime"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__hibernate_after: _TypeAlias = _typing.Literal["hibernate_after"]  # noqa: Y015
+    _WhichOneofArgType__hibernate_after: _TypeAlias = _typing.Literal["_hibernate_after", b"_hibernate_after"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__hibernate_after) -> _WhichOneofReturnType__hibernate_after | None: ...
 
 Global___SandboxSpec: _TypeAlias = SandboxSpec  # noqa: Y015
 
@@ -567,7 +571,7 @@ class Sandbox(_message.Message):
     KERNEL_GENERATION_FIELD_NUMBER: _builtins.int
     LAST_ACTIVITY_FIELD_NUMBER: _builtins.int
     HIBERNATION_FIELD_NUMBER: _builtins.int
-    SNAPSHOT_ID_FIELD_NUMBER: _builtins.int
+    HIBERNATE_AFTER_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     kernel_id: _builtins.str
     runtime: _builtins.str
@@ -588,9 +592,9 @@ class Sandbox(_message.Message):
     last_activity: _builtins.float
     """unix time of the last kernel message either way"""
     hibernation: _builtins.str
-    """how it was hibernated: "memory", "suspend", "state"; "" when awake"""
-    snapshot_id: _builtins.str
-    """the hibernation snapshot, while hibernated"""
+    """how it hibernates: "memory", "suspend", "state"; "" when awake"""
+    hibernate_after: _builtins.float
+    """the idle seconds in effect (the spec's, else the backend's default); 0 = never"""
     @_builtins.property
     def spec(self) -> Global___SandboxSpec: ...
     @_builtins.property
@@ -613,11 +617,11 @@ class Sandbox(_message.Message):
         kernel_generation: _builtins.int = ...,
         last_activity: _builtins.float = ...,
         hibernation: _builtins.str = ...,
-        snapshot_id: _builtins.str = ...,
+        hibernate_after: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "exit_code", b"exit_code", "gpu_indices", b"gpu_indices", "hibernation", b"hibernation", "id", b"id", "kernel_generation", b"kernel_generation", "kernel_id", b"kernel_id", "last_activity", b"last_activity", "limits", b"limits", "message", b"message", "notebook_path", b"notebook_path", "pid", b"pid", "runtime", b"runtime", "snapshot_id", b"snapshot_id", "spec", b"spec", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "exit_code", b"exit_code", "gpu_indices", b"gpu_indices", "hibernate_after", b"hibernate_after", "hibernation", b"hibernation", "id", b"id", "kernel_generation", b"kernel_generation", "kernel_id", b"kernel_id", "last_activity", b"last_activity", "limits", b"limits", "message", b"message", "notebook_path", b"notebook_path", "pid", b"pid", "runtime", b"runtime", "spec", b"spec", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

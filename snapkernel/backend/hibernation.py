@@ -1,0 +1,313 @@
+"""Hibernation: an idle kernel gives its memory and GPUs back, and the next message wakes it.
+
+Three ways, the fastest safe one the sandbox has:
+- `memory` (gvisor): `runsc checkpoint` writes the whole sandbox to an image in its directory and the
+  sandbox stops; waking is `runsc restore`. Every variable, thread and open file comes back.
+- `suspend` (process runtime, GPU kernels): the kernel process stays; its GPU memory moves to host memory
+  (torch tensors through pinned buffers, the rest by the CUDA driver's checkpoint) and its GPUs go back to
+  the scheduler; waking puts the memory back on the same GPUs.
+- `state` (everything else): the kernel's variables are saved as a state snapshot and the sandbox stops;
+  waking starts a new kernel and loads them. Refused, and the kernel stays awake, when a variable cannot be
+  saved.
+Kernel messages that arrive meanwhile are held by the backend and delivered once the kernel is back, so the
+notebook sees a slow cell under the same kernel id, not a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from jupyter_client.session import Session
+
+from snapkernel.backend.runtimes.gvisor import GvisorRuntime
+from snapkernel.backend.sandbox_db import ASLEEP
+from snapkernel.backend.v1 import backend_pb2 as pb
+from snapkernel.errors import SnapkernelError, StateError
+from snapkernel.snapshots import cuda
+
+if TYPE_CHECKING:
+    from snapkernel.backend.sandboxes import LiveSandbox, SandboxManager
+
+log = logging.getLogger(__name__)
+
+IDLE_CHECK_INTERVAL = 1.0  # seconds between looks for idle kernels
+IMAGE_DIR = "hibernation"  # in the sandbox's directory: the memory image while hibernated
+STATE_DIR = ".snapkernel-hibernation"  # in the workspace: the variables while hibernated
+OFFLOAD_CODE = "__import__('snapkernel.snapshots.gpu_offload', fromlist=['run']).run({action!r})"
+
+
+class Hibernator:
+    def __init__(self, manager: SandboxManager) -> None:
+        self.m = manager
+        self._watch: asyncio.Task[None] | None = None
+
+    # --- choosing -------------------------------------------------------------------------------
+    def method(self, sb: LiveSandbox) -> str:
+        runtime = self.m.runtimes[sb.record.runtime]
+        if isinstance(runtime, GvisorRuntime):
+            gpu_ok = not sb.record.gpu_indices or runtime.features.cuda_checkpoint
+            return "memory" if runtime.features.can_snapshot_live_kernel and gpu_ok else "state"
+        return "suspend" if sb.record.gpu_indices else "state"
+
+    # --- the idle watch -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._watch = asyncio.create_task(self._idle_watch())
+
+    async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+
+    async def _idle_watch(self) -> None:
+        while True:
+            await asyncio.sleep(IDLE_CHECK_INTERVAL)
+            now = time.time()
+            for sb in list(self.m.live.values()):
+                r = sb.record
+                if (r.state == pb.RUNNING and r.hibernate_after > 0 and not sb.busy and not sb.snapshotting
+                        and not sb.held and now - r.last_activity >= r.hibernate_after
+                        and sb.refused_at != r.last_activity):
+                    self.m._spawn(self._hibernate_quietly(sb))
+
+    async def _hibernate_quietly(self, sb: LiveSandbox) -> None:
+        try:
+            await self.hibernate(sb, f"idle for {sb.record.hibernate_after:g}s")
+        except SnapkernelError as e:
+            log.warning("sandbox_id=%s stays awake: %s", sb.record.id, e)
+
+    # --- hibernate ------------------------------------------------------------------------------
+    async def hibernate(self, sb: LiveSandbox, reason: str) -> pb.Sandbox:
+        r = sb.record
+        if r.state != pb.RUNNING:
+            raise StateError(f"sandbox {r.id} is {self.m.state_name(sb)}: only a running kernel can hibernate")
+        if sb.busy or sb.snapshotting:
+            raise StateError(f"sandbox {r.id} is busy (a cell or a snapshot is running): try again when it is idle")
+        method = self.method(sb)
+        sb.snapshotting = True
+        r.hibernation = method
+        self.m._set_state(sb, pb.HIBERNATING, f"hibernating ({reason}) by {method}",
+                          pb.Progress(step="hibernate", message=f"hibernating by {method}", fraction=0.1))
+        started = time.perf_counter()
+        try:
+            if method == "memory":
+                await self._to_image(sb)
+            elif method == "suspend":
+                await self._suspend(sb)
+            else:
+                await self._to_state(sb)
+        except Exception as e:
+            sb.refused_at = r.last_activity  # not again until the kernel has been used
+            r.hibernation = ""
+            why = str(e) if isinstance(e, SnapkernelError) else f"{type(e).__name__}: {e}"
+            self.m._set_state(sb, pb.RUNNING, f"could not hibernate, so it stays awake: {why}")
+            self._deliver_held(sb)
+            if isinstance(e, SnapkernelError):
+                raise
+            raise StateError(f"sandbox {r.id} could not hibernate: {why}") from e
+        finally:
+            sb.snapshotting = False
+        took = time.perf_counter() - started
+        self.m._set_state(sb, pb.HIBERNATED, f"hibernated by {method} in {took:.1f}s; the next message wakes it",
+                          pb.Progress(step="hibernate", message=f"hibernated in {took:.1f}s", fraction=1.0))
+        if sb.held:  # messages came in while it was going to sleep
+            self.wake_soon(sb)
+        return r.to_pb()
+
+    async def _to_image(self, sb: LiveSandbox) -> None:
+        r = sb.record
+        runtime = self.m.runtimes[r.runtime]
+        assert isinstance(runtime, GvisorRuntime)
+        target = Path(r.dir) / IMAGE_DIR
+        await asyncio.to_thread(shutil.rmtree, target, True)
+        target.mkdir(mode=0o700)
+        try:
+            await runtime.checkpoint(r, target / "image", leave_running=False)
+        except SnapkernelError:
+            await asyncio.to_thread(shutil.rmtree, target, True)
+            raise
+        runtime.save_bundle(r, target)
+        await self._stop_sandbox(sb)
+
+    async def _to_state(self, sb: LiveSandbox) -> None:
+        report = await self.m.save_state(sb, STATE_DIR)
+        if report["skipped"]:
+            await asyncio.to_thread(shutil.rmtree, Path(sb.record.dir) / "workspace" / STATE_DIR, True)
+            names = ", ".join(f"{k} ({v})" for k, v in sorted(report["skipped"].items())[:5])
+            raise StateError(f"these variables cannot be saved, so waking would lose them: {names}")
+        await self._stop_sandbox(sb)
+
+    async def _stop_sandbox(self, sb: LiveSandbox) -> None:
+        await self.m.runtimes[sb.record.runtime].stop(sb.record)
+        if sb.link is not None:
+            sb.link.close()
+            sb.link = None
+        self.m.scheduler.release(sb.record.id)
+
+    async def _suspend(self, sb: LiveSandbox) -> None:
+        r = sb.record
+        driver = await asyncio.to_thread(cuda.CudaDriver.load)
+        offloaded = False
+        if self.m.defaults.gpu_offload:
+            result = await self._offload(sb, "offload")
+            offloaded = result.get("bytes", 0) > 0
+            log.info("sandbox_id=%s offloaded %s bytes of tensors in %.2fs", r.id, result.get("bytes"),
+                     result.get("seconds", 0.0))
+        try:
+            sb.suspended = await asyncio.to_thread(cuda.suspend, driver, r.pid, r.gpu_indices)
+        except SnapkernelError:
+            if offloaded:
+                await self._offload(sb, "reload")
+            raise
+        log.info("sandbox_id=%s driver checkpoint of %s moved %s bytes in %.2fs", r.id, sb.suspended.pids,
+                 sb.suspended.total_bytes, sb.suspended.seconds)
+        self.m.scheduler.release_gpus(r.id)
+
+    async def _offload(self, sb: LiveSandbox, action: str) -> dict[str, int | float]:
+        result = await self.m.run_in_kernel(sb, OFFLOAD_CODE.format(action=action), self.m.defaults.wake_timeout)
+        if not result.ok:
+            raise StateError(f"moving the kernel's tensors ({action}) failed: {result.error}")
+        out: dict[str, int | float] = json.loads(result.output.strip().splitlines()[-1])
+        return out
+
+    # --- wake -----------------------------------------------------------------------------------
+    def wake_soon(self, sb: LiveSandbox) -> None:
+        if sb.record.state == pb.HIBERNATED and sb.waking is None:
+            sb.waking = asyncio.ensure_future(self._wake(sb))
+
+    async def wake(self, sb: LiveSandbox) -> pb.Sandbox:
+        r = sb.record
+        if r.state not in ASLEEP:
+            raise StateError(f"sandbox {r.id} is {self.m.state_name(sb)}, not hibernated")
+        if r.state == pb.HIBERNATING:  # let it fall asleep first; the held messages wake it after
+            async with sb.changed:
+                await sb.changed.wait_for(lambda: r.state != pb.HIBERNATING)
+        self.wake_soon(sb)
+        if sb.waking is not None:
+            await asyncio.shield(sb.waking)
+        if r.state != pb.RUNNING:
+            raise StateError(f"sandbox {r.id} did not wake: {r.message}")
+        return r.to_pb()
+
+    async def _wake(self, sb: LiveSandbox) -> None:
+        r = sb.record
+        method = r.hibernation
+        self.m._set_state(sb, pb.WAKING, f"waking from {method}",
+                          pb.Progress(step="wake", message=f"waking from {method}", fraction=0.1))
+        started = time.perf_counter()
+        try:
+            if method == "suspend":
+                await self._resume(sb)
+            else:
+                await self._relaunch(sb, method)
+        except Exception as e:
+            why = str(e) if isinstance(e, SnapkernelError) else f"{type(e).__name__}: {e}"
+            log.exception("sandbox_id=%s could not wake", r.id)
+            self.m.scheduler.release(r.id)
+            with contextlib.suppress(Exception):
+                await self.m.runtimes[r.runtime].stop(r)
+            self.m._set_state(sb, pb.FAILED, f"waking the kernel failed: {why}")
+            self._tell_notebook(sb, f"snapkernel: waking this kernel failed: {why}\n"
+                                    "Restart the kernel (its variables could not be brought back).", fail=True)
+            return
+        finally:
+            sb.waking = None
+        took = time.perf_counter() - started
+        r.hibernation = ""
+        r.last_activity = time.time()
+        self.m._set_state(sb, pb.RUNNING, "", pb.Progress(step="wake", message=f"awake in {took:.2f}s",
+                                                          fraction=1.0))
+        self._deliver_held(sb)
+
+    def _waiting(self, sb: LiveSandbox, why: str) -> None:
+        self.m._progress(sb, "wake", why)
+        if not sb.told_waiting:
+            sb.told_waiting = True
+            self._tell_notebook(sb, f"snapkernel: this kernel is hibernated and waits for its GPU to wake: {why}\n")
+
+    async def _resume(self, sb: LiveSandbox) -> None:
+        r = sb.record
+        sb.told_waiting = False
+        await self.m.scheduler.wait_in_line(r.id, lambda: self.m.scheduler.claim_gpus(r.id, r.gpu_indices),
+                                            lambda why: self._waiting(sb, why), self.m.defaults.wake_timeout)
+        driver = await asyncio.to_thread(cuda.CudaDriver.load)
+        suspended = sb.suspended or cuda.Suspended(
+            [p for p in cuda.descendants(r.pid) if driver.state(p) is not None])  # after a backend restart
+        await self.m.scheduler.wait_in_line(
+            r.id, lambda: cuda.check_room(suspended.gpu_bytes, r.gpu_indices), lambda why: self._waiting(sb, why),
+            self.m.defaults.wake_timeout)
+        await asyncio.to_thread(cuda.resume, driver, suspended, r.gpu_indices)
+        sb.suspended = None
+        await self._offload(sb, "reload")
+
+    async def _relaunch(self, sb: LiveSandbox, method: str) -> None:
+        r = sb.record
+        sb.told_waiting = False
+        if sb.spec.gpu:
+            r.gpu_indices = await self.m.scheduler.wait_in_line(
+                r.id, lambda: self.m.scheduler.allocate(r.id, sb.spec), lambda why: self._waiting(sb, why),
+                self.m.defaults.wake_timeout)
+        else:
+            self.m.scheduler.allocate(r.id, sb.spec)
+        runtime = self.m.runtimes[r.runtime]
+        if method == "memory":
+            r.limits = await runtime.launch(r, sb.spec, {}, Path(r.dir) / IMAGE_DIR)
+            await self.m._connect(sb, runtime, self.m.defaults.start_timeout)
+            await asyncio.to_thread(shutil.rmtree, Path(r.dir) / IMAGE_DIR, True)
+            return
+        sb.restore_state = STATE_DIR
+        r.limits = await runtime.launch(r, sb.spec, self.m._sandbox_env(sb, r.kernel))
+        await self.m._connect(sb, runtime, self.m.defaults.start_timeout)
+        async with sb.changed:  # the new kernel starts, then loads the variables (see SandboxManager)
+            await asyncio.wait_for(sb.changed.wait_for(lambda: sb.restore_state is None or r.ended),
+                                   self.m.defaults.wake_timeout)
+        if sb.state_error:
+            raise StateError(sb.state_error)
+
+    # --- messages -------------------------------------------------------------------------------
+    def _deliver_held(self, sb: LiveSandbox) -> None:
+        held, sb.held = sb.held, []
+        for msg in held:
+            self.m.send_to_agent(sb, msg)
+
+    def _tell_notebook(self, sb: LiveSandbox, text: str, fail: bool = False) -> None:
+        """Show `text` under the cells waiting for this kernel; with `fail`, end those cells with an error
+        (the kernel that would have run them is gone)."""
+        r = sb.record
+        session = Session(key=r.kernel.key, signature_scheme=r.kernel.signature_scheme or "hmac-sha256",
+                          username="snapkernel")
+        for msg in list(sb.held):
+            frame = msg.frame
+            if msg.WhichOneof("kind") != "frame" or frame.channel != pb.SHELL:
+                continue
+            try:
+                idents, wire = session.feed_identities(list(frame.parts))
+                request = session.deserialize(wire, content=False)
+            except Exception:
+                continue
+            if request["header"].get("msg_type") != "execute_request":
+                continue
+            parent = request["header"]
+            out: list[tuple[str, dict[str, object]]] = [("stream", {"name": "stderr", "text": text})]
+            if fail:
+                out.append(("error", {"ename": "KernelWakeError", "evalue": text.strip(), "traceback": [text]}))
+                out.append(("status", {"execution_state": "idle"}))
+            for msg_type, content in out:
+                parts = session.serialize(session.msg(msg_type, content, parent=parent),
+                                          ident=f"kernel.{r.id}.{msg_type}".encode())
+                self.m.to_clients(sb, pb.KernelFrame(channel=pb.IOPUB, parts=parts))
+            if fail:
+                reply = session.msg("execute_reply", {"status": "error", "ename": "KernelWakeError",
+                                                      "evalue": text.strip(), "traceback": [text],
+                                                      "execution_count": None}, parent=parent)
+                self.m.to_clients(sb, pb.KernelFrame(channel=pb.SHELL,
+                                                     parts=session.serialize(reply, ident=idents)))
+        if fail:
+            sb.held.clear()
