@@ -260,6 +260,10 @@ class Hibernator:
         if method == "memory":
             r.limits = await runtime.launch(r, sb.spec, {}, Path(r.dir) / IMAGE_DIR)
             await self.m._connect(sb, runtime, self.m.defaults.start_timeout)
+            # runsc reads the image while it restores: the kernel answering is the sign it is done with it.
+            result = await self.m.run_in_kernel(sb, "pass", self.m.defaults.start_timeout)
+            if not result.ok:
+                raise StateError(f"the restored kernel did not answer: {result.error}")
             await asyncio.to_thread(shutil.rmtree, Path(r.dir) / IMAGE_DIR, True)
             return
         sb.restore_state = STATE_DIR

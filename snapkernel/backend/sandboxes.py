@@ -288,9 +288,12 @@ class SandboxManager:
         if sb.deleting or sb.record.ended:
             return
         if sb.record.state in ASLEEP:  # stopped on purpose; or, while waking, the new sandbox died
-            if sb.record.state == pb.WAKING and sb.restore_state is not None:
+            if sb.record.state == pb.WAKING:
                 sb.state_error = f"the sandbox ended while waking{_log_tail(Path(sb.record.dir) / LOG_FILE)}"
                 sb.restore_state = None
+                for future in sb.code_results.values():
+                    if not future.done():
+                        future.set_exception(SandboxFailedError(sb.state_error))
                 self._notify(sb)
             return
         runtime = self.runtimes.get(sb.record.runtime)
