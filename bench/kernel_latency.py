@@ -114,9 +114,10 @@ def percentile(values: list[float], q: float) -> float:
 class Backend:
     """`snapkernel backend` on a unix socket in `state_dir`, logging to `state_dir/backend.log`."""
 
-    def __init__(self, state_dir: Path, runtime: str = "process") -> None:
+    def __init__(self, state_dir: Path, runtime: str = "process", extra: tuple[str, ...] = ()) -> None:
         self.state_dir = state_dir
         self.runtime = runtime
+        self.extra = extra  # more `snapkernel backend` arguments, e.g. --BackendApp.gpu_offload=False
         self.socket = state_dir / "backend.sock"
         self.address = f"unix://{self.socket}"
         self.log_path = state_dir / "backend.log"
@@ -126,7 +127,7 @@ class Backend:
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 [*SNAPKERNEL, "backend", "--listen", self.address, "--state-dir", str(self.state_dir),
-                 "--runtime", self.runtime],
+                 "--runtime", self.runtime, *self.extra],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         token = self.state_dir / "token"
         deadline = time.monotonic() + timeout

@@ -167,3 +167,29 @@ def test_scheduler_hands_released_gpus_to_the_line_in_order() -> None:
 
     assert asyncio.run(scenario()) == ["sb-first", "sb-second"]
     assert any("GPU 0 is held by sb-holder" in h and "position 1 of" in h for h in heard)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["process"], indirect=True)
+def test_a_gpu_kernel_suspends_gives_its_gpu_back_and_wakes_bit_identical(backend: Backend,
+                                                                          kernelspec_dir: Path) -> None:
+    from snapkernel.snapshots import cuda
+
+    name = write_kernelspec(kernelspec_dir, "snapkernel-test-gpu-hibernate", {"gpu": "any:1", "runtime": "process"})
+    with running_kernel(name) as (_km, kc):
+        sandbox = sandbox_of(kc)
+        assert get(backend, sandbox).hibernate_after == 600  # GPU kernels hibernate by default
+        # torch tensors take the pinned path; the cupy array is left to the driver's checkpoint.
+        run(kc, "import torch, cupy\nt = torch.randn(256 << 20, device='cuda')\nview = t[1::2]\n"
+                "c = cupy.arange(1 << 26, dtype=cupy.float32)\nsums = (float(t.double().sum()), float(c.sum()))",
+            timeout=180)
+        sb = backend_call(backend, lambda c: c.hibernate_sandbox(sandbox))
+        assert sb.state == pb.HIBERNATED and sb.hibernation == "suspend", sb.message
+        status: pb.Status = backend_call(backend, lambda c: c.status())
+        assert status.capacity.gpus_allocated == 0  # the GPU went back to the scheduler
+        held = cuda.gpu_memory_of(cuda.descendants(sb.pid), list(sb.gpu_indices))
+        assert sum(held.values()) < 64 << 20, held  # and the kernel holds (next to) no GPU memory
+        print("GPU memory held while suspended:", held)
+        assert value(kc, "(float(t.double().sum()), float(c.sum())) == sums", timeout=120) == "True"
+        assert value(kc, "view.data_ptr() == t.data_ptr() + 4 and bool((view == t[1::2]).all())") == "True"
+        assert get(backend, sandbox).state == pb.RUNNING

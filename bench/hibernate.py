@@ -1,0 +1,165 @@
+"""Hibernation: how long an idle kernel takes to go to sleep, and to wake on the next cell.
+
+In one run:
+- a CPU kernel holding `--cpu-gib` GiB (default 1) on each runtime here (`process`: state snapshot;
+  `gvisor`: runsc memory image): seconds to hibernate, and from sending the next cell to its output
+  (target: at most 1.5 s to wake);
+- on a machine with an NVIDIA GPU: pinned device-to-host and host-to-device copy bandwidth beside the
+  suspend and resume GiB/s of each path (`pinned`: torch tensors through pinned host buffers, then the
+  driver's checkpoint for the rest; `driver`: the CUDA driver's checkpoint moves everything), and end to
+  end for a GPU kernel holding `--gpu-gib` GiB of GPU memory (default 16) and `--host-gib` GiB of host
+  memory (default 4): from the first message to the output (target: at most 5 s).
+Prints tables and writes JSON (default bench/results/hibernate.json).
+
+    .venv/bin/python bench/hibernate.py [--cpu-gib 1] [--gpu-gib 16] [--host-gib 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import asyncio
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel_latency import Backend
+from snapshots import Kernel, kernelspec, run_cell
+
+from snapkernel.backend.client import BackendClient
+from snapkernel.backend.gpus import inventory
+from snapkernel.kernel_provisioner.kernelspec import install
+
+GiB = 1024**3
+COPY_BANDWIDTH = """
+import time, torch
+x = torch.empty({n} << 28, device='cuda').uniform_()
+pinned = torch.empty(x.shape, pin_memory=True)
+pinned.copy_(x); torch.cuda.synchronize()
+t = time.perf_counter(); pinned.copy_(x); torch.cuda.synchronize(); d2h = {n} / (time.perf_counter() - t)
+t = time.perf_counter(); x.copy_(pinned); torch.cuda.synchronize(); h2d = {n} / (time.perf_counter() - t)
+del x, pinned; torch.cuda.empty_cache()
+(round(d2h, 2), round(h2d, 2))
+"""
+
+
+def call(method: str, sandbox: str) -> Any:
+    async def go() -> Any:
+        client = BackendClient()
+        try:
+            return await getattr(client, method)(sandbox)
+        finally:
+            await client.close()
+
+    return asyncio.run(go())
+
+
+def sleep_and_wake(k: Kernel, check: str) -> dict[str, float]:
+    """Hibernate the kernel now, then time the next cell from sending it to its output."""
+    sandbox = run_cell(k.kc, "__import__('os').environ['SNAPKERNEL_SANDBOX_ID']").strip("'")
+    expected = run_cell(k.kc, check)
+    t = time.perf_counter()
+    sb = call("hibernate_sandbox", sandbox)
+    hibernate_s = time.perf_counter() - t
+    t = time.perf_counter()
+    got = run_cell(k.kc, check)
+    wake_s = time.perf_counter() - t
+    if got != expected:
+        raise RuntimeError(f"the woken kernel's data differs: {got} != {expected}")
+    return {"method": sb.hibernation, "hibernate_s": hibernate_s, "wake_to_output_s": wake_s}
+
+
+def cpu_kernel(runtime: str, gib: float, specs: Path) -> dict[str, Any]:
+    memory = f"{int(gib * 3) + 2}Gi"
+    k = Kernel(kernelspec(specs, f"bench-hib-{runtime}", {"runtime": runtime, "memory": memory}))
+    try:
+        run_cell(k.kc, f"import numpy\ndata = numpy.random.default_rng(0).integers(0, 255, int({gib} * 2**30), "
+                       "dtype=numpy.uint8)")
+        return {"runtime": runtime, "gib": gib, **sleep_and_wake(k, "int(data[::4096].sum())")}
+    finally:
+        k.stop()
+
+
+def gpu_kernel(path: str, gpu_gib: float, host_gib: float, specs: Path) -> dict[str, Any]:
+    k = Kernel(kernelspec(specs, f"bench-hib-gpu-{path}", {"gpu": "any:1", "runtime": "process",
+                                                          "memory": f"{int(host_gib * 2) + 8}Gi"}))
+    try:
+        run_cell(k.kc, f"import torch, numpy\nw = torch.randn(int({gpu_gib} * 2**28), device='cuda')\n"
+                       f"host = numpy.ones(int({host_gib} * 2**27))\ntorch.cuda.synchronize()")
+        out = sleep_and_wake(k, "(float(w[::65536].double().sum()), float(host[::4096].sum()))")
+        out.update(path=path, gpu_gib=gpu_gib, host_gib=host_gib, suspend_gib_s=gpu_gib / out["hibernate_s"],
+                   resume_gib_s=gpu_gib / out["wake_to_output_s"])
+        return out
+    finally:
+        k.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--cpu-gib", type=float, default=1.0)
+    parser.add_argument("--gpu-gib", type=float, default=16.0)
+    parser.add_argument("--host-gib", type=float, default=4.0)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "hibernate.json")
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="snapkernel-bench-hib-"))
+    install({}, prefix=str(tmp / "prefix"))
+    specs = tmp / "prefix" / "share" / "jupyter"
+    os.environ["JUPYTER_PATH"] = str(specs)
+    runtimes = ["process", *(["gvisor"] if shutil.which("runsc") else [])]
+    gpus = inventory()[0]
+    result: dict[str, Any] = {"cpu": [], "gpu": [], "copy": None}
+    for runtime in runtimes:
+        backend = Backend(tmp / f"state-{runtime}", runtime=runtime)
+        backend.state_dir.mkdir()
+        try:
+            backend.start()
+            result["cpu"].append(cpu_kernel(runtime, args.cpu_gib, specs))
+        finally:
+            backend.stop()
+    if gpus:
+        for path, extra in (("pinned", ()), ("driver", ("--BackendApp.gpu_offload=False",))):
+            backend = Backend(tmp / f"state-gpu-{path}", runtime="process", extra=extra)
+            backend.state_dir.mkdir()
+            try:
+                backend.start()
+                if result["copy"] is None:
+                    k = Kernel(kernelspec(specs, "bench-copy", {"gpu": "any:1", "runtime": "process"}))
+                    d2h, h2d = ast.literal_eval(run_cell(k.kc, COPY_BANDWIDTH.format(n=4)))
+                    result["copy"] = {"d2h_pinned_gib_s": d2h, "h2d_pinned_gib_s": h2d}
+                    k.stop()
+                result["gpu"].append(gpu_kernel(path, args.gpu_gib, args.host_gib, specs))
+            finally:
+                backend.stop()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    header = f"{'runtime':>8} {'method':>7} {'data':>8} {'hibernate s':>12} {'wake→output s':>14} {'target':>7}"
+    print(header + "\n" + "-" * len(header))
+    for r in result["cpu"]:
+        print(f"{r['runtime']:>8} {r['method']:>7} {r['gib']:>4g} GiB {r['hibernate_s']:>12.2f} "
+              f"{r['wake_to_output_s']:>14.2f} {'≤ 1.5':>7}")
+    if not gpus:
+        print("\nGPU: skipped (no NVIDIA GPU here)")
+    else:
+        c = result["copy"]
+        print(f"\npinned copy: device→host {c['d2h_pinned_gib_s']:.1f} GiB/s, host→device {c['h2d_pinned_gib_s']:.1f} "
+              f"GiB/s ({gpus[0].name})")
+        header = (f"{'path':>7} {'GPU':>7} {'host':>6} {'suspend s':>10} {'GiB/s':>7} {'first msg→output s':>19} "
+                  f"{'GiB/s':>7} {'target':>7}")
+        print(header + "\n" + "-" * len(header))
+        for r in result["gpu"]:
+            print(f"{r['path']:>7} {r['gpu_gib']:>3g} GiB {r['host_gib']:>2g} GiB {r['hibernate_s']:>10.2f} "
+                  f"{r['suspend_gib_s']:>7.2f} {r['wake_to_output_s']:>19.2f} {r['resume_gib_s']:>7.2f} {'≤ 5':>7}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
