@@ -60,16 +60,23 @@ def call(method: str, sandbox: str) -> Any:
     return asyncio.run(go())
 
 
+def say(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
 def sleep_and_wake(k: Kernel, check: str) -> dict[str, float]:
     """Hibernate the kernel now, then time the next cell from sending it to its output."""
     sandbox = run_cell(k.kc, "__import__('os').environ['SNAPKERNEL_SANDBOX_ID']").strip("'")
     expected = run_cell(k.kc, check)
+    say(f"hibernating {sandbox}")
     t = time.perf_counter()
     sb = call("hibernate_sandbox", sandbox)
     hibernate_s = time.perf_counter() - t
+    say(f"hibernated by {sb.hibernation} in {hibernate_s:.2f}s; waking with a cell")
     t = time.perf_counter()
     got = run_cell(k.kc, check)
     wake_s = time.perf_counter() - t
+    say(f"woke and answered in {wake_s:.2f}s")
     if got != expected:
         raise RuntimeError(f"the woken kernel's data differs: {got} != {expected}")
     return {"method": sb.hibernation, "hibernate_s": hibernate_s, "wake_to_output_s": wake_s}
@@ -105,14 +112,15 @@ def main() -> int:
     parser.add_argument("--cpu-gib", type=float, default=1.0)
     parser.add_argument("--gpu-gib", type=float, default=16.0)
     parser.add_argument("--host-gib", type=float, default=4.0)
+    parser.add_argument("--parts", nargs="+", choices=["cpu", "gpu"], default=["cpu", "gpu"])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "hibernate.json")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="snapkernel-bench-hib-"))
     install({}, prefix=str(tmp / "prefix"))
     specs = tmp / "prefix" / "share" / "jupyter"
     os.environ["JUPYTER_PATH"] = str(specs)
-    runtimes = ["process", *(["gvisor"] if shutil.which("runsc") else [])]
-    gpus = inventory()[0]
+    runtimes = ["process", *(["gvisor"] if shutil.which("runsc") else [])] if "cpu" in args.parts else []
+    gpus = inventory()[0] if "gpu" in args.parts else []
     result: dict[str, Any] = {"cpu": [], "gpu": [], "copy": None}
     for runtime in runtimes:
         backend = Backend(tmp / f"state-{runtime}", runtime=runtime)
@@ -129,7 +137,8 @@ def main() -> int:
             try:
                 backend.start()
                 if result["copy"] is None:
-                    k = Kernel(kernelspec(specs, "bench-copy", {"gpu": "any:1", "runtime": "process"}))
+                    k = Kernel(kernelspec(specs, "bench-copy", {"gpu": "any:1", "runtime": "process",
+                                                                "memory": "16Gi"}))  # room for 4 GiB pinned
                     d2h, h2d = ast.literal_eval(run_cell(k.kc, COPY_BANDWIDTH.format(n=4)))
                     result["copy"] = {"d2h_pinned_gib_s": d2h, "h2d_pinned_gib_s": h2d}
                     k.stop()

@@ -154,6 +154,21 @@ class Hibernator:
     async def _suspend(self, sb: LiveSandbox) -> None:
         r = sb.record
         driver = await asyncio.to_thread(cuda.CudaDriver.load)
+        # The GPU memory lands in the kernel's host memory: make room for it under its limit, and count it.
+        runtime = self.m.runtimes[r.runtime]
+        gpu_bytes = sum((await asyncio.to_thread(cuda.gpu_memory_of, cuda.descendants(r.pid), r.gpu_indices)).values())
+        parked = sb.spec.memory + gpu_bytes + cuda.RESTORE_MARGIN
+        runtime.set_memory_limit(r, parked)
+        self.m.scheduler.resize(r.id, parked)
+        try:
+            await self._move_out(sb, driver)
+        except BaseException:
+            runtime.set_memory_limit(r, sb.spec.memory)
+            self.m.scheduler.resize(r.id, sb.spec.memory)
+            raise
+
+    async def _move_out(self, sb: LiveSandbox, driver: cuda.CudaDriver) -> None:
+        r = sb.record
         offloaded = False
         if self.m.defaults.gpu_offload:
             result = await self._offload(sb, "offload")
@@ -246,6 +261,8 @@ class Hibernator:
         await asyncio.to_thread(cuda.resume, driver, suspended, r.gpu_indices)
         sb.suspended = None
         await self._offload(sb, "reload")
+        self.m.runtimes[r.runtime].set_memory_limit(r, sb.spec.memory)
+        self.m.scheduler.resize(r.id, sb.spec.memory)
 
     async def _relaunch(self, sb: LiveSandbox, method: str) -> None:
         r = sb.record

@@ -279,6 +279,9 @@ class SandboxManager:
         elif kind == "kernel_exited":
             if msg.kernel_exited.generation == r.kernel_generation and not sb.deleting:
                 r.exit_code = msg.kernel_exited.code
+                for future in sb.code_results.values():  # the backend's own code in it will not finish
+                    if not future.done():
+                        future.set_exception(SandboxFailedError(f"the kernel exited with code {r.exit_code}"))
                 self._set_state(sb, pb.KERNEL_EXITED, f"kernel exited with code {r.exit_code}")
         elif kind == "error":
             log.warning("sandbox_id=%s agent: %s", r.id, msg.error)

@@ -106,6 +106,11 @@ class Scheduler:
         for i in gpu_indices:
             self.gpu_owner[i] = sandbox_id
 
+    def resize(self, sandbox_id: str, memory: int) -> None:
+        """Account a sandbox's memory anew (a suspended GPU kernel holds its GPU memory in host memory)."""
+        if sandbox_id in self.claims:
+            self.claims[sandbox_id] = (self.claims[sandbox_id][0], memory)
+
     def claim_gpus(self, sandbox_id: str, gpu_indices: list[int]) -> None:
         """Take back exactly these GPUs (a suspended process wakes on the GPUs it had)."""
         taken = {i: self.gpu_owner[i] for i in gpu_indices if self.gpu_owner.get(i, sandbox_id) != sandbox_id}

@@ -72,6 +72,8 @@ def reload() -> dict[str, Any]:
         moved += int(host.numel())
     torch.cuda.synchronize()
     _offloaded.clear()
+    # torch caches freed pinned blocks; give them back, or they count against the kernel's memory limit.
+    getattr(torch._C, "_host_emptyCache", lambda: None)()
     return {"bytes": moved, "seconds": time.perf_counter() - started}
 
 

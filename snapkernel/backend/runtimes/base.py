@@ -133,5 +133,8 @@ class SandboxRuntime(ABC):
         self._children.pop(record.id, None)
         return code
 
+    def set_memory_limit(self, record: SandboxRecord, nbytes: int) -> None:  # noqa: B027 - where it has one
+        """Change a running sandbox's memory limit (a suspended GPU kernel keeps its GPU memory in host memory)."""
+
     def cleanup(self, record: SandboxRecord) -> None:  # noqa: B027 - most runtimes hold nothing
         """Release what the runtime holds for a stopped sandbox (cgroups, mounts)."""

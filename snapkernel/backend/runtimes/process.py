@@ -90,6 +90,10 @@ class ProcessRuntime(SandboxRuntime):
         self._cores[sandbox_id] = chosen
         return chosen
 
+    def set_memory_limit(self, record: SandboxRecord, nbytes: int) -> None:
+        if self.cgroup_base is not None and (group := self.cgroup_base / record.id).is_dir():
+            (group / "memory.max").write_text(str(nbytes))
+
     def cleanup(self, record: SandboxRecord) -> None:
         self._core_use.subtract(self._cores.pop(record.id, []))
         if self.cgroup_base is not None:
