@@ -74,7 +74,7 @@ def sleep_and_wake(k: Kernel, check: str) -> dict[str, float]:
     hibernate_s = time.perf_counter() - t
     say(f"hibernated by {sb.hibernation} in {hibernate_s:.2f}s; waking with a cell")
     t = time.perf_counter()
-    got = run_cell(k.kc, check)
+    got = run_cell(k.kc, check, timeout=90)
     wake_s = time.perf_counter() - t
     say(f"woke and answered in {wake_s:.2f}s")
     if got != expected:
@@ -93,7 +93,7 @@ def cpu_kernel(runtime: str, gib: float, specs: Path) -> dict[str, Any]:
         k.stop()
 
 
-def gpu_kernel(path: str, gpu_gib: float, host_gib: float, specs: Path) -> dict[str, Any]:
+def gpu_kernel(path: str, gpu_gib: float, host_gib: float, specs: Path, state_dir: Path) -> dict[str, Any]:
     k = Kernel(kernelspec(specs, f"bench-hib-gpu-{path}", {"gpu": "any:1", "runtime": "process",
                                                           "memory": f"{int(host_gib * 2) + 8}Gi"}))
     try:
@@ -103,6 +103,10 @@ def gpu_kernel(path: str, gpu_gib: float, host_gib: float, specs: Path) -> dict[
         out.update(path=path, gpu_gib=gpu_gib, host_gib=host_gib, suspend_gib_s=gpu_gib / out["hibernate_s"],
                    resume_gib_s=gpu_gib / out["wake_to_output_s"])
         return out
+    except Exception:
+        for log in state_dir.glob("sandboxes/*/sandbox.log"):
+            say(f"{log}:\n{log.read_text()[-2000:]}")
+        raise
     finally:
         k.stop()
 
@@ -112,6 +116,7 @@ def main() -> int:
     parser.add_argument("--cpu-gib", type=float, default=1.0)
     parser.add_argument("--gpu-gib", type=float, default=16.0)
     parser.add_argument("--host-gib", type=float, default=4.0)
+    parser.add_argument("--paths", nargs="+", choices=["pinned", "driver"], default=["pinned", "driver"])
     parser.add_argument("--parts", nargs="+", choices=["cpu", "gpu"], default=["cpu", "gpu"])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "hibernate.json")
     args = parser.parse_args()
@@ -132,6 +137,8 @@ def main() -> int:
             backend.stop()
     if gpus:
         for path, extra in (("pinned", ()), ("driver", ("--BackendApp.gpu_offload=False",))):
+            if path not in args.paths:
+                continue
             backend = Backend(tmp / f"state-gpu-{path}", runtime="process", extra=extra)
             backend.state_dir.mkdir()
             try:
@@ -142,7 +149,10 @@ def main() -> int:
                     d2h, h2d = ast.literal_eval(run_cell(k.kc, COPY_BANDWIDTH.format(n=4)))
                     result["copy"] = {"d2h_pinned_gib_s": d2h, "h2d_pinned_gib_s": h2d}
                     k.stop()
-                result["gpu"].append(gpu_kernel(path, args.gpu_gib, args.host_gib, specs))
+                result["gpu"].append(gpu_kernel(path, args.gpu_gib, args.host_gib, specs, backend.state_dir))
+            except Exception:
+                say(f"failed; backend log:\n{backend.log_path.read_text()[-4000:]}")
+                raise
             finally:
                 backend.stop()
     shutil.rmtree(tmp, ignore_errors=True)

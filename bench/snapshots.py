@@ -62,9 +62,9 @@ def dd_bandwidth(directory: Path, mib: int) -> tuple[float, float]:
     return write, read
 
 
-def run_cell(kc: Any, code: str) -> str:
+def run_cell(kc: Any, code: str, timeout: float = 300) -> str:
     out: list[str] = []
-    reply = kc.execute_interactive(code, timeout=300, output_hook=lambda m: out.append(
+    reply = kc.execute_interactive(code, timeout=timeout, output_hook=lambda m: out.append(
         m["content"].get("data", {}).get("text/plain", "") if m["msg_type"] == "execute_result" else ""))
     if reply["content"]["status"] != "ok":
         raise RuntimeError(f"cell failed: {reply['content'].get('ename')}: {reply['content'].get('evalue')}")

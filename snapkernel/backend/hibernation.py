@@ -261,6 +261,15 @@ class Hibernator:
         await asyncio.to_thread(cuda.resume, driver, suspended, r.gpu_indices)
         sb.suspended = None
         await self._offload(sb, "reload")
+        self.m._spawn(self._after_resume(sb))
+
+    async def _after_resume(self, sb: LiveSandbox) -> None:
+        """Once the waiting cells are on their way: free the pinned copies, and the limit shrinks back."""
+        r = sb.record
+        try:
+            await self._offload(sb, "release")
+        except SnapkernelError as e:
+            log.warning("sandbox_id=%s pinned copies not freed: %s", r.id, e)
         self.m.runtimes[r.runtime].set_memory_limit(r, sb.spec.memory)
         self.m.scheduler.resize(r.id, sb.spec.memory)
 

@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 _offloaded: list[tuple[Any, Any]] = []  # (storage, pinned host copy)
+_spent: list[Any] = []  # pinned copies already put back, freed by `release` (unpinning GiBs takes seconds)
 
 
 def _cuda_storages(torch: Any) -> list[Any]:
@@ -71,12 +72,23 @@ def reload() -> dict[str, Any]:
         torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage).copy_(host, non_blocking=True)
         moved += int(host.numel())
     torch.cuda.synchronize()
+    _spent.extend(h for _, h in _offloaded)
     _offloaded.clear()
-    # torch caches freed pinned blocks; give them back, or they count against the kernel's memory limit.
-    getattr(torch._C, "_host_emptyCache", lambda: None)()
     return {"bytes": moved, "seconds": time.perf_counter() - started}
+
+
+def release() -> dict[str, Any]:
+    """Free the pinned copies `reload` put back (run after the waiting cells: it is slow, they are not)."""
+    torch = sys.modules.get("torch")
+    started = time.perf_counter()
+    freed = sum(int(h.numel()) for h in _spent)
+    _spent.clear()
+    if torch is not None:
+        # torch caches freed pinned blocks; give them back, or they count against the kernel's memory limit.
+        getattr(torch._C, "_host_emptyCache", lambda: None)()
+    return {"bytes": freed, "seconds": time.perf_counter() - started}
 
 
 def run(action: str) -> None:
     """What the backend runs in the kernel: prints one JSON line with the result."""
-    print(json.dumps(offload() if action == "offload" else reload()))
+    print(json.dumps({"offload": offload, "reload": reload, "release": release}[action]()))

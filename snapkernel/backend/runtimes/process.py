@@ -91,8 +91,14 @@ class ProcessRuntime(SandboxRuntime):
         return chosen
 
     def set_memory_limit(self, record: SandboxRecord, nbytes: int) -> None:
-        if self.cgroup_base is not None and (group := self.cgroup_base / record.id).is_dir():
-            (group / "memory.max").write_text(str(nbytes))
+        if self.cgroup_base is None or not (group := self.cgroup_base / record.id).is_dir():
+            return
+        used = int((group / "memory.current").read_text())
+        if used > nbytes:  # lowering it under what the sandbox holds now would OOM-kill its kernel
+            log.warning("sandbox_id=%s holds %d bytes, over its limit of %d; the limit stays above that",
+                        record.id, used, nbytes)
+            nbytes = used + (64 << 20)
+        (group / "memory.max").write_text(str(nbytes))
 
     def cleanup(self, record: SandboxRecord) -> None:
         self._core_use.subtract(self._cores.pop(record.id, []))
