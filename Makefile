@@ -20,6 +20,8 @@ $(STAMP): $(SOURCES) scripts/install-runsc.sh
 	@[ -x $(PY) ] || python3 -m venv $(VENV) || { \
 	  echo "python3 -m venv failed: on Debian run 'sudo apt-get install python3-venv'" >&2; exit 1; }
 	$(PY) -m pip install -q --upgrade pip
+	@# The build hook skips npm when a bundle exists: drop it so changed sources are rebuilt.
+	rm -rf snapkernel/labextension
 	$(PY) -m pip install -q -e ".[test,dev]"
 	@touch $(STAMP)
 
