@@ -74,7 +74,7 @@ class NewKernelForm extends Widget implements Dialog.IBodyWidget<ILaunchSpec> {
     if (models.size === 0) {
       const note = document.createElement('p');
       note.className = 'snapkernel-NewKernel-note';
-      note.textContent = `No GPU on this backend (${status.gpu_detail || 'none reported'}): the kernel gets CPUs only.`;
+      note.textContent = `No GPU on this backend: ${status.gpu_detail || 'none reported'}. The kernel gets CPUs only.`;
       this.node.append(note);
     }
     for (const [label, input] of [

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +14,7 @@ from snapkernel.backend.client import BackendClient
 from snapkernel.backend.usage import gpu_usage, sample_tree
 from snapkernel.errors import InvalidSpecError, NotFoundError
 from tests.conftest import Backend
-from tests.kernel_provisioner.kernel_helpers import run, running_kernel, value
+from tests.kernel_provisioner.kernel_helpers import run, running_kernel, value, write_kernelspec
 
 
 def test_process_tree_includes_descendants() -> None:
@@ -53,3 +54,26 @@ async def test_sandbox_usage_reports_its_cpu_and_memory(backend: Backend) -> Non
                 await client.sandbox_usage("nope")
         finally:
             await client.close()
+
+
+@pytest.mark.gpu
+async def test_gpu_sandbox_usage_reports_its_gpu(backend: Backend, kernelspec_dir: Path) -> None:
+    from snapkernel.backend.gpus import inventory
+
+    gpu = inventory()[0][0]
+    with running_kernel(write_kernelspec(kernelspec_dir, "snapkernel-test-usage-gpu", {"gpu": gpu.model})) as (_, kc):
+        sandbox_id = value(kc, "__import__('os').environ['SNAPKERNEL_SANDBOX_ID']").strip("'")
+        has_torch = value(kc, "__import__('importlib.util').util.find_spec('torch') is not None") == "True"
+        if has_torch:
+            run(kc, "import torch\nx = torch.ones(256 << 20, dtype=torch.uint8, device='cuda')")
+        client = BackendClient(backend.address, backend.token)
+        try:
+            usage = await client.sandbox_usage(sandbox_id)
+        finally:
+            await client.close()
+        assert len(usage.gpus) == 1, usage
+        assert usage.gpus[0].model == gpu.model and usage.gpus[0].memory_total == gpu.memory_total
+        if has_torch:
+            assert usage.gpus[0].memory_used >= 256 << 20
+            if usage.gpus[0].sandbox_memory_known:
+                assert usage.gpus[0].sandbox_memory_used >= 256 << 20, usage

@@ -6,6 +6,7 @@ Snapshots panel and resume it there. Screenshots of each step go to test-artifac
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -16,7 +17,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,6 +28,7 @@ pytestmark = pytest.mark.ui
 ARTIFACTS = ROOT / "test-artifacts" / "ui"
 TOKEN = "ui-test-token"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CPU_PRICE = 0.25  # per core-second: big enough that the status bar's cost estimate shows in cents
 WAIT_MS = 90_000  # sandbox start, snapshot and restore under gvisor on a busy 2-core machine
 
 
@@ -51,7 +52,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         [sys.executable, "-m", "snapkernel.cli", "lab", "--no-browser", f"--port={port}",
          f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={root}",
          f"--LabApp.workspaces_dir={tmp / 'workspaces'}", f"--LabApp.user_settings_dir={tmp / 'settings'}",
-         "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+         "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+         f"--SnapKernelApp.cpu_price_per_second={CPU_PRICE}"],
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
@@ -126,6 +128,7 @@ def test_launch_run_status_snapshot_resume(lab: str, page: Any) -> None:
 
     expect(status).to_contain_text("CPU")  # usage arrived: runtime · running · CPU n% · mem … · elapsed
     expect(status).to_contain_text(" · mem ")
+    expect(status).to_contain_text("≈$")  # cost estimate from the configured price
     shot(page, "03-statusbar")
 
     page.locator('.jp-SideBar [data-id="snapkernel-snapshots"]').click()
@@ -148,3 +151,34 @@ def test_launch_run_status_snapshot_resume(lab: str, page: Any) -> None:
     run_cell(page, "x")
     expect(page.locator(".jp-OutputArea-output").last).to_have_text("42")  # the snapshot's x, not 0
     shot(page, "05-resumed")
+
+
+def get_json(lab: str, path: str) -> Any:
+    with urllib.request.urlopen(f"{lab}/{path}?token={TOKEN}", timeout=10) as reply:
+        return json.loads(reply.read())
+
+
+def test_new_kernel_dialog_starts_a_kernel_with_the_chosen_spec(lab: str, page: Any) -> None:
+    from playwright.sync_api import expect
+
+    page.goto(f"{lab}/lab/workspaces/dialog?token={TOKEN}")  # a fresh workspace: the launcher shows
+    page.locator(".jp-Launcher .jp-LauncherCard", has_text="New GPU kernel…").click()
+    form = page.locator(".jp-Dialog .snapkernel-NewKernel")
+    expect(form).to_be_visible()
+    expect(form.locator('select[name="gpu-model"] option').first).to_have_text("none (CPU only)")
+    form.locator('input[name="cpu-cores"]').fill("1")
+    form.locator('input[name="memory"]').fill("640Mi")
+    form.locator('select[name="runtime"]').select_option("process")
+    shot(page, "06-new-kernel-dialog")
+    page.locator(".jp-Dialog .jp-Dialog-button.jp-mod-accept").click()
+
+    status = page.locator(".snapkernel-StatusItem")
+    expect(status).to_contain_text("process · running")
+    run_cell(page, "import os\nos.environ['SNAPKERNEL_SANDBOX_ID'][:3]")
+    expect(page.locator(".jp-OutputArea-output").last).to_have_text("'sb-'")
+    shot(page, "07-dialog-kernel")
+
+    sessions = [s for s in get_json(lab, "api/sessions") if s["kernel"]["name"] == "snapkernel-python"]
+    chosen = [get_json(lab, f"snapkernel/api/kernels/{s['kernel']['id']}") for s in sessions]
+    specs = [k["sandbox"]["spec"] for k in chosen if k["sandbox"]["runtime"] == "process"]
+    assert len(specs) == 1 and {"cpu": 1, "memory": "640Mi"}.items() <= specs[0].items(), chosen
