@@ -113,16 +113,31 @@ def gpu_usage(indices: Iterable[int], pids: Iterable[int]) -> tuple[list[pb.GpuU
 
 
 class UsageSampler:
-    """Samples sandboxes; CPU percent is measured since the previous sample of the same sandbox."""
+    """Samples sandboxes; CPU percent is measured between samples of the same sandbox at least MIN_INTERVAL
+    apart (a sandbox's first sample waits that long; one asked for sooner repeats the last rate)."""
 
-    MIN_INTERVAL = 0.25  # seconds: a first sample waits this long for a CPU rate
+    MIN_INTERVAL = 0.25  # seconds
     FORGET_AFTER = 600.0  # seconds
 
     def __init__(self) -> None:
-        self._last: dict[str, ProcessSample] = {}
+        self._last: dict[str, tuple[ProcessSample, float]] = {}  # sandbox id -> (sample, CPU percent then)
 
     def forget(self, sandbox_id: str) -> None:
         self._last.pop(sandbox_id, None)
+
+    def _cpu_percent(self, sandbox_id: str, root: int, now: ProcessSample) -> tuple[ProcessSample, float]:
+        last = self._last.get(sandbox_id)
+        if last is not None and now.taken - last[0].taken < self.MIN_INTERVAL:
+            return now, last[1]
+        if last is None:
+            time.sleep(self.MIN_INTERVAL)
+            before, now = now, sample_tree(root)
+        else:
+            before = last[0]
+        elapsed = now.taken - before.taken
+        percent = max(0.0, now.cpu_seconds - before.cpu_seconds) / elapsed * 100
+        self._last[sandbox_id] = (now, percent)
+        return now, percent
 
     def sample(self, sandbox: pb.Sandbox, cpu_limit: float, memory_limit: int) -> pb.SandboxUsage:
         """Blocking (reads /proc, calls NVML, may sleep MIN_INTERVAL): run it in a thread."""
@@ -131,16 +146,10 @@ class UsageSampler:
         if sandbox.pid <= 0 or sandbox.state in (pb.HIBERNATED, pb.EXITED, pb.LOST, pb.FAILED, pb.DELETED):
             self.forget(sandbox.id)  # nothing runs: all zero
             return usage
-        before = self._last.get(sandbox.id)
         now = sample_tree(sandbox.pid)
-        for old in [k for k, v in self._last.items() if now.taken - v.taken > self.FORGET_AFTER]:
+        for old in [k for k, (v, _) in self._last.items() if now.taken - v.taken > self.FORGET_AFTER]:
             del self._last[old]  # sandboxes nobody asked about for a while, deleted ones among them
-        if before is None or now.taken - before.taken < self.MIN_INTERVAL / 10:
-            time.sleep(self.MIN_INTERVAL)
-            before, now = now, sample_tree(sandbox.pid)
-        self._last[sandbox.id] = now
-        elapsed = now.taken - before.taken
-        usage.cpu_percent = max(0.0, now.cpu_seconds - before.cpu_seconds) / elapsed * 100 if elapsed > 0 else 0.0
+        now, usage.cpu_percent = self._cpu_percent(sandbox.id, sandbox.pid, now)
         usage.cpu_seconds = now.cpu_seconds
         usage.memory_used = now.memory
         usage.processes = len(now.pids)
