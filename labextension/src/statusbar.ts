@@ -36,7 +36,7 @@ export class KernelStatusItem extends Widget {
     const kernelId = this.notebooks.kernelId;
     if (kernelId === null || document.hidden) {
       if (kernelId === null) {
-        this.show_([], '');
+        this._render([], '');
       }
       return;
     }
@@ -44,15 +44,21 @@ export class KernelStatusItem extends Widget {
     try {
       info = await requestAPI<IKernelInfo>(this.settings, `kernels/${kernelId}`);
     } catch (reason) {
-      // A kernel still starting is not listed yet; anything else is shown in the tooltip.
-      this.show_(['snapkernel', 'starting'], errorMessage(reason), 'starting');
+      // A kernel still starting is not listed by the server yet; anything else is an error to show.
+      const kernelStatus = this.notebooks.current?.sessionContext.session?.kernel?.status;
+      const starting = kernelStatus === 'starting' || kernelStatus === 'unknown';
+      this._render(
+        ['snapkernel', starting ? 'starting' : 'unavailable'],
+        errorMessage(reason),
+        starting ? 'starting' : 'failed'
+      );
       return;
     }
     if (kernelId !== this.notebooks.kernelId) {
       return; // the notebook changed kernel meanwhile
     }
     if (!info.snapkernel) {
-      this.show_([], '');
+      this._render([], '');
       return;
     }
     const notice = transitionMessage(this._states.get(kernelId), info.state);
@@ -67,10 +73,10 @@ export class KernelStatusItem extends Widget {
     ]
       .filter(Boolean)
       .join('\n');
-    this.show_(statusParts(info, this.status()), tooltip, info.state);
+    this._render(statusParts(info, this.status()), tooltip, info.state);
   }
 
-  private show_(parts: string[], tooltip: string, state = ''): void {
+  private _render(parts: string[], tooltip: string, state = ''): void {
     this.node.textContent = parts.join(' · ');
     this.node.title = tooltip;
     this.node.dataset.state = state;

@@ -77,6 +77,7 @@ BAD_REQUESTS = [
     ("POST", ("kernels",), {"runtime": "vmware"}, 400, "runtime 'vmware' is not known"),
     ("POST", ("kernels",), {"gpus": 1}, 400, "unknown key(s) 'gpus': accepted keys are gpu, cpu"),
     ("POST", ("kernels",), {"gpu": "Z999:2"}, 409, "no GPU of model 'Z999' here"),
+    ("POST", ("kernels",), {"cpu": -1}, 400, "cpu -1.0 is not valid: use a number of cores above 0"),
     ("POST", ("kernels",), "[1, 2]", 400, "the request body '[1, 2]' is not valid: send a JSON object"),
     ("POST", ("kernels",), "{", 400, "the request body is not valid JSON"),
     ("POST", ("kernels",), {"name": "python3"}, 400, "kernelspec 'python3' is not a snapkernel kernel"),
@@ -103,6 +104,16 @@ async def test_bad_requests_get_json_errors_naming_the_value(backend: Backend, j
     assert status == code, error
     assert message in error["message"] and error["reason"], error
     assert (await fetch_json(jp_fetch, "status"))["version"]  # the server and backend keep serving
+    assert json.loads((await jp_fetch("api", "kernels")).body) == []  # a refused start leaves no kernel
+
+
+async def test_other_kernels_are_not_snapkernels(jp_fetch: Any) -> None:
+    kernel = json.loads((await jp_fetch("api", "kernels", method="POST", body=json.dumps({"name": "python3"}))).body)
+    info = await fetch_json(jp_fetch, "kernels", kernel["id"])
+    assert info["snapkernel"] is False and info["sandbox"] is None and info["kernel"]["name"] == "python3"
+    status, error = await error_of(jp_fetch, "snapshots", method="POST", body={"kernel_id": kernel["id"]})
+    assert status == 400 and "is not a snapkernel kernel" in error["message"]
+    await jp_fetch("api", "kernels", kernel["id"], method="DELETE")
 
 
 async def test_kernel_with_a_launch_time_spec_and_a_session(backend: Backend, jp_fetch: Any, jp_ws_fetch: Any,
