@@ -16,8 +16,6 @@ import { ActiveNotebook } from './notebooks';
 import { SnapshotsPanel } from './snapshots';
 import { KernelStatusItem } from './statusbar';
 
-export { requestAPI } from './api';
-
 const plugin: JupyterFrontEndPlugin<void> = {
   id: 'snapkernel:plugin',
   description: 'snapkernel: GPU kernels in sandboxes that hibernate.',

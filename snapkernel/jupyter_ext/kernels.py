@@ -81,9 +81,10 @@ async def attach_session(handler: SnapKernelHandler, path: str, name: str, kerne
         model: dict[str, Any] = await sm.create_session(path=path, name=name, type="notebook",
                                                         kernel_id=kernel_id)
         return model
-    old = existing["kernel"]["id"]
+    old = (existing.get("kernel") or {}).get("id")
     await sm.update_session(existing["id"], kernel_id=kernel_id)
-    if old != kernel_id and not any(s["kernel"]["id"] == old for s in sessions if s is not existing):
+    in_use = any((s.get("kernel") or {}).get("id") == old for s in sessions if s is not existing)
+    if old is not None and old != kernel_id and not in_use:
         await ensure_async(km.shutdown_kernel(old))
         handler.log.info("snapkernel kernel_id=%s replaced by kernel_id=%s in session of %r", old, kernel_id, path)
     model = await sm.get_session(session_id=existing["id"])
