@@ -7,26 +7,30 @@ import {
   JupyterFrontEnd,
   JupyterFrontEndPlugin
 } from '@jupyterlab/application';
+import { ICommandPalette } from '@jupyterlab/apputils';
 import { ILauncher } from '@jupyterlab/launcher';
 import { IStatusBar } from '@jupyterlab/statusbar';
 
 import { IStatus, errorMessage, requestAPI } from './api';
-import { addLauncherItems } from './launcher';
+import { NEW_KERNEL_DIALOG, addLauncherItems } from './launcher';
 import { ActiveNotebook } from './notebooks';
-import { SnapshotsPanel } from './snapshots';
+import { SnapshotsPanel, snapshotIcon } from './snapshots';
 import { KernelStatusItem } from './statusbar';
+
+const SNAPSHOT = 'snapkernel:snapshot';
 
 const plugin: JupyterFrontEndPlugin<void> = {
   id: 'snapkernel:plugin',
   description: 'snapkernel: GPU kernels in sandboxes that hibernate.',
   autoStart: true,
   requires: [ILabShell],
-  optional: [ILauncher, IStatusBar],
+  optional: [ILauncher, IStatusBar, ICommandPalette],
   activate: (
     app: JupyterFrontEnd,
     shell: ILabShell,
     launcher: ILauncher | null,
-    statusBar: IStatusBar | null
+    statusBar: IStatusBar | null,
+    palette: ICommandPalette | null
   ): void => {
     const settings = app.serviceManager.serverSettings;
     let lastStatus: IStatus | null = null;
@@ -43,6 +47,21 @@ const plugin: JupyterFrontEndPlugin<void> = {
 
     const panel = new SnapshotsPanel(app, notebooks);
     shell.add(panel, 'right', { rank: 600 });
+    app.commands.addCommand(SNAPSHOT, {
+      label: 'Snapshot the current kernel',
+      caption: 'Take a snapshot of the current notebook\'s snapkernel kernel',
+      icon: snapshotIcon,
+      isEnabled: () => notebooks.kernelId !== null,
+      execute: async () => {
+        shell.activateById(panel.id);
+        await panel.create();
+      }
+    });
+    if (palette !== null) {
+      for (const command of [NEW_KERNEL_DIALOG, SNAPSHOT]) {
+        palette.addItem({ command, category: 'snapkernel' });
+      }
+    }
 
     if (statusBar !== null) {
       const item = new KernelStatusItem(settings, notebooks, () => lastStatus);
