@@ -44,6 +44,10 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("ui")
     root, port = tmp / "notebooks", _free_port()
     root.mkdir()
+    # No "Jupyter news?" pop-up over the screenshots.
+    (tmp / "config" / "labconfig").mkdir(parents=True)
+    (tmp / "config" / "labconfig" / "page_config.json").write_text(json.dumps(
+        {"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}}))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SNAPKERNEL_", "JUPYTER"))}
     env.update(SNAPKERNEL_STATE_DIR=str(tmp / "state"), JUPYTER_CONFIG_DIR=str(tmp / "config"),
                JUPYTER_RUNTIME_DIR=str(tmp / "runtime"))
@@ -52,7 +56,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         [sys.executable, "-m", "snapkernel.cli", "lab", "--no-browser", f"--port={port}",
          f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={root}",
          f"--LabApp.workspaces_dir={tmp / 'workspaces'}", f"--LabApp.user_settings_dir={tmp / 'settings'}",
-         "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
          f"--SnapKernelApp.cpu_price_per_second={CPU_PRICE}"],
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )
