@@ -23,11 +23,11 @@ import pytest
 
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.ui
-
 ARTIFACTS = ROOT / "test-artifacts" / "ui"
 TOKEN = "ui-test-token"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = [pytest.mark.ui, pytest.mark.skipif(
+    CHROMIUM is None, reason="needs Chromium: `make install` installs Debian's `chromium` as root")]
 CPU_PRICE = 0.25  # per core-second: big enough that the status bar's cost estimate shows in cents
 WAIT_MS = 90_000  # sandbox start, snapshot and restore under gvisor on a busy 2-core machine
 
@@ -84,8 +84,6 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture
 def page(lab: str) -> Iterator[Any]:
-    if CHROMIUM is None:
-        pytest.skip("needs Chromium: `make install` installs Debian's `chromium` as root")
     sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (pip extra `test`)")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_api.sync_playwright() as p:
