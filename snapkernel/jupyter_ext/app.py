@@ -7,6 +7,7 @@ from typing import Any
 from jupyter_server.extension.application import ExtensionApp
 from traitlets import Dict, Float, Unicode
 
+from snapkernel.backend.client import BackendClient, default_address, default_token
 from snapkernel.jupyter_ext.handlers import StatusHandler
 from snapkernel.jupyter_ext.kernels import KernelHandler, KernelsHandler
 from snapkernel.jupyter_ext.snapshots import ResumeHandler, SnapshotHandler, SnapshotsHandler
@@ -31,6 +32,9 @@ class SnapKernelApp(ExtensionApp):  # type: ignore[misc]
     memory_price_per_gib_second = Float(0.0, help="Price of one GiB of memory per second, e.g. 0.00000222.").tag(
         config=True)
 
+    def initialize_settings(self) -> None:
+        self._clients: dict[tuple[str, str], BackendClient] = {}
+
     def initialize_handlers(self) -> None:
         self.handlers.extend([
             (r"/snapkernel/api/status", StatusHandler),
@@ -41,8 +45,22 @@ class SnapKernelApp(ExtensionApp):  # type: ignore[misc]
             (rf"/snapkernel/api/snapshots/{_SNAPSHOT_ID}/resume", ResumeHandler),
         ])
 
-    def backend_kwargs(self) -> dict[str, Any]:
-        return {"address": self.backend_address or None, "token": self.backend_token or None}
+    def backend(self) -> BackendClient:
+        """The shared backend client; on the server's event loop only (grpc.aio's rule).
+
+        Address and token are resolved on each call, so a changed SNAPKERNEL_BACKEND or SNAPKERNEL_TOKEN gets a
+        client of its own rather than a stale one.
+        """
+        address = self.backend_address or default_address()
+        token = self.backend_token or default_token(address)
+        if (address, token) not in self._clients:
+            self._clients[address, token] = BackendClient(address, token)
+        return self._clients[address, token]
+
+    async def stop_extension(self) -> None:
+        clients, self._clients = self._clients, {}
+        for client in clients.values():
+            await client.close()
 
     def prices(self) -> dict[str, Any]:
         return {"currency": self.currency, "gpu_per_second": dict(self.gpu_price_per_second),

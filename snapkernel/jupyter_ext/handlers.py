@@ -77,11 +77,7 @@ class SnapKernelHandler(ExtensionHandlerMixin, APIHandler):  # type: ignore[misc
         super()._handle_request_exception(e)
 
     async def backend_call(self, fn: Callable[[BackendClient], Awaitable[T]]) -> T:
-        client = BackendClient(**self.app.backend_kwargs())
-        try:
-            return await fn(client)
-        finally:
-            await client.close()
+        return await fn(self.app.backend())
 
     def json_body(self, accepted: dict[str, type | tuple[type, ...]]) -> dict[str, Any]:
         """The request's JSON object; unknown keys and values of the wrong type are refused by name."""

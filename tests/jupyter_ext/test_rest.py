@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -173,3 +175,16 @@ async def test_snapshot_create_list_resume_delete(backend: Backend, jp_fetch: An
     status, error = await error_of(jp_fetch, "snapshots", snap["id"], method="DELETE")
     assert status == 404 and error["reason"] == "not_found"
     await jp_fetch("api", "sessions", started["session"]["id"], method="DELETE")
+
+
+async def test_routes_serve_again_after_a_backend_restart(own_backend: Backend, jp_fetch: Any) -> None:
+    assert (await fetch_json(jp_fetch, "status"))["default_runtime"] == own_backend.runtime
+    own_backend.restart()  # the extension's shared channel reconnects
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            assert (await fetch_json(jp_fetch, "status"))["default_runtime"] == own_backend.runtime
+            break
+        except HTTPClientError as e:
+            assert e.code == 503 and time.monotonic() < deadline, e
+            await asyncio.sleep(0.2)
