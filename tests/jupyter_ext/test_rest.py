@@ -14,20 +14,6 @@ from tornado.httpclient import HTTPClientError
 from tests.conftest import Backend
 from tests.jupyter_ext.helpers import execute
 
-PRICES = {"gpu_price_per_second": {"H100": 0.001}, "cpu_price_per_second": 0.00002, "currency": "EUR"}
-
-
-@pytest.fixture
-def jp_server_config() -> dict[str, Any]:
-    return {"ServerApp": {"jpserver_extensions": {"snapkernel": True}},
-            "IdentityProvider": {"token": "secret-token"},
-            "SnapKernelApp": PRICES}
-
-
-@pytest.fixture
-def jp_base_url() -> str:
-    return "/a%40b/"  # an odd base URL catches handlers that forget it
-
 
 async def fetch_json(jp_fetch: Any, *parts: str, method: str = "GET", body: Any = None,
                      **kwargs: Any) -> Any:

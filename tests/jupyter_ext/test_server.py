@@ -13,17 +13,6 @@ from tests.conftest import Backend
 from tests.jupyter_ext.helpers import execute
 
 
-@pytest.fixture
-def jp_server_config() -> dict[str, Any]:
-    return {"ServerApp": {"jpserver_extensions": {"snapkernel": True}},
-            "IdentityProvider": {"token": "secret-token"}}
-
-
-@pytest.fixture
-def jp_base_url() -> str:
-    return "/a%40b/"  # an odd base URL catches handlers that forget it
-
-
 async def test_status_route_needs_authentication(backend: Backend, jp_fetch: Any) -> None:
     reply = await jp_fetch("snapkernel", "api", "status")
     body = json.loads(reply.body)
