@@ -1,7 +1,8 @@
 """Browser tests: the distribution's Chromium (Playwright, no browser download) against `snapkernel lab`.
 
 Open the launcher, start `snapkernel-python`, run a cell, see the status bar, snapshot the kernel in the
-Snapshots panel and resume it there. Screenshots of each step go to test-artifacts/ui/.
+Snapshots panel, resume it there and delete it; start a kernel from the "New GPU kernel…" dialog. Screenshots
+of each step go to test-artifacts/ui/.
 """
 
 from __future__ import annotations
@@ -153,6 +154,11 @@ def test_launch_run_status_snapshot_resume(lab: str, page: Any) -> None:
     run_cell(page, "x")
     expect(page.locator(".jp-OutputArea-output").last).to_have_text("42")  # the snapshot's x, not 0
     shot(page, "05-resumed")
+
+    item.locator(".snapkernel-Snapshot-delete").click()
+    page.locator(".jp-Dialog .jp-Dialog-button.jp-mod-warn").click()
+    expect(panel.locator(".snapkernel-Snapshot")).to_have_count(0)
+    expect(panel.locator(".snapkernel-Snapshots-empty")).to_be_visible()
 
 
 def get_json(lab: str, path: str) -> Any:
