@@ -17,9 +17,15 @@ $(STAMP): $(SOURCES) scripts/install-runsc.sh
 	@command -v npm >/dev/null || { \
 	  if [ -n "$(ROOT)" ]; then apt-get update -q && apt-get install -y -q nodejs npm; \
 	  else echo "npm is missing: run 'sudo apt-get install nodejs npm' and try again" >&2; exit 1; fi; }
+	@# Chromium drives the browser tests (tests/ui) through Playwright; no browser is downloaded.
+	@command -v chromium >/dev/null || { \
+	  if [ -n "$(ROOT)" ]; then apt-get update -q && apt-get install -y -q chromium; \
+	  else echo "chromium is missing: the browser tests will skip; 'sudo apt-get install chromium' runs them" >&2; fi; }
 	@[ -x $(PY) ] || python3 -m venv $(VENV) || { \
 	  echo "python3 -m venv failed: on Debian run 'sudo apt-get install python3-venv'" >&2; exit 1; }
 	$(PY) -m pip install -q --upgrade pip
+	@# The build hook skips npm when a bundle exists: drop it so changed sources are rebuilt.
+	rm -rf snapkernel/labextension
 	$(PY) -m pip install -q -e ".[test,dev]"
 	@touch $(STAMP)
 

@@ -1,69 +1,77 @@
+/**
+ * snapkernel's JupyterLab front end: launcher items and the "New GPU kernel…" dialog, the status bar
+ * item of the current notebook's kernel, the Snapshots side panel, hibernate/wake notifications.
+ */
 import {
+  ILabShell,
   JupyterFrontEnd,
   JupyterFrontEndPlugin
 } from '@jupyterlab/application';
-import { URLExt } from '@jupyterlab/coreutils';
-import { ServerConnection } from '@jupyterlab/services';
+import { ICommandPalette } from '@jupyterlab/apputils';
+import { ILauncher } from '@jupyterlab/launcher';
+import { IStatusBar } from '@jupyterlab/statusbar';
 
-/**
- * Body of `GET /snapkernel/api/status` (runtimes, GPUs, capacity, sandboxes).
- * Kept open until the front end reads specific fields.
- */
-export type SnapkernelStatus = Record<string, unknown>;
+import { IStatus, errorMessage, requestAPI } from './api';
+import { NEW_KERNEL_DIALOG, addLauncherItems } from './launcher';
+import { ActiveNotebook } from './notebooks';
+import { SnapshotsPanel, snapshotIcon } from './snapshots';
+import { KernelStatusItem } from './statusbar';
 
-/**
- * Fetch `GET /snapkernel/api/status` through jupyter_server (its auth, XSRF and base URL).
- */
-export async function fetchStatus(
-  settings: ServerConnection.ISettings
-): Promise<SnapkernelStatus> {
-  const url = URLExt.join(settings.baseUrl, 'snapkernel/api/status');
-  // makeRequest throws ServerConnection.NetworkError when the server cannot be reached.
-  const response = await ServerConnection.makeRequest(url, {}, settings);
-  const text = await response.text();
-  let body: unknown = null;
-  if (text.length > 0) {
-    try {
-      body = JSON.parse(text);
-    } catch {
-      body = null;
-    }
-  }
-  if (!response.ok) {
-    // jupyter_server and snapkernel errors are JSON {"message", "reason"};
-    // anything else (an HTML 404 page) falls back to "Invalid response: 404 Not Found".
-    const message =
-      body !== null &&
-      typeof body === 'object' &&
-      'message' in body &&
-      typeof body.message === 'string'
-        ? body.message
-        : undefined;
-    throw new ServerConnection.ResponseError(response, message);
-  }
-  if (body === null || typeof body !== 'object' || Array.isArray(body)) {
-    throw new ServerConnection.ResponseError(
-      response,
-      `snapkernel: expected a JSON object from ${url}, got: ${text.slice(0, 200)}`
-    );
-  }
-  return body as SnapkernelStatus;
-}
+const SNAPSHOT = 'snapkernel:snapshot';
 
 const plugin: JupyterFrontEndPlugin<void> = {
   id: 'snapkernel:plugin',
   description: 'snapkernel: GPU kernels in sandboxes that hibernate.',
   autoStart: true,
-  activate: (app: JupyterFrontEnd): void => {
+  requires: [ILabShell],
+  optional: [ILauncher, IStatusBar, ICommandPalette],
+  activate: (
+    app: JupyterFrontEnd,
+    shell: ILabShell,
+    launcher: ILauncher | null,
+    statusBar: IStatusBar | null,
+    palette: ICommandPalette | null
+  ): void => {
     const settings = app.serviceManager.serverSettings;
-    fetchStatus(settings)
-      .then(status => {
-        console.log('snapkernel: backend status', status);
-      })
-      .catch((reason: unknown) => {
-        const message = reason instanceof Error ? reason.message : String(reason);
-        console.warn(`snapkernel: could not read /snapkernel/api/status: ${message}`);
+    let lastStatus: IStatus | null = null;
+    const fetchStatus = async (): Promise<IStatus> => {
+      lastStatus = await requestAPI<IStatus>(settings, 'status');
+      return lastStatus;
+    };
+    fetchStatus().catch((reason: unknown) => {
+      console.warn(`snapkernel: could not read /snapkernel/api/status: ${errorMessage(reason)}`);
+    });
+    const notebooks = new ActiveNotebook(shell);
+
+    addLauncherItems(app, launcher, fetchStatus);
+
+    const panel = new SnapshotsPanel(app, notebooks);
+    shell.add(panel, 'right', { rank: 600 });
+    app.commands.addCommand(SNAPSHOT, {
+      label: 'Snapshot the current kernel',
+      caption: 'Take a snapshot of the current notebook\'s snapkernel kernel',
+      icon: snapshotIcon,
+      isEnabled: () => notebooks.kernelId !== null,
+      execute: async () => {
+        shell.activateById(panel.id);
+        await panel.create();
+      }
+    });
+    if (palette !== null) {
+      for (const command of [NEW_KERNEL_DIALOG, SNAPSHOT]) {
+        palette.addItem({ command, category: 'snapkernel' });
+      }
+    }
+
+    if (statusBar !== null) {
+      const item = new KernelStatusItem(settings, notebooks, () => lastStatus);
+      statusBar.registerStatusItem('snapkernel:kernel-status', {
+        item,
+        align: 'left',
+        rank: 5,
+        isActive: () => true
       });
+    }
   }
 };
 

@@ -116,6 +116,11 @@ class BackendClient:
         result: pb.Status = await self._call(self.stub.GetStatus, pb.GetStatusRequest())
         return result
 
+    async def sandbox_usage(self, sandbox_id: str) -> pb.SandboxUsage:
+        result: pb.SandboxUsage = await self._call(self.stub.GetSandboxUsage,
+                                                   pb.GetSandboxUsageRequest(id=sandbox_id))
+        return result
+
     async def watch(self, sandbox_id: str) -> AsyncIterator[pb.SandboxEvent]:
         call = self.stub.WatchSandbox(pb.WatchSandboxRequest(id=sandbox_id), metadata=self.metadata)
         try:

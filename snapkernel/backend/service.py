@@ -17,6 +17,7 @@ from snapkernel.backend.gpus import inventory
 from snapkernel.backend.runtimes.base import RuntimeInfo
 from snapkernel.backend.sandboxes import SandboxManager
 from snapkernel.backend.spec import check_sandbox_id
+from snapkernel.backend.usage import UsageSampler
 from snapkernel.backend.v1 import backend_pb2 as pb
 from snapkernel.backend.v1 import backend_pb2_grpc as pb_grpc
 from snapkernel.errors import InvalidSpecError, SnapkernelError
@@ -82,6 +83,7 @@ class BackendService(pb_grpc.BackendServicer):
         self.runtime_infos = runtime_infos
         self.default_runtime = default_runtime
         self.restart_timeout = restart_timeout
+        self.usage = UsageSampler()
 
     @_translate
     async def CreateSandbox(self, request: pb.CreateSandboxRequest, context: Ctx) -> pb.Sandbox:
@@ -156,6 +158,11 @@ class BackendService(pb_grpc.BackendServicer):
     @_translate
     async def WakeSandbox(self, request: pb.WakeSandboxRequest, context: Ctx) -> pb.Sandbox:
         return await self.manager.wake(request.id)
+
+    @_translate
+    async def GetSandboxUsage(self, request: pb.GetSandboxUsageRequest, context: Ctx) -> pb.SandboxUsage:
+        sb = self.manager.get(request.id)
+        return await asyncio.to_thread(self.usage.sample, sb.record.to_pb(), sb.spec.cpu, sb.spec.memory)
 
     async def WatchSandbox(self, request: pb.WatchSandboxRequest, context: Ctx) -> AsyncIterator[pb.SandboxEvent]:
         try:

@@ -28,6 +28,9 @@ from snapkernel.kernel_provisioner.io_thread import IOThread
 from snapkernel.kernel_provisioner.relay import KernelRelay
 
 T = TypeVar("T")
+# The start_kernel() keyword that carries a spec chosen at launch time (POST /snapkernel/api/kernels): its
+# keys override the kernelspec's config. jupyter_client keeps it for restarts like its other launch arguments.
+LAUNCH_SPEC = "snapkernel_spec"
 _ALIVE_WHILE = frozenset({pb.PENDING, pb.STARTING, pb.RUNNING, pb.STOPPING})
 
 
@@ -113,6 +116,10 @@ class SnapKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         return self.sandbox_id is not None
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        launch_spec = kwargs.pop(LAUNCH_SPEC, None) or {}
+        spec_from_config(launch_spec)  # names a bad key or value
+        for key, value in launch_spec.items():
+            setattr(self, key, value)
         self.sandbox_spec()  # a bad spec fails here, before anything starts
         km: Any = self.parent
         if self.restore_from and self.sandbox_id is None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Any
 
 import pytest
@@ -11,17 +10,7 @@ from tornado.httpclient import HTTPClientError
 
 from snapkernel.backend.client import BackendClient
 from tests.conftest import Backend
-
-
-@pytest.fixture
-def jp_server_config() -> dict[str, Any]:
-    return {"ServerApp": {"jpserver_extensions": {"snapkernel": True}},
-            "IdentityProvider": {"token": "secret-token"}}
-
-
-@pytest.fixture
-def jp_base_url() -> str:
-    return "/a%40b/"  # an odd base URL catches handlers that forget it
+from tests.jupyter_ext.helpers import execute
 
 
 async def test_status_route_needs_authentication(backend: Backend, jp_fetch: Any) -> None:
@@ -46,26 +35,7 @@ async def test_unreachable_backend_is_a_json_error(backend: Backend, jp_fetch: A
 async def test_notebook_kernel_runs_in_a_sandbox(backend: Backend, jp_fetch: Any, jp_ws_fetch: Any) -> None:
     reply = await jp_fetch("api", "kernels", method="POST", body=json.dumps({"name": "snapkernel-python"}))
     kernel_id = json.loads(reply.body)["id"]
-    ws = await jp_ws_fetch("api", "kernels", kernel_id, "channels")
-    msg_id = uuid.uuid4().hex
-    ws.write_message(json.dumps({
-        "channel": "shell",
-        "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "t", "session": "s",
-                   "version": "5.3", "date": ""},
-        "parent_header": {}, "metadata": {},
-        "content": {"code": "import os; print(os.environ['SNAPKERNEL_SANDBOX_ID'])", "silent": False,
-                    "store_history": True, "user_expressions": {}, "allow_stdin": False},
-    }))
-    printed, status = "", None
-    while status is None:
-        msg = json.loads(await ws.read_message())
-        if msg.get("parent_header", {}).get("msg_id") != msg_id:
-            continue
-        if msg["msg_type"] == "stream":
-            printed += msg["content"]["text"]
-        elif msg["msg_type"] == "execute_reply":
-            status = msg["content"]["status"]
-    ws.close()
+    status, printed = await execute(jp_ws_fetch, kernel_id, "import os; print(os.environ['SNAPKERNEL_SANDBOX_ID'])")
     assert status == "ok" and printed.startswith("sb-")
     await jp_fetch("api", "kernels", kernel_id, method="DELETE")
     client = BackendClient(backend.address, backend.token)

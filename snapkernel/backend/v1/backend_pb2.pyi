@@ -1278,3 +1278,121 @@ class KernelExited(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___KernelExited: _TypeAlias = KernelExited  # noqa: Y015
+
+@_typing.final
+class GetSandboxUsageRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSandboxUsageRequest: _TypeAlias = GetSandboxUsageRequest  # noqa: Y015
+
+@_typing.final
+class GpuUsage(_message.Message):
+    """One GPU of a sandbox, from NVML."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    UTILIZATION_FIELD_NUMBER: _builtins.int
+    MEMORY_USED_FIELD_NUMBER: _builtins.int
+    MEMORY_TOTAL_FIELD_NUMBER: _builtins.int
+    SANDBOX_MEMORY_USED_FIELD_NUMBER: _builtins.int
+    SANDBOX_MEMORY_KNOWN_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    model: _builtins.str
+    utilization: _builtins.int
+    """percent, the whole GPU"""
+    memory_used: _builtins.int
+    """bytes, the whole GPU"""
+    memory_total: _builtins.int
+    sandbox_memory_used: _builtins.int
+    """bytes used by the sandbox's own processes"""
+    sandbox_memory_known: _builtins.bool
+    """false where NVML does not report per-process memory"""
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        model: _builtins.str = ...,
+        utilization: _builtins.int = ...,
+        memory_used: _builtins.int = ...,
+        memory_total: _builtins.int = ...,
+        sandbox_memory_used: _builtins.int = ...,
+        sandbox_memory_known: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "memory_total", b"memory_total", "memory_used", b"memory_used", "model", b"model", "sandbox_memory_known", b"sandbox_memory_known", "sandbox_memory_used", b"sandbox_memory_used", "utilization", b"utilization"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GpuUsage: _TypeAlias = GpuUsage  # noqa: Y015
+
+@_typing.final
+class SandboxUsage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SANDBOX_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    CPU_PERCENT_FIELD_NUMBER: _builtins.int
+    CPU_SECONDS_FIELD_NUMBER: _builtins.int
+    CPU_LIMIT_FIELD_NUMBER: _builtins.int
+    MEMORY_USED_FIELD_NUMBER: _builtins.int
+    MEMORY_LIMIT_FIELD_NUMBER: _builtins.int
+    PROCESSES_FIELD_NUMBER: _builtins.int
+    GPUS_FIELD_NUMBER: _builtins.int
+    GPU_DETAIL_FIELD_NUMBER: _builtins.int
+    SAMPLED_FIELD_NUMBER: _builtins.int
+    sandbox_id: _builtins.str
+    state: Global___SandboxState.ValueType
+    cpu_percent: _builtins.float
+    """of one core, since the previous sample (100 = one core busy)"""
+    cpu_seconds: _builtins.float
+    """CPU time of the sandbox's live processes"""
+    cpu_limit: _builtins.float
+    """cores"""
+    memory_used: _builtins.int
+    """bytes, resident"""
+    memory_limit: _builtins.int
+    processes: _builtins.int
+    gpu_detail: _builtins.str
+    """why GPU figures are missing, when they are"""
+    sampled: _builtins.float
+    """unix time"""
+    @_builtins.property
+    def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___GpuUsage]: ...
+    def __init__(
+        self,
+        *,
+        sandbox_id: _builtins.str = ...,
+        state: Global___SandboxState.ValueType = ...,
+        cpu_percent: _builtins.float = ...,
+        cpu_seconds: _builtins.float = ...,
+        cpu_limit: _builtins.float = ...,
+        memory_used: _builtins.int = ...,
+        memory_limit: _builtins.int = ...,
+        processes: _builtins.int = ...,
+        gpus: _abc.Iterable[Global___GpuUsage] | None = ...,
+        gpu_detail: _builtins.str = ...,
+        sampled: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_limit", b"cpu_limit", "cpu_percent", b"cpu_percent", "cpu_seconds", b"cpu_seconds", "gpu_detail", b"gpu_detail", "gpus", b"gpus", "memory_limit", b"memory_limit", "memory_used", b"memory_used", "processes", b"processes", "sampled", b"sampled", "sandbox_id", b"sandbox_id", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SandboxUsage: _TypeAlias = SandboxUsage  # noqa: Y015

@@ -109,6 +109,11 @@ class BackendStub:
                 request_serializer=snapkernel_dot_v1_dot_backend__pb2.WakeSandboxRequest.SerializeToString,
                 response_deserializer=snapkernel_dot_v1_dot_backend__pb2.Sandbox.FromString,
                 _registered_method=True)
+        self.GetSandboxUsage = channel.unary_unary(
+                '/snapkernel.v1.Backend/GetSandboxUsage',
+                request_serializer=snapkernel_dot_v1_dot_backend__pb2.GetSandboxUsageRequest.SerializeToString,
+                response_deserializer=snapkernel_dot_v1_dot_backend__pb2.SandboxUsage.FromString,
+                _registered_method=True)
 
 
 class BackendServicer:
@@ -217,6 +222,13 @@ class BackendServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetSandboxUsage(self, request, context):
+        """What a sandbox uses now: CPU and memory of its processes, its GPUs' utilization and memory.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BackendServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -294,6 +306,11 @@ def add_BackendServicer_to_server(servicer, server):
                     servicer.WakeSandbox,
                     request_deserializer=snapkernel_dot_v1_dot_backend__pb2.WakeSandboxRequest.FromString,
                     response_serializer=snapkernel_dot_v1_dot_backend__pb2.Sandbox.SerializeToString,
+            ),
+            'GetSandboxUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSandboxUsage,
+                    request_deserializer=snapkernel_dot_v1_dot_backend__pb2.GetSandboxUsageRequest.FromString,
+                    response_serializer=snapkernel_dot_v1_dot_backend__pb2.SandboxUsage.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -701,6 +718,33 @@ class Backend:
             '/snapkernel.v1.Backend/WakeSandbox',
             snapkernel_dot_v1_dot_backend__pb2.WakeSandboxRequest.SerializeToString,
             snapkernel_dot_v1_dot_backend__pb2.Sandbox.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSandboxUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snapkernel.v1.Backend/GetSandboxUsage',
+            snapkernel_dot_v1_dot_backend__pb2.GetSandboxUsageRequest.SerializeToString,
+            snapkernel_dot_v1_dot_backend__pb2.SandboxUsage.FromString,
             options,
             channel_credentials,
             insecure,

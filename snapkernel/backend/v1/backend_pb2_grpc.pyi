@@ -65,6 +65,8 @@ class BackendStub:
     """
     WakeSandbox: _grpc.UnaryUnaryMultiCallable[_backend_pb2.WakeSandboxRequest, _backend_pb2.Sandbox]
     """Wake a hibernated sandbox. Attach wakes it too, on the first frame it carries."""
+    GetSandboxUsage: _grpc.UnaryUnaryMultiCallable[_backend_pb2.GetSandboxUsageRequest, _backend_pb2.SandboxUsage]
+    """What a sandbox uses now: CPU and memory of its processes, its GPUs' utilization and memory."""
 
 @_typing.type_check_only
 class BackendAsyncStub(BackendStub):
@@ -100,6 +102,8 @@ class BackendAsyncStub(BackendStub):
     """
     WakeSandbox: _aio.UnaryUnaryMultiCallable[_backend_pb2.WakeSandboxRequest, _backend_pb2.Sandbox]  # type: ignore[assignment]
     """Wake a hibernated sandbox. Attach wakes it too, on the first frame it carries."""
+    GetSandboxUsage: _aio.UnaryUnaryMultiCallable[_backend_pb2.GetSandboxUsageRequest, _backend_pb2.SandboxUsage]  # type: ignore[assignment]
+    """What a sandbox uses now: CPU and memory of its processes, its GPUs' utilization and memory."""
 
 class BackendServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -222,5 +226,13 @@ class BackendServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_backend_pb2.Sandbox, _abc.Awaitable[_backend_pb2.Sandbox]]:
         """Wake a hibernated sandbox. Attach wakes it too, on the first frame it carries."""
+
+    @_abc_1.abstractmethod
+    def GetSandboxUsage(
+        self,
+        request: _backend_pb2.GetSandboxUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_backend_pb2.SandboxUsage, _abc.Awaitable[_backend_pb2.SandboxUsage]]:
+        """What a sandbox uses now: CPU and memory of its processes, its GPUs' utilization and memory."""
 
 def add_BackendServicer_to_server(servicer: BackendServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

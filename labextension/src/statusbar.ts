@@ -1,0 +1,88 @@
+/**
+ * The status bar item of the current notebook's snapkernel kernel: runtime, state, GPU utilization
+ * and memory, CPU and memory, elapsed time and an estimated cost; notifications when it hibernates
+ * or wakes.
+ */
+import { Notification } from '@jupyterlab/apputils';
+import { ServerConnection } from '@jupyterlab/services';
+import { Widget } from '@lumino/widgets';
+
+import { IKernelInfo, IStatus, errorMessage, requestAPI } from './api';
+import { statusParts, transitionMessage } from './format';
+import { ActiveNotebook } from './notebooks';
+
+const POLL_MS = 3000;
+
+export class KernelStatusItem extends Widget {
+  constructor(
+    private readonly settings: ServerConnection.ISettings,
+    private readonly notebooks: ActiveNotebook,
+    private readonly status: () => IStatus | null
+  ) {
+    super();
+    this.addClass('snapkernel-StatusItem');
+    this.notebooks.changed.connect(() => void this.refresh());
+    this._timer = window.setInterval(() => void this.refresh(), POLL_MS);
+    void this.refresh();
+  }
+
+  dispose(): void {
+    window.clearInterval(this._timer);
+    super.dispose();
+  }
+
+  /** Read the current notebook's kernel and redraw; notify on state changes. */
+  async refresh(): Promise<void> {
+    const kernelId = this.notebooks.kernelId;
+    if (kernelId === null || document.hidden) {
+      if (kernelId === null) {
+        this._render([], '');
+      }
+      return;
+    }
+    let info: IKernelInfo;
+    try {
+      info = await requestAPI<IKernelInfo>(this.settings, `kernels/${kernelId}`);
+    } catch (reason) {
+      // A kernel still starting is not listed by the server yet; anything else is an error to show.
+      const kernelStatus = this.notebooks.current?.sessionContext.session?.kernel?.status;
+      const starting = kernelStatus === 'starting' || kernelStatus === 'unknown';
+      this._render(
+        ['snapkernel', starting ? 'starting' : 'unavailable'],
+        errorMessage(reason),
+        starting ? 'starting' : 'failed'
+      );
+      return;
+    }
+    if (kernelId !== this.notebooks.kernelId) {
+      return; // the notebook changed kernel meanwhile
+    }
+    if (!info.snapkernel) {
+      this._render([], '');
+      return;
+    }
+    const notice = transitionMessage(this._states.get(kernelId), info.state);
+    this._states.set(kernelId, info.state);
+    if (notice !== null) {
+      Notification.emit(notice.message, notice.kind, { autoClose: 8000 });
+    }
+    const tooltip = [
+      info.sandbox ? `sandbox ${info.sandbox.id}` : '',
+      info.usage?.gpu_detail ?? '',
+      info.usage_error
+    ]
+      .filter(Boolean)
+      .join('\n');
+    this._render(statusParts(info, this.status()), tooltip, info.state);
+  }
+
+  private _render(parts: string[], tooltip: string, state = ''): void {
+    this.node.textContent = parts.join(' · ');
+    this.node.title = tooltip;
+    this.node.dataset.state = state;
+    this.setHidden(parts.length === 0);
+  }
+
+  private _timer: number;
+  private _states = new Map<string, string>();
+}

@@ -1,0 +1,100 @@
+"""REST: `GET|POST /snapkernel/api/snapshots`, `DELETE .../snapshots/{id}`, `POST .../snapshots/{id}/resume`."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import tornado.web
+from jupyter_client.jsonutil import json_default
+from jupyter_server.auth.decorator import authorized
+
+from snapkernel.backend.spec import check_sandbox_id
+from snapkernel.backend.v1 import backend_pb2 as pb
+from snapkernel.errors import InvalidSpecError, NotFoundError
+from snapkernel.jupyter_ext.handlers import SnapKernelHandler, message_dict
+from snapkernel.jupyter_ext.kernels import start_kernel
+from snapkernel.kernel_provisioner.kernelspec import CPU_KERNEL
+from snapkernel.kernel_provisioner.provisioner import SnapKernelProvisioner
+from snapkernel.snapshots.store import check_snapshot_id
+
+
+class SnapshotsHandler(SnapKernelHandler):
+    def snapshot_dict(self, info: pb.SnapshotInfo) -> dict[str, Any]:
+        """The backend's record plus `path`: the notebook's API path (the backend keeps its OS path)."""
+        return {**message_dict(info), "path": self.api_path(info.notebook_path)}
+
+    @tornado.web.authenticated
+    @authorized
+    async def get(self) -> None:
+        """Every snapshot, newest first; `?path=NOTEBOOK` keeps that notebook's only."""
+        path = self.get_query_argument("path", None)
+        snapshots = [self.snapshot_dict(s) for s in await self.backend_call(lambda c: c.list_snapshots())]
+        if path is not None:
+            path = self.check_notebook_path(path)
+            snapshots = [s for s in snapshots if s["path"] == path]
+        snapshots.sort(key=lambda s: s["created"], reverse=True)
+        self.finish(json.dumps(snapshots))
+
+    @tornado.web.authenticated
+    @authorized
+    async def post(self) -> None:
+        """Snapshot a kernel (`kernel_id`) or a sandbox (`sandbox_id`); `kind` memory (default) or state."""
+        body = self.json_body({"kernel_id": str, "sandbox_id": str, "kind": str, "name": str})
+        if ("kernel_id" in body) == ("sandbox_id" in body):
+            raise InvalidSpecError("give exactly one of kernel_id (a Jupyter kernel's id) or sandbox_id (sb-...)")
+        sandbox_id = (self.sandbox_of(body["kernel_id"]) if "kernel_id" in body
+                      else check_sandbox_id(body["sandbox_id"]))
+        kind, name = body.get("kind", "memory"), body.get("name", "")
+        if kind not in ("memory", "state"):
+            raise InvalidSpecError(f"snapshot kind {kind!r} is not known: use 'memory' or 'state'")
+        self.log.info("snapkernel sandbox_id=%s taking a %s snapshot", sandbox_id, kind)
+        info = await self.backend_call(lambda c: c.create_snapshot(sandbox_id, kind, name))
+        self.set_status(201)
+        self.finish(json.dumps(self.snapshot_dict(info)))
+
+    def sandbox_of(self, kernel_id: str) -> str:
+        km: Any = self.kernel_manager
+        if kernel_id not in km:
+            raise NotFoundError(f"no kernel {kernel_id!r} on this server: GET /api/kernels lists them")
+        provisioner = getattr(km.get_kernel(kernel_id), "provisioner", None)
+        if not isinstance(provisioner, SnapKernelProvisioner):
+            raise InvalidSpecError(f"kernel {kernel_id!r} is not a snapkernel kernel: only kernels in sandboxes "
+                                   "can be snapshotted")
+        if provisioner.sandbox_id is None:
+            raise NotFoundError(f"kernel {kernel_id!r} has no sandbox yet: wait until it has started")
+        return provisioner.sandbox_id
+
+
+class SnapshotHandler(SnapKernelHandler):
+    @tornado.web.authenticated
+    @authorized
+    async def delete(self, snapshot_id: str) -> None:
+        check_snapshot_id(snapshot_id)
+        await self.backend_call(lambda c: c.delete_snapshot(snapshot_id))
+        self.log.info("snapkernel snapshot_id=%s deleted", snapshot_id)
+        self.set_status(204)
+        self.finish()
+
+
+class ResumeHandler(SnapKernelHandler):
+    @tornado.web.authenticated
+    @authorized
+    async def post(self, snapshot_id: str) -> None:
+        """A kernel restored from the snapshot, with the snapshot's resources; with `path`, that notebook's
+        session uses it."""
+        body = self.json_body({"path": str, "name": str})
+        check_snapshot_id(snapshot_id)
+        info = await self.backend_call(lambda c: c.get_snapshot(snapshot_id))
+        spec: dict[str, Any] = {"restore_from": snapshot_id}
+        for key in ("gpu", "memory", "runtime"):
+            if getattr(info.spec, key):
+                spec[key] = getattr(info.spec, key)
+        if info.spec.cpu:
+            spec["cpu"] = info.spec.cpu
+        if info.runtime and "runtime" not in spec:
+            spec["runtime"] = info.runtime
+        result = await start_kernel(self, body.get("name", CPU_KERNEL), spec, body.get("path"))
+        self.log.info("snapkernel snapshot_id=%s resumed as kernel_id=%s", snapshot_id, result["kernel"]["id"])
+        self.set_status(201)
+        self.finish(json.dumps(result, default=json_default))
