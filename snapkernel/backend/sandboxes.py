@@ -499,7 +499,8 @@ class SandboxManager:
         if kind == "memory" and not isinstance(runtime, GvisorRuntime):
             raise StateError(f"sandbox {sb.record.id} runs under {sb.record.runtime}: memory snapshots need the "
                              "gvisor runtime; use --kind state")
-        if isinstance(runtime, GvisorRuntime) and sb.record.gpu_indices and not runtime.features.cuda_checkpoint:
+        if (kind == "memory" and isinstance(runtime, GvisorRuntime) and sb.record.gpu_indices
+                and not runtime.features.cuda_checkpoint):
             raise StateError(f"sandbox {sb.record.id} has GPUs and runsc {runtime.features.version} cannot put GPU "
                              "memory into its checkpoints (builds with --cuda-checkpoint-path can); use --kind state")
         if sb.record.state != pb.RUNNING:
