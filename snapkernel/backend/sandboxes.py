@@ -374,6 +374,8 @@ class SandboxManager:
                     raise StateError(f"sandbox {sb.record.id} is {STATE_NAMES[sb.record.state]} and "
                                      f"already holds {MAX_PENDING_FRAMES} messages for it: wait for it to wake")
                 sb.held.append(msg)
+                log.info("sandbox_id=%s %s holds %s%s", sb.record.id, self.state_name(sb), _describe(msg),
+                         "; it wakes" if sb.record.state == pb.HIBERNATED and sb.waking is None else "")
                 self.hibernator.wake_soon(sb)
                 return
             sb.record.last_activity = time.time()
@@ -580,6 +582,19 @@ class SandboxManager:
             task.cancel()
         self.db.close()
         self.snapshots.close()
+
+
+def _describe(msg: pb.AgentMessage) -> str:
+    """What a message to the agent is, for logs: a kernel message's channel and type."""
+    if msg.WhichOneof("kind") != "frame":
+        return str(msg.WhichOneof("kind"))
+    header = next((msg.frame.parts[i + 2] for i, p in enumerate(msg.frame.parts[:4])
+                   if p == b"<IDS|MSG>" and len(msg.frame.parts) > i + 2), b"{}")
+    try:
+        msg_type = json.loads(header).get("msg_type", "?")
+    except ValueError:
+        msg_type = "?"
+    return f"{pb.Channel.Name(msg.frame.channel).lower()} {msg_type}"
 
 
 def _track_busy(sb: LiveSandbox, frame: pb.KernelFrame) -> None:

@@ -31,7 +31,7 @@ T = TypeVar("T")
 # The start_kernel() keyword that carries a spec chosen at launch time (POST /snapkernel/api/kernels): its
 # keys override the kernelspec's config. jupyter_client keeps it for restarts like its other launch arguments.
 LAUNCH_SPEC = "snapkernel_spec"
-_ALIVE_WHILE = frozenset({pb.PENDING, pb.STARTING, pb.RUNNING, pb.STOPPING})
+_ALIVE_WHILE = frozenset({pb.PENDING, pb.STARTING, pb.RUNNING, pb.STOPPING, pb.HIBERNATING, pb.HIBERNATED, pb.WAKING})
 
 
 class SnapKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]

@@ -47,6 +47,7 @@ def test_idle_kernel_hibernates_and_the_next_cell_wakes_it(backend: Backend, ker
         sb = wait_state(backend, sandbox, pb.HIBERNATED)
         assert sb.hibernation == METHOD[backend.runtime]
         assert sb.hibernate_after == 1
+        assert km.is_alive()  # to Jupyter a hibernated kernel is alive (its restarter must not step in)
         status: pb.Status = backend_call(backend, lambda c: c.status())
         assert status.capacity.cpu_allocated == 0  # it gave its cores back
         listed = json.loads(subprocess.run(

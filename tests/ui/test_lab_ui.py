@@ -31,6 +31,7 @@ pytestmark = [pytest.mark.ui, pytest.mark.skipif(
     CHROMIUM is None, reason="needs Chromium: `make install` installs Debian's `chromium` as root")]
 CPU_PRICE = 0.25  # per core-second: big enough that the status bar's cost estimate shows in cents
 WAIT_MS = 90_000  # sandbox start, snapshot and restore under gvisor on a busy 2-core machine
+STATE_DIRS: dict[str, str] = {}  # lab base URL -> its backend's state dir
 
 
 def _free_port() -> int:
@@ -62,6 +63,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
+    STATE_DIRS[base] = str(tmp / "state")
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -190,3 +192,29 @@ def test_new_kernel_dialog_starts_a_kernel_with_the_chosen_spec(lab: str, page: 
     chosen = [get_json(lab, f"snapkernel/api/kernels/{s['kernel']['id']}") for s in sessions]
     specs = [k["sandbox"]["spec"] for k in chosen if k["sandbox"]["runtime"] == "process"]
     assert len(specs) == 1 and {"cpu": 1, "memory": "640Mi"}.items() <= specs[0].items(), chosen
+
+
+def test_hibernation_shows_in_the_status_bar_and_the_next_cell_wakes_the_kernel(lab: str, page: Any) -> None:
+    from playwright.sync_api import expect
+
+    page.goto(f"{lab}/lab/workspaces/hibernate?token={TOKEN}")
+    page.locator(".jp-Launcher .jp-LauncherCard", has_text="Python 3 (snapkernel)").first.click()
+    status = page.locator(".snapkernel-StatusItem")
+    expect(status).to_contain_text("running")
+    run_cell(page, "import os\ny = 7\nos.environ['SNAPKERNEL_SANDBOX_ID']")
+    output = page.locator(".jp-OutputArea-output").last
+    expect(output).to_contain_text("sb-")
+    sandbox = output.inner_text().strip().strip("'")
+    env = {**os.environ, "SNAPKERNEL_STATE_DIR": STATE_DIRS[lab]}
+    env.pop("SNAPKERNEL_BACKEND", None)
+    env.pop("SNAPKERNEL_TOKEN", None)
+    subprocess.run([sys.executable, "-m", "snapkernel.cli", "sandboxes", "hibernate", sandbox], env=env,
+                   check=True, capture_output=True, timeout=120)
+    expect(status).to_contain_text("hibernated")
+    expect(page.locator(".jp-toast-message", has_text="Kernel hibernated")).to_be_visible()
+    shot(page, "08-hibernated")
+
+    run_cell(page, "y * 6")  # held by the backend while the kernel wakes, then run
+    expect(page.locator(".jp-OutputArea-output").last).to_have_text("42")
+    expect(status).to_contain_text("running")
+    shot(page, "09-woken")
