@@ -1,0 +1,472 @@
+"""Fan-out jobs: one function over many inputs, run by a pool of worker sandboxes.
+
+A job is one Map stream, from the gRPC `Map` call or relayed by a kernel's agent (`AgentMessage.fanout`);
+both feed the same `Job`. The function arrives once per content hash (the backend keeps recent ones, so an
+unchanged cell ships nothing); items arrive in batches under the client's bounded window and wait in a
+queue; each worker holds a small window of items and gets more as its results come back (workers pull), in
+batches sized to about 20 ms of work. Results stream back as they finish, in completion order; the client
+restores input order. Payloads over a few MiB travel as blob chunks and reach workers as files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import logging
+import os
+import re
+import shutil
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from snapkernel.agent.worker import BLOB_DIR
+from snapkernel.backend.sandboxes import LiveSandbox, SandboxManager
+from snapkernel.backend.v1 import backend_pb2 as pb
+from snapkernel.backend.workers import MODE_ENV, Worker, WorkerPools
+from snapkernel.errors import InvalidSpecError, SnapkernelError, StateError
+
+log = logging.getLogger(__name__)
+
+MAX_WORKERS = 256
+MAX_FUNCTION = 64 * 1024 * 1024
+FUNCTION_CACHE = 512 * 1024 * 1024  # bytes of recent functions kept by hash
+BATCH_SECONDS = 0.02                # a batch for a worker holds about this much work
+MAX_BATCH = 256
+CANCEL_GRACE = 1.0                  # seconds a worker has to stop a cancelled item before it is killed
+CHUNK = 1024 * 1024
+_BLOB_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_HASH = re.compile(r"^[0-9a-f]{64}$")
+
+
+class Job:
+    def __init__(self, fm: FanoutManager, job_id: int, send: Callable[[pb.MapResponse], None],
+                 owner: LiveSandbox | None) -> None:
+        self.fm = fm
+        self.id = job_id
+        self.send_out = send
+        self.owner = owner
+        self.start: pb.MapStart | None = None
+        self.function: str = ""
+        self.queue: deque[pb.MapItem] = deque()
+        self.attempts: dict[int, int] = {}
+        self.died_on: set[int] = set()       # items whose worker died under them (retried once)
+        self.workers: list[Worker] = []
+        self.input_ended = False
+        self.finished = False
+        self.cancelled = False
+        self.out: list[pb.MapResult] = []
+        self.flush_scheduled = False
+        self.item_seconds = 0.0
+        self.blob_dir = fm.blob_root / str(job_id)
+        self.blobs: dict[str, list[bytes]] = {}
+        self.blobs_in_flight = 0  # result blobs being sent back
+        self.error = ""
+        self.replacements = 0
+        self.lock = asyncio.Lock()  # requests of one stream are handled in order
+
+    # --- the client's side ----------------------------------------------------------------------
+    def send(self, response: pb.MapResponse) -> None:
+        if not self.finished:
+            self.send_out(response)
+
+    async def on_request(self, req: pb.MapRequest) -> None:
+        kind = req.WhichOneof("kind")
+        if self.finished:
+            return
+        if kind == "start":
+            await self._on_start(req.start)
+        elif self.start is None:
+            raise InvalidSpecError(f"Map: the first message must be `start`, not `{kind}`")
+        elif kind == "function":
+            await self._on_function(req.function)
+        elif kind == "items":
+            self.queue.extend(req.items.items)
+            self.pump()
+        elif kind == "blob":
+            await self._on_blob(req.blob)
+        elif kind == "end":
+            self.input_ended = True
+            self._maybe_done()
+        elif kind == "cancel":
+            self.cancel()
+
+    async def _on_start(self, start: pb.MapStart) -> None:
+        if self.start is not None:
+            raise InvalidSpecError("Map: `start` was sent twice on one stream")
+        if not 1 <= start.workers <= MAX_WORKERS:
+            raise InvalidSpecError(f"workers {start.workers} is not accepted: ask for 1 to {MAX_WORKERS}")
+        if start.timeout < 0 or start.retries > 100:
+            raise InvalidSpecError(f"timeout {start.timeout:g} / retries {start.retries} not accepted: use a "
+                                   "timeout of 0 (none) or more seconds and 0 to 100 retries")
+        if not _HASH.match(start.function_hash):
+            raise InvalidSpecError(f"function hash {start.function_hash!r} is not a sha256 hex digest")
+        if start.clone:
+            raise StateError("--clone is not available yet: workers cannot start from a live snapshot of the "
+                             "kernel in this version; drop --clone (the cell's referenced variables are sent "
+                             "by value) or use a state snapshot")
+        self.start = start
+        self.function = start.function_hash
+        if self.function in self.fm.functions:
+            self.fm.functions.move_to_end(self.function)
+            await self._start_workers()
+        else:
+            self.send(pb.MapResponse(status=pb.MapStatus(need_function=True)))
+
+    async def _on_function(self, data: bytes) -> None:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != self.function:
+            raise InvalidSpecError(f"the function sent has sha256 {digest}, not the {self.function} of `start`")
+        if len(data) > MAX_FUNCTION:
+            raise InvalidSpecError(f"the function is {len(data)} bytes, over the {MAX_FUNCTION} byte limit")
+        self.fm.remember(digest, data)
+        await self._start_workers()
+
+    async def _on_blob(self, chunk: pb.BlobChunk) -> None:
+        if not _BLOB_NAME.match(chunk.name):
+            raise InvalidSpecError(f"blob name {chunk.name!r} is not accepted: use 1-64 letters, digits, - or _")
+        self.blobs.setdefault(chunk.name, []).append(chunk.data)
+        if chunk.last:
+            data = b"".join(self.blobs.pop(chunk.name))
+            self.blob_dir.mkdir(parents=True, exist_ok=True)
+            await asyncio.to_thread((self.blob_dir / chunk.name).write_bytes, data)
+
+    def worker_spec(self) -> pb.SandboxSpec:
+        assert self.start is not None
+        spec = pb.SandboxSpec()
+        spec.CopyFrom(self.start.spec)
+        if self.owner is not None:  # the kernel's runtime, image and directory
+            own = self.owner.record.spec
+            spec.runtime = spec.runtime or self.owner.record.runtime
+            spec.image = spec.image or own.image
+            spec.mount_dir = own.mount_dir
+            for k, v in own.env.items():
+                spec.env.setdefault(k, v)
+        spec.cpu = spec.cpu or 1.0
+        spec.network = False
+        spec.restore_from = ""
+        spec.hibernate_after = 0
+        spec.env[MODE_ENV] = "worker"
+        return spec
+
+    async def _start_workers(self) -> None:
+        assert self.start is not None
+        self.workers = await self.fm.pools.lease(self.owner, self.worker_spec(), self.start.workers, self)
+        self._status(f"{len(self.workers)} worker(s)")
+        for w in self.workers:
+            if w.ready:
+                self.on_worker_ready(w)
+
+    def _status(self, message: str) -> None:
+        ready = sum(1 for w in self.workers if w.ready)
+        self.send(pb.MapResponse(status=pb.MapStatus(workers_ready=ready, workers=len(self.workers),
+                                                     message=message)))
+
+    # --- workers --------------------------------------------------------------------------------
+    def on_worker_ready(self, w: Worker) -> None:
+        assert self.start is not None and w.hello is not None
+        s = self.start
+        if (s.python and s.python != w.hello.python) or (s.cloudpickle and s.cloudpickle != w.hello.cloudpickle):
+            self.fail(f"worker {w.sandbox_id} runs python {w.hello.python} with cloudpickle "
+                      f"{w.hello.cloudpickle}, the caller python {s.python} with cloudpickle {s.cloudpickle}: "
+                      "calls cannot be shipped between different versions; use an image with the same versions")
+            return
+        self._status(f"worker {w.sandbox_id} ready")
+        self.pump()
+
+    def pump(self) -> None:
+        """Hand queued items to ready workers, up to each one's window."""
+        if self.cancelled or self.start is None:
+            return
+        ready = [w for w in self.workers if w.ready and w.job is self and not w.cancelling]
+        if not ready:
+            return
+        batch = 8  # until an item's time is measured
+        if self.item_seconds > 0:
+            batch = max(1, min(MAX_BATCH, int(BATCH_SECONDS / self.item_seconds)))
+        window = 2 * batch  # the next batch waits on the worker while it runs this one
+        for w in ready:
+            while self.queue and len(w.inflight) < window:
+                fair = -(-len(self.queue) // len(ready))  # the last items are spread over all workers
+                n = min(batch, window - len(w.inflight), fair)
+                self._send_tasks(w, [self.queue.popleft() for _ in range(n)])
+
+    def _send_tasks(self, w: Worker, items: list[pb.MapItem]) -> None:
+        assert self.start is not None
+        if self.function not in w.functions:
+            self.fm.manager.send_to_agent(self.fm.manager.get(w.sandbox_id), pb.AgentMessage(
+                worker_function=pb.WorkerFunction(hash=self.function, data=self.fm.functions[self.function])))
+            w.functions.add(self.function)
+        for item in items:
+            if item.blob:
+                self._link_blob(w, item.blob)
+            w.inflight[item.index] = item
+            self.attempts[item.index] = self.attempts.get(item.index, 0) + 1
+        if not w.mark:
+            w.mark = time.monotonic()
+        try:
+            self.fm.manager.send_to_agent(self.fm.manager.get(w.sandbox_id), pb.AgentMessage(
+                worker_tasks=pb.WorkerTasks(job=self.id, function_hash=self.function, timeout=self.start.timeout,
+                                            items=items)))
+        except SnapkernelError as e:  # it is going away; its watcher hands the items back
+            log.info("sandbox_id=%s job=%s could not take tasks: %s", w.sandbox_id, self.id, e)
+
+    def _link_blob(self, w: Worker, name: str) -> None:
+        src = self.blob_dir / name
+        dest_dir = Path(self.fm.manager.get(w.sandbox_id).record.dir) / "workspace" / BLOB_DIR
+        dest_dir.mkdir(exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.link(src, dest_dir / name)
+
+    def on_results(self, w: Worker, msg: pb.WorkerResults) -> None:
+        if msg.cancelled:
+            w.cancelling = False
+            self.fm.pools.release(w)
+            self._maybe_done()
+            return
+        if msg.job != self.id or self.cancelled:
+            return
+        now = time.monotonic()
+        if msg.results and w.mark:
+            per_item = (now - w.mark) / len(msg.results)
+            self.item_seconds = per_item if not self.item_seconds else 0.7 * self.item_seconds + 0.3 * per_item
+        w.mark = now if w.inflight else 0.0
+        retries = self.start.retries if self.start is not None else 0
+        for r in msg.results:
+            item = w.inflight.pop(r.index, None)
+            if item is None:
+                continue
+            r.attempts = self.attempts.get(r.index, 1)
+            if not r.ok and r.attempts <= retries:
+                self.queue.appendleft(item)
+                continue
+            if r.blob:
+                self.blobs_in_flight += 1
+                self.fm.spawn(self._send_result_blob(w, r))
+                continue
+            self.out.append(r)
+        if not w.inflight:
+            w.mark = 0.0
+        self._flush_soon()
+        self.pump()
+        self._maybe_done()
+
+    async def _send_result_blob(self, w: Worker, r: pb.MapResult) -> None:
+        try:
+            path = Path(self.fm.manager.get(w.sandbox_id).record.dir) / "workspace" / BLOB_DIR / r.blob
+            data = await asyncio.to_thread(path.read_bytes)
+            path.unlink(missing_ok=True)
+            for i in range(0, len(data), CHUNK):
+                self.send(pb.MapResponse(blob=pb.BlobChunk(name=r.blob, data=data[i:i + CHUNK],
+                                                           last=i + CHUNK >= len(data))))
+        except (OSError, SnapkernelError) as e:
+            r = pb.MapResult(index=r.index, ok=False, worker=r.worker, attempts=r.attempts,
+                             error=f"BlobLost: the result of worker {w.sandbox_id} could not be read back: {e}")
+        finally:
+            self.blobs_in_flight -= 1
+        self.out.append(r)
+        self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        if self.out and not self.flush_scheduled:
+            self.flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self.flush_scheduled = False
+        if self.out:
+            out, self.out = self.out, []
+            self.send(pb.MapResponse(results=pb.MapResults(results=out)))
+        self._maybe_done()
+
+    def on_worker_gone(self, w: Worker) -> None:
+        """A worker died: its items go back to the queue once; a new worker takes its place."""
+        lost = list(w.inflight.values())
+        w.inflight.clear()
+        if w in self.workers:
+            self.workers.remove(w)
+        if self.finished or self.cancelled:
+            self._maybe_done()
+            return
+        for item in lost:
+            if item.index in self.died_on:
+                self.out.append(pb.MapResult(index=item.index, ok=False, worker=w.sandbox_id,
+                                             attempts=self.attempts.get(item.index, 1), error=(
+                    f"WorkerDied: worker {w.sandbox_id} died running this item, and so did the one that "
+                    f"retried it ({w.gone})")))
+            else:
+                self.died_on.add(item.index)
+                self.attempts[item.index] = self.attempts.get(item.index, 1) - 1  # not the item's fault
+                self.queue.appendleft(item)
+        self._flush_soon()
+        self._status(f"worker {w.sandbox_id} died ({w.gone.splitlines()[0] if w.gone else 'gone'}); replacing it")
+        self.replacements += 1
+        if self.replacements > 2 * len(self.workers) + 4:
+            self.fail(f"workers keep dying ({self.replacements} replaced); the last one: {w.gone}")
+            return
+        self.fm.spawn(self._replace())
+
+    async def _replace(self) -> None:
+        try:
+            (w,) = await self.fm.pools.lease(self.owner, self.worker_spec(), 1, self)
+        except SnapkernelError as e:
+            if not self.workers:
+                self.fail(f"a worker died and no new one could be started: {e}")
+            return
+        self.workers.append(w)
+        if w.ready:
+            self.on_worker_ready(w)
+
+    # --- ending ---------------------------------------------------------------------------------
+    def _maybe_done(self) -> None:
+        if self.finished:
+            return
+        if self.cancelled:
+            if not any(w.cancelling for w in self.workers):
+                self._finish(pb.MapDone(cancelled=not self.error, error=self.error))
+            return
+        busy = any(w.inflight for w in self.workers) or self.blobs_in_flight
+        if self.input_ended and not self.queue and not busy and not self.out:
+            self._finish(pb.MapDone())
+
+    def cancel(self) -> None:
+        """Drop queued items, stop running ones (workers that do not stop in time are killed)."""
+        if self.cancelled or self.finished:
+            return
+        self.cancelled = True
+        self.queue.clear()
+        for w in self.workers:
+            if w.gone:
+                continue
+            if w.inflight:
+                w.cancelling = True
+                w.inflight.clear()
+                with contextlib.suppress(SnapkernelError):
+                    self.fm.manager.send_to_agent(self.fm.manager.get(w.sandbox_id),
+                                                  pb.AgentMessage(worker_cancel=self.id))
+                self.fm.spawn(self._kill_if_stuck(w))
+            else:
+                self.fm.pools.release(w)
+        log.info("job=%s cancelled", self.id)
+        self._maybe_done()
+
+    async def _kill_if_stuck(self, w: Worker) -> None:
+        await asyncio.sleep(CANCEL_GRACE)
+        if w.cancelling:
+            w.cancelling = False
+            await self.fm.pools.kill(w, f"it did not stop job {self.id}'s item within {CANCEL_GRACE:g}s of the cancel")
+            self._maybe_done()
+
+    def fail(self, message: str) -> None:
+        log.warning("job=%s failed: %s", self.id, message)
+        self.error = self.error or message
+        self.cancel()
+
+    def _finish(self, done: pb.MapDone) -> None:
+        self.finished = True
+        if self.out and not self.cancelled:
+            self.send_out(pb.MapResponse(results=pb.MapResults(results=self.out)))
+        self.send_out(pb.MapResponse(done=done))
+        for w in self.workers:
+            if w.job is self and not w.cancelling:
+                self.fm.pools.release(w)
+        self.fm.jobs.pop(self.id, None)
+        shutil.rmtree(self.blob_dir, ignore_errors=True)
+
+    def closed(self) -> None:
+        """The client went away (its stream closed, its kernel stopped)."""
+        if not self.finished:
+            self.cancel()
+            self.finished = True
+            self.fm.jobs.pop(self.id, None)
+            shutil.rmtree(self.blob_dir, ignore_errors=True)
+
+
+class FanoutManager:
+    def __init__(self, manager: SandboxManager, idle_timeout: float) -> None:
+        self.manager = manager
+        self.pools = WorkerPools(manager, idle_timeout)
+        self.pools.on_owner_gone = self._owner_gone
+        self.functions: OrderedDict[str, bytes] = OrderedDict()
+        self.jobs: dict[int, Job] = {}
+        self.ids = itertools.count(1)
+        self.blob_root = manager.state_dir / "fanout"
+        shutil.rmtree(self.blob_root, ignore_errors=True)
+        self.streams: dict[tuple[str, int], Job] = {}  # (kernel sandbox id, relay stream) -> job
+        manager.handlers["fanout"] = self._on_agent_frame
+        self._reaper: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def start(self) -> None:
+        await self.pools.remove_leftovers()
+        self._reaper = asyncio.ensure_future(self.pools.reap())
+
+    def remember(self, digest: str, data: bytes) -> None:
+        self.functions[digest] = data
+        while sum(map(len, self.functions.values())) > FUNCTION_CACHE and len(self.functions) > 1:
+            self.functions.popitem(last=False)
+
+    def new_job(self, send: Callable[[pb.MapResponse], None], owner: LiveSandbox | None) -> Job:
+        job = Job(self, next(self.ids), send, owner)
+        self.jobs[job.id] = job
+        return job
+
+    async def handle(self, job: Job, req: pb.MapRequest) -> None:
+        """One request of a job; a bad one fails the job with the error, the backend keeps serving."""
+        async with job.lock:
+            try:
+                await job.on_request(req)
+            except SnapkernelError as e:
+                job.fail(str(e))
+
+    # --- jobs relayed by a kernel's agent -------------------------------------------------------
+    def _on_agent_frame(self, sb: LiveSandbox, msg: pb.AgentMessage) -> None:
+        frame = msg.fanout
+        key = (sb.record.id, frame.stream)
+        job = self.streams.get(key)
+        if frame.closed:
+            if job is not None:
+                self.streams.pop(key, None)
+                job.closed()
+            return
+        if job is None:
+            def send(resp: pb.MapResponse, stream: int = frame.stream) -> None:
+                done = resp.WhichOneof("kind") == "done"
+                with contextlib.suppress(SnapkernelError):
+                    self.manager.send_to_agent(sb, pb.AgentMessage(fanout=pb.FanoutFrame(
+                        stream=stream, data=resp.SerializeToString(), closed=False)))
+                if done:
+                    self.streams.pop(key, None)
+
+            job = self.streams[key] = self.new_job(send, sb)
+        req = pb.MapRequest()
+        try:
+            req.ParseFromString(frame.data)
+        except Exception as e:  # protobuf's DecodeError
+            job.fail(f"malformed fan-out request of {len(frame.data)} bytes: {e}")
+            return
+        self.spawn(self.handle(job, req))
+
+    def _owner_gone(self, owner_id: str) -> None:
+        for key, job in list(self.streams.items()):
+            if key[0] == owner_id:
+                self.streams.pop(key, None)
+                job.closed()
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        for job in list(self.jobs.values()):
+            job.closed()
+        await self.pools.close()

@@ -1,0 +1,190 @@
+"""Fan-out worker sandboxes: started like kernel sandboxes (same runtime, image and scheduler) with the agent in
+worker mode, kept warm in a pool per (owner, spec) between jobs, and reaped after an idle time.
+
+GPU workers get distinct GPUs because every worker is a sandbox of its own and the scheduler gives GPUs out
+exclusively. A pool owned by a kernel's sandbox goes away with that kernel (restart, exit, deletion).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from snapkernel.backend.sandbox_db import ENDED
+from snapkernel.backend.sandboxes import LiveSandbox, SandboxManager
+from snapkernel.backend.v1 import backend_pb2 as pb
+from snapkernel.errors import SnapkernelError
+
+if TYPE_CHECKING:
+    from snapkernel.backend.fanout import Job
+
+log = logging.getLogger(__name__)
+
+MODE_ENV = "SNAPKERNEL_AGENT_MODE"
+CLIENT_OWNER = "client"  # pools of gRPC callers outside any sandbox
+
+
+def is_worker(spec: pb.SandboxSpec) -> bool:
+    return spec.env.get(MODE_ENV) == "worker"
+
+
+@dataclass
+class Worker:
+    sandbox_id: str
+    pool_key: tuple[str, bytes]
+    hello: pb.WorkerHello | None = None
+    gone: str = ""                                # why it can serve no more ("" while alive)
+    functions: set[str] = field(default_factory=set)  # hashes it holds
+    job: Job | None = None
+    inflight: dict[int, pb.MapItem] = field(default_factory=dict)
+    cancelling: bool = False
+    idle_since: float = field(default_factory=time.monotonic)
+    mark: float = 0.0                             # when it last became busy or returned results
+
+    @property
+    def ready(self) -> bool:
+        return self.hello is not None and not self.gone
+
+
+class WorkerPools:
+    def __init__(self, manager: SandboxManager, idle_timeout: float) -> None:
+        self.manager = manager
+        self.idle_timeout = idle_timeout
+        self.workers: dict[str, Worker] = {}
+        self.owners: dict[str, asyncio.Task[None]] = {}  # owner sandbox id -> its watcher
+        self._tasks: set[asyncio.Task[None]] = set()
+        manager.handlers["worker_hello"] = self._on_hello
+        manager.handlers["worker_results"] = self._on_results
+        self.on_gone: Callable[[Worker], None] = lambda w: None
+        self.on_owner_gone: Callable[[str], None] = lambda owner: None
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- leasing --------------------------------------------------------------------------------
+    async def lease(self, owner: LiveSandbox | None, spec: pb.SandboxSpec, count: int, job: Job) -> list[Worker]:
+        """`count` workers for `job`: idle ones of the pool first, new sandboxes for the rest."""
+        owner_id = owner.record.id if owner is not None else CLIENT_OWNER
+        key = (owner_id, spec.SerializeToString(deterministic=True))
+        taken: list[Worker] = []
+        for w in self.workers.values():
+            if len(taken) == count:
+                break
+            if w.pool_key == key and w.job is None and not w.gone and not w.cancelling:
+                w.job = job
+                taken.append(w)
+        while len(taken) < count:
+            sandbox = await self.manager.create(pb.CreateSandboxRequest(
+                spec=spec, notebook_path=owner.record.notebook_path if owner else ""))
+            w = Worker(sandbox.id, key, job=job)
+            self.workers[sandbox.id] = w
+            self._spawn(self._watch(w))
+            taken.append(w)
+            log.info("sandbox_id=%s fan-out worker started for owner=%s job=%s", sandbox.id, owner_id, job.id)
+        if owner is not None and owner_id not in self.owners:
+            task = asyncio.ensure_future(self._watch_owner(owner))
+            self.owners[owner_id] = task
+        return taken
+
+    def release(self, w: Worker) -> None:
+        """Back to the pool, warm, once its job has ended."""
+        w.job = None
+        w.inflight.clear()
+        w.idle_since = time.monotonic()
+
+    async def kill(self, w: Worker, why: str) -> None:
+        """Stop a worker for good (it did not stop when cancelled, or its pool went away)."""
+        if not w.gone:
+            w.gone = why
+            log.info("sandbox_id=%s stopping fan-out worker: %s", w.sandbox_id, why)
+        self.workers.pop(w.sandbox_id, None)
+        with contextlib.suppress(SnapkernelError):
+            await self.manager.delete(w.sandbox_id)
+
+    # --- events ---------------------------------------------------------------------------------
+    def _on_hello(self, sb: LiveSandbox, msg: pb.AgentMessage) -> None:
+        w = self.workers.get(sb.record.id)
+        if w is None:
+            return
+        w.hello = msg.worker_hello
+        w.idle_since = time.monotonic()
+        log.info("sandbox_id=%s fan-out worker up: python %s cloudpickle %s", w.sandbox_id, w.hello.python,
+                 w.hello.cloudpickle)
+        if w.job is not None:
+            w.job.on_worker_ready(w)
+
+    def _on_results(self, sb: LiveSandbox, msg: pb.AgentMessage) -> None:
+        w = self.workers.get(sb.record.id)
+        if w is not None and w.job is not None:
+            w.job.on_results(w, msg.worker_results)
+        elif w is not None and msg.worker_results.cancelled:
+            w.cancelling = False
+
+    async def _watch(self, w: Worker) -> None:
+        """Until the worker's sandbox ends: then its job hears of it."""
+        sb = self.manager.get(w.sandbox_id)
+        queue: asyncio.Queue[pb.SandboxEvent | None] = asyncio.Queue()
+        sb.watchers.add(queue)
+        try:
+            while (event := await queue.get()) is not None and event.sandbox.state not in ENDED:
+                pass
+        finally:
+            sb.watchers.discard(queue)
+        why = (event.sandbox.message if event is not None else "") or "its sandbox was deleted"
+        if not w.gone:
+            w.gone = why
+        self.workers.pop(w.sandbox_id, None)
+        log.info("sandbox_id=%s fan-out worker gone: %s", w.sandbox_id, why)
+        if w.job is not None:
+            w.job.on_worker_gone(w)
+        if sb.record.ended and sb.record.id in self.manager.live and not sb.deleting:
+            with contextlib.suppress(SnapkernelError):
+                await self.manager.delete(sb.record.id)  # nothing of a dead worker is kept
+
+    async def _watch_owner(self, owner: LiveSandbox) -> None:
+        """A kernel's workers end with its kernel: on a restart, an exit or the sandbox's deletion."""
+        queue: asyncio.Queue[pb.SandboxEvent | None] = asyncio.Queue()
+        owner.watchers.add(queue)
+        generation = owner.record.kernel_generation
+        try:
+            while (event := await queue.get()) is not None:
+                s = event.sandbox
+                if s.state in ENDED or s.state == pb.KERNEL_EXITED or s.kernel_generation != generation:
+                    break
+        finally:
+            owner.watchers.discard(queue)
+            self.owners.pop(owner.record.id, None)
+        log.info("sandbox_id=%s kernel restarted or ended: stopping its fan-out workers", owner.record.id)
+        self.on_owner_gone(owner.record.id)
+        for w in [w for w in self.workers.values() if w.pool_key[0] == owner.record.id]:
+            await self.kill(w, f"its kernel's sandbox {owner.record.id} restarted or ended")
+
+    async def reap(self) -> None:
+        """Every few seconds: stop workers idle longer than the idle timeout."""
+        while True:
+            await asyncio.sleep(max(0.5, min(10.0, self.idle_timeout / 4)))
+            now = time.monotonic()
+            for w in list(self.workers.values()):
+                if w.job is None and not w.cancelling and now - w.idle_since > self.idle_timeout:
+                    await self.kill(w, f"idle for {self.idle_timeout:g}s")
+
+    async def remove_leftovers(self) -> None:
+        """Workers of a previous backend have no job and no pool any more: stop them."""
+        for sb in list(self.manager.live.values()):
+            if is_worker(sb.record.spec) and not sb.record.ended:
+                log.info("sandbox_id=%s stopping a fan-out worker left by a previous backend", sb.record.id)
+                with contextlib.suppress(SnapkernelError):
+                    await self.manager.delete(sb.record.id)
+
+    async def close(self) -> None:
+        for task in [*self._tasks, *self.owners.values()]:
+            task.cancel()
+        for w in list(self.workers.values()):
+            await self.kill(w, "the backend is stopping")
