@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 from typing import Any
 
@@ -26,6 +27,17 @@ REQUEST_MSG_TYPE = "snapkernel_request"
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # argparse would exit the kernel
         raise UsageError(f"{self.prog}: {message}. Usage: {self.format_usage().removeprefix('usage: ').strip()}")
+
+
+def _flag_words(line: str) -> list[str]:
+    """`--over [1, 2, 3] --as x` → ['--over', '[1, 2, 3]', '--as', 'x']: a flag's value is the raw text up to
+    the next flag, so expressions keep their spaces and quotes."""
+    words: list[str] = []
+    for chunk in re.split(r"\s+(?=--?[A-Za-z])", " " + line.strip()):
+        flag, _, rest = chunk.strip().partition(" ")
+        if flag:
+            words += [flag, rest.strip()] if rest.strip() else [flag]
+    return words
 
 
 def _fanout_parser() -> _Parser:
@@ -68,7 +80,7 @@ class SnapKernelMagics(Magics):  # type: ignore[misc]
         from snapkernel.fanout.client import MapCall, Options
         from snapkernel.fanout.remote import check_options
 
-        args = _fanout_parser().parse_args(shlex.split(line))
+        args = _fanout_parser().parse_args(_flag_words(line))
         shell = self.shell
         assert shell is not None
         if args.out and not args.out.isidentifier():
@@ -78,7 +90,7 @@ class SnapKernelMagics(Magics):  # type: ignore[misc]
         except Exception as e:
             raise UsageError(f"%%fanout: --over {args.over!r} is not an iterable expression here: "
                              f"{type(e).__name__}: {e}") from e
-        options = Options(workers=max(1, min(args.workers, len(items) or 1)), gpu=args.gpu, cpu=args.cpu,
+        options = Options(workers=min(args.workers, max(1, len(items))), gpu=args.gpu, cpu=args.cpu,
                           memory=args.memory, retries=args.retries, timeout=args.timeout,
                           ordered=not args.unordered, return_exceptions=args.return_exceptions, clone=args.clone)
         try:

@@ -1,0 +1,210 @@
+"""Fan-out from a real kernel in a real sandbox (`%%fanout`, `remote`) and from a plain process (gRPC):
+worker sandboxes of the same runtime, failures, retries, timeouts, cancel, a worker killed mid-run and
+no workers left behind by a kernel restart."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from jupyter_client.blocking.client import BlockingKernelClient
+from jupyter_client.manager import KernelManager
+
+from snapkernel.backend.v1 import backend_pb2 as pb
+from snapkernel.backend.workers import is_worker
+from tests.conftest import Backend
+from tests.kernel_provisioner.kernel_helpers import reply_to, run, running_kernel, value
+from tests.snapshots.test_memory import backend_call
+
+Kernel = tuple[KernelManager, BlockingKernelClient]
+
+
+def workers(backend: Backend) -> list[pb.Sandbox]:
+    """The backend's live fan-out worker sandboxes."""
+    return [s for s in backend_call(backend, lambda c: c.list_sandboxes()) if is_worker(s.spec)]
+
+
+def error_text(outputs: list[dict[str, Any]]) -> str:
+    tb = next(m for m in outputs if m["msg_type"] == "error")["content"]["traceback"]
+    return re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(tb))
+
+
+@pytest.fixture(scope="module")
+def kernel(backend: Backend) -> Iterator[Kernel]:
+    """One snapkernel kernel for this module's tests (per runtime); its workers stay warm between them."""
+    with running_kernel() as (km, kc):
+        yield km, kc
+
+
+def test_1000_items_in_order_and_an_unchanged_cell_ships_nothing(backend: Backend, kernel: Kernel) -> None:
+    _, kc = kernel
+    cell = "%%fanout --over range(1000) --as x --workers 2 --out res\nx * 2"
+    content, _ = run(kc, cell, timeout=120)
+    assert content["status"] == "ok", content
+    assert value(kc, "res == [x * 2 for x in range(1000)]") == "True"
+    assert value(kc, "from snapkernel.fanout import client; client.LAST[0].function_sent > 0") == "True"
+    content, _ = run(kc, cell, timeout=60)
+    assert content["status"] == "ok", content
+    assert value(kc, "client.LAST[0].function_sent") == "0"  # the backend held it by its hash
+    live = workers(backend)
+    assert len(live) >= 2 and all(w.runtime == backend.runtime for w in live)
+    content, outputs = run(kc, "%%fanout --over range(5) --as x --workers 2 --unordered\nx", timeout=60)
+    results = [m["content"]["data"]["text/plain"] for m in outputs if m["msg_type"] == "execute_result"]
+    assert content["status"] == "ok" and sorted(eval(results[-1])) == [0, 1, 2, 3, 4]
+    bars = [m for m in outputs if m["msg_type"] in ("display_data", "update_display_data")]
+    assert bars and "5/5" in bars[-1]["content"]["data"]["text/plain"]  # the progress bar
+
+
+def test_a_helper_and_a_lambda_of_the_notebook_are_captured(kernel: Kernel) -> None:
+    _, kc = kernel
+    run(kc, "offset = 10\ndef helper(v):\n    return v + offset\nsquare = lambda v: v * v")
+    content, _ = run(kc, "%%fanout --over [1, 2, 3] --as x --workers 2 --out r\ny = square(x)\nhelper(y)",
+                     timeout=60)
+    assert content["status"] == "ok", content
+    assert value(kc, "r") == "[11, 14, 19]"
+    run(kc, "from snapkernel import remote\n@remote(workers=2)\ndef f(v, k=1):\n    return helper(square(v)) * k")
+    assert value(kc, "f.map([1, 2, 3])", timeout=60) == "[11, 14, 19]"
+    assert value(kc, "f.remote(3, k=2)", timeout=60) == "38"
+    assert value(kc, "f.spawn(4).result(60)", timeout=70) == "26"
+
+
+def test_a_failing_item_is_raised_with_its_remote_traceback(kernel: Kernel) -> None:
+    _, kc = kernel
+    content, outputs = run(kc, "%%fanout --over range(6) --as x --workers 2\nz = x - 3\n1 / z", timeout=60)
+    assert content["status"] == "error" and content["ename"] == "ZeroDivisionError"
+    tb = error_text(outputs)
+    assert "1 / z" in tb and "line 2" in tb, tb  # the remote file, line and source
+    assert "fan-out item 3 (input 3)" in tb, tb
+    content, _ = run(kc, "%%fanout --over range(6) --as x --workers 2 --return-exceptions --out r\n1 / (x - 3)",
+                     timeout=60)
+    assert content["status"] == "ok", content
+    assert value(kc, "[type(v).__name__ for v in r]") == "['float', 'float', 'float', 'ZeroDivisionError', " \
+                                                         "'float', 'float']"
+
+
+def test_retries_and_timeout(kernel: Kernel) -> None:
+    _, kc = kernel
+    flaky = ("import os\np = os.path.join(os.environ['HOME'], f'seen-{x}')\nif not os.path.exists(p):\n"
+             "    open(p, 'w').close()\n    raise RuntimeError('first try fails')\nx")
+    content, _ = run(kc, f"%%fanout --over ['a', 'b'] --as x --workers 1 --retries 1 --out r\n{flaky}", timeout=60)
+    assert content["status"] == "ok", content
+    assert value(kc, "r") == "['a', 'b']"
+    content, outputs = run(kc, f"%%fanout --over ['c'] --as x --workers 1\n{flaky}", timeout=60)
+    assert content["ename"] == "RuntimeError" and "first try fails" in error_text(outputs)
+    started = time.monotonic()
+    content, _ = run(kc, "%%fanout --over [0, 60] --as x --workers 2 --timeout 1 --return-exceptions --out r\n"
+                         "import time\ntime.sleep(x)\nx", timeout=60)
+    assert content["status"] == "ok", content
+    assert time.monotonic() - started < 30  # not the 60 s the second item would sleep
+    assert value(kc, "[r[0], isinstance(r[1], TimeoutError)]") == "[0, True]"
+
+
+def test_interrupt_cancels_the_rest_and_kills_workers_that_do_not_stop(backend: Backend, kernel: Kernel) -> None:
+    km, kc = kernel
+    for body in ("import time\ntime.sleep(60)",
+                 "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(60)"):
+        msg_id = kc.execute(f"%%fanout --over range(8) --as x --workers 2\n{body}")
+        deadline = time.monotonic() + 120
+        while not any(w.state == pb.RUNNING for w in workers(backend)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(2)  # the items run
+        started = time.monotonic()
+        km.interrupt_kernel()
+        reply = reply_to(kc, msg_id, timeout=30)
+        elapsed = time.monotonic() - started
+        assert reply["content"]["ename"] == "KeyboardInterrupt", reply["content"]
+        assert elapsed < 4.0, f"cancel took {elapsed:.1f}s"
+    assert value(kc, "'alive'") == "'alive'"
+    content, _ = run(kc, "%%fanout --over range(4) --as x --workers 2 --out r\nx + 1", timeout=120)
+    assert content["status"] == "ok", content  # the killed workers were replaced
+    assert value(kc, "r") == "[1, 2, 3, 4]"
+
+
+def test_a_worker_killed_mid_run_is_replaced_and_its_items_retried(backend: Backend, kernel: Kernel) -> None:
+    _, kc = kernel
+    msg_id = kc.execute("%%fanout --over range(40) --as x --workers 2 --out r\nimport time\ntime.sleep(0.25)\nx")
+    deadline = time.monotonic() + 60
+    victim: pb.Sandbox | None = None
+    while victim is None and time.monotonic() < deadline:
+        running = [w for w in workers(backend) if w.state == pb.RUNNING]
+        victim = running[0] if len(running) >= 2 else None
+        time.sleep(0.2)
+    assert victim is not None
+    time.sleep(1.5)
+    os.killpg(victim.pid, signal.SIGKILL)  # the worker's whole sandbox, from outside
+    reply = reply_to(kc, msg_id, timeout=120)
+    assert reply["content"]["status"] == "ok", reply["content"]
+    assert value(kc, "r == list(range(40))") == "True"
+    assert victim.id not in [w.id for w in workers(backend)]
+
+
+def test_bad_flags_say_what_is_accepted(kernel: Kernel) -> None:
+    _, kc = kernel
+    for line, expected in [
+        ("--over 5 --as x", "--over '5' is not an iterable"),
+        ("--over range(3) --as 1x", "--as '1x' is not a Python name"),
+        ("--over range(3) --as x --workers 0", "workers 0 is not accepted"),
+        ("--over range(3) --as x --gpu H100:zero", "gpu spec 'H100:zero' is not valid"),
+        ("--over range(3) --as x --memory lots", "lots"),
+        ("--over range(3)", "the following arguments are required: --as"),
+        ("--over range(3) --as x --clone", "--clone is not available yet"),
+    ]:
+        content, _ = run(kc, f"%%fanout {line}\nx", timeout=60)
+        assert content["status"] == "error", line
+        assert expected in content["evalue"], (line, content["evalue"])
+
+
+def test_a_kernel_restart_leaves_no_workers(backend: Backend) -> None:
+    with running_kernel() as (km, kc):
+        content, _ = run(kc, "%%fanout --over range(2) --as x --workers 2 --out r\nimport os\nos.environ['"
+                             "SNAPKERNEL_SANDBOX_ID']", timeout=120)
+        assert content["status"] == "ok", content
+        mine = set(eval(value(kc, "r")))
+        assert mine <= {w.id for w in workers(backend)}
+        km.restart_kernel()
+        kc.wait_for_ready(timeout=60)
+        deadline = time.monotonic() + 30
+        while mine & {w.id for w in workers(backend)} and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not mine & {w.id for w in workers(backend)}
+
+
+def test_remote_from_a_plain_process_over_grpc(backend: Backend) -> None:
+    """Outside any sandbox the same client talks to the backend's Map call; large payloads use blobs."""
+    from snapkernel.fanout import remote
+
+    @remote(workers=2, progress=False)
+    def grow(data: bytes) -> bytes:
+        return data * 2
+
+    big = os.urandom(5 * 1024 * 1024)
+    out = grow.map([b"ab", big])
+    assert out[0] == b"abab" and out[1] == big * 2
+
+    results: list[Any] = []
+    t = threading.Thread(target=lambda: results.append(grow.spawn(b"x").result(120)))
+    t.start()
+    t.join(130)
+    assert results == [b"xx"]
+
+
+def test_a_version_mismatch_is_refused_with_both_versions(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    from snapkernel.errors import FanoutError
+    from snapkernel.fanout import client, remote
+
+    monkeypatch.setattr(client, "versions", lambda: ("2.7.18", "0.1"))
+
+    @remote(workers=1, progress=False)
+    def one(v: int) -> int:
+        return v
+
+    with pytest.raises(FanoutError) as e:
+        one.map([1])
+    assert "python 2.7.18" in str(e.value) and "cloudpickle 0.1" in str(e.value)
+    assert "python 3." in str(e.value)
