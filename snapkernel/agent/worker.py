@@ -32,7 +32,7 @@ from snapkernel.backend.v1 import backend_pb2 as pb
 log = logging.getLogger("snapkernel.worker")
 
 FLUSH_ITEMS = 256     # results sent once this many are waiting...
-FLUSH_SECONDS = 0.01  # ...or the oldest waited this long, or the worker has nothing else to do
+FLUSH_SECONDS = 0.01  # ...or this long after the last send, and when the batch is done
 MAX_FUNCTIONS = 16    # functions kept by hash (re-running a cell ships nothing)
 BLOB_DIR = ".snapkernel-blobs"  # in the worker's workspace: large payloads as files
 BLOB_THRESHOLD = 4 * 1024 * 1024
@@ -190,7 +190,7 @@ class Worker:
                                 data=pickled_exception(err))
             self.send(pb.AgentMessage(worker_results=out))
             return
-        first = 0.0
+        last_send = time.monotonic()
         for item in task.items:
             if task.job in self.cancelled:
                 return
@@ -211,11 +211,11 @@ class Worker:
                 result.blob = self.write_blob(f"r{task.job}-{item.index}", value)
             else:
                 result.data = value
-            first = first or time.monotonic()
-            if len(out.results) >= FLUSH_ITEMS or time.monotonic() - first > FLUSH_SECONDS:
+            now = time.monotonic()
+            if len(out.results) >= FLUSH_ITEMS or now - last_send > FLUSH_SECONDS:
                 self.send(pb.AgentMessage(worker_results=out))
                 out = pb.WorkerResults(job=task.job)
-                first = 0.0
+                last_send = now
         if out.results and task.job not in self.cancelled:
             self.send(pb.AgentMessage(worker_results=out))
 
