@@ -20,6 +20,7 @@ from snapkernel.backend.v1 import backend_pb2 as pb
 from snapkernel.errors import SnapkernelError
 
 log = logging.getLogger("snapkernel.agent")
+SEND_TIMEOUT = 10.0
 
 
 class FanoutRelay:
@@ -41,9 +42,6 @@ class FanoutRelay:
         self.streams: dict[int, socket.socket] = {}
         self.next_stream = 1
 
-    def owns(self, fd: object) -> bool:
-        return fd == self.listener.fileno() or fd in self.conns
-
     def on_readable(self, fd: int) -> None:
         if fd == self.listener.fileno():
             try:
@@ -56,6 +54,8 @@ class FanoutRelay:
             self.conns[conn.fileno()] = (conn, stream, FrameBuffer())
             self.streams[stream] = conn
             self.poller.register(conn.fileno(), 1)
+            return
+        if fd not in self.conns:  # closed by an earlier event of the same poll
             return
         conn, stream, frames = self.conns[fd]
         try:
@@ -82,10 +82,10 @@ class FanoutRelay:
         fd = conn.fileno()
         if frame.data:
             try:
-                conn.setblocking(True)  # the client reads all the time; a short wait is fine
+                conn.settimeout(SEND_TIMEOUT)  # the client reads all the time; a short wait is fine
                 conn.sendall(HEADER.pack(len(frame.data)) + frame.data)
                 conn.setblocking(False)
-            except OSError:
+            except OSError:  # timeouts included: a client that stopped reading loses its job
                 frame = pb.FanoutFrame(stream=frame.stream, closed=True)
         if frame.closed:
             self._close(fd, tell_backend=False)

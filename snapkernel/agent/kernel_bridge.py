@@ -251,7 +251,7 @@ class KernelBridge:
                         if self.requests:
                             self._release_requests(parts)
                         self.send(pb.AgentMessage(frame=pb.KernelFrame(channel=pb.IOPUB, parts=parts)))
-                elif self.relay.owns(sock):
+                elif isinstance(sock, int):  # the fan-out relay's (maybe closed earlier in this batch)
                     self.relay.on_readable(sock)
                 elif sock is self.own_shell and self.own_shell is not None:
                     result = self.own.on_reply(self.own_shell.recv_multipart())

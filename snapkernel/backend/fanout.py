@@ -18,13 +18,14 @@ import logging
 import os
 import re
 import shutil
+import stat
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from snapkernel.agent.worker import BLOB_DIR
+from snapkernel.agent.worker import BLOB_DIR, ItemTimeout, format_remote, pickled_exception
 from snapkernel.backend.sandboxes import LiveSandbox, SandboxManager
 from snapkernel.backend.v1 import backend_pb2 as pb
 from snapkernel.backend.workers import MODE_ENV, Worker, WorkerPools
@@ -39,8 +40,39 @@ BATCH_SECONDS = 0.02                # a batch for a worker holds about this much
 MAX_BATCH = 256
 CANCEL_GRACE = 1.0                  # seconds a worker has to stop a cancelled item before it is killed
 CHUNK = 1024 * 1024
+MAX_BLOB = 2 * 1024**3
+WATCHDOG_GRACE = 3.0                # seconds past an item's timeout before its worker is killed
 _BLOB_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _HASH = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _blob_dir(sandbox_dir: str) -> int:
+    """A worker's blob directory, opened without following links: the worker's code could plant them to make
+    the backend read or write host files."""
+    workspace = os.open(Path(sandbox_dir) / "workspace", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(BLOB_DIR, 0o700, dir_fd=workspace)
+        return os.open(BLOB_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=workspace)
+    finally:
+        os.close(workspace)
+
+
+def _take_blob(sandbox_dir: str, name: str) -> bytes:
+    """Read and remove a result a worker left as a file (a plain file of a checked name, nothing else)."""
+    if not _BLOB_NAME.match(name):
+        raise InvalidSpecError(f"result blob name {name!r} is not accepted")
+    d = _blob_dir(sandbox_dir)
+    try:
+        with os.fdopen(os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=d), "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_BLOB:
+                raise InvalidSpecError(f"result blob {name!r} is not a plain file of at most {MAX_BLOB} bytes")
+            data = f.read()
+        os.unlink(name, dir_fd=d)
+        return data
+    finally:
+        os.close(d)
 
 
 class Job:
@@ -81,7 +113,8 @@ class Job:
         if kind == "start":
             await self._on_start(req.start)
         elif self.start is None:
-            raise InvalidSpecError(f"Map: the first message must be `start`, not `{kind}`")
+            raise InvalidSpecError(f"Map: the first message must be `start`, not `{kind}` (did the backend restart "
+                                   "during this job? run it again)")
         elif kind == "function":
             await self._on_function(req.function)
         elif kind == "items":
@@ -155,11 +188,40 @@ class Job:
 
     async def _start_workers(self) -> None:
         assert self.start is not None
-        self.workers = await self.fm.pools.lease(self.owner, self.worker_spec(), self.start.workers, self)
-        self._status(f"{len(self.workers)} worker(s)")
+        self.workers, shortfall = await self.fm.pools.lease(self.owner, self.worker_spec(), self.start.workers,
+                                                            self)
+        if self.finished or self.cancelled:  # the client went away meanwhile
+            for w in self.workers:
+                self.fm.pools.release(w)
+            return
+        self._status(shortfall or f"{len(self.workers)} worker(s)")
         for w in self.workers:
             if w.ready:
                 self.on_worker_ready(w)
+        if self.start.timeout > 0:
+            self.fm.spawn(self._watchdog(self.start.timeout))
+
+    async def _watchdog(self, timeout: float) -> None:
+        """A worker silent long past an item's timeout runs code that ignores the timeout's signal: the item
+        fails as timed out, the worker is replaced and its other items go back to the queue."""
+        while not self.finished and not self.cancelled:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for w in list(self.workers):
+                if not w.inflight or not w.mark or w.gone or now - w.mark < timeout + WATCHDOG_GRACE:
+                    continue
+                index, item = next(iter(w.inflight.items()))  # the one it runs: items run in the order sent
+                del w.inflight[index]
+                for other in w.inflight:
+                    self.attempts[other] -= 1  # not their fault
+                self.queue.extendleft(reversed(w.inflight.values()))
+                w.inflight.clear()
+                err = ItemTimeout(f"the item ran past its timeout of {timeout:g}s and did not stop (its code "
+                                  f"ignores signals); worker {w.sandbox_id} was replaced")
+                self._settle(item, pb.MapResult(index=index, ok=False, worker=w.sandbox_id, error=format_remote(err),
+                                                data=pickled_exception(err)))
+                self._flush_soon()
+                await self.fm.pools.kill(w, f"item {index} ran past its timeout")
 
     def _status(self, message: str) -> None:
         ready = sum(1 for w in self.workers if w.ready)
@@ -216,11 +278,12 @@ class Job:
             log.info("sandbox_id=%s job=%s could not take tasks: %s", w.sandbox_id, self.id, e)
 
     def _link_blob(self, w: Worker, name: str) -> None:
-        src = self.blob_dir / name
-        dest_dir = Path(self.fm.manager.get(w.sandbox_id).record.dir) / "workspace" / BLOB_DIR
-        dest_dir.mkdir(exist_ok=True)
-        with contextlib.suppress(FileExistsError):
-            os.link(src, dest_dir / name)
+        d = _blob_dir(self.fm.manager.get(w.sandbox_id).record.dir)
+        try:
+            with contextlib.suppress(FileExistsError):
+                os.link(self.blob_dir / name, name, dst_dir_fd=d)
+        finally:
+            os.close(d)
 
     def on_results(self, w: Worker, msg: pb.WorkerResults) -> None:
         if msg.cancelled:
@@ -235,31 +298,30 @@ class Job:
             per_item = (now - w.mark) / len(msg.results)
             self.item_seconds = per_item if not self.item_seconds else 0.7 * self.item_seconds + 0.3 * per_item
         w.mark = now if w.inflight else 0.0
-        retries = self.start.retries if self.start is not None else 0
         for r in msg.results:
             item = w.inflight.pop(r.index, None)
-            if item is None:
-                continue
-            r.attempts = self.attempts.get(r.index, 1)
-            if not r.ok and r.attempts <= retries:
-                self.queue.appendleft(item)
-                continue
-            if r.blob:
-                self.blobs_in_flight += 1
-                self.fm.spawn(self._send_result_blob(w, r))
-                continue
-            self.out.append(r)
+            if item is not None:
+                self._settle(item, r, w)
         if not w.inflight:
             w.mark = 0.0
         self._flush_soon()
         self.pump()
         self._maybe_done()
 
+    def _settle(self, item: pb.MapItem, r: pb.MapResult, w: Worker | None = None) -> None:
+        """An item's outcome: back to the queue while it has retries left, else on its way to the client."""
+        r.attempts = self.attempts.get(r.index, 1)
+        if not r.ok and r.attempts <= (self.start.retries if self.start is not None else 0):
+            self.queue.appendleft(item)
+        elif r.blob and w is not None:
+            self.blobs_in_flight += 1
+            self.fm.spawn(self._send_result_blob(w, r))
+        else:
+            self.out.append(r)
+
     async def _send_result_blob(self, w: Worker, r: pb.MapResult) -> None:
         try:
-            path = Path(self.fm.manager.get(w.sandbox_id).record.dir) / "workspace" / BLOB_DIR / r.blob
-            data = await asyncio.to_thread(path.read_bytes)
-            path.unlink(missing_ok=True)
+            data = await asyncio.to_thread(_take_blob, self.fm.manager.get(w.sandbox_id).record.dir, r.blob)
             for i in range(0, len(data), CHUNK):
                 self.send(pb.MapResponse(blob=pb.BlobChunk(name=r.blob, data=data[i:i + CHUNK],
                                                            last=i + CHUNK >= len(data))))
@@ -305,17 +367,20 @@ class Job:
         self._flush_soon()
         self._status(f"worker {w.sandbox_id} died ({w.gone.splitlines()[0] if w.gone else 'gone'}); replacing it")
         self.replacements += 1
-        if self.replacements > 2 * len(self.workers) + 4:
+        if self.replacements > 2 * (self.start.workers if self.start else 1) + 4:
             self.fail(f"workers keep dying ({self.replacements} replaced); the last one: {w.gone}")
             return
         self.fm.spawn(self._replace())
 
     async def _replace(self) -> None:
         try:
-            (w,) = await self.fm.pools.lease(self.owner, self.worker_spec(), 1, self)
+            (w,), _ = await self.fm.pools.lease(self.owner, self.worker_spec(), 1, self)
         except SnapkernelError as e:
             if not self.workers:
                 self.fail(f"a worker died and no new one could be started: {e}")
+            return
+        if self.finished or self.cancelled:  # the job ended meanwhile
+            self.fm.pools.release(w)
             return
         self.workers.append(w)
         if w.ready:
@@ -396,7 +461,8 @@ class FanoutManager:
         self.ids = itertools.count(1)
         self.blob_root = manager.state_dir / "fanout"
         shutil.rmtree(self.blob_root, ignore_errors=True)
-        self.streams: dict[tuple[str, int], Job] = {}  # (kernel sandbox id, relay stream) -> job
+        # (kernel sandbox id, relay stream) -> job, until the connection closes (a finished job ignores the rest)
+        self.streams: dict[tuple[str, int], Job] = {}
         manager.handlers["fanout"] = self._on_agent_frame
         self._reaper: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -440,12 +506,9 @@ class FanoutManager:
             return
         if job is None:
             def send(resp: pb.MapResponse, stream: int = frame.stream) -> None:
-                done = resp.WhichOneof("kind") == "done"
                 with contextlib.suppress(SnapkernelError):
                     self.manager.send_to_agent(sb, pb.AgentMessage(fanout=pb.FanoutFrame(
-                        stream=stream, data=resp.SerializeToString(), closed=False)))
-                if done:
-                    self.streams.pop(key, None)
+                        stream=stream, data=resp.SerializeToString())))
 
             job = self.streams[key] = self.new_job(send, sb)
         req = pb.MapRequest()

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from snapkernel.backend.sandbox_db import ENDED
 from snapkernel.backend.sandboxes import LiveSandbox, SandboxManager
 from snapkernel.backend.v1 import backend_pb2 as pb
-from snapkernel.errors import SnapkernelError
+from snapkernel.errors import NoCapacityError, SnapkernelError
 
 if TYPE_CHECKING:
     from snapkernel.backend.fanout import Job
@@ -69,8 +69,10 @@ class WorkerPools:
         task.add_done_callback(self._tasks.discard)
 
     # --- leasing --------------------------------------------------------------------------------
-    async def lease(self, owner: LiveSandbox | None, spec: pb.SandboxSpec, count: int, job: Job) -> list[Worker]:
-        """`count` workers for `job`: idle ones of the pool first, new sandboxes for the rest."""
+    async def lease(self, owner: LiveSandbox | None, spec: pb.SandboxSpec, count: int,
+                    job: Job) -> tuple[list[Worker], str]:
+        """`count` workers for `job`: idle ones of the pool first, new sandboxes for the rest. Where the host
+        has room for fewer, those few (and why not more); none at all is an error."""
         owner_id = owner.record.id if owner is not None else CLIENT_OWNER
         key = (owner_id, spec.SerializeToString(deterministic=True))
         taken: list[Worker] = []
@@ -80,9 +82,16 @@ class WorkerPools:
             if w.pool_key == key and w.job is None and not w.gone and not w.cancelling:
                 w.job = job
                 taken.append(w)
+        shortfall = ""
         while len(taken) < count:
-            sandbox = await self.manager.create(pb.CreateSandboxRequest(
-                spec=spec, notebook_path=owner.record.notebook_path if owner else ""))
+            try:
+                sandbox = await self.manager.create(pb.CreateSandboxRequest(
+                    spec=spec, notebook_path=owner.record.notebook_path if owner else ""))
+            except NoCapacityError as e:
+                if not taken:
+                    raise
+                shortfall = f"only {len(taken)} of {count} workers: {e}"
+                break
             w = Worker(sandbox.id, key, job=job)
             self.workers[sandbox.id] = w
             self._spawn(self._watch(w))
@@ -91,7 +100,7 @@ class WorkerPools:
         if owner is not None and owner_id not in self.owners:
             task = asyncio.ensure_future(self._watch_owner(owner))
             self.owners[owner_id] = task
-        return taken
+        return taken, shortfall
 
     def release(self, w: Worker) -> None:
         """Back to the pool, warm, once its job has ended."""

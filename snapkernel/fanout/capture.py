@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import contextlib
 import hashlib
 import linecache
 import os
@@ -31,6 +32,9 @@ _IPYTHON_NAMES = re.compile(r"^(In|Out|get_ipython|exit|quit|_+|_i+|_i?\d+|_oh|_
 
 class CaptureWarning(UserWarning):
     """The variables a fan-out call captures are large (they are sent to every worker)."""
+
+
+warnings.filterwarnings("always", category=CaptureWarning)  # every run of the cell, not just the first
 
 
 @dataclass
@@ -100,10 +104,17 @@ def pack(fn: Callable[..., Any], extra_sources: dict[str, list[str]] | None = No
     code = getattr(fn, "__code__", None)
     globs = getattr(fn, "__globals__", {})
     captured = referenced(code, globs) if code is not None else {}
-    check_sizes(captured, what or f"function {getattr(fn, '__qualname__', fn)!r}")
+    for name, cell in zip(getattr(code, "co_freevars", ()), getattr(fn, "__closure__", None) or (), strict=False):
+        with contextlib.suppress(ValueError):  # a cell not filled yet
+            captured[name] = cell.cell_contents
+    what = what or f"function {getattr(fn, '__qualname__', fn)!r}"
+    check_sizes(captured, what)
     sources = _sources([fn, *captured.values()])
     sources.update(extra_sources or {})
-    data = cloudpickle.dumps((fn, sources))
+    try:
+        data = cloudpickle.dumps((fn, sources))
+    except Exception as e:
+        raise InvalidSpecError(f"{what} cannot be sent to workers: {e}") from e
     if len(data) > MAX_BYTES:
         raise InvalidSpecError(f"the function pickles to {_format(len(data))}, over the {_format(MAX_BYTES)} limit")
     return Payload(data, hashlib.sha256(data).hexdigest())

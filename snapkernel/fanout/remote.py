@@ -51,10 +51,10 @@ class RemoteFunction:
         """A plain local call."""
         return self.fn(*args, **kwargs)
 
-    def _call(self, calls: list[Call], ordered: bool,
-              return_exceptions: bool, workers: int | None = None) -> list[Any]:
+    def _call(self, calls: list[Call], ordered: bool, return_exceptions: bool, single: bool = False) -> list[Any]:
         o = Options(**{**self.options.__dict__, "ordered": ordered, "return_exceptions": return_exceptions})
-        o.workers = min(workers or o.workers, max(1, len(calls)))
+        o.workers = 1 if single else min(o.workers, max(1, len(calls)))
+        o.progress = o.progress and not single  # no bar for one call (nor from spawn's thread)
         call = MapCall(pack(self.fn), o, len(calls), getattr(self.fn, "__name__", "remote"))
         return [value for _, value in call.run(calls)]
 
@@ -65,7 +65,7 @@ class RemoteFunction:
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
         """One call in a worker sandbox; its result (or its exception, re-raised here)."""
-        return self._call([((args, kwargs), args, kwargs)], True, False, workers=1)[0]
+        return self._call([((args, kwargs), args, kwargs)], True, False, single=True)[0]
 
     def spawn(self, *args: Any, **kwargs: Any) -> Future[Any]:
         """One call in a worker sandbox, in the background: a Future of its result."""
