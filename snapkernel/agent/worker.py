@@ -38,6 +38,15 @@ BLOB_DIR = ".snapkernel-blobs"  # in the worker's workspace: large payloads as f
 BLOB_THRESHOLD = 4 * 1024 * 1024
 
 
+def read_blob(name: str) -> bytes:
+    """An item's payload the backend left as a file in this sandbox's workspace (removed once read)."""
+    path = os.path.join(os.environ.get("HOME", "."), BLOB_DIR, os.path.basename(name))
+    with open(path, "rb") as f:
+        data = f.read()
+    os.unlink(path)
+    return data
+
+
 class ItemTimeout(TimeoutError):
     """An item ran past the `timeout` it was given."""
 
@@ -194,7 +203,7 @@ class Worker:
         for item in task.items:
             if task.job in self.cancelled:
                 return
-            data = self.read_blob(item.blob) if item.blob else item.data
+            data = read_blob(item.blob) if item.blob else item.data
             try:
                 self.in_item = True
                 if task.timeout > 0:
@@ -219,12 +228,6 @@ class Worker:
         if out.results and task.job not in self.cancelled:
             self.send(pb.AgentMessage(worker_results=out))
 
-    def read_blob(self, name: str) -> bytes:
-        path = os.path.join(self.blob_dir, os.path.basename(name))
-        with open(path, "rb") as f:
-            data = f.read()
-        os.unlink(path)
-        return data
 
     def write_blob(self, name: str, data: bytes) -> str:
         os.makedirs(self.blob_dir, exist_ok=True)

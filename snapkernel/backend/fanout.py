@@ -99,6 +99,8 @@ class Job:
         self.blobs_in_flight = 0  # result blobs being sent back
         self.error = ""
         self.replacements = 0
+        self.stream = 0              # the kernel's relay stream this job came on (0: a gRPC caller)
+        self.clone_snapshot = ""     # --clone: the kernel's memory snapshot its workers are restored from
         self.lock = asyncio.Lock()  # requests of one stream are handled in order
 
     # --- the client's side ----------------------------------------------------------------------
@@ -138,13 +140,11 @@ class Job:
                                    "timeout of 0 (none) or more seconds and 0 to 100 retries")
         if not _HASH.match(start.function_hash):
             raise InvalidSpecError(f"function hash {start.function_hash!r} is not a sha256 hex digest")
-        if start.clone:
-            raise StateError("--clone is not available yet: workers cannot start from a live snapshot of the "
-                             "kernel in this version; drop --clone (the cell's referenced variables are sent "
-                             "by value) or use a state snapshot")
         self.start = start
         self.function = start.function_hash
-        if self.function in self.fm.functions:
+        if start.clone:
+            await self._start_clones()
+        elif self.function in self.fm.functions:
             self.fm.functions.move_to_end(self.function)
             await self._start_workers()
         else:
@@ -167,6 +167,40 @@ class Job:
             data = b"".join(self.blobs.pop(chunk.name))
             self.blob_dir.mkdir(parents=True, exist_ok=True)
             await asyncio.to_thread((self.blob_dir / chunk.name).write_bytes, data)
+
+    async def _start_clones(self) -> None:
+        """--clone: a live memory snapshot of the calling kernel, and workers restored from it. Each clone's
+        kernel is inside this very %%fanout cell, reading the job's stream; told to, it serves the items
+        with the cell body run in its own namespace (every variable, import and model already there)."""
+        assert self.start is not None
+        owner = self.owner
+        if owner is None or not self.stream:
+            raise InvalidSpecError("--clone works from a snapkernel kernel only: it clones the calling kernel")
+        if owner.record.runtime != "gvisor":
+            raise StateError(f"--clone needs a kernel under the gvisor runtime (memory snapshots); this one runs "
+                             f"under {owner.record.runtime}: drop --clone (the cell's variables are sent by value)")
+        if owner.record.gpu_indices or self.start.spec.gpu:
+            raise StateError("--clone of GPU kernels is not available yet (GPU memory is not in the snapshot); "
+                             "drop --clone and load the model inside the cell")
+        self._status("cloning the kernel (memory snapshot)")
+        snap = await self.fm.manager.snapshot(pb.CreateSnapshotRequest(
+            sandbox_id=owner.record.id, kind="memory", name=f"fanout-clone-job-{self.id}"))
+        self.clone_snapshot = snap.id
+        await self._lease_clones(self.start.workers)
+
+    async def _lease_clones(self, count: int) -> list[Worker]:
+        assert self.owner is not None
+        spec = pb.SandboxSpec()
+        spec.CopyFrom(self.owner.record.spec)
+        spec.restore_from = self.clone_snapshot
+        spec.hibernate_after = 0
+        spec.env[MODE_ENV] = "clone"  # never leased to another job; `is_worker` does not match it
+        workers, shortfall = await self.fm.pools.lease(self.owner, spec, count, self, clone_stream=self.stream)
+        self.workers += workers
+        self._status(shortfall or f"{len(self.workers)} clone(s) of the kernel starting")
+        if self.finished or self.cancelled:
+            self._cleanup()
+        return workers
 
     def worker_spec(self) -> pb.SandboxSpec:
         assert self.start is not None
@@ -259,8 +293,8 @@ class Job:
 
     def _send_tasks(self, w: Worker, items: list[pb.MapItem]) -> None:
         assert self.start is not None
-        if self.function not in w.functions:
-            self.fm.manager.send_to_agent(self.fm.manager.get(w.sandbox_id), pb.AgentMessage(
+        if self.function not in w.functions and not w.clone_stream:  # a clone has the cell in its kernel
+            w.send(self.fm.manager, pb.AgentMessage(
                 worker_function=pb.WorkerFunction(hash=self.function, data=self.fm.functions[self.function])))
             w.functions.add(self.function)
         for item in items:
@@ -271,7 +305,7 @@ class Job:
         if not w.mark:
             w.mark = time.monotonic()
         try:
-            self.fm.manager.send_to_agent(self.fm.manager.get(w.sandbox_id), pb.AgentMessage(
+            w.send(self.fm.manager, pb.AgentMessage(
                 worker_tasks=pb.WorkerTasks(job=self.id, function_hash=self.function, timeout=self.start.timeout,
                                             items=items)))
         except SnapkernelError as e:  # it is going away; its watcher hands the items back
@@ -300,6 +334,7 @@ class Job:
         w.mark = now if w.inflight else 0.0
         for r in msg.results:
             item = w.inflight.pop(r.index, None)
+            r.worker = w.sandbox_id
             if item is not None:
                 self._settle(item, r, w)
         if not w.inflight:
@@ -374,6 +409,9 @@ class Job:
 
     async def _replace(self) -> None:
         try:
+            if self.clone_snapshot:
+                await self._lease_clones(1)
+                return
             (w,), _ = await self.fm.pools.lease(self.owner, self.worker_spec(), 1, self)
         except SnapkernelError as e:
             if not self.workers:
@@ -405,7 +443,7 @@ class Job:
         self.cancelled = True
         self.queue.clear()
         for w in self.workers:
-            if w.gone:
+            if w.gone or w.clone_stream:  # clones are stopped with the job
                 continue
             if w.inflight:
                 w.cancelling = True
@@ -436,19 +474,26 @@ class Job:
         if self.out and not self.cancelled:
             self.send_out(pb.MapResponse(results=pb.MapResults(results=self.out)))
         self.send_out(pb.MapResponse(done=done))
-        for w in self.workers:
-            if w.job is self and not w.cancelling:
-                self.fm.pools.release(w)
-        self.fm.jobs.pop(self.id, None)
-        shutil.rmtree(self.blob_dir, ignore_errors=True)
+        self._cleanup()
 
     def closed(self) -> None:
         """The client went away (its stream closed, its kernel stopped)."""
         if not self.finished:
             self.cancel()
             self.finished = True
-            self.fm.jobs.pop(self.id, None)
-            shutil.rmtree(self.blob_dir, ignore_errors=True)
+            self._cleanup()
+
+    def _cleanup(self) -> None:
+        """Workers back to their pool (clones stopped, their snapshot removed), blobs removed."""
+        for w in self.workers:
+            if w.clone_stream:
+                self.fm.spawn(self.fm.pools.kill(w, f"job {self.id} ended"))
+            elif w.job is self and not w.cancelling:
+                self.fm.pools.release(w)
+        if self.clone_snapshot:
+            self.fm.spawn(asyncio.to_thread(self.fm.manager.snapshots.delete, self.clone_snapshot))
+        self.fm.jobs.pop(self.id, None)
+        shutil.rmtree(self.blob_dir, ignore_errors=True)
 
 
 class FanoutManager:
@@ -497,6 +542,10 @@ class FanoutManager:
     # --- jobs relayed by a kernel's agent -------------------------------------------------------
     def _on_agent_frame(self, sb: LiveSandbox, msg: pb.AgentMessage) -> None:
         frame = msg.fanout
+        clone = self.pools.workers.get(sb.record.id)
+        if clone is not None and clone.clone_stream:
+            self._on_clone_frame(clone.sandbox_id, frame)
+            return
         key = (sb.record.id, frame.stream)
         job = self.streams.get(key)
         if frame.closed:
@@ -511,6 +560,7 @@ class FanoutManager:
                         stream=stream, data=resp.SerializeToString())))
 
             job = self.streams[key] = self.new_job(send, sb)
+            job.stream = frame.stream
         req = pb.MapRequest()
         try:
             req.ParseFromString(frame.data)
@@ -518,6 +568,17 @@ class FanoutManager:
             job.fail(f"malformed fan-out request of {len(frame.data)} bytes: {e}")
             return
         self.spawn(self.handle(job, req))
+
+    def _on_clone_frame(self, sandbox_id: str, frame: pb.FanoutFrame) -> None:
+        """A clone's hello and results; anything else its copy of the cell sends is its original's business."""
+        req = pb.MapRequest()
+        with contextlib.suppress(Exception):
+            req.ParseFromString(frame.data)
+        kind = req.WhichOneof("kind")
+        if kind == "clone_hello":
+            self.pools.on_hello(sandbox_id, req.clone_hello)
+        elif kind == "clone_results":
+            self.pools.on_results(sandbox_id, req.clone_results)
 
     def _owner_gone(self, owner_id: str) -> None:
         for key, job in list(self.streams.items()):

@@ -30,7 +30,8 @@ CLIENT_OWNER = "client"  # pools of gRPC callers outside any sandbox
 
 
 def is_worker(spec: pb.SandboxSpec) -> bool:
-    return spec.env.get(MODE_ENV) == "worker"
+    """A fan-out worker's sandbox ("clone": a --clone worker, restored from its kernel's snapshot)."""
+    return spec.env.get(MODE_ENV) in ("worker", "clone")
 
 
 @dataclass
@@ -45,10 +46,20 @@ class Worker:
     cancelling: bool = False
     idle_since: float = field(default_factory=time.monotonic)
     mark: float = 0.0                             # when it last became busy or returned results
+    clone_stream: int = 0  # a --clone worker: its kernel's relay stream, on which it serves (0: a worker sandbox)
 
     @property
     def ready(self) -> bool:
         return self.hello is not None and not self.gone
+
+    def send(self, manager: SandboxManager, msg: pb.AgentMessage) -> None:
+        """A command to the worker: on its link, or for a clone on its kernel's fan-out stream."""
+        sb = manager.get(self.sandbox_id)
+        if not self.clone_stream:
+            manager.send_to_agent(sb, msg)
+        elif msg.WhichOneof("kind") == "worker_tasks":
+            data = pb.MapResponse(clone_tasks=msg.worker_tasks).SerializeToString()
+            manager.send_to_agent(sb, pb.AgentMessage(fanout=pb.FanoutFrame(stream=self.clone_stream, data=data)))
 
 
 class WorkerPools:
@@ -70,13 +81,13 @@ class WorkerPools:
 
     # --- leasing --------------------------------------------------------------------------------
     async def lease(self, owner: LiveSandbox | None, spec: pb.SandboxSpec, count: int,
-                    job: Job) -> tuple[list[Worker], str]:
+                    job: Job, clone_stream: int = 0) -> tuple[list[Worker], str]:
         """`count` workers for `job`: idle ones of the pool first, new sandboxes for the rest. Where the host
         has room for fewer, those few (and why not more); none at all is an error."""
         owner_id = owner.record.id if owner is not None else CLIENT_OWNER
         key = (owner_id, spec.SerializeToString(deterministic=True))
         taken: list[Worker] = []
-        for w in self.workers.values():
+        for w in self.workers.values() if not clone_stream else ():  # clones serve their own job only
             if len(taken) == count:
                 break
             if w.pool_key == key and w.job is None and not w.gone and not w.cancelling:
@@ -92,7 +103,7 @@ class WorkerPools:
                     raise
                 shortfall = f"only {len(taken)} of {count} workers: {e}"
                 break
-            w = Worker(sandbox.id, key, job=job)
+            w = Worker(sandbox.id, key, job=job, clone_stream=clone_stream)
             self.workers[sandbox.id] = w
             self._spawn(self._watch(w))
             taken.append(w)
@@ -119,10 +130,13 @@ class WorkerPools:
 
     # --- events ---------------------------------------------------------------------------------
     def _on_hello(self, sb: LiveSandbox, msg: pb.AgentMessage) -> None:
-        w = self.workers.get(sb.record.id)
+        self.on_hello(sb.record.id, msg.worker_hello)
+
+    def on_hello(self, sandbox_id: str, hello: pb.WorkerHello) -> None:
+        w = self.workers.get(sandbox_id)
         if w is None:
             return
-        w.hello = msg.worker_hello
+        w.hello = hello
         w.idle_since = time.monotonic()
         log.info("sandbox_id=%s fan-out worker up: python %s cloudpickle %s", w.sandbox_id, w.hello.python,
                  w.hello.cloudpickle)
@@ -130,10 +144,13 @@ class WorkerPools:
             w.job.on_worker_ready(w)
 
     def _on_results(self, sb: LiveSandbox, msg: pb.AgentMessage) -> None:
-        w = self.workers.get(sb.record.id)
+        self.on_results(sb.record.id, msg.worker_results)
+
+    def on_results(self, sandbox_id: str, results: pb.WorkerResults) -> None:
+        w = self.workers.get(sandbox_id)
         if w is not None and w.job is not None:
-            w.job.on_results(w, msg.worker_results)
-        elif w is not None and msg.worker_results.cancelled:
+            w.job.on_results(w, results)
+        elif w is not None and results.cancelled:
             w.cancelling = False
 
     async def _watch(self, w: Worker) -> None:
@@ -143,7 +160,12 @@ class WorkerPools:
         sb.watchers.add(queue)
         try:
             while (event := await queue.get()) is not None and event.sandbox.state not in ENDED:
-                pass
+                if w.clone_stream and event.sandbox.state == pb.RUNNING and w.hello is None:
+                    # The restored kernel is inside its %%fanout cell, reading this stream: make it a worker.
+                    data = pb.MapResponse(become_worker=True).SerializeToString()
+                    with contextlib.suppress(SnapkernelError):
+                        self.manager.send_to_agent(sb, pb.AgentMessage(
+                            fanout=pb.FanoutFrame(stream=w.clone_stream, data=data)))
         finally:
             sb.watchers.discard(queue)
         why = (event.sandbox.message if event is not None else "") or "its sandbox was deleted"

@@ -123,6 +123,21 @@ def pack(fn: Callable[..., Any], extra_sources: dict[str, list[str]] | None = No
 def cell_function(body: str, name: str, namespace: dict[str, Any]) -> Payload:
     """The cell body as a function of NAME whose value is the body's last expression; the notebook
     variables it refers to are captured by value."""
+    fn_code, filename, lines = _cell_code(body, name)
+    captured = referenced(fn_code, namespace)
+    globs: dict[str, Any] = {"__name__": "__fanout__", "__builtins__": builtins, **captured}
+    fn = types.FunctionType(fn_code, globs, "fanout_cell")
+    return pack(fn, {filename: lines}, what="the %%fanout cell")
+
+
+def local_cell_function(body: str, name: str, namespace: dict[str, Any]) -> Callable[..., Any]:
+    """The cell body as a function of NAME over the namespace itself, nothing captured (--clone: it runs
+    in a clone of this kernel, whose namespace is the notebook's)."""
+    fn_code, _, _ = _cell_code(body, name)
+    return types.FunctionType(fn_code, namespace, "fanout_cell")
+
+
+def _cell_code(body: str, name: str) -> tuple[types.CodeType, str, list[str]]:
     if not name.isidentifier():
         raise InvalidSpecError(f"--as {name!r} is not a Python name: use an identifier such as `x`")
     try:
@@ -139,12 +154,9 @@ def cell_function(body: str, name: str, namespace: dict[str, Any]) -> Payload:
     filename = f"<fanout-cell-{hashlib.sha256(body.encode()).hexdigest()[:12]}>"
     code = compile(module, filename, "exec")
     fn_code = next(c for c in code.co_consts if isinstance(c, types.CodeType))
-    captured = referenced(fn_code, namespace)
-    globs: dict[str, Any] = {"__name__": "__fanout__", "__builtins__": builtins, **captured}
-    exec(code, globs)
     lines = body.splitlines(True)
     linecache.cache[filename] = (len(body), None, lines, filename)  # local tracebacks too
-    return pack(globs["fanout_cell"], {filename: lines}, what="the %%fanout cell")
+    return fn_code, filename, lines
 
 
 def versions() -> tuple[str, str]:

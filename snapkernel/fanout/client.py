@@ -7,8 +7,9 @@ remote traceback and the index and repr of its input; an interrupt cancels what 
 from __future__ import annotations
 
 import itertools
+import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,8 +90,10 @@ def remote_exception(result: pb.MapResult, item: Any) -> BaseException:
 
 
 class MapCall:
-    def __init__(self, payload: Payload, options: Options, total: int | None, label: str) -> None:
+    def __init__(self, payload: Payload, options: Options, total: int | None, label: str,
+                 local_fn: Callable[..., Any] | None = None) -> None:
         self.payload = payload
+        self.local_fn = local_fn  # --clone: what a clone of this kernel runs for each item
         self.options = options
         self.total = total
         self.label = label
@@ -145,6 +148,8 @@ class MapCall:
                         self.stats.workers = resp.status.workers
                         if resp.status.message:
                             self.stats.messages.append(resp.status.message)
+                elif kind == "become_worker" and self.local_fn is not None:
+                    self._serve_as_clone(transport, self.local_fn)
                 elif kind == "blob":
                     self.blobs.setdefault(resp.blob.name, []).append(resp.blob.data)
                 elif kind == "results":
@@ -209,6 +214,25 @@ class MapCall:
             return remote_exception(pb.MapResult(index=r.index, data=data, error=r.error, worker=r.worker,
                                                  attempts=r.attempts), item)
         return cloudpickle.loads(data)
+
+    @staticmethod
+    def _serve_as_clone(transport: Transport, fn: Callable[..., Any]) -> None:
+        """This kernel is a --clone of the one that runs the cell: serve items until the backend stops it."""
+        from snapkernel.agent.worker import read_blob, run_one
+
+        python, pickle_version = versions()
+        transport.send(pb.MapRequest(clone_hello=pb.WorkerHello(python=python, cloudpickle=pickle_version,
+                                                                pid=os.getpid())))
+        while True:
+            resp = transport.recv(1.0)
+            if resp is None or resp.WhichOneof("kind") != "clone_tasks":
+                continue
+            tasks = resp.clone_tasks
+            out = pb.WorkerResults(job=tasks.job)
+            for item in tasks.items:
+                ok, value, error = run_one(fn, read_blob(item.blob) if item.blob else item.data)
+                out.results.add(index=item.index, ok=ok, data=value, error=error)
+            transport.send(pb.MapRequest(clone_results=out))
 
     def _cancel(self, transport: Transport) -> None:
         """Ask the backend to stop the rest; wait (briefly) until it says the workers stopped."""

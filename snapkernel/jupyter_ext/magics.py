@@ -11,6 +11,7 @@ network: the request travels as a message on the kernel's iopub channel that the
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import re
 import shlex
@@ -76,7 +77,7 @@ class SnapKernelMagics(Magics):  # type: ignore[misc]
 
     @cell_magic  # type: ignore[misc]
     def fanout(self, line: str, cell: str) -> Any:
-        from snapkernel.fanout.capture import cell_function
+        from snapkernel.fanout.capture import Payload, cell_function, local_cell_function
         from snapkernel.fanout.client import MapCall, Options
         from snapkernel.fanout.remote import check_options
 
@@ -93,12 +94,17 @@ class SnapKernelMagics(Magics):  # type: ignore[misc]
         options = Options(workers=min(args.workers, max(1, len(items))), gpu=args.gpu, cpu=args.cpu,
                           memory=args.memory, retries=args.retries, timeout=args.timeout,
                           ordered=not args.unordered, return_exceptions=args.return_exceptions, clone=args.clone)
+        local_fn = None
         try:
             check_options(options)
-            payload = cell_function(cell, args.name, shell.user_ns)
+            if args.clone:  # the workers are clones of this kernel: nothing to capture or ship
+                local_fn = local_cell_function(cell, args.name, shell.user_ns)
+                payload = Payload(b"", hashlib.sha256(cell.encode()).hexdigest())
+            else:
+                payload = cell_function(cell, args.name, shell.user_ns)
         except SnapkernelError as e:
             raise UsageError(f"%%fanout: {e}") from e
-        call = MapCall(payload, options, len(items), "fanout")
+        call = MapCall(payload, options, len(items), "fanout", local_fn)
         results = [value for _, value in call.run((item, (item,), {}) for item in items)]
         if args.out:
             shell.user_ns[args.out] = results

@@ -160,11 +160,31 @@ def test_bad_flags_say_what_is_accepted(kernel: Kernel) -> None:
         ("--over range(3) --as x --gpu H100:zero", "gpu spec 'H100:zero' is not valid"),
         ("--over range(3) --as x --memory lots", "lots"),
         ("--over range(3)", "the following arguments are required: --as"),
-        ("--over range(3) --as x --clone", "--clone is not available yet"),
     ]:
         content, _ = run(kc, f"%%fanout {line}\nx", timeout=60)
         assert content["status"] == "error", line
         assert expected in content["evalue"], (line, content["evalue"])
+
+
+def test_clone_workers_see_the_kernels_state_without_pickling_it(backend: Backend, kernel: Kernel) -> None:
+    _, kc = kernel
+    # A lock cannot be pickled: without --clone the cell is refused, with it the clones use their own copy.
+    run(kc, "import threading\nlock = threading.Lock()\nfactor = 7\nclass Model:\n    def __call__(self, v):\n"
+            "        return v * factor\nmodel = Model()")
+    cell = "%%fanout --over range(4) --as x --workers 2 --clone --out r\nwith lock:\n    y = model(x)\ny"
+    content, _ = run(kc, cell, timeout=180)
+    if backend.runtime != "gvisor":
+        assert content["status"] == "error" and "--clone needs a kernel under the gvisor runtime" in str(content)
+        return
+    assert content["status"] == "ok", content
+    assert value(kc, "r") == "[0, 7, 14, 21]"
+    content, _ = run(kc, cell.replace(" --clone", ""), timeout=60)
+    assert content["status"] == "error" and "refers to 'lock'" in content["evalue"]
+    deadline = time.monotonic() + 30  # the clones and their snapshot go with the job
+    while any(w.spec.env.get("SNAPKERNEL_AGENT_MODE") == "clone" for w in workers(backend)):
+        assert time.monotonic() < deadline, workers(backend)
+        time.sleep(0.2)
+    assert backend_call(backend, lambda c: c.list_snapshots()) == []
 
 
 def test_a_kernel_restart_leaves_no_workers(backend: Backend) -> None:

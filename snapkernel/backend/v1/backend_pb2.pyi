@@ -1468,6 +1468,8 @@ class MapRequest(_message.Message):
     END_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
     BLOB_FIELD_NUMBER: _builtins.int
+    CLONE_HELLO_FIELD_NUMBER: _builtins.int
+    CLONE_RESULTS_FIELD_NUMBER: _builtins.int
     function: _builtins.bytes
     """the cloudpickled function, when the backend asked for it"""
     end: _builtins.bool
@@ -1480,6 +1482,12 @@ class MapRequest(_message.Message):
     def items(self) -> Global___MapItems: ...
     @_builtins.property
     def blob(self) -> Global___BlobChunk: ...
+    @_builtins.property
+    def clone_hello(self) -> Global___WorkerHello:
+        """From a --clone worker: the kernel's clone, serving items on the stream its original opened."""
+
+    @_builtins.property
+    def clone_results(self) -> Global___WorkerResults: ...
     def __init__(
         self,
         *,
@@ -1489,12 +1497,14 @@ class MapRequest(_message.Message):
         end: _builtins.bool = ...,
         cancel: _builtins.bool = ...,
         blob: Global___BlobChunk | None = ...,
+        clone_hello: Global___WorkerHello | None = ...,
+        clone_results: Global___WorkerResults | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["blob", b"blob", "cancel", b"cancel", "end", b"end", "function", b"function", "items", b"items", "kind", b"kind", "start", b"start"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["blob", b"blob", "cancel", b"cancel", "clone_hello", b"clone_hello", "clone_results", b"clone_results", "end", b"end", "function", b"function", "items", b"items", "kind", b"kind", "start", b"start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob", b"blob", "cancel", b"cancel", "end", b"end", "function", b"function", "items", b"items", "kind", b"kind", "start", b"start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob", b"blob", "cancel", b"cancel", "clone_hello", b"clone_hello", "clone_results", b"clone_results", "end", b"end", "function", b"function", "items", b"items", "kind", b"kind", "start", b"start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["start", "function", "items", "end", "cancel", "blob"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["start", "function", "items", "end", "cancel", "blob", "clone_hello", "clone_results"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -1581,6 +1591,10 @@ class MapResponse(_message.Message):
     RESULTS_FIELD_NUMBER: _builtins.int
     DONE_FIELD_NUMBER: _builtins.int
     BLOB_FIELD_NUMBER: _builtins.int
+    BECOME_WORKER_FIELD_NUMBER: _builtins.int
+    CLONE_TASKS_FIELD_NUMBER: _builtins.int
+    become_worker: _builtins.bool
+    """To a --clone worker: become a worker (answer with clone_hello), then run these items."""
     @_builtins.property
     def status(self) -> Global___MapStatus: ...
     @_builtins.property
@@ -1589,6 +1603,8 @@ class MapResponse(_message.Message):
     def done(self) -> Global___MapDone: ...
     @_builtins.property
     def blob(self) -> Global___BlobChunk: ...
+    @_builtins.property
+    def clone_tasks(self) -> Global___WorkerTasks: ...
     def __init__(
         self,
         *,
@@ -1596,12 +1612,14 @@ class MapResponse(_message.Message):
         results: Global___MapResults | None = ...,
         done: Global___MapDone | None = ...,
         blob: Global___BlobChunk | None = ...,
+        become_worker: _builtins.bool = ...,
+        clone_tasks: Global___WorkerTasks | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["blob", b"blob", "done", b"done", "kind", b"kind", "results", b"results", "status", b"status"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["become_worker", b"become_worker", "blob", b"blob", "clone_tasks", b"clone_tasks", "done", b"done", "kind", b"kind", "results", b"results", "status", b"status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob", b"blob", "done", b"done", "kind", b"kind", "results", b"results", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["become_worker", b"become_worker", "blob", b"blob", "clone_tasks", b"clone_tasks", "done", b"done", "kind", b"kind", "results", b"results", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["status", "results", "done", "blob"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["status", "results", "done", "blob", "become_worker", "clone_tasks"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
