@@ -19,6 +19,7 @@ table and writes JSON (default `bench/results/fanout.json`).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import multiprocessing
 import os
@@ -63,7 +64,9 @@ def measure(run: Callable[[Callable[[int], int], list[int]], Iterator[Any]], fn:
     return {"total_s": total, "first_s": first}
 
 
-def snapkernel_runner(runtime: str, state: Path) -> tuple[Callable[..., Iterator[Any]], Callable[[], None]]:
+def snapkernel_runner(runtime: str, state: Path, n_tiny: int,
+                      n_slow: int) -> tuple[Callable[..., Iterator[Any]], Callable[[], None]]:
+    """The backend, and maps from this process (its gRPC path); `stop` first measures from a kernel too."""
     sock = state / "backend.sock"
     log = open(state / "backend.log", "wb")  # noqa: SIM115 - open for the backend's life
     proc = subprocess.Popen([sys.executable, "-m", "snapkernel.cli", "backend", "--listen", f"unix://{sock}",
@@ -84,11 +87,17 @@ def snapkernel_runner(runtime: str, state: Path) -> tuple[Callable[..., Iterator
         return (value for _, value in call.run(calls))
 
     def stop() -> None:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
+        try:
+            KERNEL_ROWS.append(bench_in_kernel(runtime, n_tiny, n_slow))
+        finally:
+            proc.terminate()
+            proc.wait(30)
+            log.close()
 
     return run, stop
+
+
+KERNEL_ROWS: list[dict[str, Any]] = []  # the kernel's row, measured while snapkernel's backend runs
 
 
 def ipyparallel_runner() -> tuple[Callable[..., Iterator[Any]], Callable[[], None]]:
@@ -121,6 +130,69 @@ def pool_runner() -> tuple[Callable[..., Iterator[Any]], Callable[[], None]]:
         pool.join()
 
     return run, stop
+
+
+KERNEL_RUN = '''
+from snapkernel.fanout.capture import pack
+from snapkernel.fanout.client import MapCall, Options
+
+def run(fn, items):
+    calls = [(x, (x,), {}) for x in items]
+    call = MapCall(pack(fn), Options(workers=WORKERS, progress=False), len(calls), "bench")
+    return (value for _, value in call.run(calls))
+
+measure(run, tiny, list(range(WORKERS * 4)))
+measure(run, slow, list(range(WORKERS)))
+row = {}
+t = measure(run, tiny, list(range(N_TINY)))
+row.update(tiny_per_s=N_TINY / t["total_s"], tiny_first_ms=t["first_s"] * 1000)
+s = measure(run, slow, list(range(N_SLOW)))
+row.update(slow_total_s=s["total_s"], slow_first_ms=s["first_s"] * 1000,
+           slow_overhead_ms=(s["total_s"] - N_SLOW * SLOW_SECONDS / WORKERS) / N_SLOW * 1000)
+print(json.dumps(row))
+'''
+
+
+def bench_in_kernel(runtime: str, n_tiny: int, n_slow: int) -> dict[str, Any]:
+    """The same maps from inside a snapkernel kernel: through its agent's relay, as a notebook's fan-out goes."""
+    from jupyter_client.manager import KernelManager
+
+    from snapkernel.kernel_provisioner.kernelspec import install
+
+    row: dict[str, Any] = {"system": f"snapkernel ({runtime}) from a kernel"}
+    with tempfile.TemporaryDirectory(prefix="snapkernel-bench-specs-") as prefix:
+        install({}, prefix=prefix)
+        os.environ["JUPYTER_PATH"] = str(Path(prefix) / "share" / "jupyter")
+        km = KernelManager(kernel_name="snapkernel-python")
+        km.start_kernel()
+        kc = km.client()
+        kc.start_channels()
+        try:
+            kc.wait_for_ready(timeout=120)
+            code = "\n".join([
+                "import json, time\nfrom typing import Any, Callable, Iterator",
+                inspect.getsource(tiny), inspect.getsource(slow),
+                inspect.getsource(measure).replace("fn is tiny", "fn.__name__ == 'tiny'"),
+                f"WORKERS, N_TINY, N_SLOW, SLOW_SECONDS = {WORKERS}, {n_tiny}, {n_slow}, {SLOW_SECONDS}",
+                KERNEL_RUN])
+            out: list[str] = []
+
+            def hook(msg: dict[str, Any]) -> None:
+                if msg["msg_type"] == "stream":
+                    out.append(msg["content"]["text"])
+                elif msg["msg_type"] == "error":
+                    out.append(f"ERROR {msg['content']['ename']}: {msg['content']['evalue']}")
+
+            kc.execute_interactive(code, timeout=600, output_hook=hook)
+            text = "".join(out).strip()
+            try:
+                row.update(json.loads(text.splitlines()[-1]))
+            except (ValueError, IndexError):
+                row["error"] = text[-300:] or "no output"
+        finally:
+            kc.stop_channels()
+            km.shutdown_kernel(now=True)
+    return row
 
 
 def bench(name: str, make: Callable[[], tuple[Callable[..., Iterator[Any]], Callable[[], None]]],
@@ -157,11 +229,12 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="snapkernel-bench-fanout-") as tmp:
         rows = [
-            bench(f"snapkernel ({args.runtime})", lambda: snapkernel_runner(args.runtime, Path(tmp)), args.tiny,
-                  args.slow),
+            bench(f"snapkernel ({args.runtime})", lambda: snapkernel_runner(args.runtime, Path(tmp), args.tiny,
+                                                                            args.slow), args.tiny, args.slow),
             bench("ipyparallel", ipyparallel_runner, args.tiny, args.slow),
             bench("multiprocessing.Pool", pool_runner, args.tiny, args.slow),
         ]
+        rows[1:1] = KERNEL_ROWS
     peer = next((r for r in rows if r["system"] == "ipyparallel" and "tiny_per_s" in r), None)
     for r in rows:
         if peer and "tiny_per_s" in r:

@@ -18,7 +18,7 @@ from jupyter_client.manager import KernelManager
 
 from snapkernel.backend.v1 import backend_pb2 as pb
 from snapkernel.backend.workers import is_worker
-from tests.conftest import Backend
+from tests.conftest import Backend, sandbox_processes
 from tests.kernel_provisioner.kernel_helpers import reply_to, run, running_kernel, value
 from tests.snapshots.test_memory import backend_call
 
@@ -255,3 +255,27 @@ def test_a_version_mismatch_is_refused_with_both_versions(backend: Backend, monk
         one.map([1])
     assert "python 2.7.18" in str(e.value) and "cloudpickle 0.1" in str(e.value)
     assert "python 3." in str(e.value)
+
+
+def test_workers_left_by_a_killed_backend_are_stopped_by_the_next(own_backend: Backend) -> None:
+    from snapkernel.fanout import remote
+
+    @remote(workers=2, progress=False)
+    def pid(_: int) -> int:
+        import os
+        import time
+
+        time.sleep(0.5)
+        return os.getpid()
+
+    assert len(pid.map(range(4))) == 4
+    left = workers(own_backend)
+    assert len(left) == 2
+    own_backend.stop(signal.SIGKILL)  # no chance to stop them itself
+    assert all(sandbox_processes(w.id) for w in left)
+    own_backend.start()
+    assert workers(own_backend) == []
+    deadline = time.monotonic() + 15
+    while any(sandbox_processes(w.id) for w in left) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(sandbox_processes(w.id) for w in left)
