@@ -84,6 +84,7 @@ class Job:
         self.owner = owner
         self.start: pb.MapStart | None = None
         self.function: str = ""
+        self.function_data = b""  # kept here: the backend's cache may drop it while the job runs
         self.queue: deque[pb.MapItem] = deque()
         self.attempts: dict[int, int] = {}
         self.died_on: set[int] = set()       # items whose worker died under them (retried once)
@@ -142,10 +143,13 @@ class Job:
             raise InvalidSpecError(f"function hash {start.function_hash!r} is not a sha256 hex digest")
         self.start = start
         self.function = start.function_hash
+        if start.timeout > 0:
+            self.fm.spawn(self._watchdog(start.timeout))
         if start.clone:
             await self._start_clones()
         elif self.function in self.fm.functions:
             self.fm.functions.move_to_end(self.function)
+            self.function_data = self.fm.functions[self.function]
             await self._start_workers()
         else:
             self.send(pb.MapResponse(status=pb.MapStatus(need_function=True)))
@@ -157,6 +161,7 @@ class Job:
         if len(data) > MAX_FUNCTION:
             raise InvalidSpecError(f"the function is {len(data)} bytes, over the {MAX_FUNCTION} byte limit")
         self.fm.remember(digest, data)
+        self.function_data = data
         await self._start_workers()
 
     async def _on_blob(self, chunk: pb.BlobChunk) -> None:
@@ -194,7 +199,7 @@ class Job:
         spec.CopyFrom(self.owner.record.spec)
         spec.restore_from = self.clone_snapshot
         spec.hibernate_after = 0
-        spec.env[MODE_ENV] = "clone"  # never leased to another job; `is_worker` does not match it
+        spec.env[MODE_ENV] = "clone"  # listed as a worker; never leased to another job
         workers, shortfall = await self.fm.pools.lease(self.owner, spec, count, self, clone_stream=self.stream)
         self.workers += workers
         self._status(shortfall or f"{len(self.workers)} clone(s) of the kernel starting")
@@ -232,8 +237,6 @@ class Job:
         for w in self.workers:
             if w.ready:
                 self.on_worker_ready(w)
-        if self.start.timeout > 0:
-            self.fm.spawn(self._watchdog(self.start.timeout))
 
     async def _watchdog(self, timeout: float) -> None:
         """A worker silent long past an item's timeout runs code that ignores the timeout's signal: the item
@@ -295,7 +298,7 @@ class Job:
         assert self.start is not None
         if self.function not in w.functions and not w.clone_stream:  # a clone has the cell in its kernel
             w.send(self.fm.manager, pb.AgentMessage(
-                worker_function=pb.WorkerFunction(hash=self.function, data=self.fm.functions[self.function])))
+                worker_function=pb.WorkerFunction(hash=self.function, data=self.function_data)))
             w.functions.add(self.function)
         for item in items:
             if item.blob:
@@ -320,12 +323,14 @@ class Job:
             os.close(d)
 
     def on_results(self, w: Worker, msg: pb.WorkerResults) -> None:
+        if msg.job != self.id:
+            return
         if msg.cancelled:
             w.cancelling = False
             self.fm.pools.release(w)
             self._maybe_done()
             return
-        if msg.job != self.id or self.cancelled:
+        if self.cancelled:
             return
         now = time.monotonic()
         if msg.results and w.mark:

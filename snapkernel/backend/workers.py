@@ -71,7 +71,6 @@ class WorkerPools:
         self._tasks: set[asyncio.Task[None]] = set()
         manager.handlers["worker_hello"] = self._on_hello
         manager.handlers["worker_results"] = self._on_results
-        self.on_gone: Callable[[Worker], None] = lambda w: None
         self.on_owner_gone: Callable[[str], None] = lambda owner: None
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -158,14 +157,18 @@ class WorkerPools:
         sb = self.manager.get(w.sandbox_id)
         queue: asyncio.Queue[pb.SandboxEvent | None] = asyncio.Queue()
         sb.watchers.add(queue)
+        event: pb.SandboxEvent | None = pb.SandboxEvent(sandbox=sb.record.to_pb())  # its state now, then changes
+        told = False
         try:
-            while (event := await queue.get()) is not None and event.sandbox.state not in ENDED:
-                if w.clone_stream and event.sandbox.state == pb.RUNNING and w.hello is None:
+            while event is not None and event.sandbox.state not in ENDED:
+                if w.clone_stream and event.sandbox.state == pb.RUNNING and not told:
                     # The restored kernel is inside its %%fanout cell, reading this stream: make it a worker.
+                    told = True
                     data = pb.MapResponse(become_worker=True).SerializeToString()
                     with contextlib.suppress(SnapkernelError):
                         self.manager.send_to_agent(sb, pb.AgentMessage(
                             fanout=pb.FanoutFrame(stream=w.clone_stream, data=data)))
+                event = await queue.get()
         finally:
             sb.watchers.discard(queue)
         why = (event.sandbox.message if event is not None else "") or "its sandbox was deleted"
@@ -204,7 +207,10 @@ class WorkerPools:
             now = time.monotonic()
             for w in list(self.workers.values()):
                 if w.job is None and not w.cancelling and now - w.idle_since > self.idle_timeout:
-                    await self.kill(w, f"idle for {self.idle_timeout:g}s")
+                    try:
+                        await self.kill(w, f"idle for {self.idle_timeout:g}s")
+                    except Exception:  # the reaper must outlive one bad stop
+                        log.exception("sandbox_id=%s could not stop an idle worker", w.sandbox_id)
 
     async def remove_leftovers(self) -> None:
         """Workers of a previous backend have no job and no pool any more: stop them."""

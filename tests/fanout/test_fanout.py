@@ -7,9 +7,12 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -279,3 +282,49 @@ def test_workers_left_by_a_killed_backend_are_stopped_by_the_next(own_backend: B
     while any(sandbox_processes(w.id) for w in left) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(sandbox_processes(w.id) for w in left)
+
+
+class IdleBackend(Backend):
+    """A backend whose warm workers are stopped after 2 idle seconds."""
+
+    def start(self) -> None:
+        sock = self.state_dir / "backend.sock"
+        self.log = open(self.state_dir / "backend.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "snapkernel.cli", "backend", "--listen", self.address,
+             "--state-dir", str(self.state_dir), "--runtime", self.runtime, "--BackendApp.fanout_idle_timeout=2"],
+            stdout=self.log, stderr=self.log)
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.read_log()
+            time.sleep(0.02)
+        self.token = (self.state_dir / "token").read_text().strip()
+
+
+def test_idle_workers_are_reaped_and_busy_ones_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from snapkernel.fanout import remote
+
+    b = IdleBackend(tmp_path)
+    b.start()
+    for k, v in b.env().items():
+        monkeypatch.setenv(k, v)
+    try:
+        @remote(workers=1, progress=False)
+        def nap(s: float) -> float:
+            import time
+
+            time.sleep(s)
+            return s
+
+        assert nap.map([4.0]) == [4.0]  # busy for longer than the idle timeout: kept
+        (warm,) = workers(b)
+        assert nap.map([0.0]) == [0.0]
+        assert [w.id for w in workers(b)] == [warm.id]  # the warm one served again
+        deadline = time.monotonic() + 15
+        while workers(b) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert workers(b) == []
+        assert not sandbox_processes(warm.id)
+    finally:
+        b.stop()
+        b.report()
