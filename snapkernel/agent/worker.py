@@ -11,6 +11,8 @@ The user's code may print: fd 1 is pointed at the sandbox log, and frames go to 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import linecache
 import logging
 import os
@@ -36,6 +38,7 @@ FLUSH_SECONDS = 0.01  # ...or this long after the last send, and when the batch 
 MAX_FUNCTIONS = 16    # functions kept by hash (re-running a cell ships nothing)
 BLOB_DIR = ".snapkernel-blobs"  # in the worker's workspace: large payloads as files
 BLOB_THRESHOLD = 4 * 1024 * 1024
+MAX_OUTPUT = 64 * 1024  # characters an item may print that are sent back
 
 
 def read_blob(name: str) -> bytes:
@@ -63,18 +66,29 @@ def load_function(data: bytes) -> Callable[..., Any]:
     return fn  # type: ignore[no-any-return]
 
 
-def run_one(fn: Callable[..., Any], data: bytes) -> tuple[bool, bytes, str]:
-    """Call fn on one pickled (args, kwargs); (ok, pickled value or exception, traceback text)."""
+def run_one(fn: Callable[..., Any], data: bytes, index: int = 0) -> pb.MapResult:
+    """Call fn on one pickled (args, kwargs): its pickled value, or its pickled exception and traceback, and
+    what it printed."""
+    printed = io.StringIO()
     try:
-        args, kwargs = cloudpickle.loads(data)
-        value = fn(*args, **kwargs)
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+            args, kwargs = cloudpickle.loads(data)
+            value = fn(*args, **kwargs)
     except Exception as e:
-        return False, pickled_exception(e), format_remote(e)
+        return pb.MapResult(index=index, ok=False, data=pickled_exception(e), error=format_remote(e),
+                            output=_cut(printed.getvalue()))
     try:
-        return True, bytes(cloudpickle.dumps(value)), ""
+        return pb.MapResult(index=index, ok=True, data=cloudpickle.dumps(value), output=_cut(printed.getvalue()))
     except Exception as e:
         err = TypeError(f"the result ({type(value).__name__}) cannot be pickled to send it back: {e}")
-        return False, pickled_exception(err), format_remote(err)
+        return pb.MapResult(index=index, ok=False, data=pickled_exception(err), error=format_remote(err),
+                            output=_cut(printed.getvalue()))
+
+
+def _cut(text: str) -> str:
+    if len(text) <= MAX_OUTPUT:
+        return text
+    return text[:MAX_OUTPUT] + f"\n[... {len(text) - MAX_OUTPUT} more characters of output dropped]\n"
 
 
 def pickled_exception(e: BaseException) -> bytes:
@@ -195,8 +209,7 @@ class Worker:
         except Exception as e:
             err = RuntimeError(f"the function could not be loaded on worker {self.sandbox_id}: {e}")
             for item in task.items:
-                out.results.add(index=item.index, ok=False, error=format_remote(err), worker=self.sandbox_id,
-                                data=pickled_exception(err))
+                out.results.add(index=item.index, ok=False, error=format_remote(err), data=pickled_exception(err))
             self.send(pb.AgentMessage(worker_results=out))
             return
         last_send = time.monotonic()
@@ -208,18 +221,17 @@ class Worker:
                 self.in_item = True
                 if task.timeout > 0:
                     signal.setitimer(signal.ITIMER_REAL, task.timeout)
-                ok, value, error = run_one(fn, data)
+                result = run_one(fn, data, item.index)
             except _Cancelled:
                 return
             finally:
                 self.in_item = False
                 if task.timeout > 0:
                     signal.setitimer(signal.ITIMER_REAL, 0)
-            result = out.results.add(index=item.index, ok=ok, error=error, worker=self.sandbox_id)
-            if len(value) > BLOB_THRESHOLD:
-                result.blob = self.write_blob(f"r{task.job}-{item.index}", value)
-            else:
-                result.data = value
+            if len(result.data) > BLOB_THRESHOLD:
+                result.blob = self.write_blob(f"r{task.job}-{item.index}", result.data)
+                result.data = b""
+            out.results.append(result)
             now = time.monotonic()
             if len(out.results) >= FLUSH_ITEMS or now - last_send > FLUSH_SECONDS:
                 self.send(pb.AgentMessage(worker_results=out))

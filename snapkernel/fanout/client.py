@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any
 import cloudpickle
 
 from snapkernel.backend.v1 import backend_pb2 as pb
-from snapkernel.errors import FanoutError, RemoteError
+from snapkernel.errors import FanoutError, InvalidSpecError, RemoteError
 from snapkernel.fanout.capture import Payload, versions
 from snapkernel.fanout.progress import Progress
 from snapkernel.fanout.transport import Transport, connect
@@ -69,6 +70,11 @@ class Stats:
 LAST = [Stats()]  # LAST[0]: the stats of the last job started in this process
 
 
+def _short(item: Any) -> str:
+    text = repr(item)
+    return text[:200] + ("..." if len(text) > 200 else "")
+
+
 def remote_exception(result: pb.MapResult, item: Any) -> BaseException:
     """The exception a remote call raised, with its remote traceback as cause and the failing input named."""
     exc: BaseException | None = None
@@ -81,8 +87,7 @@ def remote_exception(result: pb.MapResult, item: Any) -> BaseException:
         last = result.error.strip().splitlines()[-1] if result.error.strip() else "remote error"
         exc = RemoteError(last)
     exc.__cause__ = RemoteTraceback(result.error or "(no traceback)")
-    text = repr(item)
-    note = (f"fan-out item {result.index} (input {text[:200]}{'...' if len(text) > 200 else ''}) failed on worker "
+    note = (f"fan-out item {result.index} (input {_short(item)}) failed on worker "
             f"{result.worker or '?'} after {result.attempts or 1} attempt(s)")
     if hasattr(exc, "add_note"):
         exc.add_note(note)
@@ -158,6 +163,8 @@ class MapCall:
                     for r in resp.results.results:
                         answered += 1
                         item = self.inputs.pop(r.index, None)
+                        if r.output:  # what the call printed, shown here as it arrives
+                            sys.stdout.write(r.output)
                         value = self._value(r, item)
                         progress.add(ok=r.ok)
                         if not r.ok and not self.options.return_exceptions:
@@ -196,7 +203,10 @@ class MapCall:
     def _send_items(self, transport: Transport, batch: list[tuple[int, Call]]) -> None:
         items = []
         for index, (item, args, kwargs) in batch:
-            data = cloudpickle.dumps((args, kwargs))
+            try:
+                data = cloudpickle.dumps((args, kwargs))
+            except Exception as e:
+                raise InvalidSpecError(f"item {index} ({_short(item)}) cannot be sent to workers: {e}") from e
             self.inputs[index] = item
             if len(data) > BLOB_THRESHOLD:
                 name = f"i{index}"
@@ -213,7 +223,11 @@ class MapCall:
         if not r.ok:
             return remote_exception(pb.MapResult(index=r.index, data=data, error=r.error, worker=r.worker,
                                                  attempts=r.attempts), item)
-        return cloudpickle.loads(data)
+        try:
+            return cloudpickle.loads(data)
+        except Exception as e:
+            raise FanoutError(f"the result of item {r.index} ({_short(item)}) cannot be unpickled here: "
+                              f"{type(e).__name__}: {e}") from e
 
     @staticmethod
     def _serve_as_clone(transport: Transport, fn: Callable[..., Any]) -> None:
@@ -230,8 +244,7 @@ class MapCall:
             tasks = resp.clone_tasks
             out = pb.WorkerResults(job=tasks.job)
             for item in tasks.items:
-                ok, value, error = run_one(fn, read_blob(item.blob) if item.blob else item.data)
-                out.results.add(index=item.index, ok=ok, data=value, error=error)
+                out.results.append(run_one(fn, read_blob(item.blob) if item.blob else item.data, item.index))
             transport.send(pb.MapRequest(clone_results=out))
 
     def _cancel(self, transport: Transport) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
-from snapkernel.errors import SnapkernelError
+from snapkernel.errors import RemoteError, SnapkernelError
 
 REQUEST_MSG_TYPE = "snapkernel_request"
 
@@ -105,7 +105,12 @@ class SnapKernelMagics(Magics):  # type: ignore[misc]
         except SnapkernelError as e:
             raise UsageError(f"%%fanout: {e}") from e
         call = MapCall(payload, options, len(items), "fanout", local_fn)
-        results = [value for _, value in call.run((item, (item,), {}) for item in items)]
+        try:
+            results = [value for _, value in call.run((item, (item,), {}) for item in items)]
+        except RemoteError:
+            raise  # the user's own failure: its remote traceback is the point
+        except SnapkernelError as e:  # the job's (workers could not start, ...): no traceback to read
+            raise UsageError(f"%%fanout: {e}") from e
         if args.out:
             shell.user_ns[args.out] = results
             return None

@@ -15,9 +15,9 @@ from snapkernel.jupyter_ext.magics import _flag_words
 
 
 def call(payload_data: bytes, *args: object) -> object:
-    ok, value, error = run_one(load_function(payload_data), cloudpickle.dumps((args, {})))
-    assert ok, error
-    return cloudpickle.loads(value)
+    r = run_one(load_function(payload_data), cloudpickle.dumps((args, {})))
+    assert r.ok, r.error
+    return cloudpickle.loads(r.data)
 
 
 def test_a_cell_captures_what_it_refers_to_and_returns_its_last_expression() -> None:
@@ -39,8 +39,8 @@ def test_the_digest_follows_the_cell_and_its_values() -> None:
 
 def test_a_remote_traceback_quotes_the_cell() -> None:
     payload = cell_function("z = x - 3\n1 / z", "x", {})
-    ok, _, error = run_one(load_function(payload.data), cloudpickle.dumps(((3,), {})))
-    assert not ok and "line 2" in error and "1 / z" in error and "ZeroDivisionError" in error
+    r = run_one(load_function(payload.data), cloudpickle.dumps(((3,), {})))
+    assert not r.ok and "line 2" in r.error and "1 / z" in r.error and "ZeroDivisionError" in r.error
 
 
 def test_large_captures_warn_and_huge_ones_are_refused_naming_them() -> None:

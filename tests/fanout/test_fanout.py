@@ -71,6 +71,9 @@ def test_a_helper_and_a_lambda_of_the_notebook_are_captured(kernel: Kernel) -> N
                      timeout=60)
     assert content["status"] == "ok", content
     assert value(kc, "r") == "[11, 14, 19]"
+    content, outputs = run(kc, "%%fanout --over [1, 2] --as x --workers 2\nprint('hello', x)\nx", timeout=60)
+    printed = "".join(m["content"]["text"] for m in outputs if m["msg_type"] == "stream")
+    assert "hello 1\n" in printed and "hello 2\n" in printed, outputs  # workers' prints reach the cell
     run(kc, "from snapkernel import remote\n@remote(workers=2)\ndef f(v, k=1):\n    return helper(square(v)) * k")
     assert value(kc, "f.map([1, 2, 3])", timeout=60) == "[11, 14, 19]"
     assert value(kc, "f.remote(3, k=2)", timeout=60) == "38"

@@ -1401,6 +1401,7 @@ class MapResult(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     WORKER_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     ok: _builtins.bool
     data: _builtins.bytes
@@ -1412,6 +1413,8 @@ class MapResult(_message.Message):
     worker: _builtins.str
     """sandbox id of the worker that ran it"""
     attempts: _builtins.int
+    output: _builtins.str
+    """what the call printed (stdout and stderr, Python-level), shown by the caller"""
     def __init__(
         self,
         *,
@@ -1422,10 +1425,11 @@ class MapResult(_message.Message):
         error: _builtins.str = ...,
         worker: _builtins.str = ...,
         attempts: _builtins.int = ...,
+        output: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "blob", b"blob", "data", b"data", "error", b"error", "index", b"index", "ok", b"ok", "worker", b"worker"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "blob", b"blob", "data", b"data", "error", b"error", "index", b"index", "ok", b"ok", "output", b"output", "worker", b"worker"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
