@@ -41,13 +41,31 @@ BLOB_THRESHOLD = 4 * 1024 * 1024
 MAX_OUTPUT = 64 * 1024  # characters an item may print that are sent back
 
 
+def blob_path(name: str) -> str:
+    """Where large payloads lie as files: the sandbox's workspace (HOME), which the backend reaches too."""
+    return os.path.join(os.environ.get("HOME", "."), BLOB_DIR, os.path.basename(name))
+
+
 def read_blob(name: str) -> bytes:
-    """An item's payload the backend left as a file in this sandbox's workspace (removed once read)."""
-    path = os.path.join(os.environ.get("HOME", "."), BLOB_DIR, os.path.basename(name))
+    """An item's payload the backend left as a file (removed once read)."""
+    path = blob_path(name)
     with open(path, "rb") as f:
         data = f.read()
     os.unlink(path)
     return data
+
+
+def spill(result: pb.MapResult, job: int) -> pb.MapResult:
+    """A result too large for a message is left as a file for the backend to take."""
+    if len(result.data) > BLOB_THRESHOLD:
+        result.blob = f"r{job}-{result.index}"
+        path = blob_path(result.blob)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "wb") as f:
+            f.write(result.data)
+        os.replace(path + ".tmp", path)
+        result.data = b""
+    return result
 
 
 class ItemTimeout(TimeoutError):
@@ -122,7 +140,6 @@ class Worker:
         self.timeout = 0.0
         self.running = True
         self.sandbox_id = os.environ.get("SNAPKERNEL_SANDBOX_ID", "")
-        self.blob_dir = os.path.join(os.environ.get("HOME", "."), BLOB_DIR)
 
     # --- the link -------------------------------------------------------------------------------
     def send(self, msg: pb.AgentMessage) -> None:
@@ -228,10 +245,7 @@ class Worker:
                 self.in_item = False
                 if task.timeout > 0:
                     signal.setitimer(signal.ITIMER_REAL, 0)
-            if len(result.data) > BLOB_THRESHOLD:
-                result.blob = self.write_blob(f"r{task.job}-{item.index}", result.data)
-                result.data = b""
-            out.results.append(result)
+            out.results.append(spill(result, task.job))
             now = time.monotonic()
             if len(out.results) >= FLUSH_ITEMS or now - last_send > FLUSH_SECONDS:
                 self.send(pb.AgentMessage(worker_results=out))
@@ -239,15 +253,6 @@ class Worker:
                 last_send = now
         if out.results and task.job not in self.cancelled:
             self.send(pb.AgentMessage(worker_results=out))
-
-
-    def write_blob(self, name: str, data: bytes) -> str:
-        os.makedirs(self.blob_dir, exist_ok=True)
-        tmp = os.path.join(self.blob_dir, name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, os.path.join(self.blob_dir, name))
-        return name
 
 
 def main() -> int:

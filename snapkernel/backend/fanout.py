@@ -167,7 +167,10 @@ class Job:
     async def _on_blob(self, chunk: pb.BlobChunk) -> None:
         if not _BLOB_NAME.match(chunk.name):
             raise InvalidSpecError(f"blob name {chunk.name!r} is not accepted: use 1-64 letters, digits, - or _")
-        self.blobs.setdefault(chunk.name, []).append(chunk.data)
+        parts = self.blobs.setdefault(chunk.name, [])
+        parts.append(chunk.data)
+        if sum(map(len, parts)) > MAX_BLOB:
+            raise InvalidSpecError(f"blob {chunk.name!r} is over the {MAX_BLOB} byte limit of one payload")
         if chunk.last:
             data = b"".join(self.blobs.pop(chunk.name))
             self.blob_dir.mkdir(parents=True, exist_ok=True)
@@ -543,6 +546,9 @@ class FanoutManager:
                 await job.on_request(req)
             except SnapkernelError as e:
                 job.fail(str(e))
+            except Exception as e:  # a bug here must cost one job, not the daemon
+                log.exception("job=%s failed on a %s request", job.id, req.WhichOneof("kind"))
+                job.fail(f"internal error in the backend: {type(e).__name__}: {e}")
 
     # --- jobs relayed by a kernel's agent -------------------------------------------------------
     def _on_agent_frame(self, sb: LiveSandbox, msg: pb.AgentMessage) -> None:

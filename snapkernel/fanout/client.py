@@ -24,7 +24,8 @@ from snapkernel.fanout.transport import Transport, connect
 
 Call = tuple[Any, tuple[Any, ...], dict[str, Any]]  # (the item as the user gave it, args, kwargs)
 BATCH = 256                      # items per message
-WINDOW = 8192                    # items sent and not yet answered
+WINDOW = 8192                    # items sent and not yet answered...
+WINDOW_BYTES = 256 * 1024 * 1024  # ...and their bytes
 BLOB_THRESHOLD = 4 * 1024 * 1024  # larger payloads go through the blob path
 CHUNK = 1024 * 1024
 CANCEL_WAIT = 2.5                 # seconds to wait for the backend to confirm a cancel
@@ -67,7 +68,12 @@ class Stats:
     messages: list[str] = field(default_factory=list)
 
 
-LAST = [Stats()]  # LAST[0]: the stats of the last job started in this process
+_LAST = [Stats()]
+
+
+def last_stats() -> Stats:
+    """What the last job started in this process did (function bytes sent, timings)."""
+    return _LAST[0]
 
 
 def _short(item: Any) -> str:
@@ -102,7 +108,8 @@ class MapCall:
         self.options = options
         self.total = total
         self.label = label
-        self.inputs: dict[int, Any] = {}  # the items on their way, for naming a failing one
+        self.inputs: dict[int, tuple[Any, int]] = {}  # the items on their way: (item, its size)
+        self.in_flight_bytes = 0
         self.blobs: dict[str, list[bytes]] = {}
         self.stats = Stats()
 
@@ -116,7 +123,7 @@ class MapCall:
 
     def run(self, calls: Iterable[Call]) -> Iterator[tuple[int, Any]]:
         """Yield (index, value or exception) for each (item, args, kwargs) of `calls`."""
-        LAST[0] = self.stats
+        _LAST[0] = self.stats
         started = time.monotonic()
         transport = connect()
         progress = Progress(self.label, self.total, enabled=self.options.progress)
@@ -129,7 +136,7 @@ class MapCall:
             sent = answered = 0
             exhausted = False
             while True:
-                while not exhausted and sent - answered < WINDOW:
+                while not exhausted and sent - answered < WINDOW and self.in_flight_bytes < WINDOW_BYTES:
                     batch = list(itertools.islice(source, BATCH))
                     if batch:
                         self._send_items(transport, batch)
@@ -162,7 +169,8 @@ class MapCall:
                         self.stats.first_result = time.monotonic() - started
                     for r in resp.results.results:
                         answered += 1
-                        item = self.inputs.pop(r.index, None)
+                        item, size = self.inputs.pop(r.index, (None, 0))
+                        self.in_flight_bytes -= size
                         if r.output:  # what the call printed, shown here as it arrives
                             sys.stdout.write(r.output)
                         value = self._value(r, item)
@@ -207,7 +215,8 @@ class MapCall:
                 data = cloudpickle.dumps((args, kwargs))
             except Exception as e:
                 raise InvalidSpecError(f"item {index} ({_short(item)}) cannot be sent to workers: {e}") from e
-            self.inputs[index] = item
+            self.inputs[index] = (item, len(data))
+            self.in_flight_bytes += len(data)
             if len(data) > BLOB_THRESHOLD:
                 name = f"i{index}"
                 for i in range(0, len(data), CHUNK):
@@ -232,7 +241,7 @@ class MapCall:
     @staticmethod
     def _serve_as_clone(transport: Transport, fn: Callable[..., Any]) -> None:
         """This kernel is a --clone of the one that runs the cell: serve items until the backend stops it."""
-        from snapkernel.agent.worker import read_blob, run_one
+        from snapkernel.agent.worker import read_blob, run_one, spill
 
         python, pickle_version = versions()
         transport.send(pb.MapRequest(clone_hello=pb.WorkerHello(python=python, cloudpickle=pickle_version,
@@ -244,7 +253,8 @@ class MapCall:
             tasks = resp.clone_tasks
             out = pb.WorkerResults(job=tasks.job)
             for item in tasks.items:
-                out.results.append(run_one(fn, read_blob(item.blob) if item.blob else item.data, item.index))
+                result = run_one(fn, read_blob(item.blob) if item.blob else item.data, item.index)
+                out.results.append(spill(result, tasks.job))
             transport.send(pb.MapRequest(clone_results=out))
 
     def _cancel(self, transport: Transport) -> None:

@@ -51,10 +51,10 @@ def test_1000_items_in_order_and_an_unchanged_cell_ships_nothing(backend: Backen
     content, _ = run(kc, cell, timeout=120)
     assert content["status"] == "ok", content
     assert value(kc, "res == [x * 2 for x in range(1000)]") == "True"
-    assert value(kc, "from snapkernel.fanout import client; client.LAST[0].function_sent > 0") == "True"
+    assert value(kc, "from snapkernel.fanout.client import last_stats; last_stats().function_sent > 0") == "True"
     content, _ = run(kc, cell, timeout=60)
     assert content["status"] == "ok", content
-    assert value(kc, "client.LAST[0].function_sent") == "0"  # the backend held it by its hash
+    assert value(kc, "last_stats().function_sent") == "0"  # the backend held it by its hash
     live = workers(backend)
     assert len(live) >= 2 and all(w.runtime == backend.runtime for w in live)
     content, outputs = run(kc, "%%fanout --over range(5) --as x --workers 2 --unordered\nx", timeout=60)
@@ -74,6 +74,10 @@ def test_a_helper_and_a_lambda_of_the_notebook_are_captured(kernel: Kernel) -> N
     content, outputs = run(kc, "%%fanout --over [1, 2] --as x --workers 2\nprint('hello', x)\nx", timeout=60)
     printed = "".join(m["content"]["text"] for m in outputs if m["msg_type"] == "stream")
     assert "hello 1\n" in printed and "hello 2\n" in printed, outputs  # workers' prints reach the cell
+    # Payloads over 4 MiB, both ways, through the agent's relay: the blob path.
+    content, _ = run(kc, "%%fanout --over [b'ab' * 3 * 2**20] --as x --workers 1 --out big\nx + x", timeout=120)
+    assert content["status"] == "ok", content
+    assert value(kc, "[len(big[0]), big[0][:4]]") == "[12582912, b'abab']"
     run(kc, "from snapkernel import remote\n@remote(workers=2)\ndef f(v, k=1):\n    return helper(square(v)) * k")
     assert value(kc, "f.map([1, 2, 3])", timeout=60) == "[11, 14, 19]"
     assert value(kc, "f.remote(3, k=2)", timeout=60) == "38"
@@ -133,6 +137,10 @@ def test_interrupt_cancels_the_rest_and_kills_workers_that_do_not_stop(backend: 
         elapsed = time.monotonic() - started
         assert reply["content"]["ename"] == "KeyboardInterrupt", reply["content"]
         assert elapsed < 4.0, f"cancel took {elapsed:.1f}s"
+    # ipykernel aborts requests that reach it just after an error; a frontend sends them again.
+    deadline = time.monotonic() + 10
+    while run(kc, "'alive'")[0]["status"] == "aborted" and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert value(kc, "'alive'") == "'alive'"
     content, _ = run(kc, "%%fanout --over range(4) --as x --workers 2 --out r\nx + 1", timeout=120)
     assert content["status"] == "ok", content  # the killed workers were replaced
