@@ -78,7 +78,7 @@ def snapshot_info(snap: Snapshot) -> pb.SnapshotInfo:
 
 class BackendService(pb_grpc.BackendServicer):
     def __init__(self, manager: SandboxManager, runtime_infos: Callable[[], list[RuntimeInfo]],
-                 default_runtime: str, restart_timeout: float = 60.0, fanout: FanoutManager | None = None) -> None:
+                 default_runtime: str, fanout: FanoutManager, restart_timeout: float = 60.0) -> None:
         self.manager = manager
         self.fanout = fanout
         self.runtime_infos = runtime_infos
@@ -213,15 +213,12 @@ class BackendService(pb_grpc.BackendServicer):
 
     async def Map(self, request_iterator: Any, context: Ctx) -> None:  # type: ignore[override]
         """A fan-out job of a caller outside any sandbox; the same `Job` as one relayed by a kernel's agent."""
-        if self.fanout is None:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "fan-out is not enabled on this backend")
-        assert self.fanout is not None
         outgoing: asyncio.Queue[pb.MapResponse] = asyncio.Queue()
         job = self.fanout.new_job(outgoing.put_nowait, owner=None)
 
         async def pump_in() -> None:
             while (req := await context.read()) is not _EOF:
-                await self.fanout.handle(job, req)  # type: ignore[union-attr]
+                await self.fanout.handle(job, req)
 
         reader = asyncio.create_task(pump_in())
         try:
