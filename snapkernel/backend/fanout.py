@@ -211,20 +211,16 @@ class Job:
         return workers
 
     def worker_spec(self) -> pb.SandboxSpec:
+        """The workers' resources as asked; everything else as the kernel's. A kernel holds no token, so its
+        code gets no say in the image, runtime, mounts or network; a gRPC caller (with the token) does."""
         assert self.start is not None
-        spec = pb.SandboxSpec()
-        spec.CopyFrom(self.start.spec)
-        if self.owner is not None:  # the kernel's runtime, image and directory
-            own = self.owner.record.spec
-            spec.runtime = spec.runtime or self.owner.record.runtime
-            spec.image = spec.image or own.image
-            spec.mount_dir = own.mount_dir
-            for k, v in own.env.items():
-                spec.env.setdefault(k, v)
-        spec.cpu = spec.cpu or 1.0
-        spec.network = False
-        spec.restore_from = ""
-        spec.hibernate_after = 0
+        asked = self.start.spec
+        spec = pb.SandboxSpec(gpu=asked.gpu, cpu=asked.cpu or 1.0, memory=asked.memory)
+        base = self.owner.record.spec if self.owner is not None else asked
+        spec.runtime = self.owner.record.runtime if self.owner is not None else asked.runtime
+        spec.image = base.image
+        spec.mount_dir = base.mount_dir
+        spec.env.update(base.env)
         spec.env[MODE_ENV] = "worker"
         return spec
 

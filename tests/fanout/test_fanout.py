@@ -165,6 +165,20 @@ def test_a_worker_killed_mid_run_is_replaced_and_its_items_retried(backend: Back
     assert victim.id not in [w.id for w in workers(backend)]
 
 
+def test_code_in_the_kernel_cannot_choose_the_workers_image_or_network(backend: Backend, kernel: Kernel) -> None:
+    _, kc = kernel
+    run(kc, "from snapkernel.fanout import client\nplain = client.MapCall.start_message\n"
+            "def forged(self):\n    m = plain(self)\n    m.start.spec.image = '/nonexistent'\n"
+            "    m.start.spec.network = True\n    return m\nclient.MapCall.start_message = forged")
+    try:
+        content, _ = run(kc, "%%fanout --over [1] --as x --workers 1 --out r\nx", timeout=60)
+        assert content["status"] == "ok", content
+        live = workers(backend)
+        assert live and all(w.spec.image == "" and not w.spec.network for w in live)  # the kernel's, not forged
+    finally:
+        run(kc, "client.MapCall.start_message = plain")
+
+
 def test_bad_flags_say_what_is_accepted(kernel: Kernel) -> None:
     _, kc = kernel
     for line, expected in [
