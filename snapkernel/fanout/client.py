@@ -124,6 +124,8 @@ class MapCall:
     def run(self, calls: Iterable[Call]) -> Iterator[tuple[int, Any]]:
         """Yield (index, value or exception) for each (item, args, kwargs) of `calls`."""
         _LAST[0] = self.stats
+        if self.total == 0:  # nothing to run: no worker needed
+            return
         started = time.monotonic()
         transport = connect()
         progress = Progress(self.label, self.total, enabled=self.options.progress)

@@ -57,6 +57,7 @@ def test_1000_items_in_order_and_an_unchanged_cell_ships_nothing(backend: Backen
     assert value(kc, "last_stats().function_sent") == "0"  # the backend held it by its hash
     live = workers(backend)
     assert len(live) >= 2 and all(w.runtime == backend.runtime for w in live)
+    assert value(kc, "%%fanout --over [] --as x\nx") == "[]"
     content, outputs = run(kc, "%%fanout --over range(5) --as x --workers 2 --unordered\nx", timeout=60)
     results = [m["content"]["data"]["text/plain"] for m in outputs if m["msg_type"] == "execute_result"]
     assert content["status"] == "ok" and sorted(eval(results[-1])) == [0, 1, 2, 3, 4]
