@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle
@@ -65,7 +65,6 @@ class Stats:
     first_result: float = 0.0  # seconds from start to the first result
     seconds: float = 0.0
     workers: int = 0
-    messages: list[str] = field(default_factory=list)
 
 
 _LAST = [Stats()]
@@ -160,8 +159,7 @@ class MapCall:
                     else:
                         progress.workers = (resp.status.workers_ready, resp.status.workers)
                         self.stats.workers = resp.status.workers
-                        if resp.status.message:
-                            self.stats.messages.append(resp.status.message)
+                        progress.status = resp.status.message or progress.status
                 elif kind == "become_worker" and self.local_fn is not None:
                     self._serve_as_clone(transport, self.local_fn)
                 elif kind == "blob":

@@ -29,6 +29,7 @@ class Progress:
         self.shown = 0.0
         self.handle: Any = None
         self.notes: list[str] = []
+        self.status = ""  # the backend's latest word: workers starting, one replaced, fewer than asked
         self.enabled = enabled and _ipython() is not None
 
     def add(self, ok: bool) -> None:
@@ -53,6 +54,8 @@ class Progress:
             parts.append(f"{self.failed} failed")
         if workers:
             parts.append(f"workers {ready}/{workers}")
+        if self.status:
+            parts.append(f"({self.status})")
         return "  ".join(parts) + "".join(f"\n{n}" for n in self.notes)
 
     def show(self, force: bool = False) -> None:
