@@ -270,6 +270,14 @@ def test_remote_from_a_plain_process_over_grpc(backend: Backend) -> None:
     assert results == [b"xx"]
 
 
+def test_fanout_magic_in_a_plain_kernel_goes_over_grpc(backend: Backend) -> None:
+    """`%load_ext snapkernel` in an ordinary ipykernel: the same magic, through the backend's Map call."""
+    with running_kernel("python3") as (_km, kc):
+        run(kc, "%load_ext snapkernel")
+        assert value(kc, "import os; 'SNAPKERNEL_FANOUT_SOCKET' in os.environ") == "False"
+        assert value(kc, "%%fanout --over range(3) --as x --workers 1\nx * 3", timeout=120) == "[0, 3, 6]"
+
+
 def test_a_version_mismatch_is_refused_with_both_versions(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
     from snapkernel.errors import FanoutError
     from snapkernel.fanout import client, remote
