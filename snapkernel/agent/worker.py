@@ -35,7 +35,7 @@ log = logging.getLogger("snapkernel.worker")
 
 FLUSH_ITEMS = 256     # results sent once this many are waiting...
 FLUSH_SECONDS = 0.01  # ...or this long after the last send, and when the batch is done
-MAX_FUNCTIONS = 16    # functions kept by hash (re-running a cell ships nothing)
+MAX_FUNCTIONS = 16    # functions kept by hash, the oldest received dropped first (the backend mirrors this)
 BLOB_DIR = ".snapkernel-blobs"  # in the worker's workspace: large payloads as files
 BLOB_THRESHOLD = 4 * 1024 * 1024
 MAX_OUTPUT = 64 * 1024  # characters an item may print that are sent back
@@ -132,8 +132,7 @@ class Worker:
         self.out_fd = out_fd
         self.write_lock = threading.Lock()
         self.tasks: queue.SimpleQueue[pb.WorkerTasks | int] = queue.SimpleQueue()  # int: a cancel marker
-        self.functions: dict[str, Callable[..., Any]] = {}
-        self.raw_functions: dict[str, bytes] = {}
+        self.functions: dict[str, Callable[..., Any] | bytes] = {}  # by hash, in the order received
         self.cancelled: set[int] = set()
         self.current_job = 0
         self.in_item = False
@@ -164,7 +163,9 @@ class Worker:
     def handle(self, msg: pb.AgentMessage) -> None:
         kind = msg.WhichOneof("kind")
         if kind == "worker_function":
-            self.raw_functions[msg.worker_function.hash] = msg.worker_function.data
+            self.functions[msg.worker_function.hash] = msg.worker_function.data  # unpickled on first use
+            while len(self.functions) > MAX_FUNCTIONS:
+                self.functions.pop(next(iter(self.functions)))
         elif kind == "worker_tasks":
             self.tasks.put(msg.worker_tasks)
         elif kind == "worker_cancel":
@@ -189,12 +190,9 @@ class Worker:
             raise ItemTimeout(f"the item ran past its timeout of {self.timeout:g}s")
 
     def function(self, digest: str) -> Callable[..., Any]:
-        fn = self.functions.get(digest)
-        if fn is None:
-            fn = load_function(self.raw_functions.pop(digest))
-            if len(self.functions) >= MAX_FUNCTIONS:
-                self.functions.pop(next(iter(self.functions)))
-            self.functions[digest] = fn
+        fn = self.functions[digest]
+        if isinstance(fn, bytes):
+            fn = self.functions[digest] = load_function(fn)
         return fn
 
     def run(self) -> int:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from snapkernel.agent.worker import BLOB_DIR, ItemTimeout, format_remote, pickled_exception
+from snapkernel.agent.worker import BLOB_DIR, MAX_FUNCTIONS, ItemTimeout, format_remote, pickled_exception
 from snapkernel.backend.sandboxes import LiveSandbox, SandboxManager
 from snapkernel.backend.v1 import backend_pb2 as pb
 from snapkernel.backend.workers import MODE_ENV, Worker, WorkerPools
@@ -298,7 +298,8 @@ class Job:
         if self.function not in w.functions and not w.clone_stream:  # a clone has the cell in its kernel
             w.send(self.fm.manager, pb.AgentMessage(
                 worker_function=pb.WorkerFunction(hash=self.function, data=self.function_data)))
-            w.functions.add(self.function)
+            w.functions.append(self.function)
+            del w.functions[:-MAX_FUNCTIONS]  # the worker drops the oldest the same way
         for item in items:
             if item.blob:
                 self._link_blob(w, item.blob)

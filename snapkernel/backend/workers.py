@@ -40,7 +40,7 @@ class Worker:
     pool_key: tuple[str, bytes]
     hello: pb.WorkerHello | None = None
     gone: str = ""                                # why it can serve no more ("" while alive)
-    functions: set[str] = field(default_factory=set)  # hashes it holds
+    functions: list[str] = field(default_factory=list)  # hashes it holds, as it keeps them (MAX_FUNCTIONS)
     job: Job | None = None
     inflight: dict[int, pb.MapItem] = field(default_factory=dict)
     cancelling: bool = False

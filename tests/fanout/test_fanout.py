@@ -263,6 +263,12 @@ def test_remote_from_a_plain_process_over_grpc(backend: Backend) -> None:
     out = grow.map([b"ab", big])
     assert out[0] == b"abab" and out[1] == big * 2
 
+    def adder(k: int) -> Any:
+        return remote(workers=1, progress=False)(lambda v: v + k)
+
+    # More functions than a warm worker keeps: the backend knows which ones it dropped and sends them again.
+    assert [adder(k).map([1])[0] for k in [*range(18), 0, 17]] == [1 + k for k in [*range(18), 0, 17]]
+
     results: list[Any] = []
     t = threading.Thread(target=lambda: results.append(grow.spawn(b"x").result(120)))
     t.start()
