@@ -38,7 +38,7 @@ MAX_FUNCTION = 64 * 1024 * 1024
 FUNCTION_CACHE = 512 * 1024 * 1024  # bytes of recent functions kept by hash
 BATCH_SECONDS = 0.02                # a batch for a worker holds about this much work
 MAX_BATCH = 256
-CANCEL_GRACE = 1.0                  # seconds a worker has to stop a cancelled item before it is killed
+CANCEL_GRACE = 0.75                 # seconds a worker has to stop a cancelled item before it is killed
 CHUNK = 1024 * 1024
 MAX_BLOB = 2 * 1024**3
 WATCHDOG_GRACE = 3.0                # seconds past an item's timeout before its worker is killed
@@ -465,9 +465,12 @@ class Job:
     async def _kill_if_stuck(self, w: Worker) -> None:
         await asyncio.sleep(CANCEL_GRACE)
         if w.cancelling:
+            # The job is done with it now; stopping its sandbox (a few seconds under gvisor) goes on meanwhile.
             w.cancelling = False
-            await self.fm.pools.kill(w, f"it did not stop job {self.id}'s item within {CANCEL_GRACE:g}s of the cancel")
+            w.gone = f"it did not stop job {self.id}'s item within {CANCEL_GRACE:g}s of the cancel"
+            self.fm.pools.workers.pop(w.sandbox_id, None)
             self._maybe_done()
+            await self.fm.pools.kill(w, w.gone)
 
     def fail(self, message: str) -> None:
         log.warning("job=%s failed: %s", self.id, message)

@@ -137,6 +137,7 @@ def test_interrupt_cancels_the_rest_and_kills_workers_that_do_not_stop(backend: 
         reply = reply_to(kc, msg_id, timeout=30)
         elapsed = time.monotonic() - started
         assert reply["content"]["ename"] == "KeyboardInterrupt", reply["content"]
+        print(f"cancel took {elapsed:.2f}s")
         assert elapsed < 4.0, f"cancel took {elapsed:.1f}s"
     # ipykernel aborts requests that reach it just after an error; a frontend sends them again.
     deadline = time.monotonic() + 10
