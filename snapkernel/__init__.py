@@ -13,8 +13,17 @@ def _jupyter_server_extension_points() -> list[dict[str, Any]]:
     return points()
 
 
+def __getattr__(name: str) -> Any:
+    """`from snapkernel import remote`, imported on first use (the package itself stays light)."""
+    if name == "remote":
+        from snapkernel.fanout import remote
+
+        return remote
+    raise AttributeError(f"module 'snapkernel' has no attribute {name!r}")
+
+
 def load_ipython_extension(ipython: Any) -> None:
-    """`%load_ext snapkernel`: the `%snapshot` magic (loaded in snapkernel kernels by default)."""
+    """`%load_ext snapkernel`: the `%snapshot` and `%%fanout` magics (loaded in snapkernel kernels by default)."""
     from snapkernel.jupyter_ext.magics import SnapKernelMagics
 
     ipython.register_magics(SnapKernelMagics)

@@ -99,6 +99,20 @@ class TimeoutError_(SnapkernelError):
     reason = "timeout"
 
 
+class FanoutError(SnapkernelError):
+    """A fan-out job that failed as a whole (workers could not start, versions differ, cancelled)."""
+
+    status = "ABORTED"
+    http_status = 500
+    reason = "fanout_failed"
+
+
+class RemoteError(SnapkernelError):
+    """An exception raised by a fan-out call that could not be sent back as itself (its text is kept)."""
+
+    reason = "remote_error"
+
+
 _BY_STATUS: dict[str, type[SnapkernelError]] = {
     "INVALID_ARGUMENT": InvalidSpecError,
     "NOT_FOUND": NotFoundError,

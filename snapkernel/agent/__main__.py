@@ -1,6 +1,7 @@
 """`python -m snapkernel.agent`: the sandbox's entry point.
 
 The kernel is launched before anything heavy is imported, so its start-up overlaps the agent's.
+With SNAPKERNEL_AGENT_MODE=worker it runs fan-out calls instead (snapkernel.agent.worker).
 """
 
 import os
@@ -10,10 +11,17 @@ import tempfile
 
 from snapkernel.agent.kernel_process import KernelProcess
 
+if os.environ.get("SNAPKERNEL_AGENT_MODE") == "worker":
+    from snapkernel.agent.worker import main as worker_main
+
+    sys.exit(worker_main())
+
 signal.signal(signal.SIGINT, signal.SIG_IGN)  # interrupts are for the kernel, not the agent
 key = os.environ.pop("SNAPKERNEL_KERNEL_KEY", "").encode()
 scheme = os.environ.pop("SNAPKERNEL_SIGNATURE_SCHEME", "hmac-sha256")
 runtime_dir = tempfile.mkdtemp(prefix="ska-")  # short: unix socket paths are limited to 107 bytes
+# Fan-out calls of the kernel's code reach the backend through this socket of the agent's.
+os.environ["SNAPKERNEL_FANOUT_SOCKET"] = os.path.join(runtime_dir, "fanout.sock")
 launched = KernelProcess.launch(key, scheme, runtime_dir, generation=1)
 
 from snapkernel.agent.kernel_bridge import main  # noqa: E402 - after the launch, on purpose

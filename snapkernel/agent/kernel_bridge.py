@@ -16,6 +16,7 @@ from typing import Any
 
 import zmq
 
+from snapkernel.agent.fanout_relay import FanoutRelay
 from snapkernel.agent.frames import FrameBuffer, decode, encode
 from snapkernel.agent.kernel_process import KernelProcess
 from snapkernel.agent.own_client import OwnClient
@@ -56,6 +57,8 @@ class KernelBridge:
         self.requests: dict[str, list[pb.KernelRequest]] = {}  # cell msg_id -> requests to send when it ends
         self.own_shell: zmq.Socket[Any] | None = None
         self.runtime_dir = runtime_dir
+        self.relay = FanoutRelay(os.environ.get("SNAPKERNEL_FANOUT_SOCKET") or os.path.join(runtime_dir, "fanout.sock"),
+                                 self.send, self.poller)
 
     # --- the link -------------------------------------------------------------------------------
     def send(self, msg: pb.AgentMessage) -> None:
@@ -90,6 +93,7 @@ class KernelBridge:
                 self.kernel.kill()
                 self.kernel.wait()
         self._report_exit()
+        self.relay.close_all()
         for sock in list(self.routes):
             self.poller.unregister(sock)
             sock.close(0)
@@ -177,6 +181,8 @@ class KernelBridge:
             self.running = False
         elif kind == "run_code":
             self._run_code(msg.run_code)
+        elif kind == "fanout":
+            self.relay.deliver(msg.fanout)
         else:
             self._error(f"unknown command {kind!r}")
 
@@ -245,6 +251,8 @@ class KernelBridge:
                         if self.requests:
                             self._release_requests(parts)
                         self.send(pb.AgentMessage(frame=pb.KernelFrame(channel=pb.IOPUB, parts=parts)))
+                elif isinstance(sock, int):  # the fan-out relay's (maybe closed earlier in this batch)
+                    self.relay.on_readable(sock)
                 elif sock is self.own_shell and self.own_shell is not None:
                     result = self.own.on_reply(self.own_shell.recv_multipart())
                     if result is not None:

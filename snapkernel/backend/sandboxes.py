@@ -14,7 +14,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,6 +96,8 @@ class SandboxManager:
         self.snapshots = SnapshotStore(state_dir / "snapshots")
         self._tasks: set[asyncio.Task[None]] = set()
         self.hibernator = Hibernator(self)
+        # Agent messages of other parts of the backend (fan-out), by oneof name.
+        self.handlers: dict[str, Callable[[LiveSandbox, pb.AgentMessage], None]] = {}
 
     # --- helpers --------------------------------------------------------------------------------
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -254,7 +256,10 @@ class SandboxManager:
     def _on_agent_message(self, sb: LiveSandbox, msg: pb.AgentMessage) -> None:
         kind = msg.WhichOneof("kind")
         r = sb.record
-        if kind == "frame":
+        handler = self.handlers.get(kind or "")
+        if handler is not None:
+            handler(sb, msg)
+        elif kind == "frame":
             r.last_activity = time.time()
             if msg.frame.channel == pb.IOPUB:
                 _track_busy(sb, msg.frame)

@@ -16,6 +16,7 @@ from traitlets.config import Application
 
 from snapkernel import __version__
 from snapkernel.backend.auth import TokenInterceptor, ensure_token
+from snapkernel.backend.fanout import FanoutManager
 from snapkernel.backend.gpus import inventory
 from snapkernel.backend.runtimes.base import RuntimeInfo, SandboxRuntime
 from snapkernel.backend.runtimes.gvisor import GvisorRuntime, find_runsc
@@ -85,6 +86,8 @@ class BackendApp(Application):
                        ).tag(config=True)
     wake_timeout = Float(600.0, help="Seconds a waking kernel may wait for its GPU and take to come back.").tag(
         config=True)
+    fanout_idle_timeout = Float(300.0, help="Seconds a warm fan-out worker may sit idle before it is stopped "
+                                            "(e.g. 60).").tag(config=True)
     tls_cert = Unicode("", help="PEM certificate file: serve TCP addresses with TLS.").tag(config=True)
     tls_key = Unicode("", help="PEM private key file for --tls-cert.").tag(config=True)
 
@@ -98,6 +101,7 @@ class BackendApp(Application):
         "log-level": "Application.log_level",
         "tls-cert": "BackendApp.tls_cert",
         "tls-key": "BackendApp.tls_key",
+        "fanout-idle-timeout": "BackendApp.fanout_idle_timeout",
     }
 
     @default("state_dir")
@@ -154,12 +158,14 @@ class BackendApp(Application):
             wake_timeout=self.wake_timeout))
         await manager.readopt()
         manager.hibernator.start()
+        fanout = FanoutManager(manager, self.fanout_idle_timeout)
+        await fanout.start()
 
         def infos() -> list[RuntimeInfo]:
             return [r.probe() for r in runtimes.values()] + missing
 
         server = grpc.aio.server(interceptors=[TokenInterceptor(token)], options=GRPC_OPTIONS)
-        pb_grpc.add_BackendServicer_to_server(BackendService(manager, infos, default_runtime), server)
+        pb_grpc.add_BackendServicer_to_server(BackendService(manager, infos, default_runtime, fanout=fanout), server)
         health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         target = grpc_target(self.listen)
@@ -195,6 +201,7 @@ class BackendApp(Application):
         log.info("stopping: sandboxes keep running and are re-adopted at the next start")
         await health_servicer.enter_graceful_shutdown()
         await server.stop(grace=2.0)
+        await fanout.close()
         await manager.close()
 
     def start(self) -> None:

@@ -13,6 +13,7 @@ import grpc
 from google.protobuf.json_format import ParseDict
 
 from snapkernel import __version__
+from snapkernel.backend.fanout import FanoutManager
 from snapkernel.backend.gpus import inventory
 from snapkernel.backend.runtimes.base import RuntimeInfo
 from snapkernel.backend.sandboxes import SandboxManager
@@ -78,8 +79,9 @@ def snapshot_info(snap: Snapshot) -> pb.SnapshotInfo:
 
 class BackendService(pb_grpc.BackendServicer):
     def __init__(self, manager: SandboxManager, runtime_infos: Callable[[], list[RuntimeInfo]],
-                 default_runtime: str, restart_timeout: float = 60.0) -> None:
+                 default_runtime: str, fanout: FanoutManager, restart_timeout: float = 60.0) -> None:
         self.manager = manager
+        self.fanout = fanout
         self.runtime_infos = runtime_infos
         self.default_runtime = default_runtime
         self.restart_timeout = restart_timeout
@@ -215,3 +217,25 @@ class BackendService(pb_grpc.BackendServicer):
         if failure:
             log.warning("sandbox_id=%s Attach closed: %s", sb.record.id, failure[0])
             await context.abort(failure[0].code, str(failure[0]))
+
+    async def Map(self, request_iterator: Any, context: Ctx) -> None:  # type: ignore[override]
+        """A fan-out job of a caller outside any sandbox; the same `Job` as one relayed by a kernel's agent."""
+        outgoing: asyncio.Queue[pb.MapResponse] = asyncio.Queue()
+        job = self.fanout.new_job(outgoing.put_nowait, owner=None)
+
+        async def pump_in() -> None:
+            while (req := await context.read()) is not _EOF:
+                await self.fanout.handle(job, req)
+
+        reader = asyncio.create_task(pump_in())
+        try:
+            while True:
+                resp = await outgoing.get()
+                await context.write(resp)
+                if resp.WhichOneof("kind") == "done":
+                    break
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                await reader
+            job.closed()

@@ -3,24 +3,59 @@
 `%snapshot [--name NAME] [--kind memory|state]` asks the backend, through the sandbox's agent, for a
 snapshot of this kernel as soon as the current cell has finished. The kernel holds no token and no
 network: the request travels as a message on the kernel's iopub channel that the agent takes off it.
+
+`%%fanout --over EXPR --as NAME [...]` runs the cell body once per item of EXPR in worker sandboxes
+(see `snapkernel.fanout`); its flags follow ipyparallel's `%%px` vocabulary where they overlap.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
+import re
 import shlex
 from typing import Any
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, line_magic, magics_class
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+
+from snapkernel.errors import RemoteError, SnapkernelError
 
 REQUEST_MSG_TYPE = "snapkernel_request"
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # argparse would exit the kernel
-        raise UsageError(f"%snapshot: {message}. Usage: %snapshot [--name NAME] [--kind memory|state]")
+        raise UsageError(f"{self.prog}: {message}. Usage: {self.format_usage().removeprefix('usage: ').strip()}")
+
+
+def _flag_words(line: str) -> list[str]:
+    """`--over [1, 2, 3] --as x` → ['--over', '[1, 2, 3]', '--as', 'x']: a flag's value is the raw text up to
+    the next flag, so expressions keep their spaces and quotes."""
+    words: list[str] = []
+    for chunk in re.split(r"\s+(?=--?[A-Za-z])", " " + line.strip()):
+        flag, _, rest = chunk.strip().partition(" ")
+        if flag:
+            words += [flag, rest.strip()] if rest.strip() else [flag]
+    return words
+
+
+def _fanout_parser() -> _Parser:
+    p = _Parser(prog="%%fanout", add_help=False)
+    p.add_argument("--over", required=True, metavar="EXPR", help="the items (any iterable expression)")
+    p.add_argument("--as", dest="name", required=True, metavar="NAME", help="the name each item is bound to")
+    p.add_argument("--workers", type=int, default=4, metavar="N")
+    p.add_argument("--gpu", default="", metavar="SPEC")
+    p.add_argument("--cpu", type=float, default=0.0, metavar="N")
+    p.add_argument("--memory", default="", metavar="M")
+    p.add_argument("--out", "-o", default="", metavar="VAR")
+    p.add_argument("--unordered", action="store_true")
+    p.add_argument("--return-exceptions", action="store_true")
+    p.add_argument("--retries", type=int, default=0, metavar="N")
+    p.add_argument("--timeout", type=float, default=0.0, metavar="S")
+    p.add_argument("--clone", action="store_true")
+    return p
 
 
 @magics_class
@@ -39,3 +74,44 @@ class SnapKernelMagics(Magics):  # type: ignore[misc]
                             parent=kernel.get_parent("shell"))
         print(f"snapkernel: a {args.kind} snapshot{' ' + repr(args.name) if args.name else ''} will be taken "
               "when this cell finishes (`snapkernel snapshots list` shows it)")
+
+    @cell_magic  # type: ignore[misc]
+    def fanout(self, line: str, cell: str) -> Any:
+        from snapkernel.fanout.capture import Payload, cell_function, local_cell_function
+        from snapkernel.fanout.client import MapCall, Options
+        from snapkernel.fanout.remote import check_options
+
+        args = _fanout_parser().parse_args(_flag_words(line))
+        shell = self.shell
+        assert shell is not None
+        if args.out and not args.out.isidentifier():
+            raise UsageError(f"%%fanout: --out {args.out!r} is not a Python name: use an identifier")
+        try:
+            items = list(shell.ev(args.over))  # type: ignore[no-untyped-call]
+        except Exception as e:
+            raise UsageError(f"%%fanout: --over {args.over!r} is not an iterable expression here: "
+                             f"{type(e).__name__}: {e}") from e
+        options = Options(workers=min(args.workers, max(1, len(items))), gpu=args.gpu, cpu=args.cpu,
+                          memory=args.memory, retries=args.retries, timeout=args.timeout,
+                          ordered=not args.unordered, return_exceptions=args.return_exceptions, clone=args.clone)
+        local_fn = None
+        try:
+            check_options(options)
+            if args.clone:  # the workers are clones of this kernel: nothing to capture or ship
+                local_fn = local_cell_function(cell, args.name, shell.user_ns)
+                payload = Payload(b"", hashlib.sha256(cell.encode()).hexdigest())
+            else:
+                payload = cell_function(cell, args.name, shell.user_ns)
+        except SnapkernelError as e:
+            raise UsageError(f"%%fanout: {e}") from e
+        call = MapCall(payload, options, len(items), "fanout", local_fn)
+        try:
+            results = [value for _, value in call.run((item, (item,), {}) for item in items)]
+        except RemoteError:
+            raise  # the user's own failure: its remote traceback is the point
+        except SnapkernelError as e:  # the job's (workers could not start, ...): no traceback to read
+            raise UsageError(f"%%fanout: {e}") from e
+        if args.out:
+            shell.user_ns[args.out] = results
+            return None
+        return results

@@ -1080,6 +1080,12 @@ class AgentMessage(_message.Message):
     RUN_CODE_FIELD_NUMBER: _builtins.int
     CODE_RESULT_FIELD_NUMBER: _builtins.int
     KERNEL_REQUEST_FIELD_NUMBER: _builtins.int
+    FANOUT_FIELD_NUMBER: _builtins.int
+    WORKER_HELLO_FIELD_NUMBER: _builtins.int
+    WORKER_FUNCTION_FIELD_NUMBER: _builtins.int
+    WORKER_TASKS_FIELD_NUMBER: _builtins.int
+    WORKER_RESULTS_FIELD_NUMBER: _builtins.int
+    WORKER_CANCEL_FIELD_NUMBER: _builtins.int
     signal: _builtins.int
     """backend -> agent"""
     restart: _builtins.bool
@@ -1088,6 +1094,8 @@ class AgentMessage(_message.Message):
     """backend -> agent"""
     error: _builtins.str
     """agent -> backend: a command it could not carry out"""
+    worker_cancel: _builtins.int
+    """backend -> worker: stop this job's running item and drop its queue"""
     @_builtins.property
     def frame(self) -> Global___KernelFrame: ...
     @_builtins.property
@@ -1110,6 +1118,26 @@ class AgentMessage(_message.Message):
     def kernel_request(self) -> Global___KernelRequest:
         """agent -> backend: asked for by code in the kernel (%snapshot)"""
 
+    @_builtins.property
+    def fanout(self) -> Global___FanoutFrame:
+        """both ways: a Map stream of code in the kernel, relayed by its agent"""
+
+    @_builtins.property
+    def worker_hello(self) -> Global___WorkerHello:
+        """worker -> backend, first message of a worker sandbox"""
+
+    @_builtins.property
+    def worker_function(self) -> Global___WorkerFunction:
+        """backend -> worker"""
+
+    @_builtins.property
+    def worker_tasks(self) -> Global___WorkerTasks:
+        """backend -> worker"""
+
+    @_builtins.property
+    def worker_results(self) -> Global___WorkerResults:
+        """worker -> backend"""
+
     def __init__(
         self,
         *,
@@ -1124,12 +1152,18 @@ class AgentMessage(_message.Message):
         run_code: Global___RunCode | None = ...,
         code_result: Global___CodeResult | None = ...,
         kernel_request: Global___KernelRequest | None = ...,
+        fanout: Global___FanoutFrame | None = ...,
+        worker_hello: Global___WorkerHello | None = ...,
+        worker_function: Global___WorkerFunction | None = ...,
+        worker_tasks: Global___WorkerTasks | None = ...,
+        worker_results: Global___WorkerResults | None = ...,
+        worker_cancel: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["code_result", b"code_result", "error", b"error", "frame", b"frame", "hello", b"hello", "kernel_exited", b"kernel_exited", "kernel_request", b"kernel_request", "kernel_started", b"kernel_started", "kind", b"kind", "restart", b"restart", "run_code", b"run_code", "shutdown", b"shutdown", "signal", b"signal"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["code_result", b"code_result", "error", b"error", "fanout", b"fanout", "frame", b"frame", "hello", b"hello", "kernel_exited", b"kernel_exited", "kernel_request", b"kernel_request", "kernel_started", b"kernel_started", "kind", b"kind", "restart", b"restart", "run_code", b"run_code", "shutdown", b"shutdown", "signal", b"signal", "worker_cancel", b"worker_cancel", "worker_function", b"worker_function", "worker_hello", b"worker_hello", "worker_results", b"worker_results", "worker_tasks", b"worker_tasks"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code_result", b"code_result", "error", b"error", "frame", b"frame", "hello", b"hello", "kernel_exited", b"kernel_exited", "kernel_request", b"kernel_request", "kernel_started", b"kernel_started", "kind", b"kind", "restart", b"restart", "run_code", b"run_code", "shutdown", b"shutdown", "signal", b"signal"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code_result", b"code_result", "error", b"error", "fanout", b"fanout", "frame", b"frame", "hello", b"hello", "kernel_exited", b"kernel_exited", "kernel_request", b"kernel_request", "kernel_started", b"kernel_started", "kind", b"kind", "restart", b"restart", "run_code", b"run_code", "shutdown", b"shutdown", "signal", b"signal", "worker_cancel", b"worker_cancel", "worker_function", b"worker_function", "worker_hello", b"worker_hello", "worker_results", b"worker_results", "worker_tasks", b"worker_tasks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["frame", "hello", "kernel_started", "kernel_exited", "signal", "restart", "shutdown", "error", "run_code", "code_result", "kernel_request"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["frame", "hello", "kernel_started", "kernel_exited", "signal", "restart", "shutdown", "error", "run_code", "code_result", "kernel_request", "fanout", "worker_hello", "worker_function", "worker_tasks", "worker_results", "worker_cancel"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -1396,3 +1430,476 @@ class SandboxUsage(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SandboxUsage: _TypeAlias = SandboxUsage  # noqa: Y015
+
+@_typing.final
+class MapStart(_message.Message):
+    """--- Fan-out (issue 6) ------------------------------------------------------------------------------"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPEC_FIELD_NUMBER: _builtins.int
+    WORKERS_FIELD_NUMBER: _builtins.int
+    FUNCTION_HASH_FIELD_NUMBER: _builtins.int
+    RETRIES_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    CLONE_FIELD_NUMBER: _builtins.int
+    PYTHON_FIELD_NUMBER: _builtins.int
+    CLOUDPICKLE_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    workers: _builtins.int
+    function_hash: _builtins.str
+    """sha256 of the cloudpickled function; sent again only when asked for"""
+    retries: _builtins.int
+    """extra attempts for an item whose call raised"""
+    timeout: _builtins.float
+    """seconds per item; 0 = none"""
+    clone: _builtins.bool
+    """start workers from a live snapshot of the calling kernel"""
+    python: _builtins.str
+    """the caller's versions: workers must match them"""
+    cloudpickle: _builtins.str
+    total: _builtins.int
+    """number of items when known (for progress), else 0"""
+    @_builtins.property
+    def spec(self) -> Global___SandboxSpec:
+        """the workers' resources; runtime and image default to the caller's"""
+
+    def __init__(
+        self,
+        *,
+        spec: Global___SandboxSpec | None = ...,
+        workers: _builtins.int = ...,
+        function_hash: _builtins.str = ...,
+        retries: _builtins.int = ...,
+        timeout: _builtins.float = ...,
+        clone: _builtins.bool = ...,
+        python: _builtins.str = ...,
+        cloudpickle: _builtins.str = ...,
+        total: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clone", b"clone", "cloudpickle", b"cloudpickle", "function_hash", b"function_hash", "python", b"python", "retries", b"retries", "spec", b"spec", "timeout", b"timeout", "total", b"total", "workers", b"workers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MapStart: _TypeAlias = MapStart  # noqa: Y015
+
+@_typing.final
+class MapItem(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    BLOB_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    data: _builtins.bytes
+    """cloudpickled (args, kwargs) or the item"""
+    blob: _builtins.str
+    """instead of data: the name of a blob sent before (payloads over a few MiB)"""
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+        blob: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob", b"blob", "data", b"data", "index", b"index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MapItem: _TypeAlias = MapItem  # noqa: Y015
+
+@_typing.final
+class MapResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    OK_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    BLOB_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    WORKER_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    ok: _builtins.bool
+    data: _builtins.bytes
+    """cloudpickled value, or the cloudpickled exception when !ok (empty if unpicklable)"""
+    blob: _builtins.str
+    """instead of data, for large values"""
+    error: _builtins.str
+    """!ok: the remote traceback as text"""
+    worker: _builtins.str
+    """sandbox id of the worker that ran it"""
+    attempts: _builtins.int
+    output: _builtins.str
+    """what the call printed (stdout and stderr, Python-level), shown by the caller"""
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        ok: _builtins.bool = ...,
+        data: _builtins.bytes = ...,
+        blob: _builtins.str = ...,
+        error: _builtins.str = ...,
+        worker: _builtins.str = ...,
+        attempts: _builtins.int = ...,
+        output: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "blob", b"blob", "data", b"data", "error", b"error", "index", b"index", "ok", b"ok", "output", b"output", "worker", b"worker"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MapResult: _TypeAlias = MapResult  # noqa: Y015
+
+@_typing.final
+class BlobChunk(_message.Message):
+    """A payload over a few MiB travels in chunks, then is referred to by name."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    LAST_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    data: _builtins.bytes
+    last: _builtins.bool
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        data: _builtins.bytes = ...,
+        last: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "last", b"last", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BlobChunk: _TypeAlias = BlobChunk  # noqa: Y015
+
+@_typing.final
+class MapRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    FUNCTION_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    CANCEL_FIELD_NUMBER: _builtins.int
+    BLOB_FIELD_NUMBER: _builtins.int
+    CLONE_HELLO_FIELD_NUMBER: _builtins.int
+    CLONE_RESULTS_FIELD_NUMBER: _builtins.int
+    function: _builtins.bytes
+    """the cloudpickled function, when the backend asked for it"""
+    end: _builtins.bool
+    """no more items"""
+    cancel: _builtins.bool
+    """drop what is left; the stream ends with `done`"""
+    @_builtins.property
+    def start(self) -> Global___MapStart: ...
+    @_builtins.property
+    def items(self) -> Global___MapItems: ...
+    @_builtins.property
+    def blob(self) -> Global___BlobChunk: ...
+    @_builtins.property
+    def clone_hello(self) -> Global___WorkerHello:
+        """From a --clone worker: the kernel's clone, serving items on the stream its original opened."""
+
+    @_builtins.property
+    def clone_results(self) -> Global___WorkerResults: ...
+    def __init__(
+        self,
+        *,
+        start: Global___MapStart | None = ...,
+        function: _builtins.bytes = ...,
+        items: Global___MapItems | None = ...,
+        end: _builtins.bool = ...,
+        cancel: _builtins.bool = ...,
+        blob: Global___BlobChunk | None = ...,
+        clone_hello: Global___WorkerHello | None = ...,
+        clone_results: Global___WorkerResults | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["blob", b"blob", "cancel", b"cancel", "clone_hello", b"clone_hello", "clone_results", b"clone_results", "end", b"end", "function", b"function", "items", b"items", "kind", b"kind", "start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob", b"blob", "cancel", b"cancel", "clone_hello", b"clone_hello", "clone_results", b"clone_results", "end", b"end", "function", b"function", "items", b"items", "kind", b"kind", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["start", "function", "items", "end", "cancel", "blob", "clone_hello", "clone_results"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___MapRequest: _TypeAlias = MapRequest  # noqa: Y015
+
+@_typing.final
+class MapItems(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___MapItem]: ...
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___MapItem] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MapItems: _TypeAlias = MapItems  # noqa: Y015
+
+@_typing.final
+class MapStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NEED_FUNCTION_FIELD_NUMBER: _builtins.int
+    WORKERS_READY_FIELD_NUMBER: _builtins.int
+    WORKERS_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    need_function: _builtins.bool
+    """answer to `start`: send the function"""
+    workers_ready: _builtins.int
+    workers: _builtins.int
+    message: _builtins.str
+    """progress: starting workers, a worker replaced, ..."""
+    def __init__(
+        self,
+        *,
+        need_function: _builtins.bool = ...,
+        workers_ready: _builtins.int = ...,
+        workers: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "need_function", b"need_function", "workers", b"workers", "workers_ready", b"workers_ready"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MapStatus: _TypeAlias = MapStatus  # noqa: Y015
+
+@_typing.final
+class MapDone(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CANCELLED_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    cancelled: _builtins.bool
+    error: _builtins.str
+    """the job failed as a whole (workers could not start, version mismatch)"""
+    def __init__(
+        self,
+        *,
+        cancelled: _builtins.bool = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "error", b"error"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MapDone: _TypeAlias = MapDone  # noqa: Y015
+
+@_typing.final
+class MapResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    BLOB_FIELD_NUMBER: _builtins.int
+    BECOME_WORKER_FIELD_NUMBER: _builtins.int
+    CLONE_TASKS_FIELD_NUMBER: _builtins.int
+    become_worker: _builtins.bool
+    """To a --clone worker: become a worker (answer with clone_hello), then run these items."""
+    @_builtins.property
+    def status(self) -> Global___MapStatus: ...
+    @_builtins.property
+    def results(self) -> Global___MapResults: ...
+    @_builtins.property
+    def done(self) -> Global___MapDone: ...
+    @_builtins.property
+    def blob(self) -> Global___BlobChunk: ...
+    @_builtins.property
+    def clone_tasks(self) -> Global___WorkerTasks: ...
+    def __init__(
+        self,
+        *,
+        status: Global___MapStatus | None = ...,
+        results: Global___MapResults | None = ...,
+        done: Global___MapDone | None = ...,
+        blob: Global___BlobChunk | None = ...,
+        become_worker: _builtins.bool = ...,
+        clone_tasks: Global___WorkerTasks | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["become_worker", b"become_worker", "blob", b"blob", "clone_tasks", b"clone_tasks", "done", b"done", "kind", b"kind", "results", b"results", "status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["become_worker", b"become_worker", "blob", b"blob", "clone_tasks", b"clone_tasks", "done", b"done", "kind", b"kind", "results", b"results", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["status", "results", "done", "blob", "become_worker", "clone_tasks"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___MapResponse: _TypeAlias = MapResponse  # noqa: Y015
+
+@_typing.final
+class MapResults(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___MapResult]: ...
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___MapResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MapResults: _TypeAlias = MapResults  # noqa: Y015
+
+@_typing.final
+class FanoutFrame(_message.Message):
+    """Agent link messages of fan-out."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    CLOSED_FIELD_NUMBER: _builtins.int
+    stream: _builtins.int
+    """one per connection of code in the kernel to the agent"""
+    data: _builtins.bytes
+    """a serialized MapRequest (agent -> backend) or MapResponse (backend -> agent)"""
+    closed: _builtins.bool
+    """the connection (or the job) ended"""
+    def __init__(
+        self,
+        *,
+        stream: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+        closed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["closed", b"closed", "data", b"data", "stream", b"stream"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FanoutFrame: _TypeAlias = FanoutFrame  # noqa: Y015
+
+@_typing.final
+class WorkerHello(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PYTHON_FIELD_NUMBER: _builtins.int
+    CLOUDPICKLE_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    python: _builtins.str
+    cloudpickle: _builtins.str
+    pid: _builtins.int
+    def __init__(
+        self,
+        *,
+        python: _builtins.str = ...,
+        cloudpickle: _builtins.str = ...,
+        pid: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cloudpickle", b"cloudpickle", "pid", b"pid", "python", b"python"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerHello: _TypeAlias = WorkerHello  # noqa: Y015
+
+@_typing.final
+class WorkerFunction(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HASH_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    hash: _builtins.str
+    data: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        hash: _builtins.str = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "hash", b"hash"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerFunction: _TypeAlias = WorkerFunction  # noqa: Y015
+
+@_typing.final
+class WorkerTasks(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    FUNCTION_HASH_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
+    job: _builtins.int
+    function_hash: _builtins.str
+    timeout: _builtins.float
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___MapItem]: ...
+    def __init__(
+        self,
+        *,
+        job: _builtins.int = ...,
+        function_hash: _builtins.str = ...,
+        timeout: _builtins.float = ...,
+        items: _abc.Iterable[Global___MapItem] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["function_hash", b"function_hash", "items", b"items", "job", b"job", "timeout", b"timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerTasks: _TypeAlias = WorkerTasks  # noqa: Y015
+
+@_typing.final
+class WorkerResults(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
+    CANCELLED_FIELD_NUMBER: _builtins.int
+    job: _builtins.int
+    cancelled: _builtins.bool
+    """answer to worker_cancel: the worker is idle again"""
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___MapResult]: ...
+    def __init__(
+        self,
+        *,
+        job: _builtins.int = ...,
+        results: _abc.Iterable[Global___MapResult] | None = ...,
+        cancelled: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "job", b"job", "results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerResults: _TypeAlias = WorkerResults  # noqa: Y015

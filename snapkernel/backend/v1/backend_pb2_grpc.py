@@ -114,6 +114,11 @@ class BackendStub:
                 request_serializer=snapkernel_dot_v1_dot_backend__pb2.GetSandboxUsageRequest.SerializeToString,
                 response_deserializer=snapkernel_dot_v1_dot_backend__pb2.SandboxUsage.FromString,
                 _registered_method=True)
+        self.Map = channel.stream_stream(
+                '/snapkernel.v1.Backend/Map',
+                request_serializer=snapkernel_dot_v1_dot_backend__pb2.MapRequest.SerializeToString,
+                response_deserializer=snapkernel_dot_v1_dot_backend__pb2.MapResponse.FromString,
+                _registered_method=True)
 
 
 class BackendServicer:
@@ -229,6 +234,15 @@ class BackendServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Map(self, request_iterator, context):
+        """Fan-out: run one function over many inputs in worker sandboxes. The first request is `start`;
+        results stream back as they finish. Kernels inside sandboxes send the same messages through their
+        agent (AgentMessage.fanout) instead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BackendServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -311,6 +325,11 @@ def add_BackendServicer_to_server(servicer, server):
                     servicer.GetSandboxUsage,
                     request_deserializer=snapkernel_dot_v1_dot_backend__pb2.GetSandboxUsageRequest.FromString,
                     response_serializer=snapkernel_dot_v1_dot_backend__pb2.SandboxUsage.SerializeToString,
+            ),
+            'Map': grpc.stream_stream_rpc_method_handler(
+                    servicer.Map,
+                    request_deserializer=snapkernel_dot_v1_dot_backend__pb2.MapRequest.FromString,
+                    response_serializer=snapkernel_dot_v1_dot_backend__pb2.MapResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -745,6 +764,33 @@ class Backend:
             '/snapkernel.v1.Backend/GetSandboxUsage',
             snapkernel_dot_v1_dot_backend__pb2.GetSandboxUsageRequest.SerializeToString,
             snapkernel_dot_v1_dot_backend__pb2.SandboxUsage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Map(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/snapkernel.v1.Backend/Map',
+            snapkernel_dot_v1_dot_backend__pb2.MapRequest.SerializeToString,
+            snapkernel_dot_v1_dot_backend__pb2.MapResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -67,6 +67,11 @@ class BackendStub:
     """Wake a hibernated sandbox. Attach wakes it too, on the first frame it carries."""
     GetSandboxUsage: _grpc.UnaryUnaryMultiCallable[_backend_pb2.GetSandboxUsageRequest, _backend_pb2.SandboxUsage]
     """What a sandbox uses now: CPU and memory of its processes, its GPUs' utilization and memory."""
+    Map: _grpc.StreamStreamMultiCallable[_backend_pb2.MapRequest, _backend_pb2.MapResponse]
+    """Fan-out: run one function over many inputs in worker sandboxes. The first request is `start`;
+    results stream back as they finish. Kernels inside sandboxes send the same messages through their
+    agent (AgentMessage.fanout) instead.
+    """
 
 @_typing.type_check_only
 class BackendAsyncStub(BackendStub):
@@ -104,6 +109,11 @@ class BackendAsyncStub(BackendStub):
     """Wake a hibernated sandbox. Attach wakes it too, on the first frame it carries."""
     GetSandboxUsage: _aio.UnaryUnaryMultiCallable[_backend_pb2.GetSandboxUsageRequest, _backend_pb2.SandboxUsage]  # type: ignore[assignment]
     """What a sandbox uses now: CPU and memory of its processes, its GPUs' utilization and memory."""
+    Map: _aio.StreamStreamMultiCallable[_backend_pb2.MapRequest, _backend_pb2.MapResponse]  # type: ignore[assignment]
+    """Fan-out: run one function over many inputs in worker sandboxes. The first request is `start`;
+    results stream back as they finish. Kernels inside sandboxes send the same messages through their
+    agent (AgentMessage.fanout) instead.
+    """
 
 class BackendServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -234,5 +244,16 @@ class BackendServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_backend_pb2.SandboxUsage, _abc.Awaitable[_backend_pb2.SandboxUsage]]:
         """What a sandbox uses now: CPU and memory of its processes, its GPUs' utilization and memory."""
+
+    @_abc_1.abstractmethod
+    def Map(
+        self,
+        request_iterator: _MaybeAsyncIterator[_backend_pb2.MapRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_backend_pb2.MapResponse], _abc.AsyncIterator[_backend_pb2.MapResponse]]:
+        """Fan-out: run one function over many inputs in worker sandboxes. The first request is `start`;
+        results stream back as they finish. Kernels inside sandboxes send the same messages through their
+        agent (AgentMessage.fanout) instead.
+        """
 
 def add_BackendServicer_to_server(servicer: BackendServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,227 @@
+"""Fan-out worker sandboxes: started like kernel sandboxes (same runtime, image and scheduler) with the agent in
+worker mode, kept warm in a pool per (owner, spec) between jobs, and reaped after an idle time.
+
+GPU workers get distinct GPUs because every worker is a sandbox of its own and the scheduler gives GPUs out
+exclusively. A pool owned by a kernel's sandbox goes away with that kernel (restart, exit, deletion).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from snapkernel.backend.sandbox_db import ENDED
+from snapkernel.backend.sandboxes import LiveSandbox, SandboxManager
+from snapkernel.backend.v1 import backend_pb2 as pb
+from snapkernel.errors import NoCapacityError, SnapkernelError
+
+if TYPE_CHECKING:
+    from snapkernel.backend.fanout import Job
+
+log = logging.getLogger(__name__)
+
+MODE_ENV = "SNAPKERNEL_AGENT_MODE"
+CLIENT_OWNER = "client"  # pools of gRPC callers outside any sandbox
+
+
+def is_worker(spec: pb.SandboxSpec) -> bool:
+    """A fan-out worker's sandbox ("clone": a --clone worker, restored from its kernel's snapshot)."""
+    return spec.env.get(MODE_ENV) in ("worker", "clone")
+
+
+@dataclass
+class Worker:
+    sandbox_id: str
+    pool_key: tuple[str, bytes]
+    hello: pb.WorkerHello | None = None
+    gone: str = ""                                # why it can serve no more ("" while alive)
+    functions: list[str] = field(default_factory=list)  # hashes it holds, as it keeps them (MAX_FUNCTIONS)
+    job: Job | None = None
+    inflight: dict[int, pb.MapItem] = field(default_factory=dict)
+    cancelling: bool = False
+    idle_since: float = field(default_factory=time.monotonic)
+    mark: float = 0.0                             # when it last became busy or returned results
+    clone_stream: int = 0  # a --clone worker: its kernel's relay stream, on which it serves (0: a worker sandbox)
+
+    @property
+    def ready(self) -> bool:
+        return self.hello is not None and not self.gone
+
+    def send(self, manager: SandboxManager, msg: pb.AgentMessage) -> None:
+        """A command to the worker: on its link, or for a clone on its kernel's fan-out stream."""
+        sb = manager.get(self.sandbox_id)
+        if not self.clone_stream:
+            manager.send_to_agent(sb, msg)
+        elif msg.WhichOneof("kind") == "worker_tasks":
+            data = pb.MapResponse(clone_tasks=msg.worker_tasks).SerializeToString()
+            manager.send_to_agent(sb, pb.AgentMessage(fanout=pb.FanoutFrame(stream=self.clone_stream, data=data)))
+
+
+class WorkerPools:
+    def __init__(self, manager: SandboxManager, idle_timeout: float) -> None:
+        self.manager = manager
+        self.idle_timeout = idle_timeout
+        self.workers: dict[str, Worker] = {}
+        self.owners: dict[str, asyncio.Task[None]] = {}  # owner sandbox id -> its watcher
+        self._tasks: set[asyncio.Task[None]] = set()
+        manager.handlers["worker_hello"] = self._on_hello
+        manager.handlers["worker_results"] = self._on_results
+        self.on_owner_gone: Callable[[str], None] = lambda owner: None
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- leasing --------------------------------------------------------------------------------
+    async def lease(self, owner: LiveSandbox | None, spec: pb.SandboxSpec, count: int,
+                    job: Job, clone_stream: int = 0) -> tuple[list[Worker], str]:
+        """`count` workers for `job`: idle ones of the pool first, new sandboxes for the rest. Where the host
+        has room for fewer, those few (and why not more); none at all is an error."""
+        owner_id = owner.record.id if owner is not None else CLIENT_OWNER
+        key = (owner_id, spec.SerializeToString(deterministic=True))
+        taken: list[Worker] = []
+        for w in self.workers.values() if not clone_stream else ():  # clones serve their own job only
+            if len(taken) == count:
+                break
+            if w.pool_key == key and w.job is None and not w.gone and not w.cancelling:
+                w.job = job
+                taken.append(w)
+        shortfall = ""
+        while len(taken) < count:
+            try:
+                sandbox = await self.manager.create(pb.CreateSandboxRequest(
+                    spec=spec, notebook_path=owner.record.notebook_path if owner else ""))
+            except NoCapacityError as e:
+                if not taken:
+                    raise
+                shortfall = f"only {len(taken)} of {count} workers: {e}"
+                break
+            w = Worker(sandbox.id, key, job=job, clone_stream=clone_stream)
+            self.workers[sandbox.id] = w
+            self._spawn(self._watch(w))
+            taken.append(w)
+            log.info("sandbox_id=%s fan-out worker started for owner=%s job=%s", sandbox.id, owner_id, job.id)
+        if owner is not None and owner_id not in self.owners:
+            task = asyncio.ensure_future(self._watch_owner(owner))
+            self.owners[owner_id] = task
+        return taken, shortfall
+
+    def release(self, w: Worker) -> None:
+        """Back to the pool, warm, once its job has ended."""
+        w.job = None
+        w.inflight.clear()
+        w.idle_since = time.monotonic()
+
+    async def kill(self, w: Worker, why: str) -> None:
+        """Stop a worker for good (it did not stop when cancelled, or its pool went away)."""
+        if not w.gone:
+            w.gone = why
+            log.info("sandbox_id=%s stopping fan-out worker: %s", w.sandbox_id, why)
+        self.workers.pop(w.sandbox_id, None)
+        with contextlib.suppress(SnapkernelError):
+            await self.manager.delete(w.sandbox_id)
+
+    # --- events ---------------------------------------------------------------------------------
+    def _on_hello(self, sb: LiveSandbox, msg: pb.AgentMessage) -> None:
+        self.on_hello(sb.record.id, msg.worker_hello)
+
+    def on_hello(self, sandbox_id: str, hello: pb.WorkerHello) -> None:
+        w = self.workers.get(sandbox_id)
+        if w is None:
+            return
+        w.hello = hello
+        w.idle_since = time.monotonic()
+        log.info("sandbox_id=%s fan-out worker up: python %s cloudpickle %s", w.sandbox_id, w.hello.python,
+                 w.hello.cloudpickle)
+        if w.job is not None:
+            w.job.on_worker_ready(w)
+
+    def _on_results(self, sb: LiveSandbox, msg: pb.AgentMessage) -> None:
+        self.on_results(sb.record.id, msg.worker_results)
+
+    def on_results(self, sandbox_id: str, results: pb.WorkerResults) -> None:
+        w = self.workers.get(sandbox_id)
+        if w is not None and w.job is not None:
+            w.job.on_results(w, results)
+        elif w is not None and results.cancelled:
+            w.cancelling = False
+
+    async def _watch(self, w: Worker) -> None:
+        """Until the worker's sandbox ends: then its job hears of it."""
+        sb = self.manager.get(w.sandbox_id)
+        queue: asyncio.Queue[pb.SandboxEvent | None] = asyncio.Queue()
+        sb.watchers.add(queue)
+        event: pb.SandboxEvent | None = pb.SandboxEvent(sandbox=sb.record.to_pb())  # its state now, then changes
+        told = False
+        try:
+            while event is not None and event.sandbox.state not in ENDED:
+                if w.clone_stream and event.sandbox.state == pb.RUNNING and not told:
+                    # The restored kernel is inside its %%fanout cell, reading this stream: make it a worker.
+                    told = True
+                    data = pb.MapResponse(become_worker=True).SerializeToString()
+                    with contextlib.suppress(SnapkernelError):
+                        self.manager.send_to_agent(sb, pb.AgentMessage(
+                            fanout=pb.FanoutFrame(stream=w.clone_stream, data=data)))
+                event = await queue.get()
+        finally:
+            sb.watchers.discard(queue)
+        why = (event.sandbox.message if event is not None else "") or "its sandbox was deleted"
+        if not w.gone:
+            w.gone = why
+        self.workers.pop(w.sandbox_id, None)
+        log.info("sandbox_id=%s fan-out worker gone: %s", w.sandbox_id, why)
+        if w.job is not None:
+            w.job.on_worker_gone(w)
+        if sb.record.ended and sb.record.id in self.manager.live and not sb.deleting:
+            with contextlib.suppress(SnapkernelError):
+                await self.manager.delete(sb.record.id)  # nothing of a dead worker is kept
+
+    async def _watch_owner(self, owner: LiveSandbox) -> None:
+        """A kernel's workers end with its kernel: on a restart, an exit or the sandbox's deletion."""
+        queue: asyncio.Queue[pb.SandboxEvent | None] = asyncio.Queue()
+        owner.watchers.add(queue)
+        generation = owner.record.kernel_generation
+        try:
+            while (event := await queue.get()) is not None:
+                s = event.sandbox
+                if s.state in ENDED or s.state == pb.KERNEL_EXITED or s.kernel_generation != generation:
+                    break
+        finally:
+            owner.watchers.discard(queue)
+            self.owners.pop(owner.record.id, None)
+        log.info("sandbox_id=%s kernel restarted or ended: stopping its fan-out workers", owner.record.id)
+        self.on_owner_gone(owner.record.id)
+        for w in [w for w in self.workers.values() if w.pool_key[0] == owner.record.id]:
+            await self.kill(w, f"its kernel's sandbox {owner.record.id} restarted or ended")
+
+    async def reap(self) -> None:
+        """Every few seconds: stop workers idle longer than the idle timeout."""
+        while True:
+            await asyncio.sleep(max(0.5, min(10.0, self.idle_timeout / 4)))
+            now = time.monotonic()
+            for w in list(self.workers.values()):
+                if w.job is None and not w.cancelling and now - w.idle_since > self.idle_timeout:
+                    try:
+                        await self.kill(w, f"idle for {self.idle_timeout:g}s")
+                    except Exception:  # the reaper must outlive one bad stop
+                        log.exception("sandbox_id=%s could not stop an idle worker", w.sandbox_id)
+
+    async def remove_leftovers(self) -> None:
+        """Workers of a previous backend have no job and no pool any more: stop them."""
+        for sb in list(self.manager.live.values()):
+            if is_worker(sb.record.spec) and not sb.record.ended:
+                log.info("sandbox_id=%s stopping a fan-out worker left by a previous backend", sb.record.id)
+                with contextlib.suppress(SnapkernelError):
+                    await self.manager.delete(sb.record.id)
+
+    async def close(self) -> None:
+        for task in [*self._tasks, *self.owners.values()]:
+            task.cancel()
+        for w in list(self.workers.values()):
+            await self.kill(w, "the backend is stopping")
