@@ -222,6 +222,7 @@ class Job:
         spec.mount_dir = base.mount_dir
         spec.env.update(base.env)
         spec.env[MODE_ENV] = "worker"
+        spec.hibernate_after = 0  # idle workers are stopped by their pool, never hibernated
         return spec
 
     async def _start_workers(self) -> None:
