@@ -108,7 +108,13 @@ class Hibernator:
             r.hibernation = ""
             why = str(e) if isinstance(e, SnapkernelError) else f"{type(e).__name__}: {e}"
             self.m._set_state(sb, pb.RUNNING, f"could not hibernate, so it stays awake: {why}")
-            self._deliver_held(sb)
+            runtime = self.m.runtimes[r.runtime]
+            if runtime.is_alive(r):
+                self._deliver_held(sb)
+            else:  # it died on the way (a checkpoint that failed half-way)
+                await self.m._ended_on_its_own(sb, runtime)
+                self._tell_notebook(sb, f"snapkernel: this kernel's sandbox ended while hibernating: {why}\n"
+                                        "Restart the kernel.", fail=True)
             if isinstance(e, SnapkernelError):
                 raise
             raise StateError(f"sandbox {r.id} could not hibernate: {why}") from e
