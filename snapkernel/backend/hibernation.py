@@ -161,19 +161,22 @@ class Hibernator:
         r = sb.record
         driver = await asyncio.to_thread(cuda.CudaDriver.load)
         # The GPU memory lands in the kernel's host memory: make room for it under its limit, and count it.
+        # Measured before the tensors move out: waking needs room on the GPU for all of it again.
         runtime = self.m.runtimes[r.runtime]
-        gpu_bytes = sum((await asyncio.to_thread(cuda.gpu_memory_of, cuda.descendants(r.pid), r.gpu_indices)).values())
-        parked = sb.spec.memory + gpu_bytes + cuda.RESTORE_MARGIN
+        pids = await asyncio.to_thread(cuda.cuda_processes, driver, r.pid)
+        held = await asyncio.to_thread(cuda.gpu_memory_of, pids, r.gpu_indices)
+        parked = sb.spec.memory + sum(held.values()) + cuda.RESTORE_MARGIN
         runtime.set_memory_limit(r, parked)
         self.m.scheduler.resize(r.id, parked)
         try:
-            await self._move_out(sb, driver)
+            await self._move_out(sb, driver, pids, held)
         except BaseException:
             runtime.set_memory_limit(r, sb.spec.memory)
             self.m.scheduler.resize(r.id, sb.spec.memory)
             raise
 
-    async def _move_out(self, sb: LiveSandbox, driver: cuda.CudaDriver) -> None:
+    async def _move_out(self, sb: LiveSandbox, driver: cuda.CudaDriver, pids: list[int],
+                        held: dict[int, int]) -> None:
         r = sb.record
         offloaded = False
         if self.m.defaults.gpu_offload:
@@ -182,13 +185,13 @@ class Hibernator:
             log.info("sandbox_id=%s offloaded %s bytes of tensors in %.2fs", r.id, result.get("bytes"),
                      result.get("seconds", 0.0))
         try:
-            sb.suspended = await asyncio.to_thread(cuda.suspend, driver, r.pid, r.gpu_indices)
+            sb.suspended = await asyncio.to_thread(cuda.suspend, driver, pids, held)
         except SnapkernelError:
             if offloaded:
                 await self._offload(sb, "reload")
             raise
-        log.info("sandbox_id=%s driver checkpoint of %s moved %s bytes in %.2fs", r.id, sb.suspended.pids,
-                 sb.suspended.total_bytes, sb.suspended.seconds)
+        log.info("sandbox_id=%s driver checkpoint of %s (holding %s bytes of GPU memory) took %.2fs", r.id,
+                 sb.suspended.pids, sb.suspended.total_bytes, sb.suspended.seconds)
         self.m.scheduler.release_gpus(r.id)
 
     async def _offload(self, sb: LiveSandbox, action: str) -> dict[str, int | float]:
@@ -223,6 +226,7 @@ class Hibernator:
         self.m._set_state(sb, pb.WAKING, f"waking from {method}",
                           pb.Progress(step="wake", message=f"waking from {method}", fraction=0.1))
         started = time.perf_counter()
+        sb.told_waiting = False
         try:
             if method == "suspend":
                 await self._resume(sb)
@@ -255,12 +259,11 @@ class Hibernator:
 
     async def _resume(self, sb: LiveSandbox) -> None:
         r = sb.record
-        sb.told_waiting = False
         await self.m.scheduler.wait_in_line(r.id, lambda: self.m.scheduler.claim_gpus(r.id, r.gpu_indices),
                                             lambda why: self._waiting(sb, why), self.m.defaults.wake_timeout)
         driver = await asyncio.to_thread(cuda.CudaDriver.load)
-        suspended = sb.suspended or cuda.Suspended(
-            [p for p in cuda.descendants(r.pid) if driver.state(p) is not None])  # after a backend restart
+        # After a backend restart only the processes are known again, not what they held.
+        suspended = sb.suspended or cuda.Suspended(await asyncio.to_thread(cuda.cuda_processes, driver, r.pid))
         await self.m.scheduler.wait_in_line(
             r.id, lambda: cuda.check_room(suspended.gpu_bytes, r.gpu_indices), lambda why: self._waiting(sb, why),
             self.m.defaults.wake_timeout)
@@ -281,7 +284,6 @@ class Hibernator:
 
     async def _relaunch(self, sb: LiveSandbox, method: str) -> None:
         r = sb.record
-        sb.told_waiting = False
         if sb.spec.gpu:
             r.gpu_indices = await self.m.scheduler.wait_in_line(
                 r.id, lambda: self.m.scheduler.allocate(r.id, sb.spec), lambda why: self._waiting(sb, why),

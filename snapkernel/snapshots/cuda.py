@@ -128,14 +128,18 @@ class Suspended:
         return sum(self.gpu_bytes.values())
 
 
-def suspend(driver: CudaDriver, root_pid: int, gpu_indices: list[int]) -> Suspended:
-    """Move the GPU memory of every CUDA process under `root_pid` into host memory and release its GPUs.
+def cuda_processes(driver: CudaDriver, root_pid: int) -> list[int]:
+    """The processes under `root_pid` (itself included) that hold a CUDA context."""
+    return [p for p in descendants(root_pid) if driver.state(p) is not None]
+
+
+def suspend(driver: CudaDriver, pids: list[int], held: dict[int, int]) -> Suspended:
+    """Move the GPU memory of the CUDA processes `pids` into host memory. `held` is the GPU memory they
+    had (per GPU index, see `gpu_memory_of`): what a resume must find free again.
 
     All processes are locked before any is checkpointed, so none of them waits on another mid-way; on a
     failure the ones already done are put back, and the sandbox runs on as before.
     """
-    pids = [p for p in descendants(root_pid) if driver.state(p) is not None]
-    held = gpu_memory_of(pids, gpu_indices)
     started = time.perf_counter()
     locked: list[int] = []
     checkpointed: list[int] = []
