@@ -14,7 +14,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -284,9 +284,7 @@ class SandboxManager:
         elif kind == "kernel_exited":
             if msg.kernel_exited.generation == r.kernel_generation and not sb.deleting:
                 r.exit_code = msg.kernel_exited.code
-                for future in sb.code_results.values():  # the backend's own code in it will not finish
-                    if not future.done():
-                        future.set_exception(SandboxFailedError(f"the kernel exited with code {r.exit_code}"))
+                _fail_code_results(sb, f"the kernel exited with code {r.exit_code}")
                 self._set_state(sb, pb.KERNEL_EXITED, f"kernel exited with code {r.exit_code}")
         elif kind == "error":
             log.warning("sandbox_id=%s agent: %s", r.id, msg.error)
@@ -299,9 +297,7 @@ class SandboxManager:
             if sb.record.state == pb.WAKING:
                 sb.state_error = f"the sandbox ended while waking{_log_tail(Path(sb.record.dir) / LOG_FILE)}"
                 sb.restore_state = None
-                for future in sb.code_results.values():
-                    if not future.done():
-                        future.set_exception(SandboxFailedError(sb.state_error))
+                _fail_code_results(sb, sb.state_error)
                 self._notify(sb)
             return
         runtime = self.runtimes.get(sb.record.runtime)
@@ -589,12 +585,27 @@ class SandboxManager:
         self.snapshots.close()
 
 
+def _fail_code_results(sb: LiveSandbox, why: str) -> None:
+    """The backend's own code waiting in this sandbox's kernel will not finish: fail it now, not at its timeout."""
+    for future in sb.code_results.values():
+        if not future.done():
+            future.set_exception(SandboxFailedError(why))
+
+
+def _wire_parts(parts: Sequence[bytes]) -> Sequence[bytes]:
+    """A kernel frame's Jupyter message parts (signature, header, parent, metadata, content), after its
+    routing identities and delimiter; empty when the frame is not a whole message."""
+    for i in range(min(len(parts), 4)):
+        if parts[i] == b"<IDS|MSG>":
+            return parts[i + 1:] if len(parts) > i + 5 else []
+    return []
+
+
 def _describe(msg: pb.AgentMessage) -> str:
     """What a message to the agent is, for logs: a kernel message's channel and type."""
     if msg.WhichOneof("kind") != "frame":
         return str(msg.WhichOneof("kind"))
-    header = next((msg.frame.parts[i + 2] for i, p in enumerate(msg.frame.parts[:4])
-                   if p == b"<IDS|MSG>" and len(msg.frame.parts) > i + 2), b"{}")
+    header = (_wire_parts(msg.frame.parts) or [b"", b"{}"])[1]
     try:
         msg_type = json.loads(header).get("msg_type", "?")
     except ValueError:
@@ -604,15 +615,9 @@ def _describe(msg: pb.AgentMessage) -> str:
 
 def _track_busy(sb: LiveSandbox, frame: pb.KernelFrame) -> None:
     """Follow the kernel's `status` messages on iopub: a busy kernel is never idle enough to hibernate."""
-    parts = frame.parts
-    for i in range(min(len(parts), 4)):
-        if parts[i] == b"<IDS|MSG>":
-            break
-    else:
-        return
-    header = parts[i + 2] if len(parts) > i + 5 else b""
-    if b'"msg_type": "status"' in header or b'"msg_type":"status"' in header:
-        sb.busy = b'"busy"' in parts[i + 5]
+    wire = _wire_parts(frame.parts)
+    if wire and (b'"msg_type": "status"' in wire[1] or b'"msg_type":"status"' in wire[1]):
+        sb.busy = b'"busy"' in wire[4]
 
 
 def _log_tail(path: Path, lines: int = 8) -> str:
