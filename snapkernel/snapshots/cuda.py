@@ -11,13 +11,12 @@ from __future__ import annotations
 import ctypes
 import enum
 import logging
-import os
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from snapkernel.errors import RuntimeUnavailableError, SandboxFailedError, StateError
+from snapkernel.backend.usage import gpu_usage, sample_tree
+from snapkernel.errors import NoCapacityError, RuntimeUnavailableError, SandboxFailedError
 
 log = logging.getLogger(__name__)
 
@@ -94,27 +93,6 @@ class CudaDriver:
         self._check(self.lib.cuCheckpointProcessUnlock(pid, None), f"unlocking CUDA in pid {pid}")
 
 
-def descendants(root: int) -> list[int]:
-    """`root` and every process below it (from /proc), parents first."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop(0)
-        out.append(pid)
-        todo.extend(sorted(children.get(pid, [])))
-    return out
-
-
 @dataclass
 class Suspended:
     """What `suspend` moved out: the processes, and the GPU memory they held (bytes per GPU index)."""
@@ -130,7 +108,7 @@ class Suspended:
 
 def cuda_processes(driver: CudaDriver, root_pid: int) -> list[int]:
     """The processes under `root_pid` (itself included) that hold a CUDA context."""
-    return [p for p in descendants(root_pid) if driver.state(p) is not None]
+    return [p for p in sample_tree(root_pid).pids if driver.state(p) is not None]
 
 
 def suspend(driver: CudaDriver, pids: list[int], held: dict[int, int]) -> Suspended:
@@ -182,42 +160,30 @@ def _undo(driver: CudaDriver, checkpointed: list[int], locked: list[int]) -> Non
 RESTORE_MARGIN = 256 << 20  # room a restore needs beyond the bytes it puts back (contexts, alignment)
 
 
-def _with_nvml(fn: Callable[..., dict[int, int]], *args: object) -> dict[int, int]:
+def gpu_memory_of(pids: list[int], gpu_indices: list[int]) -> dict[int, int]:
+    """Bytes of GPU memory the processes hold, per GPU index (NVML's per-process accounting)."""
+    usages, why = gpu_usage(gpu_indices, pids)
+    if len(usages) != len(gpu_indices):
+        raise RuntimeUnavailableError(f"cannot read GPU memory from NVML: {why}")
+    return {u.index: u.sandbox_memory_used for u in usages}
+
+
+def free_memory(gpu_indices: list[int]) -> dict[int, int]:
+    """NVML's free bytes per GPU index (not total - used: newer drivers also keep memory reserved)."""
     import pynvml
 
     pynvml.nvmlInit()
     try:
-        return fn(pynvml, *args)
+        return {i: int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).free)
+                for i in gpu_indices}
     finally:
         pynvml.nvmlShutdown()
-
-
-def gpu_memory_of(pids: list[int], gpu_indices: list[int]) -> dict[int, int]:
-    """Bytes of GPU memory the processes hold, per GPU index (NVML's per-process accounting)."""
-
-    def read(nvml: object, pids: set[int]) -> dict[int, int]:
-        out: dict[int, int] = {}
-        for index in gpu_indices:
-            handle = nvml.nvmlDeviceGetHandleByIndex(index)  # type: ignore[attr-defined]
-            procs = nvml.nvmlDeviceGetComputeRunningProcesses(handle)  # type: ignore[attr-defined]
-            out[index] = sum(int(p.usedGpuMemory or 0) for p in procs if p.pid in pids)
-        return out
-
-    return _with_nvml(read, set(pids))
-
-
-def free_memory(gpu_indices: list[int]) -> dict[int, int]:
-    def read(nvml: object) -> dict[int, int]:
-        return {i: int(nvml.nvmlDeviceGetMemoryInfo(  # type: ignore[attr-defined]
-            nvml.nvmlDeviceGetHandleByIndex(i)).free) for i in gpu_indices}  # type: ignore[attr-defined]
-
-    return _with_nvml(read)
 
 
 def check_room(needed: dict[int, int], gpu_indices: list[int]) -> None:
     free = free_memory(gpu_indices)
     for index, want in needed.items():
         if free.get(index, 0) < want + RESTORE_MARGIN:
-            raise StateError(
+            raise NoCapacityError(
                 f"GPU {index} has {free.get(index, 0) >> 20} MiB free; putting this kernel's GPU memory back "
-                f"needs {(want + RESTORE_MARGIN) >> 20} MiB. Stop another process on that GPU and wake it again")
+                f"needs {(want + RESTORE_MARGIN) >> 20} MiB: another process on that GPU must free some first")

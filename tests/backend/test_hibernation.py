@@ -175,6 +175,7 @@ def test_scheduler_hands_released_gpus_to_the_line_in_order() -> None:
 @pytest.mark.parametrize("backend", ["process"], indirect=True)
 def test_a_gpu_kernel_suspends_gives_its_gpu_back_and_wakes_bit_identical(backend: Backend,
                                                                           kernelspec_dir: Path) -> None:
+    from snapkernel.backend.usage import sample_tree
     from snapkernel.snapshots import cuda
 
     name = write_kernelspec(kernelspec_dir, "snapkernel-test-gpu-hibernate", {"gpu": "any:1", "runtime": "process"})
@@ -189,7 +190,7 @@ def test_a_gpu_kernel_suspends_gives_its_gpu_back_and_wakes_bit_identical(backen
         assert sb.state == pb.HIBERNATED and sb.hibernation == "suspend", sb.message
         status: pb.Status = backend_call(backend, lambda c: c.status())
         assert status.capacity.gpus_allocated == 0  # the GPU went back to the scheduler
-        held = cuda.gpu_memory_of(cuda.descendants(sb.pid), list(sb.gpu_indices))
+        held = cuda.gpu_memory_of(sample_tree(sb.pid).pids, list(sb.gpu_indices))
         assert sum(held.values()) < 64 << 20, held  # and the kernel holds (next to) no GPU memory
         print("GPU memory held while suspended:", held)
         assert value(kc, "(float(t.double().sum()), float(c.sum())) == sums", timeout=120) == "True"
