@@ -1,6 +1,10 @@
 """What is shipped to workers: the function, the notebook globals it refers to (by value, through
 cloudpickle), and the source lines of notebook cells so remote tracebacks quote them.
 
+cloudpickle (3.1.3 on) ships every code object with `co_filename` set to "<dynamic-code>", so a worker's
+traceback could not find the cell's lines: code from a notebook cell is shipped with its file name, which
+the worker puts back (`_stamped`) and under which it registers the cell's lines.
+
 A capture over 256 KiB warns and names the largest variables; one over 64 MiB is refused.
 """
 
@@ -10,6 +14,7 @@ import ast
 import builtins
 import contextlib
 import hashlib
+import io
 import linecache
 import os
 import re
@@ -100,6 +105,31 @@ def _sources(fns: list[Any]) -> dict[str, list[str]]:
     return out
 
 
+def _stamped(make: Callable[..., types.CodeType], args: tuple[Any, ...], filename: str) -> types.CodeType:
+    """Unpickling: the code object cloudpickle builds, under the notebook file name it came from."""
+    return make(*args).replace(co_filename=filename)
+
+
+class _CellPickler(cloudpickle.Pickler):  # type: ignore[misc]
+    """cloudpickle, keeping the file name of code from the given notebook cells."""
+
+    def __init__(self, file: io.BytesIO, filenames: set[str]) -> None:
+        super().__init__(file)
+        self.filenames = filenames
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, types.CodeType) and obj.co_filename in self.filenames:
+            make, args = self.dispatch_table[types.CodeType](obj)
+            return _stamped, (make, args, obj.co_filename)  # nested code objects come through here too
+        return super().reducer_override(obj)
+
+
+def _dumps(value: Any, filenames: set[str]) -> bytes:
+    buf = io.BytesIO()
+    _CellPickler(buf, filenames).dump(value)
+    return buf.getvalue()
+
+
 def pack(fn: Callable[..., Any], extra_sources: dict[str, list[str]] | None = None, what: str = "") -> Payload:
     code = getattr(fn, "__code__", None)
     globs = getattr(fn, "__globals__", {})
@@ -112,7 +142,7 @@ def pack(fn: Callable[..., Any], extra_sources: dict[str, list[str]] | None = No
     sources = _sources([fn, *captured.values()])
     sources.update(extra_sources or {})
     try:
-        data = cloudpickle.dumps((fn, sources))
+        data = _dumps((fn, sources), set(sources))
     except Exception as e:
         raise InvalidSpecError(f"{what} cannot be sent to workers: {e}") from e
     if len(data) > MAX_BYTES:

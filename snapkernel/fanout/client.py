@@ -6,10 +6,13 @@ remote traceback and the index and repr of its input; an interrupt cancels what 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import os
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -80,8 +83,12 @@ def _short(item: Any) -> str:
     return text[:200] + ("..." if len(text) > 200 else "")
 
 
-def remote_exception(result: pb.MapResult, item: Any) -> BaseException:
-    """The exception a remote call raised, with its remote traceback as cause and the failing input named."""
+def remote_exception(result: pb.MapResult, item: Any, show_caller: bool = True) -> BaseException:
+    """The exception a remote call raised, with its remote traceback as cause and the failing input named.
+
+    In IPython it renders as the caller's own frames (with `show_caller`), the worker's frames and the
+    summary: not the frames of snapkernel's client code in between (IPython's `_render_traceback_` hook).
+    """
     exc: BaseException | None = None
     if result.data:
         try:
@@ -91,18 +98,44 @@ def remote_exception(result: pb.MapResult, item: Any) -> BaseException:
     if not isinstance(exc, BaseException):
         last = result.error.strip().splitlines()[-1] if result.error.strip() else "remote error"
         exc = RemoteError(last)
-    exc.__cause__ = RemoteTraceback(result.error or "(no traceback)")
+    text = result.error or f"{type(exc).__name__}: {exc}\n"
+    exc.__cause__ = RemoteTraceback(text)
+    worker = result.worker or "?"
     note = (f"fan-out item {result.index} (input {_short(item)}) failed on worker "
-            f"{result.worker or '?'} after {result.attempts or 1} attempt(s)")
+            f"{worker} after {result.attempts or 1} attempt(s)")
     if hasattr(exc, "add_note"):
         exc.add_note(note)
+    with contextlib.suppress(AttributeError):  # an exception type without a __dict__ renders as usual
+        exc._render_traceback_ = functools.partial(_render, exc, text, note, worker, show_caller)  # type: ignore[attr-defined]
     return exc
+
+
+def _render(exc: BaseException, remote: str, note: str, worker: str, show_caller: bool) -> list[str]:
+    """The lines IPython shows for a remote failure."""
+    lines = ["Traceback (most recent call last):"]
+    if show_caller:  # the notebook's own frames, down to the call of snapkernel
+        frames = [f for f in traceback.extract_tb(exc.__traceback__)
+                  if not f.filename.startswith(_hidden_dirs())]
+        lines += "".join(traceback.format_list(frames)).rstrip("\n").splitlines()
+    lines.append(f"  ... in worker {worker}:")
+    lines += remote.rstrip("\n").removeprefix("Traceback (most recent call last):\n").splitlines()
+    return [*lines, note]
+
+
+def _hidden_dirs() -> tuple[str, ...]:
+    """Where the frames between the notebook and the remote call come from: snapkernel, IPython."""
+    dirs = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep]  # the snapkernel package
+    ipython = sys.modules.get("IPython")
+    if ipython is not None and ipython.__file__:
+        dirs.append(os.path.dirname(ipython.__file__) + os.sep)
+    return tuple(dirs)
 
 
 class MapCall:
     def __init__(self, payload: Payload, options: Options, total: int | None, label: str,
-                 local_fn: Callable[..., Any] | None = None) -> None:
+                 local_fn: Callable[..., Any] | None = None, *, show_caller: bool = True) -> None:
         self.payload = payload
+        self.show_caller = show_caller  # a failure shows the calling frames (not %%fanout's: that is the magic)
         self.local_fn = local_fn  # --clone: what a clone of this kernel runs for each item
         self.options = options
         self.total = total
@@ -231,7 +264,7 @@ class MapCall:
         data = b"".join(self.blobs.pop(r.blob, [])) if r.blob else r.data
         if not r.ok:
             return remote_exception(pb.MapResult(index=r.index, data=data, error=r.error, worker=r.worker,
-                                                 attempts=r.attempts), item)
+                                                 attempts=r.attempts), item, self.show_caller)
         try:
             return cloudpickle.loads(data)
         except Exception as e:

@@ -104,7 +104,7 @@ class SnapKernelMagics(Magics):  # type: ignore[misc]
                 payload = cell_function(cell, args.name, shell.user_ns)
         except SnapkernelError as e:
             raise UsageError(f"%%fanout: {e}") from e
-        call = MapCall(payload, options, len(items), "fanout", local_fn)
+        call = MapCall(payload, options, len(items), "fanout", local_fn, show_caller=False)
         try:
             results = [value for _, value in call.run((item, (item,), {}) for item in items)]
         except RemoteError:

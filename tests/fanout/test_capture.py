@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import linecache
 import threading
 import warnings
 
@@ -39,8 +40,25 @@ def test_the_digest_follows_the_cell_and_its_values() -> None:
 
 def test_a_remote_traceback_quotes_the_cell() -> None:
     payload = cell_function("z = x - 3\n1 / z", "x", {})
+    linecache.clearcache()  # a worker knows the cell only from the payload
     r = run_one(load_function(payload.data), cloudpickle.dumps(((3,), {})))
     assert not r.ok and "line 2" in r.error and "1 / z" in r.error and "ZeroDivisionError" in r.error
+    assert "<dynamic-code>" not in r.error and '"<fanout-cell-' in r.error
+
+
+def test_functions_of_a_notebook_cell_keep_their_file_and_lines_nested_ones_too() -> None:
+    # As IPython compiles a cell: a file name that is not on disk, its lines in linecache only.
+    cell, ns = "/tmp/ipykernel_0/1234.py", {"__name__": "__main__"}
+    source = "def outer(v):\n    inner = lambda w: 1 / w\n    return inner(v)\n"
+    linecache.cache[cell] = (len(source), None, source.splitlines(True), cell)
+    exec(compile(source, cell, "exec"), ns)
+    payload = pack(ns["outer"])
+    linecache.clearcache()
+    fn = load_function(payload.data)
+    assert fn.__code__.co_filename == cell
+    r = run_one(fn, cloudpickle.dumps(((0,), {})))
+    assert not r.ok and r.error.count(f'File "{cell}"') == 2, r.error
+    assert "return inner(v)" in r.error and "inner = lambda w: 1 / w" in r.error, r.error
 
 
 def test_large_captures_warn_and_huge_ones_are_refused_naming_them() -> None:

@@ -93,6 +93,15 @@ def test_a_failing_item_is_raised_with_its_remote_traceback(kernel: Kernel) -> N
         tb = error_text(outputs)
         assert "1 / z" in tb and "line 2" in tb, tb  # the remote file, line and source
         assert "fan-out item 3 (input 3)" in tb, tb
+        assert "<dynamic-code>" not in tb and "snapkernel/" not in tb, tb  # the user's frames only
+    # A function of a notebook cell, shipped with the newest cloudpickle: its own line is quoted, and the
+    # notebook shows the calling line, the worker's frames and the summary, not snapkernel's frames.
+    run(kc, "from snapkernel import remote\n@remote(workers=1)\ndef inverse(v):\n    return 1 / v")
+    content, outputs = run(kc, "inverse.map([1, 0])", timeout=60)
+    assert content["status"] == "error" and content["ename"] == "ZeroDivisionError", content
+    tb = error_text(outputs)
+    assert "return 1 / v" in tb and "inverse.map([1, 0])" in tb and "fan-out item 1 (input 0)" in tb, tb
+    assert "<dynamic-code>" not in tb and "snapkernel/" not in tb, tb
     content, _ = run(kc, "%%fanout --over range(6) --as x --workers 2 --return-exceptions --out r\n1 / (x - 3)",
                      timeout=60)
     assert content["status"] == "ok", content
