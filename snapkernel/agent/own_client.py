@@ -11,7 +11,7 @@ import hmac
 import json
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 DELIM = b"<IDS|MSG>"
@@ -43,7 +43,7 @@ class OwnClient:
         """The wire parts of an execute_request (without routing identity)."""
         msg_id = uuid.uuid4().hex
         header = {"msg_id": msg_id, "msg_type": "execute_request", "username": "snapkernel", "session": self.session,
-                  "date": datetime.now(timezone.utc).isoformat(), "version": "5.3"}
+                  "date": datetime.now(UTC).isoformat(), "version": "5.3"}
         content = {"code": code, "silent": False, "store_history": False, "user_expressions": {},
                    "allow_stdin": False, "stop_on_error": False}
         parts = [json.dumps(x).encode() for x in (header, {}, {}, content)]

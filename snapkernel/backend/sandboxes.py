@@ -397,7 +397,7 @@ class SandboxManager:
                     sb.changed.wait_for(lambda: sb.record.kernel_generation > generation or sb.record.ended),
                     timeout,
                 )
-        except asyncio.TimeoutError as e:
+        except TimeoutError as e:
             raise TimeoutError_(f"sandbox {sandbox_id}: the kernel did not restart within {timeout:g}s") from e
         if sb.record.ended:
             raise SandboxFailedError(f"sandbox {sandbox_id} ended while restarting: {sb.record.message}")
@@ -424,7 +424,7 @@ class SandboxManager:
         self.send_to_agent(sb, pb.AgentMessage(run_code=pb.RunCode(id=request_id, code=code)), internal=True)
         try:
             return await asyncio.wait_for(future, timeout)
-        except asyncio.TimeoutError as e:
+        except TimeoutError as e:
             raise TimeoutError_(f"sandbox {sb.record.id}: the kernel did not finish within {timeout:g}s "
                                 "(is a cell still running? state snapshots wait for the kernel to be idle)") from e
         finally:

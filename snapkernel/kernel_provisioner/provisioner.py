@@ -192,7 +192,7 @@ class SnapKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 lambda s: (s.state == pb.RUNNING and s.kernel_generation > generation)
                 or s.state in ENDED or s.state == pb.KERNEL_EXITED,
                 self.start_timeout))
-        except asyncio.TimeoutError as e:
+        except TimeoutError as e:
             state = STATE_NAMES.get(relay.sandbox.state, "unknown") if relay.sandbox else "unknown"
             failed: SnapkernelError = TimeoutError_(
                 f"sandbox {self.sandbox_id} did not start its kernel within {self.start_timeout:g}s "
