@@ -114,8 +114,8 @@ def _render(exc: BaseException, remote: str, note: str, worker: str, show_caller
     """The lines IPython shows for a remote failure."""
     lines = ["Traceback (most recent call last):"]
     if show_caller:  # the notebook's own frames, down to the call of snapkernel
-        frames = [f for f in traceback.extract_tb(exc.__traceback__)
-                  if not f.filename.startswith(_hidden_dirs())]
+        hidden = _hidden_dirs()
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(hidden)]
         lines += "".join(traceback.format_list(frames)).rstrip("\n").splitlines()
     lines.append(f"  ... in worker {worker}:")
     lines += remote.rstrip("\n").removeprefix("Traceback (most recent call last):\n").splitlines()
