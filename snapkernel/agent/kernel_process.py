@@ -34,8 +34,21 @@ class KernelProcess:
                        "key": key.decode(), "signature_scheme": signature_scheme, "kernel_name": ""}, f)
         env = dict(os.environ)
         env.pop("SNAPKERNEL_KERNEL_KEY", None)
+        _make_user_site()
         # The kernel writes to the agent's log (fd 2), never to fd 1, which carries the frames.
         proc = subprocess.Popen([sys.executable, "-m", "ipykernel_launcher", "-f", path,
                                  "--IPKernelApp.extra_extensions=snapkernel"],
                                 stdin=subprocess.DEVNULL, stdout=2, stderr=2, env=env)
         return cls(proc, {name: f"ipc://{base}-{port}" for name, port in ports.items()}, generation)
+
+
+def _make_user_site() -> None:
+    """Python puts the user site (in HOME, the workspace) on sys.path only if it exists when the kernel starts:
+    made now, `pip install --user` in a cell is importable at once, without a restart."""
+    import site
+
+    if site.ENABLE_USER_SITE:
+        try:
+            os.makedirs(site.getusersitepackages(), exist_ok=True)
+        except OSError as e:
+            print(f"agent: no user site directory ({e})", file=sys.stderr)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import itertools
 import logging
@@ -29,6 +30,7 @@ from snapkernel.agent.worker import BLOB_DIR, MAX_FUNCTIONS, ItemTimeout, format
 from snapkernel.backend.sandboxes import LiveSandbox, SandboxManager
 from snapkernel.backend.v1 import backend_pb2 as pb
 from snapkernel.backend.workers import MODE_ENV, Worker, WorkerPools
+from snapkernel.backend.workspace import WORKSPACE
 from snapkernel.errors import InvalidSpecError, SnapkernelError, StateError
 
 log = logging.getLogger(__name__)
@@ -46,16 +48,36 @@ _BLOB_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _HASH = re.compile(r"^[0-9a-f]{64}$")
 
 
-def _blob_dir(sandbox_dir: str) -> int:
+def _blob_dir(sandbox_dir: str, owner: tuple[int, int] | None = None) -> int:
     """A worker's blob directory, opened without following links: the worker's code could plant them to make
-    the backend read or write host files."""
-    workspace = os.open(Path(sandbox_dir) / "workspace", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    the backend read or write host files. Made for `owner`, the user the worker runs as."""
+    workspace = os.open(Path(sandbox_dir) / WORKSPACE, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
-        with contextlib.suppress(FileExistsError):
+        try:
             os.mkdir(BLOB_DIR, 0o700, dir_fd=workspace)
+            if owner is not None:
+                os.chown(BLOB_DIR, *owner, dir_fd=workspace, follow_symlinks=False)
+        except FileExistsError:
+            pass
         return os.open(BLOB_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=workspace)
     finally:
         os.close(workspace)
+
+
+def _put_blob(src: Path, d: int, name: str) -> None:
+    """An input blob into a worker's blob directory: a hard link, or a copy where the worker's workspace is a
+    file system of its own (its disk quota). Readable by the worker's user either way."""
+    os.chmod(src, 0o644)  # the job's blob directory is the backend's (0700): only workers get to see this
+    try:
+        os.link(src, name, dst_dir_fd=d)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=d)
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
+            shutil.copyfileobj(f, out, CHUNK)
 
 
 def _take_blob(sandbox_dir: str, name: str) -> bytes:
@@ -316,10 +338,10 @@ class Job:
             log.info("sandbox_id=%s job=%s could not take tasks: %s", w.sandbox_id, self.id, e)
 
     def _link_blob(self, w: Worker, name: str) -> None:
-        d = _blob_dir(self.fm.manager.get(w.sandbox_id).record.dir)
+        sb = self.fm.manager.get(w.sandbox_id)
+        d = _blob_dir(sb.record.dir, self.fm.manager.runtimes[sb.record.runtime].owner(sb.spec))
         try:
-            with contextlib.suppress(FileExistsError):
-                os.link(self.blob_dir / name, name, dst_dir_fd=d)
+            _put_blob(self.blob_dir / name, d, name)
         finally:
             os.close(d)
 

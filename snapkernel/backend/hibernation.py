@@ -291,6 +291,7 @@ class Hibernator:
         else:
             self.m.scheduler.allocate(r.id, sb.spec)
         runtime = self.m.runtimes[r.runtime]
+        await asyncio.to_thread(self.m.prepare_workspace, sb)  # mounted again if the host rebooted meanwhile
         if method == "memory":
             r.limits = await runtime.launch(r, sb.spec, {}, Path(r.dir) / IMAGE_DIR)
             await self.m._connect(sb, runtime, self.m.defaults.start_timeout)

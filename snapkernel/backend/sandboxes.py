@@ -27,6 +27,7 @@ from snapkernel.backend.sandbox_db import ASLEEP, SandboxDB, SandboxRecord
 from snapkernel.backend.scheduler import Scheduler
 from snapkernel.backend.spec import ParsedSpec, check_sandbox_id, format_bytes, parse_spec
 from snapkernel.backend.v1 import backend_pb2 as pb
+from snapkernel.backend.workspace import WORKSPACE, Workspaces
 from snapkernel.errors import (
     InvalidSpecError,
     NotFoundError,
@@ -76,6 +77,7 @@ class Defaults:
     cpu: float
     memory: int
     start_timeout: float
+    disk: int = 10 * 1024**3
     hibernate_after_gpu: float = 600.0
     hibernate_after_cpu: float = 0.0
     gpu_offload: bool = True
@@ -94,6 +96,7 @@ class SandboxManager:
         self.defaults = defaults
         self.live: dict[str, LiveSandbox] = {}
         self.snapshots = SnapshotStore(state_dir / "snapshots")
+        self.workspaces = Workspaces(state_dir)
         self._tasks: set[asyncio.Task[None]] = set()
         self.hibernator = Hibernator(self)
         # Agent messages of other parts of the backend (fan-out), by oneof name.
@@ -107,7 +110,7 @@ class SandboxManager:
 
     def _parse(self, spec: pb.SandboxSpec) -> ParsedSpec:
         return parse_spec(spec, default_runtime=self.defaults.runtime, default_cpu=self.defaults.cpu,
-                          default_memory=self.defaults.memory)
+                          default_memory=self.defaults.memory, default_disk=self.defaults.disk)
 
     def get(self, sandbox_id: str) -> LiveSandbox:
         check_sandbox_id(sandbox_id)
@@ -176,6 +179,7 @@ class SandboxManager:
                 f"signature scheme {req.kernel.signature_scheme!r} is not supported: use hmac-sha256"
             )
         runtime.check(spec)
+        self.workspaces.check(spec.disk, req.spec.disk or format_bytes(spec.disk))
         state = self.state_dir.resolve()
         if spec.mount_dir and (Path(spec.mount_dir) == state or state in Path(spec.mount_dir).parents):
             raise InvalidSpecError(f"mount_dir {spec.mount_dir!r} is inside the backend's state dir: mount a "
@@ -202,7 +206,7 @@ class SandboxManager:
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "LANG": os.environ.get("LANG", "C.UTF-8"),
-            "HOME": str(Path(r.dir) / "workspace"),
+            "HOME": str(Path(r.dir) / WORKSPACE),
             "SNAPKERNEL_SANDBOX_ID": r.id,
             "SNAPKERNEL_KERNEL_KEY": kernel.key.decode(),
             "SNAPKERNEL_SIGNATURE_SCHEME": kernel.signature_scheme or "hmac-sha256",
@@ -221,9 +225,11 @@ class SandboxManager:
                      restore: Path | None) -> None:
         r = sb.record
         try:
+            workspace = await asyncio.to_thread(self.prepare_workspace, sb)
             if restore is not None:
                 self._progress(sb, "restore", f"restoring snapshot {sb.spec.restore_from}", 0.1)
-                await memory.restore_workspace(restore, Path(r.dir) / "workspace")
+                await memory.restore_workspace(restore, workspace)
+                await asyncio.to_thread(self.workspaces.give, workspace, runtime.owner(sb.spec))
             else:
                 self._progress(sb, "sandbox", f"starting a {r.runtime} sandbox", 0.1)
             r.limits = await runtime.launch(r, sb.spec, self._sandbox_env(sb, kernel), restore)
@@ -241,6 +247,11 @@ class SandboxManager:
                 await runtime.stop(r)
             self._release(sb)
             self._set_state(sb, pb.FAILED, f"sandbox failed to start: {why}")
+
+    def prepare_workspace(self, sb: LiveSandbox) -> Path:
+        """The sandbox's workspace, mounted with its quota and owned by the user its kernel runs as."""
+        owner = self.runtimes[sb.record.runtime].owner(sb.spec)
+        return self.workspaces.prepare(Path(sb.record.dir), sb.spec.disk, owner)
 
     async def _connect(self, sb: LiveSandbox, runtime: SandboxRuntime, timeout: float) -> None:
         r = sb.record
@@ -360,6 +371,7 @@ class SandboxManager:
             w.put_nowait(None)
         self.live.pop(sandbox_id, None)
         self.db.delete(sandbox_id)
+        await asyncio.to_thread(self.workspaces.release, Path(r.dir))
         await asyncio.to_thread(shutil.rmtree, r.dir, True)
 
     def send_to_agent(self, sb: LiveSandbox, msg: pb.AgentMessage, internal: bool = False) -> None:
@@ -446,12 +458,13 @@ class SandboxManager:
         r = sb.record
         inside = sb.restore_state
         assert inside is not None
-        host = Path(r.dir) / "workspace" / inside
+        host = Path(r.dir) / WORKSPACE / inside
         waking = r.state == pb.WAKING
         self._progress(sb, "restore", "loading the kernel's variables", 0.8)
         try:
             if sb.restore_source is not None:
                 await asyncio.to_thread(shutil.copytree, sb.restore_source, host)
+                await asyncio.to_thread(self.workspaces.give, host, self.runtimes[r.runtime].owner(sb.spec))
             result = await self.run_in_kernel(sb, state.load_code(inside), STATE_TIMEOUT)
             if not result.ok:
                 raise SandboxFailedError(f"loading the saved variables failed: {result.error}")
@@ -479,14 +492,14 @@ class SandboxManager:
     async def _take_state(self, sb: LiveSandbox, name: str) -> Snapshot:
         r = sb.record
         inside = f".snapkernel-state-{secrets.token_hex(4)}"
-        host = Path(r.dir) / "workspace" / inside
+        host = Path(r.dir) / WORKSPACE / inside
         try:
             report = await self.save_state(sb, inside)
             size = sum(p.stat().st_size for p in host.rglob("*") if p.is_file())
             meta = Snapshot(id="", kind="state", name=name, sandbox_id=r.id, notebook_path=r.notebook_path,
                             runtime=r.runtime, skipped=report["skipped"])
             async with self.snapshots.writing(meta, size) as partial:
-                # Both live under the state dir, so this is a rename, not a copy of GiBs.
+                # A rename where the workspace is a plain directory; a copy where it has its own file system.
                 for entry in list(host.iterdir()):
                     await asyncio.to_thread(shutil.move, entry, partial / entry.name)
             return meta

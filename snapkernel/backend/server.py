@@ -6,12 +6,13 @@ import asyncio
 import logging
 import os
 import signal
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from traitlets import Bool, Float, Unicode, default, validate
+from traitlets import Bool, Float, Int, List, Unicode, default, validate
 from traitlets.config import Application
 
 from snapkernel import __version__
@@ -21,10 +22,11 @@ from snapkernel.backend.gpus import inventory
 from snapkernel.backend.runtimes.base import RuntimeInfo, SandboxRuntime
 from snapkernel.backend.runtimes.gvisor import GvisorRuntime, find_runsc
 from snapkernel.backend.runtimes.process import ProcessRuntime
+from snapkernel.backend.runtimes.rootfs import SandboxUser
 from snapkernel.backend.sandboxes import Defaults, SandboxManager
 from snapkernel.backend.scheduler import Scheduler
 from snapkernel.backend.service import BackendService
-from snapkernel.backend.spec import RUNTIMES, parse_memory
+from snapkernel.backend.spec import RUNTIMES, parse_disk, parse_memory
 from snapkernel.backend.v1 import backend_pb2_grpc as pb_grpc
 from snapkernel.errors import InvalidSpecError, SnapkernelError
 
@@ -72,6 +74,14 @@ class BackendApp(Application):
     platform = Unicode("", help="gVisor platform: systrap, ptrace or kvm (default: runsc's own).").tag(config=True)
     default_cpu = Float(1.0, help="Cores for a sandbox that does not ask (e.g. 2 or 0.5).").tag(config=True)
     default_memory = Unicode("4Gi", help="Memory for a sandbox that does not ask (e.g. '8Gi').").tag(config=True)
+    default_disk = Unicode("10Gi", help="Workspace quota for a sandbox that does not ask (kernelspec key `disk`, "
+                                        "e.g. '50Gi').").tag(config=True)
+    sandbox_uid = Int(1000, help="User id gvisor kernels run as inside their sandbox (never 0).").tag(config=True)
+    sandbox_gid = Int(1000, help="Group id gvisor kernels run as inside their sandbox.").tag(config=True)
+    sandbox_ro_paths = List(Unicode(), help="Host paths every gvisor sandbox sees read-only besides the system "
+                                            "directories and the agent's Python (e.g. a shared dataset "
+                                            "directory). An admin's setting: notebook users cannot add any."
+                            ).tag(config=True)
     cpu_overcommit = Float(4.0, help="How many times the host's cores may be handed out in total.").tag(config=True)
     memory_overcommit = Float(1.5, help="How many times the host's memory may be handed out in total.").tag(
         config=True)
@@ -112,6 +122,14 @@ class BackendApp(Application):
     def _default_listen(self) -> str:
         return f"unix://{Path(self.state_dir).absolute() / 'backend.sock'}"
 
+    @validate("sandbox_uid", "sandbox_gid")
+    def _check_ids(self, proposal: dict[str, Any]) -> int:
+        value = int(proposal["value"])
+        if not 0 < value < 2**31:
+            raise InvalidSpecError(f"{proposal['trait'].name} {value} is not valid: use an id from 1 to 2147483647 "
+                                   "(kernels never run as root)")
+        return value
+
     @validate("runtime")
     def _check_runtime(self, proposal: dict[str, Any]) -> str:
         if proposal["value"] and proposal["value"] not in RUNTIMES:
@@ -127,7 +145,8 @@ class BackendApp(Application):
             missing.append(RuntimeInfo("gvisor", False, "", "runsc not found: `make install` as root installs it, "
                                        "or set --BackendApp.runsc=PATH"))
         else:
-            gvisor = GvisorRuntime(runsc, state, driver, self.platform)
+            gvisor = GvisorRuntime(runsc, state, driver, self.platform, ro_paths=self.sandbox_ro_paths,
+                                   user=SandboxUser(self.sandbox_uid, self.sandbox_gid))
             if gvisor.available:
                 runtimes["gvisor"] = gvisor
             else:
@@ -153,6 +172,7 @@ class BackendApp(Application):
         scheduler = Scheduler(gpus, self.cpu_overcommit, self.memory_overcommit)
         manager = SandboxManager(state, runtimes, scheduler, Defaults(
             runtime=default_runtime, cpu=self.default_cpu, memory=parse_memory(self.default_memory),
+            disk=parse_disk(self.default_disk),
             start_timeout=self.start_timeout, hibernate_after_gpu=self.hibernate_after_gpu,
             hibernate_after_cpu=self.hibernate_after_cpu, gpu_offload=self.gpu_offload,
             wake_timeout=self.wake_timeout))
@@ -162,7 +182,9 @@ class BackendApp(Application):
         await fanout.start()
 
         def infos() -> list[RuntimeInfo]:
-            return [r.probe() for r in runtimes.values()] + missing
+            quota = manager.workspaces.describe()
+            found = [r.probe() for r in runtimes.values()]
+            return [replace(i, detail=f"{i.detail}; {quota}") for i in found] + missing
 
         server = grpc.aio.server(interceptors=[TokenInterceptor(token)], options=GRPC_OPTIONS)
         pb_grpc.add_BackendServicer_to_server(BackendService(manager, infos, default_runtime, fanout=fanout), server)

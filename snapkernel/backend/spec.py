@@ -11,6 +11,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from snapkernel.backend.v1 import backend_pb2 as pb
@@ -18,17 +19,18 @@ from snapkernel.errors import InvalidSpecError
 
 RUNTIMES = ("process", "gvisor")
 _GPU_RE = re.compile(r"^(?P<model>[A-Za-z][A-Za-z0-9_-]*)(?::(?P<count>\d+))?$")
-_MEM_RE = re.compile(r"^(?P<num>\d+(?:\.\d+)?)\s*(?P<unit>[KMGT]i?|[kmgt]i?|B)?$")
+_MEM_RE = re.compile(r"^(?P<num>\d+(?:\.\d+)?)\s*(?P<unit>[KMGTPE]i?|[kmgtpe]i?|B)?$")
 _UNITS = {
     None: 1, "B": 1,
-    "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4,
-    "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "Ti": 1024**4,
+    "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4, "P": 1000**5, "E": 1000**6,
+    "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "Ti": 1024**4, "Pi": 1024**5, "Ei": 1024**6,
 }
 _SANDBOX_ID_RE = re.compile(r"^sb-[0-9a-f]{12}$")
 _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MIN_MEMORY = 64 * 1024**2
-CONFIG_KEYS = ("gpu", "cpu", "memory", "runtime", "image", "restore_from", "hibernate_after", "network", "env",
-               "mount_notebook_dir")
+MIN_DISK = 16 * 1024**2
+CONFIG_KEYS = ("gpu", "cpu", "memory", "disk", "runtime", "image", "restore_from", "hibernate_after", "network",
+               "env", "mount_notebook_dir")
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class ParsedSpec:
     gpu: GpuRequest | None
     cpu: float
     memory: int  # bytes
+    disk: int  # bytes: the workspace quota
     runtime: str
     image: str
     restore_from: str
@@ -68,6 +71,15 @@ def parse_gpu(value: str) -> GpuRequest | None:
 
 def parse_memory(value: str | int) -> int:
     """`"8Gi"` → bytes. Plain numbers are bytes; K/M/G/T are powers of 1000, Ki/Mi/Gi/Ti of 1024."""
+    return parse_size(value, "memory", MIN_MEMORY, "'512Mi', '8Gi' or '2G'")
+
+
+def parse_disk(value: str | int) -> int:
+    """A workspace quota, `"10Gi"` → bytes (units as for memory)."""
+    return parse_size(value, "disk", MIN_DISK, "'512Mi', '10Gi' or '50G'")
+
+
+def parse_size(value: str | int, what: str, minimum: int, examples: str) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         size = value
     else:
@@ -78,12 +90,12 @@ def parse_memory(value: str | int) -> int:
             unit = unit[0].upper() + unit[1:]
         if not m or unit not in _UNITS:
             raise InvalidSpecError(
-                f"memory size {value!r} is not valid: use a number of bytes or a number with a unit, "
-                "for example '512Mi', '8Gi' or '2G'"
+                f"{what} size {value!r} is not valid: use a number of bytes or a number with a unit, "
+                f"for example {examples}"
             )
         size = int(float(m.group("num")) * _UNITS[unit])
-    if size < MIN_MEMORY:
-        raise InvalidSpecError(f"memory size {value!r} is too small: a kernel needs at least 64Mi")
+    if size < minimum:
+        raise InvalidSpecError(f"{what} size {value!r} is too small: use at least {format_bytes(minimum)}")
     return size
 
 
@@ -103,8 +115,29 @@ def check_sandbox_id(value: str) -> str:
     return value
 
 
+def check_image(image: str) -> str:
+    """An `image` is a root filesystem directory with a Linux userland (the agent's Python goes in)."""
+    real = os.path.realpath(image)
+    if not os.path.isabs(image):
+        raise InvalidSpecError(f"image {image!r} is not valid: give the absolute path of a root filesystem")
+    if real == "/":
+        raise InvalidSpecError(f"image {image!r} is the host's own root: that shows the whole host to the "
+                               "kernel; leave image unset for the minimal root filesystem")
+    if not os.path.isdir(real):
+        raise InvalidSpecError(f"image {image!r} is not valid: it is not a directory (give the absolute path "
+                               "of a root filesystem directory)")
+    loaders = [p for d in ("lib64", "lib", "usr/lib64", "usr/lib")
+               for p in (Path(real, d).glob("ld-linux*.so*") if os.path.isdir(Path(real, d)) else [])]
+    if not loaders:
+        raise InvalidSpecError(
+            f"image {image!r} has no Linux userland to run Python in (no lib*/ld-linux*.so): give a root "
+            "filesystem such as one made by debootstrap, or leave image unset"
+        )
+    return real
+
+
 def parse_spec(spec: pb.SandboxSpec, *, default_runtime: str, default_cpu: float,
-               default_memory: int) -> ParsedSpec:
+               default_memory: int, default_disk: int) -> ParsedSpec:
     """Check every field of a request's spec; the first bad value raises `InvalidSpecError`."""
     runtime = spec.runtime or default_runtime
     if runtime not in RUNTIMES:
@@ -123,14 +156,13 @@ def parse_spec(spec: pb.SandboxSpec, *, default_runtime: str, default_cpu: float
     if spec.mount_dir and (not os.path.isabs(spec.mount_dir) or not os.path.isdir(spec.mount_dir)):
         raise InvalidSpecError(f"mount_dir {spec.mount_dir!r} is not valid: give the absolute path of an existing "
                                "directory")
-    if spec.image and not spec.image.startswith("/"):
-        raise InvalidSpecError(f"image {spec.image!r} is not valid: give the absolute path of a root filesystem")
     return ParsedSpec(
         gpu=parse_gpu(spec.gpu),
         cpu=float(cpu),
         memory=parse_memory(spec.memory) if spec.memory else default_memory,
+        disk=parse_disk(spec.disk) if spec.disk else default_disk,
         runtime=runtime,
-        image=spec.image,
+        image=check_image(spec.image) if spec.image else "",
         restore_from=spec.restore_from,
         hibernate_after=hibernate,
         network=spec.network,
@@ -148,11 +180,11 @@ def spec_from_config(config: Mapping[str, Any]) -> pb.SandboxSpec:
             f"{', '.join(CONFIG_KEYS)}"
         )
     spec = pb.SandboxSpec()
-    for key in ("gpu", "memory", "runtime", "image", "restore_from"):
+    for key in ("gpu", "memory", "disk", "runtime", "image", "restore_from"):
         value = config.get(key)
         if value is None:
             continue
-        if key == "memory" and isinstance(value, int) and not isinstance(value, bool):
+        if key in ("memory", "disk") and isinstance(value, int) and not isinstance(value, bool):
             value = str(value)
         if not isinstance(value, str):
             raise InvalidSpecError(f"{key} {value!r} is not valid: expected a string")
@@ -179,6 +211,8 @@ def spec_from_config(config: Mapping[str, Any]) -> pb.SandboxSpec:
     parse_gpu(spec.gpu)
     if spec.memory:
         parse_memory(spec.memory)
+    if spec.disk:
+        parse_disk(spec.disk)
     if spec.runtime and spec.runtime not in RUNTIMES:
         raise InvalidSpecError(f"runtime {spec.runtime!r} is not known: use one of {', '.join(RUNTIMES)}")
     return spec

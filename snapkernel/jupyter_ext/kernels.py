@@ -27,7 +27,7 @@ from snapkernel.kernel_provisioner.provisioner import LAUNCH_SPEC, SnapKernelPro
 
 # The spec keys a client may choose at launch, with their JSON types.
 LAUNCH_KEYS: dict[str, type | tuple[type, ...]] = {
-    "gpu": str, "cpu": (int, float), "memory": (str, int), "runtime": str, "restore_from": str,
+    "gpu": str, "cpu": (int, float), "memory": (str, int), "disk": (str, int), "runtime": str, "restore_from": str,
     "hibernate_after": (int, float),
 }
 

@@ -42,8 +42,10 @@ class SnapKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         config=True)
     cpu = Float(None, allow_none=True, help="Cores for the sandbox, e.g. 2 or 0.5.").tag(config=True)
     memory = AnyTrait(None, allow_none=True, help="Memory limit, e.g. '8Gi'.").tag(config=True)
+    disk = AnyTrait(None, allow_none=True, help="Workspace quota, e.g. '10Gi'.").tag(config=True)
     runtime = Unicode(None, allow_none=True, help="Sandbox runtime: 'gvisor' or 'process'.").tag(config=True)
-    image = Unicode(None, allow_none=True, help="Root filesystem directory for the sandbox.").tag(config=True)
+    image = Unicode(None, allow_none=True, help="Root filesystem directory for the sandbox (default: a minimal "
+                    "root of the host's system directories).").tag(config=True)
     restore_from = Unicode(None, allow_none=True, help="Snapshot id to start the kernel from.").tag(config=True)
     hibernate_after = Float(None, allow_none=True, help="Idle seconds before hibernating; 0 = never.").tag(
         config=True)

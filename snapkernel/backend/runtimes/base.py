@@ -133,6 +133,10 @@ class SandboxRuntime(ABC):
         self._children.pop(record.id, None)
         return code
 
+    def owner(self, spec: ParsedSpec) -> tuple[int, int] | None:
+        """The (uid, gid) a sandbox's kernel runs as where it is not the backend's own: its workspace is theirs."""
+        return None
+
     def set_memory_limit(self, record: SandboxRecord, nbytes: int) -> None:  # noqa: B027 - where it has one
         """Change a running sandbox's memory limit (a suspended GPU kernel keeps its GPU memory in host memory)."""
 

@@ -1,8 +1,9 @@
 """The `gvisor` runtime: each sandbox is a gVisor sandbox started with `runsc run` under the shim.
 
-The root filesystem is an image directory or, by default, the host's `/` read-only; `/tmp` and the
-sandbox's workspace are writable; the backend's state dir is hidden behind an empty tmpfs; the network
-is `none` unless the spec asks for it. CPU, memory and pid limits go in the OCI spec (runsc applies them).
+The root filesystem is, by default, a minimal one (`rootfs.py`: the host's system directories and the
+agent's Python read-only, a generated /etc), or an image directory; the kernel runs as an unprivileged
+user; `/tmp` and the sandbox's workspace are writable; the network is `none` unless the spec asks for it.
+CPU, memory and pid limits go in the OCI spec (runsc applies them).
 What the installed runsc can do (platform, checkpoint flags, nvproxy and the host driver) is detected once
 at start-up and shown by `snapkernel status`.
 """
@@ -22,7 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from snapkernel.backend.runtimes import rootfs
 from snapkernel.backend.runtimes.base import Launch, RuntimeInfo, SandboxRuntime
+from snapkernel.backend.runtimes.rootfs import SandboxUser, bind
 from snapkernel.backend.sandbox_db import SandboxRecord
 from snapkernel.backend.spec import ParsedSpec
 from snapkernel.errors import RuntimeUnavailableError, SandboxFailedError, StateError
@@ -101,24 +104,17 @@ def find_runsc(configured: str = "") -> str | None:
     return shutil.which("runsc")
 
 
-def python_paths() -> list[str]:
-    """Directories the agent's interpreter needs: prefixes and every existing sys.path entry."""
-    paths = {sys.prefix, sys.base_prefix, *(p for p in sys.path if p)}
-    import snapkernel
-
-    paths.add(str(Path(snapkernel.__file__).resolve().parent.parent))
-    return sorted(p for p in (os.path.realpath(p) for p in paths) if os.path.isdir(p))
-
-
-def _bind(path: str, mode: str) -> dict[str, Any]:
-    return {"destination": path, "type": "bind", "source": path, "options": ["rbind", mode]}
+ROOTFS = "rootfs"  # in the sandbox's directory: the skeleton of its minimal root filesystem
 
 
 class GvisorRuntime(SandboxRuntime):
     name = "gvisor"
 
-    def __init__(self, runsc: str, state_dir: Path, driver_version: str = "", platform: str = "") -> None:
+    def __init__(self, runsc: str, state_dir: Path, driver_version: str = "", platform: str = "", *,
+                 user: SandboxUser | None = None, ro_paths: list[str] | None = None) -> None:
         super().__init__()
+        self.user = user or SandboxUser()
+        self.ro_paths = rootfs.check_ro_paths(ro_paths or [])
         self.features = detect(runsc)
         self.state_dir = state_dir
         self.root = state_dir / "runsc"
@@ -140,7 +136,9 @@ class GvisorRuntime(SandboxRuntime):
                 "the 2024-07 build")
         detail = (f"{f.path}; platform {self.platform}; memory snapshots of live kernels: {snap}; "
                   f"checkpoint flags: {', '.join(sorted(f.checkpoint_flags)) or 'none'}; "
-                  f"GPUs (nvproxy): {('no: ' + gpu) if gpu else 'yes'}")
+                  f"GPUs (nvproxy): {('no: ' + gpu) if gpu else 'yes'}; root filesystem: minimal (system directories "
+                  f"and Python read-only{', ' + ', '.join(self.ro_paths) if self.ro_paths else ''}); kernels run as "
+                  f"uid {self.user.uid}")
         return RuntimeInfo(self.name, True, f.version, detail)
 
     def check(self, spec: ParsedSpec) -> None:
@@ -153,11 +151,28 @@ class GvisorRuntime(SandboxRuntime):
                 "runtime 'process' (in the kernelspec config: \"runtime\": \"process\")"
             )
 
+    def user_for(self, spec: ParsedSpec) -> SandboxUser:
+        """The unprivileged sandbox user; with the notebook's directory mounted, that directory's owner, so the
+        kernel reads and writes the notebook's files as their owner would (only that directory is shown)."""
+        if spec.mount_dir:
+            st = os.stat(spec.mount_dir)
+            return SandboxUser(st.st_uid, st.st_gid, "root" if st.st_uid == 0 else self.user.name)
+        return self.user
+
+    def owner(self, spec: ParsedSpec) -> tuple[int, int] | None:
+        user = self.user_for(spec)
+        return (user.uid, user.gid) if os.geteuid() == 0 else None  # runsc runs as root: its files are chowned
+
     def prepare(self, record: SandboxRecord, spec: ParsedSpec, env: dict[str, str]) -> Launch:
         sandbox_dir = Path(record.dir)
+        oci = self.oci_spec(record, spec, env)
+        if not spec.image:
+            rootfs.build(sandbox_dir / ROOTFS, oci["mounts"], user=self.user_for(spec),
+                         home=str(sandbox_dir / "workspace"),
+                         hostname=record.id, network=spec.network)
         bundle = sandbox_dir / "bundle"
         bundle.mkdir(exist_ok=True)
-        (bundle / "config.json").write_text(json.dumps(self.oci_spec(record, spec, env), indent=1))
+        (bundle / "config.json").write_text(json.dumps(oci, indent=1))
         argv = [*self._argv(record, spec.network, bool(record.gpu_indices)), "run", "--bundle", str(bundle),
                 record.id]
         host_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
@@ -172,15 +187,18 @@ class GvisorRuntime(SandboxRuntime):
             {"destination": "/dev/shm", "type": "tmpfs", "source": "tmpfs"},
             {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["ro"]},
             {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs"},
+            *rootfs.system_mounts(spec.image),
+            *rootfs.venv_config_mount(Path(record.dir)),
+            *(bind(p, "ro") for p in self.ro_paths),
         ]
+        shown = list(self.ro_paths)
         if spec.mount_dir:  # the notebook's directory, only when the spec asks for it
-            mounts.append(_bind(spec.mount_dir, "rw"))
-        # After the notebook's directory, which may hold it: the backend's state dir, token included.
-        mounts.append({"destination": state, "type": "tmpfs", "source": "tmpfs"})
-        # The interpreter and packages the agent runs from, where a mask above would hide them.
-        masked = ("/tmp", state)
-        mounts += [_bind(p, "ro") for p in python_paths() if any(p == m or p.startswith(m + "/") for m in masked)]
-        mounts.append(_bind(workspace, "rw"))
+            mounts.append(bind(spec.mount_dir, "rw"))
+            shown.append(spec.mount_dir)
+        if any(state == p or state.startswith(p.rstrip("/") + "/") for p in shown):
+            # A directory shown above holds the backend's state dir (token included): hide it.
+            mounts.append({"destination": state, "type": "tmpfs", "source": "tmpfs"})
+        mounts.append(bind(workspace, "rw"))
         resources: dict[str, Any] = {
             "memory": {"limit": spec.memory},
             "cpu": {"quota": int(spec.cpu * 100000), "period": 100000},
@@ -190,14 +208,14 @@ class GvisorRuntime(SandboxRuntime):
             "ociVersion": "1.0.0",
             "process": {
                 "terminal": False,
-                "user": {"uid": 0, "gid": 0},
+                "user": {"uid": self.user_for(spec).uid, "gid": self.user_for(spec).gid},
                 "args": [sys.executable, "-m", "snapkernel.agent"],
                 "env": [f"{k}={v}" for k, v in env.items()],
                 "cwd": spec.mount_dir or workspace,
                 "rlimits": self.rlimits(spec),
                 "noNewPrivileges": True,
             },
-            "root": {"path": spec.image or "/", "readonly": True},
+            "root": {"path": spec.image or str(Path(record.dir) / ROOTFS), "readonly": True},
             "hostname": record.id,
             "mounts": mounts,
             "linux": {
@@ -240,17 +258,25 @@ class GvisorRuntime(SandboxRuntime):
         (snapshot_dir / "sandbox.json").write_text(json.dumps({
             "oci": oci, "workspace": str(Path(record.dir) / "workspace"),
             "network": record.spec.network, "gpus": bool(record.gpu_indices),
+            "rootfs": oci["root"]["path"] == str(Path(record.dir) / ROOTFS),
         }))
 
     def prepare_restore(self, record: SandboxRecord, snapshot_dir: Path) -> Launch:
         saved = json.loads((snapshot_dir / "sandbox.json").read_text())
         oci = saved["oci"]
-        workspace = str(Path(record.dir) / "workspace")
-        # The restored processes expect every mount where it was; only the workspace's source moves.
+        # The restored processes expect every mount where it was; only the sources in the old sandbox's
+        # directory (its workspace, its pyvenv.cfg) move to this one's.
+        old = str(Path(saved["workspace"]).parent)
         for mount in oci["mounts"]:
-            if mount["destination"] == saved["workspace"]:
-                mount["source"] = workspace
+            if mount.get("type") == "bind" and mount["source"].startswith(old + "/"):
+                mount["source"] = record.dir + mount["source"][len(old):]
         oci["hostname"] = record.id
+        if saved.get("rootfs"):  # the skeleton went with the old sandbox: the same one, in this sandbox
+            oci["root"]["path"] = str(Path(record.dir) / ROOTFS)
+            user = oci["process"]["user"]
+            rootfs.build(Path(oci["root"]["path"]), oci["mounts"], home=saved["workspace"],
+                         user=SandboxUser(user["uid"], user["gid"], self.user.name if user["uid"] else "root"),
+                         hostname=record.id, network=saved["network"])
         bundle = Path(record.dir) / "bundle"
         bundle.mkdir(exist_ok=True)
         (bundle / "config.json").write_text(json.dumps(oci, indent=1))
@@ -273,5 +299,6 @@ class GvisorRuntime(SandboxRuntime):
                              capture_output=True, text=True, timeout=30, check=False)
         if out.returncode != 0 and "does not exist" not in out.stderr:
             log.warning("sandbox_id=%s runsc delete: %s", record.id, out.stderr.strip()[-300:])
-        with contextlib.suppress(OSError):
-            shutil.rmtree(Path(record.dir) / "bundle")
+        for part in ("bundle", ROOTFS):
+            with contextlib.suppress(OSError):
+                shutil.rmtree(Path(record.dir) / part)

@@ -53,7 +53,8 @@ class ProcessRuntime(SandboxRuntime):
     def probe(self) -> RuntimeInfo:
         mode = "cgroup2" if self.cgroup_base else "rlimit"
         return RuntimeInfo(self.name, True, sys.version.split()[0],
-                           f"plain subprocess, no isolation; limits via {mode}")
+                           f"plain subprocess, no isolation: kernels see the host's files and run as the "
+                           f"backend's user (uid {os.geteuid()}); limits via {mode}")
 
     def prepare(self, record: SandboxRecord, spec: ParsedSpec, env: dict[str, str]) -> Launch:
         limits: dict[str, Any] = {"nofile": 65536}

@@ -403,6 +403,7 @@ class SandboxSpec(_message.Message):
     NETWORK_FIELD_NUMBER: _builtins.int
     ENV_FIELD_NUMBER: _builtins.int
     MOUNT_DIR_FIELD_NUMBER: _builtins.int
+    DISK_FIELD_NUMBER: _builtins.int
     gpu: _builtins.str
     """"" (none), "H100", "H100:2", "any:1" """
     cpu: _builtins.float
@@ -412,7 +413,7 @@ class SandboxSpec(_message.Message):
     runtime: _builtins.str
     """"process", "gvisor"; "" = backend default"""
     image: _builtins.str
-    """root filesystem directory; "" = the host's, read-only"""
+    """root filesystem directory; "" = a minimal root of the host's system, read-only"""
     restore_from: _builtins.str
     """snapshot id"""
     hibernate_after: _builtins.float
@@ -425,6 +426,8 @@ class SandboxSpec(_message.Message):
     """A host directory (the notebook's) mounted read-write at the same path and used as the kernel's
     working directory. Empty: the sandbox sees no host directory beyond its own workspace.
     """
+    disk: _builtins.str
+    """workspace quota: "10Gi"; "" = the backend's default"""
     @_builtins.property
     def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
@@ -440,10 +443,11 @@ class SandboxSpec(_message.Message):
         network: _builtins.bool = ...,
         env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         mount_dir: _builtins.str = ...,
+        disk: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_hibernate_after", b"_hibernate_after", "hibernate_after", b"hibernate_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_hibernate_after", b"_hibernate_after", "cpu", b"cpu", "env", b"env", "gpu", b"gpu", "hibernate_after", b"hibernate_after", "image", b"image", "memory", b"memory", "mount_dir", b"mount_dir", "network", b"network", "restore_from", b"restore_from", "runtime", b"runtime"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_hibernate_after", b"_hibernate_after", "cpu", b"cpu", "disk", b"disk", "env", b"env", "gpu", b"gpu", "hibernate_after", b"hibernate_after", "image", b"image", "memory", b"memory", "mount_dir", b"mount_dir", "network", b"network", "restore_from", b"restore_from", "runtime", b"runtime"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__hibernate_after: _TypeAlias = _typing.Literal["hibernate_after"]  # noqa: Y015
     _WhichOneofArgType__hibernate_after: _TypeAlias = _typing.Literal["_hibernate_after", b"_hibernate_after"]  # noqa: Y015

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import base64
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,7 +53,8 @@ def test_no_network_to_the_hosts_loopback(kc: BlockingKernelClient) -> None:
 def test_only_tmp_and_the_workspace_are_writable(kc: BlockingKernelClient, tmp_path: Path) -> None:
     for path in ("/etc/snapkernel-probe", "/usr/snapkernel-probe", str(Path.home() / "snapkernel-probe")):
         content, _ = run(kc, f"open({path!r}, 'w')")
-        assert content["status"] == "error" and content["ename"] == "OSError", (path, content)
+        assert content["status"] == "error", (path, content)
+        assert content["ename"] in ("OSError", "PermissionError", "FileNotFoundError"), (path, content)
         assert not Path(path).exists()
     assert value(kc, "open('/tmp/probe', 'w').write('x')") == "1"
     assert value(kc, "open(os.path.join(os.getcwd(), 'probe'), 'w').write('xy')") == "2"
@@ -60,8 +64,14 @@ def test_backend_state_dir_and_token_are_hidden(kc: BlockingKernelClient, backen
     token = backend.state_dir / "token"
     content, _ = run(kc, f"open({str(token)!r}).read()")
     assert content["status"] == "error" and content["ename"] in ("FileNotFoundError", "PermissionError")
-    assert value(kc, f"sorted(os.listdir({str(backend.state_dir)!r}))") == "['sandboxes']"
     assert value(kc, f"os.path.exists({str(backend.state_dir / 'backend.db')!r})") == "False"
+    # Of the state dir, only the path to this sandbox's own workspace is there, if it can be listed at all.
+    workspace = Path(value(kc, "os.environ['HOME']").strip("'"))
+    run(kc, "def listing(d):\n    try:\n        return sorted(os.listdir(d))\n    except PermissionError:\n"
+            "        return 'unreadable'")
+    for d, only in ((backend.state_dir, "sandboxes"), (workspace.parent.parent, workspace.parent.name),
+                    (workspace.parent, "workspace")):
+        assert value(kc, f"listing({str(d)!r})") in (repr([only]), "'unreadable'"), d
 
 
 def test_memory_hog_gets_a_memory_error_and_the_kernel_lives(backend: Backend, kernelspec_dir: Path) -> None:
@@ -120,3 +130,76 @@ def test_notebook_dir_is_mounted_only_when_asked(kc: BlockingKernelClient, kerne
         assert value(c, "open('data.csv').read()") == repr("a,b\n1,2\n")
         assert value(c, "open('out.txt', 'w').write('written in the sandbox')") == "22"
     assert (tmp_path / "out.txt").read_text() == "written in the sandbox"
+
+
+def test_the_hosts_private_files_are_not_there(backend: Backend, kc: BlockingKernelClient,
+                                              kernelspec_dir: Path) -> None:
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    checkout = Path(__file__).resolve().parents[3]
+    private = ["/etc/shadow", "/etc/gshadow", "/home", "/var", "/srv", "/opt", jupyter_runtime_dir(),
+               str(Path.home() / ".ssh"), str(Path.home() / ".jupyter"), str(checkout / "README.md"),
+               str(checkout / ".git"), str(checkout / "tests"), str(backend.state_dir / "token"),
+               str(backend.state_dir / "snapshots")]
+    seen = value(kc, f"[p for p in {private!r} if os.path.exists(p)]")
+    assert seen == "[]", seen
+    # Directories passed through on the way to the Python installation (/root above pyenv) cannot be listed.
+    run(kc, "def listing(d):\n    try:\n        return sorted(os.listdir(d))\n    except PermissionError:\n"
+            "        return 'unreadable'")
+    venv = Path(sys.prefix).name
+    for d, passage in (("/root", {".pyenv"}), (str(checkout), {venv, "snapkernel"})):
+        seen = value(kc, f"listing({d!r}) if os.path.exists({d!r}) else 'absent'")
+        assert seen in ("'unreadable'", "'absent'") or set(ast.literal_eval(seen)) <= passage, (d, seen)
+    # The system's own directories are there, read-only, and programs find what /etc must hold.
+    assert value(kc, "[os.path.isdir(p) for p in ('/usr/bin', '/bin', '/lib')]") == "[True, True, True]"
+    assert value(kc, "sorted(os.listdir('/etc'))").count("shadow") == 0
+    assert value(kc, "import pwd; pwd.getpwuid(os.getuid()).pw_name") == "'snapkernel'"
+    assert value(kc, "socket.gethostbyname('localhost')") == "'127.0.0.1'"
+    # Another sandbox's workspace is not there either.
+    with running_kernel(gvisor_kernel(kernelspec_dir, "snapkernel-test-gvisor-other")) as (_km, other):
+        run(other, "import os; open('mine.txt', 'w').write('secret')")
+        theirs = value(other, "os.path.join(os.getcwd(), 'mine.txt')").strip("'")
+        assert Path(theirs).read_text() == "secret"  # on the host, in the other sandbox's workspace
+        assert value(kc, f"os.path.exists({theirs!r}), os.path.exists({str(Path(theirs).parent)!r})") == \
+            "(False, False)"
+
+
+def test_the_kernel_runs_unprivileged_with_its_packages(kc: BlockingKernelClient) -> None:
+    assert value(kc, "os.getuid(), os.geteuid(), os.getgid()") == "(1000, 1000, 1000)"
+    run(kc, "import subprocess, sys")
+    assert value(kc, "subprocess.run(['id', '-u'], capture_output=True, text=True).stdout.strip()") == "'1000'"
+    assert value(kc, "import numpy, ipykernel, snapkernel; numpy.arange(3).sum()") in ("3", "np.int64(3)")
+    for writable in ("os.environ['HOME']", "'/tmp'", "os.getcwd()"):
+        assert value(kc, f"os.access({writable}, os.W_OK)") == "True", writable
+
+
+def test_pip_install_user_works_offline_and_lands_in_the_workspace(kc: BlockingKernelClient,
+                                                                  tmp_path: Path) -> None:
+    wheel = _tiny_wheel(tmp_path)
+    data = base64.b64encode(wheel.read_bytes())
+    run(kc, f"import base64; open({wheel.name!r}, 'wb').write(base64.b64decode({data!r}))")
+    content, outputs = run(kc, "r = subprocess.run([sys.executable, '-m', 'pip', 'install', '--user', '--no-index', "
+                               f"'--no-deps', {wheel.name!r}], capture_output=True, text=True); print(r.stdout, "
+                               "r.stderr); r.returncode", timeout=120)
+    assert content["status"] == "ok" and value(kc, "r.returncode") == "0", outputs
+    assert value(kc, "import importlib, site; importlib.invalidate_caches(); import snaptiny; snaptiny.ANSWER") == "42"
+    assert value(kc, "snaptiny.__file__.startswith(os.environ['HOME'])") == "True"
+
+
+def _tiny_wheel(tmp_path: Path) -> Path:
+    """A one-module wheel built by hand: pip installs it without an index or a build back-end."""
+    import hashlib
+    import zipfile
+
+    files = {"snaptiny.py": b"ANSWER = 42\n",
+             "snaptiny-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: snaptiny\nVersion: 1.0\n",
+             "snaptiny-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                             b"Tag: py3-none-any\n"}
+    record = "".join(f"{name},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},"
+                     f"{len(data)}\n" for name, data in files.items()) + "snaptiny-1.0.dist-info/RECORD,,\n"
+    path = tmp_path / "snaptiny-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+        z.writestr("snaptiny-1.0.dist-info/RECORD", record)
+    return path
