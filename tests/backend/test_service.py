@@ -57,6 +57,14 @@ async def test_health_service_serves_with_the_token(backend: Backend) -> None:
     ({"runtime": "vmware"}, InvalidSpecError, "runtime 'vmware' is not known: use one of process, gvisor"),
     ({"gpu": "Z999:2"}, NoCapacityError, "no GPU of model 'Z999' here; these exist: "),
     ({"image": "relative/dir"}, InvalidSpecError, "image 'relative/dir' is not valid"),
+    ({"image": "/etc/hostname"}, InvalidSpecError, "image '/etc/hostname' is not valid: it is not a directory"),
+    ({"image": "/"}, InvalidSpecError, "image '/' is the host's own root: that shows the whole host"),
+    ({"image": "/usr/share/doc"}, InvalidSpecError, "image '/usr/share/doc' has no Linux userland to run Python"),
+    ({"disk": "lots"}, InvalidSpecError, "disk size 'lots' is not valid: use a number of bytes or a number with a "
+                                         "unit, for example '512Mi', '10Gi'"),
+    ({"disk": "-1Gi"}, InvalidSpecError, "disk size '-1Gi' is not valid"),
+    ({"disk": "1Mi"}, InvalidSpecError, "disk size '1Mi' is too small: use at least 16Mi"),
+    ({"disk": "1Ei"}, InvalidSpecError, "disk '1Ei' is more than this host has: .* free where sandboxes live"),
     ({"mount_dir": "notebooks"}, InvalidSpecError, "mount_dir 'notebooks' is not valid"),
 ])
 async def test_bad_specs_are_refused_with_the_value_named(backend: Backend, spec: dict[str, str],
