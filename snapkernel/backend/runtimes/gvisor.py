@@ -272,6 +272,7 @@ class GvisorRuntime(SandboxRuntime):
                 mount["source"] = record.dir + mount["source"][len(old):]
         oci["hostname"] = record.id
         if saved.get("rootfs"):  # the skeleton went with the old sandbox: the same one, in this sandbox
+            rootfs.venv_config_mount(Path(record.dir))  # writes this sandbox's pyvenv.cfg, named by the mounts
             oci["root"]["path"] = str(Path(record.dir) / ROOTFS)
             user = oci["process"]["user"]
             rootfs.build(Path(oci["root"]["path"]), oci["mounts"], home=saved["workspace"],
