@@ -88,6 +88,11 @@ def _cleanup_sandboxes(backend: Backend) -> None:
         with contextlib.suppress(OSError):
             if b"snapkernel.backend.shim" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 os.killpg(pid, signal.SIGKILL)
+    # Their workspaces are loop mounts (the disk quota): unmounted, so the state dir can be removed.
+    for line in Path("/proc/mounts").read_text().splitlines():
+        point = line.split()[1]
+        if point.startswith(f"{backend.state_dir}/"):
+            subprocess.run(["umount", "--lazy", point], check=False)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
