@@ -30,6 +30,7 @@ from snapkernel.errors import BackendUnavailableError, SnapkernelError
 READY_TIMEOUT = 60.0  # the backend's start, removing what an earlier lab left included
 LAB_STOP_TIMEOUT = 20.0  # seconds JupyterLab may take to shut its kernels down and exit, then it is killed
 BACKEND_STOP_TIMEOUT = 60.0  # seconds the backend may take to remove what is left, then it is killed
+FORWARD_GRACE = 0.5  # seconds JupyterLab has to show it got a SIGTERM of its own (see LabStopper)
 CONFIRM_WINDOW = 5.0  # jupyter_server stops at once on a second Ctrl-C within this many seconds
 READY_LINE = b"snapkernel backend serving on "
 LAB_BACKEND_ARGS = ["--BackendApp.remove_leftovers=True", "--BackendApp.remove_on_stop=True",
@@ -101,17 +102,24 @@ def stop_backend(backend: subprocess.Popen[bytes]) -> None:
 class LabStopper:
     """Signal handling for JupyterLab's process, which shares our process group.
 
-    - SIGTERM, SIGHUP (to us alone, or to the group): JupyterLab gets SIGTERM, its clean stop. It is started
-      with SIGHUP ignored (jupyter_server has no handler for it and would die at once, its kernels left).
+    - SIGHUP: JupyterLab is started with it ignored (jupyter_server has no handler for it and would die at
+      once, its kernels left) and gets SIGTERM, its clean stop, instead.
+    - SIGTERM: to the group, JupyterLab got it too; to us alone, it did not. Which one is told apart by
+      jupyter_server's info file (`jpserver-PID.json`), the first thing its clean stop removes: if it is
+      still there after a moment, JupyterLab gets SIGTERM from us (twice would run its shutdown twice).
     - SIGINT: a terminal's Ctrl-C reaches JupyterLab too, which asks for confirmation on a tty and stops on
       a second Ctrl-C (or at once without a tty); it decides, so nothing is forwarded.
     Once JupyterLab is stopping it has LAB_STOP_TIMEOUT seconds to exit before it is killed.
     """
 
     def __init__(self, lab: subprocess.Popen[bytes], tty: bool) -> None:
+        from jupyter_core.paths import jupyter_runtime_dir
+
         self.lab = lab
         self.tty = tty
+        self.info_file = Path(jupyter_runtime_dir()) / f"jpserver-{lab.pid}.json"
         self.deadline: float | None = None
+        self.forward_at: float | None = None  # when to send JupyterLab SIGTERM unless it is stopping already
         self.last_sigint = -CONFIRM_WINDOW - 1
 
     def install(self) -> None:
@@ -124,9 +132,10 @@ class LabStopper:
             self.deadline = time.monotonic() + LAB_STOP_TIMEOUT
 
     def _on_stop(self, signum: int, frame: Any) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self.lab.send_signal(signal.SIGTERM)
         self._arm()
+        if self.forward_at is None:
+            serving = signum == signal.SIGTERM and self.info_file.exists()
+            self.forward_at = time.monotonic() + (FORWARD_GRACE if serving else 0.0)
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         now = time.monotonic()
@@ -137,10 +146,16 @@ class LabStopper:
     def wait(self) -> int:
         while True:
             try:
-                return self.lab.wait(0.2)
+                return self.lab.wait(0.1)
             except subprocess.TimeoutExpired:
                 pass
-            if self.deadline is not None and time.monotonic() > self.deadline:
+            now = time.monotonic()
+            if self.forward_at is not None and now >= self.forward_at:
+                self.forward_at = float("inf")  # once
+                if self.info_file.exists():  # not stopping on its own
+                    with contextlib.suppress(ProcessLookupError):
+                        self.lab.send_signal(signal.SIGTERM)
+            if self.deadline is not None and now > self.deadline:
                 _say(f"snapkernel: JupyterLab did not exit within {LAB_STOP_TIMEOUT:g}s; killing it")
                 self.lab.kill()
                 return self.lab.wait()
@@ -200,7 +215,8 @@ def main(argv: list[str]) -> int:
         lab = _start_lab(argv)
         stopper = LabStopper(lab, tty=sys.stdin is not None and sys.stdin.isatty())
         stopper.install()
-        return stopper.wait()
+        code = stopper.wait()
+        return code if code >= 0 else 128 - code  # killed by a signal: the shell's convention
     except KeyboardInterrupt:
         return 130
     finally:
