@@ -5,8 +5,9 @@ the provisioner, which deletes their sandboxes through the backend, so the backe
 It therefore runs in a session of its own (a terminal's Ctrl-C or hang-up, or a signal to the process group,
 never reaches it) and is stopped only once JupyterLab has exited; on that stop it removes whatever sandbox
 is still there (`remove_on_stop`). Its stdin is a pipe from this process, so it stops the same way if this
-process dies; a lab killed outright (SIGKILL to everything, power loss) leaves sandboxes that the next lab
-on the state dir removes at start (`remove_leftovers`: JupyterLab kernels do not survive a server restart).
+process dies (and JupyterLab gets SIGTERM then too); a lab killed outright (SIGKILL to everything, power
+loss) leaves sandboxes that the next lab on the state dir removes at start (`remove_leftovers`: JupyterLab
+kernels do not survive a server restart).
 """
 
 from __future__ import annotations
@@ -166,11 +167,18 @@ def _say(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
+# JupyterLab gets SIGTERM if this process dies (SIGKILL): Linux's parent-death signal, set before it starts
+# (and survives the exec); if this process is gone already, it does not start at all.
+_BOOT_LAB = ("import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGTERM); "  # 1: PR_SET_PDEATHSIG
+             "os.getppid() == int(sys.argv[1]) or sys.exit(1); "
+             "os.execv(sys.executable, [sys.executable, '-m', 'jupyterlab', *sys.argv[2:]])")
+
+
 def _start_lab(argv: list[str]) -> subprocess.Popen[bytes]:
     """JupyterLab with SIGHUP ignored (the disposition survives exec; see LabStopper)."""
     previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        return subprocess.Popen([sys.executable, "-m", "jupyterlab", *argv])
+        return subprocess.Popen([sys.executable, "-c", _BOOT_LAB, str(os.getpid()), *argv])
     finally:
         signal.signal(signal.SIGHUP, previous)
 
