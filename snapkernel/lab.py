@@ -17,6 +17,7 @@ import contextlib
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,7 +27,7 @@ from typing import IO, Any
 
 from snapkernel.backend.server import default_state_dir
 from snapkernel.backend.v1 import backend_pb2 as pb
-from snapkernel.errors import BackendUnavailableError, SnapkernelError
+from snapkernel.errors import BackendUnavailableError, SnapkernelError, StateError
 
 READY_TIMEOUT = 60.0  # the backend's start, removing what an earlier lab left included
 LAB_STOP_TIMEOUT = 20.0  # seconds JupyterLab may take to shut its kernels down and exit, then it is killed
@@ -45,6 +46,9 @@ def start_backend(state_dir: Path, extra: list[str] | None = None) -> tuple[subp
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     sock = state_dir / "backend.sock"
     address = f"unix://{sock.absolute()}"
+    if _serving(sock):  # ours would take its sandboxes for leftovers and remove them
+        raise StateError(f"another snapkernel lab or backend is serving on {sock}: stop it first, or give this "
+                         "one a state dir of its own (SNAPKERNEL_STATE_DIR)")
     log = open(state_dir / "backend.log", "ab")  # noqa: SIM115 - lives as long as the backend
     proc = subprocess.Popen(
         [sys.executable, "-m", "snapkernel.cli", "backend", "--listen", address, "--state-dir", str(state_dir),
@@ -76,6 +80,15 @@ def start_backend(state_dir: Path, extra: list[str] | None = None) -> tuple[subp
     # Whatever it prints later goes to its log; a thread copies it (the pipe must never fill up).
     threading.Thread(target=_copy, args=(proc.stdout, log), daemon=True).start()
     return proc, address
+
+
+def _serving(sock: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(str(sock))
+        except OSError:  # no socket, or a stale one
+            return False
+    return True
 
 
 def _copy(src: IO[bytes], dst: IO[bytes]) -> None:

@@ -245,6 +245,11 @@ def test_stopping_lab_leaves_nothing_behind(tmp_path: Path, way: str) -> None:
         sandboxes = [lab.start_kernel(), lab.start_kernel()]
         markers = [str(state), f"--port={lab.port}", *sandboxes]  # the port: JupyterLab's command line
         assert len(leftovers(sandboxes)) >= 2  # their shims at least: the check below can see them
+        if way == "ctrl-c":  # (once is enough) a second lab on the same state dir must not take them for leftovers
+            second = subprocess.run([sys.executable, "-m", "snapkernel.cli", "lab", "--no-browser"], text=True,
+                                    env={**os.environ, "SNAPKERNEL_STATE_DIR": str(state)}, capture_output=True,
+                                    timeout=60, check=False)
+            assert second.returncode == 2 and "another snapkernel lab or backend is serving" in second.stderr
         started = time.monotonic()
         _stop(lab, way)
         lab.proc.wait(40)
