@@ -23,8 +23,9 @@ pytest_plugins = ["pytest_jupyter.jupyter_server"]
 class Backend:
     """A `snapkernel backend` process on a unix socket in its own state dir; can be restarted."""
 
-    def __init__(self, state_dir: Path, runtime: str = "process") -> None:
+    def __init__(self, state_dir: Path, runtime: str = "process", args: list[str] | None = None) -> None:
         self.state_dir = state_dir
+        self.args = args or []  # more `snapkernel backend` arguments, e.g. settings
         self.address = f"unix://{state_dir / 'backend.sock'}"
         self.runtime = runtime
         self.proc: subprocess.Popen[bytes] | None = None
@@ -36,7 +37,7 @@ class Backend:
         self.log = open(self.state_dir / "backend.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "snapkernel.cli", "backend", "--listen", self.address,
-             "--state-dir", str(self.state_dir), "--runtime", self.runtime],
+             "--state-dir", str(self.state_dir), "--runtime", self.runtime, *self.args],
             stdout=self.log, stderr=self.log,
         )
         deadline = time.monotonic() + 30

@@ -63,6 +63,7 @@ class LiveSandbox:
     restore_source: Path | None = None  # where to copy that dir from first (a snapshot in the store)
     state_error: str = ""  # why loading it failed
     busy: bool = False  # the kernel said `busy` on iopub and not yet `idle`
+    detached_at: float = field(default_factory=time.time)  # when its last client left (see orphans.py)
     # Hibernation (see hibernation.py)
     held: list[pb.AgentMessage] = field(default_factory=list)  # kernel messages waiting for it to wake
     waking: asyncio.Future[None] | None = None

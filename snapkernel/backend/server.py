@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from snapkernel import __version__
 from snapkernel.backend.auth import TokenInterceptor, ensure_token
 from snapkernel.backend.fanout import FanoutManager
 from snapkernel.backend.gpus import inventory
+from snapkernel.backend.orphans import OrphanReaper, remove_all
 from snapkernel.backend.runtimes.base import RuntimeInfo, SandboxRuntime
 from snapkernel.backend.runtimes.gvisor import GvisorRuntime, find_runsc
 from snapkernel.backend.runtimes.process import ProcessRuntime
@@ -98,6 +100,19 @@ class BackendApp(Application):
         config=True)
     fanout_idle_timeout = Float(300.0, help="Seconds a warm fan-out worker may sit idle before it is stopped "
                                             "(e.g. 60).").tag(config=True)
+    orphan_timeout = Float(3600.0, help="Seconds a kernel's sandbox may have no client attached (its Jupyter "
+                                        "server went away without shutting it down) before it is hibernated, "
+                                        "or removed where it cannot hibernate; 0 = never. Fan-out workers are "
+                                        "not affected.").tag(config=True)
+    remove_leftovers = Bool(False, help="At start, after re-adoption, remove every sandbox a previous backend "
+                                        "left (snapshots stay). For a backend whose kernels cannot outlive it, "
+                                        "like `snapkernel lab`'s: no Jupyter kernel can own them.").tag(config=True)
+    remove_on_stop = Bool(False, help="On a clean stop (SIGTERM, SIGINT), remove every sandbox instead of leaving "
+                                      "them running for the next backend to re-adopt (snapshots stay). Set by "
+                                      "`snapkernel lab`.").tag(config=True)
+    stop_on_stdin_eof = Bool(False, help="Stop cleanly when stdin reaches end of file: a parent holding the other "
+                                         "end of a pipe takes the backend with it however it dies. Set by "
+                                         "`snapkernel lab`.").tag(config=True)
     tls_cert = Unicode("", help="PEM certificate file: serve TCP addresses with TLS.").tag(config=True)
     tls_key = Unicode("", help="PEM private key file for --tls-cert.").tag(config=True)
 
@@ -177,7 +192,15 @@ class BackendApp(Application):
             hibernate_after_cpu=self.hibernate_after_cpu, gpu_offload=self.gpu_offload,
             wake_timeout=self.wake_timeout))
         await manager.readopt()
+        if self.remove_leftovers:
+            removed = await remove_all(manager, "left by an earlier run that did not stop cleanly")
+            if removed:
+                # On stdout: `snapkernel lab` shows this line on its terminal.
+                print(f"snapkernel: removed {plural(removed, 'sandbox')} left by an earlier lab that did not "
+                      "stop cleanly (snapshots are kept)", flush=True)
         manager.hibernator.start()
+        orphans = OrphanReaper(manager, self.orphan_timeout)
+        orphans.start()
         fanout = FanoutManager(manager, self.fanout_idle_timeout)
         await fanout.start()
 
@@ -216,14 +239,23 @@ class BackendApp(Application):
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        if self.stop_on_stdin_eof:
+            stop_on_eof(loop, stop)
         if ready is not None:
             ready.set()
         print(f"snapkernel backend serving on {target}", flush=True)
         await stop.wait()
-        log.info("stopping: sandboxes keep running and are re-adopted at the next start")
+        if not self.remove_on_stop:
+            log.info("stopping: sandboxes keep running and are re-adopted at the next start")
         await health_servicer.enter_graceful_shutdown()
         await server.stop(grace=2.0)
+        await orphans.stop()
         await fanout.close()
+        if self.remove_on_stop:
+            await manager.hibernator.stop()  # no kernel starts going to sleep while they are removed
+            # Jupyter shuts its kernels down before the backend stops; these are the ones it did not.
+            removed = await remove_all(manager, "the backend is stopping (remove_on_stop)")
+            log.info("stopping: removed %s", plural(removed, "sandbox"))
         await manager.close()
 
     def start(self) -> None:
@@ -233,6 +265,33 @@ class BackendApp(Application):
         except SnapkernelError as e:
             self.log.error("%s", e)
             self.exit(2)
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}es" if word.endswith("x") else f"{n} {word}s"
+
+
+def stop_on_eof(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """Set `stop` once stdin reaches end of file (its writer is gone), reading and dropping what comes."""
+    fd = sys.stdin.fileno()
+
+    def readable() -> None:
+        try:
+            data = os.read(fd, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(fd)
+            log.info("stdin closed: stopping")
+            stop.set()
+
+    try:
+        os.set_blocking(fd, False)
+        loop.add_reader(fd, readable)
+    except (OSError, ValueError) as e:  # /dev/null or a file: no end to wait for
+        log.warning("stop_on_stdin_eof: stdin cannot be watched (%s); ignored", e)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -211,6 +212,8 @@ class BackendService(pb_grpc.BackendServicer):
                 await context.write(pb.AttachResponse(frame=frame))
         finally:
             sb.attached.discard(outgoing)
+            if not sb.attached:
+                sb.detached_at = time.time()
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
