@@ -61,7 +61,8 @@ def _sandbox(state: int, env: dict[str, str] | None = None, detached_for: float 
     spec = pb.SandboxSpec(env=env or {})
     record = SandboxRecord(id="sb-000000000000", kernel_id="k", runtime="process", spec=spec, dir="/nowhere",
                            state=state)
-    sb = LiveSandbox(record, parse_spec(spec, default_runtime="process", default_cpu=1.0, default_memory=1 << 30))
+    sb = LiveSandbox(record, parse_spec(spec, default_runtime="process", default_cpu=1.0, default_memory=1 << 30,
+                                        default_disk=1 << 30))
     sb.detached_at = time.time() - detached_for
     return sb
 

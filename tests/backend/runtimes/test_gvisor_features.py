@@ -13,7 +13,7 @@ from snapkernel.errors import RuntimeUnavailableError
 
 
 def gpu_spec() -> ParsedSpec:
-    return ParsedSpec(gpu=GpuRequest("H100", 1), cpu=1, memory=2**30, runtime="gvisor", image="",
+    return ParsedSpec(gpu=GpuRequest("H100", 1), cpu=1, memory=2**30, disk=2**30, runtime="gvisor", image="",
                       restore_from="", hibernate_after=0, network=False)
 
 
