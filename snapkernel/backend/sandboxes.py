@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 import shutil
+import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -204,8 +205,11 @@ class SandboxManager:
 
     def _sandbox_env(self, sb: LiveSandbox, kernel: pb.KernelConfig) -> dict[str, str]:
         r = sb.record
+        # The agent's interpreter first, as in an activated virtualenv: `!pip` in a cell is the kernel's pip.
+        bin_dir = os.path.dirname(sys.executable)
+        path = [p for p in os.environ.get("PATH", "/usr/bin:/bin").split(":") if p and p != bin_dir]
         env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "PATH": ":".join([bin_dir, *path]),
             "LANG": os.environ.get("LANG", "C.UTF-8"),
             "HOME": str(Path(r.dir) / WORKSPACE),
             "SNAPKERNEL_SANDBOX_ID": r.id,

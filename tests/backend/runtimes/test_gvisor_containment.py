@@ -178,7 +178,8 @@ def test_pip_install_user_works_offline_and_lands_in_the_workspace(kc: BlockingK
     wheel = _tiny_wheel(tmp_path)
     data = base64.b64encode(wheel.read_bytes())
     run(kc, f"import base64; open({wheel.name!r}, 'wb').write(base64.b64decode({data!r}))")
-    content, outputs = run(kc, "r = subprocess.run([sys.executable, '-m', 'pip', 'install', '--user', '--no-index', "
+    # `pip` as `!pip` finds it on PATH: the kernel's own, not the host system's (which refuses: PEP 668).
+    content, outputs = run(kc, "r = subprocess.run(['pip', 'install', '--user', '--no-index', "
                                f"'--no-deps', {wheel.name!r}], capture_output=True, text=True); print(r.stdout, "
                                "r.stderr); r.returncode", timeout=120)
     assert content["status"] == "ok" and value(kc, "r.returncode") == "0", outputs
