@@ -179,7 +179,7 @@ def test_pip_install_user_works_offline_and_lands_in_the_workspace(kc: BlockingK
     data = base64.b64encode(wheel.read_bytes())
     run(kc, f"import base64; open({wheel.name!r}, 'wb').write(base64.b64decode({data!r}))")
     # `pip` as `!pip` finds it on PATH: the kernel's own, not the host system's (which refuses: PEP 668).
-    content, outputs = run(kc, "r = subprocess.run(['pip', 'install', '--user', '--no-index', "
+    content, outputs = run(kc, "import subprocess; r = subprocess.run(['pip', 'install', '--user', '--no-index', "
                                f"'--no-deps', {wheel.name!r}], capture_output=True, text=True); print(r.stdout, "
                                "r.stderr); r.returncode", timeout=120)
     assert content["status"] == "ok" and value(kc, "r.returncode") == "0", outputs
