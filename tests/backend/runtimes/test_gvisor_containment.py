@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import base64
 import socket
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -204,3 +205,23 @@ def _tiny_wheel(tmp_path: Path) -> Path:
             z.writestr(name, data)
         z.writestr("snaptiny-1.0.dist-info/RECORD", record)
     return path
+
+
+def test_an_image_directory_is_the_root_with_the_agents_python(backend: Backend, kernelspec_dir: Path,
+                                                               tmp_path: Path) -> None:
+    """`image: DIR` replaces the host's system directories; the agent's Python is mounted into it."""
+    image = tmp_path / "image"
+    (image / "usr" / "lib").mkdir(parents=True)
+    # Hard links: a root filesystem of the host's shared libraries in a blink, without the host's /usr/bin.
+    subprocess.run(["cp", "-al", "/usr/lib/x86_64-linux-gnu", str(image / "usr" / "lib")], check=True)
+    (image / "usr" / "lib64").mkdir()
+    subprocess.run(["cp", "-al", "/usr/lib64/ld-linux-x86-64.so.2", str(image / "usr" / "lib64")], check=True)
+    for name in ("lib", "lib64"):
+        (image / name).symlink_to(f"usr/{name}")
+    (image / "image-marker").write_text("from the image")
+    name = gvisor_kernel(kernelspec_dir, "snapkernel-test-gvisor-image", image=str(image))
+    with running_kernel(name) as (_km, c):
+        assert value(c, "open('/image-marker').read()") == "'from the image'"
+        assert value(c, "import os; os.path.exists('/usr/bin/python3'), os.path.exists('/etc/shadow')") == \
+            "(False, False)"
+        assert value(c, "import numpy; int(numpy.arange(4).sum())") == "6"
