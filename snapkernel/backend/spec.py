@@ -156,6 +156,9 @@ def parse_spec(spec: pb.SandboxSpec, *, default_runtime: str, default_cpu: float
     if spec.mount_dir and (not os.path.isabs(spec.mount_dir) or not os.path.isdir(spec.mount_dir)):
         raise InvalidSpecError(f"mount_dir {spec.mount_dir!r} is not valid: give the absolute path of an existing "
                                "directory")
+    if spec.mount_dir and os.path.realpath(spec.mount_dir) == "/":
+        raise InvalidSpecError(f"mount_dir {spec.mount_dir!r} is the host's own root: that shows the whole host to "
+                               "the kernel; open the notebook from a directory of its own")
     return ParsedSpec(
         gpu=parse_gpu(spec.gpu),
         cpu=float(cpu),

@@ -66,6 +66,7 @@ async def test_health_service_serves_with_the_token(backend: Backend) -> None:
     ({"disk": "1Mi"}, InvalidSpecError, "disk size '1Mi' is too small: use at least 16Mi"),
     ({"disk": "1Ei"}, InvalidSpecError, "disk '1Ei' is more than this host has: .* free where sandboxes live"),
     ({"mount_dir": "notebooks"}, InvalidSpecError, "mount_dir 'notebooks' is not valid"),
+    ({"mount_dir": "/"}, InvalidSpecError, "mount_dir '/' is the host's own root"),
 ])
 async def test_bad_specs_are_refused_with_the_value_named(backend: Backend, spec: dict[str, str],
                                                           error: type[Exception], message: str) -> None:

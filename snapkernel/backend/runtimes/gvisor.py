@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jupyter_core.paths import jupyter_runtime_dir
+
 from snapkernel.backend.runtimes import rootfs
 from snapkernel.backend.runtimes.base import Launch, RuntimeInfo, SandboxRuntime
 from snapkernel.backend.runtimes.rootfs import SandboxUser, bind
@@ -195,9 +197,11 @@ class GvisorRuntime(SandboxRuntime):
         if spec.mount_dir:  # the notebook's directory, only when the spec asks for it
             mounts.append(bind(spec.mount_dir, "rw"))
             shown.append(spec.mount_dir)
-        if any(state == p or state.startswith(p.rstrip("/") + "/") for p in shown):
-            # A directory shown above holds the backend's state dir (token included): hide it.
-            mounts.append({"destination": state, "type": "tmpfs", "source": "tmpfs"})
+        # A directory shown above may hold the backend's state dir (its token) or Jupyter's runtime dir (the
+        # server's cookie secret, which forges logins): hidden behind empty tmpfs mounts.
+        for secret in (state, os.path.realpath(jupyter_runtime_dir())):
+            if rootfs.under(secret, shown):
+                mounts.append({"destination": secret, "type": "tmpfs", "source": "tmpfs"})
         mounts.append(bind(workspace, "rw"))
         resources: dict[str, Any] = {
             "memory": {"limit": spec.memory},

@@ -40,7 +40,7 @@ def bind(path: str, mode: str, source: str = "") -> dict[str, Any]:
     return {"destination": path, "type": "bind", "source": source or path, "options": ["rbind", mode]}
 
 
-def _under(path: str, parents: Iterable[str]) -> bool:
+def under(path: str, parents: Iterable[str]) -> bool:
     return any(path == p or path.startswith(p.rstrip("/") + "/") for p in parents)
 
 
@@ -55,8 +55,8 @@ def python_dirs() -> list[str]:
     dirs = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix)}
     dirs.add(str(Path(snapkernel.__file__).resolve().parent))
     system = [os.path.realpath(d) for d in SYSTEM_DIRS]
-    dirs = {d for d in dirs if os.path.isdir(d) and not _under(d, system)}
-    return sorted(d for d in dirs if not _under(os.path.dirname(d), dirs))
+    dirs = {d for d in dirs if os.path.isdir(d) and not under(d, system)}
+    return sorted(d for d in dirs if not under(os.path.dirname(d), dirs))
 
 
 def check_ro_paths(paths: Iterable[str]) -> list[str]:

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import ast
 import base64
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
 
-from tests.conftest import Backend
+from tests.conftest import Backend, _cleanup_sandboxes
 from tests.kernel_provisioner.kernel_helpers import run, running_kernel, value, write_kernelspec
 
 pytestmark = [pytest.mark.gvisor, pytest.mark.parametrize("backend", ["gvisor"], indirect=True)]
@@ -131,6 +133,33 @@ def test_notebook_dir_is_mounted_only_when_asked(kc: BlockingKernelClient, kerne
         assert value(c, "open('data.csv').read()") == repr("a,b\n1,2\n")
         assert value(c, "open('out.txt', 'w').write('written in the sandbox')") == "22"
     assert (tmp_path / "out.txt").read_text() == "written in the sandbox"
+
+
+def test_a_mounted_directory_never_shows_the_state_dir_or_jupyters_runtime_dir(
+        backend: Backend, kernelspec_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A notebook directory above them (a home directory) shows neither the token nor the cookie secret
+    (a backend of its own, with its state dir and Jupyter's runtime dir in that home)."""
+    home = Path(tempfile.mkdtemp(prefix="skh-"))  # short: the sandbox's unix socket path has 107 bytes at most
+    runtime_dir = home / ".local" / "share" / "jupyter" / "runtime"
+    runtime_dir.mkdir(parents=True)
+    (runtime_dir / "jupyter_cookie_secret").write_text("forges logins")
+    (home / "notes.txt").write_text("mine")
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(runtime_dir))
+    own = Backend(home / ".local" / "state" / "snapkernel", runtime="gvisor")
+    own.state_dir.mkdir(parents=True)
+    own.start()
+    try:
+        for k, v in own.env().items():
+            monkeypatch.setenv(k, v)
+        name = gvisor_kernel(kernelspec_dir, "snapkernel-test-gvisor-mount-home", mount_notebook_dir=True)
+        with running_kernel(name, cwd=str(home)) as (_km, c):
+            assert value(c, "open('notes.txt').read()") == "'mine'"
+            assert value(c, f"import os; os.listdir({str(runtime_dir)!r})") == "[]"
+            assert value(c, f"os.path.exists({str(own.state_dir / 'token')!r})") == "False"
+    finally:
+        own.stop()
+        _cleanup_sandboxes(own)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def test_the_hosts_private_files_are_not_there(backend: Backend, kc: BlockingKernelClient,
