@@ -69,7 +69,12 @@ class BackendApp(Application):
     runtime = Unicode("", help=f"Default runtime for sandboxes that do not name one: {', '.join(RUNTIMES)}. "
                                "Default: gvisor where runsc works, else process (and it says so).").tag(config=True)
     runsc = Unicode("", help="Path of the runsc binary (default: `runsc` on PATH).").tag(config=True)
-    platform = Unicode("", help="gVisor platform: systrap, ptrace or kvm (default: runsc's own).").tag(config=True)
+    # Not runsc's default (systrap): systrap's fast-path monitor wakes the Sentry every 400 us even in an idle
+    # sandbox, ~3% of a core per idle kernel with the 2024-07 runsc (gVisor PR 13470 parks it, mid-2026).
+    platform = Unicode("ptrace", help="gVisor platform: ptrace (default: an idle sandbox uses no CPU), systrap "
+                                      "(runsc's own default: faster system calls, but every sandbox keeps ~3% of a "
+                                      "core busy while idle with runsc builds before mid-2026) or kvm; '' = "
+                                      "runsc's own.").tag(config=True)
     default_cpu = Float(1.0, help="Cores for a sandbox that does not ask (e.g. 2 or 0.5).").tag(config=True)
     default_memory = Unicode("4Gi", help="Memory for a sandbox that does not ask (e.g. '8Gi').").tag(config=True)
     cpu_overcommit = Float(4.0, help="How many times the host's cores may be handed out in total.").tag(config=True)
