@@ -284,7 +284,6 @@ def run_kind(kind: IdleKind, args: argparse.Namespace) -> KindResult:
 
 # --- report ---------------------------------------------------------------------------------------
 def print_table(summaries: list[dict[str, Any]]) -> None:
-    base = next((s for s in summaries if s["runtime"] == "local" and "cpu_percent_per_kernel" in s), None)
     cols = ["kernel", "kernels", "% core/kernel", "sandbox %", "backend share %", "x local", "backend %",
             "client %", f"< {TARGET_PERCENT:g} %"]
     rows = [cols]
@@ -293,8 +292,11 @@ def print_table(summaries: list[dict[str, Any]]) -> None:
             rows.append([s["kernel"], str(s["kernels"]), "FAILED"] + [""] * (len(cols) - 3))
             continue
         pct = s["cpu_percent_per_kernel"]
-        ratio = (f"{pct / base['cpu_percent_per_kernel']:.1f}" if base and s is not base
-                 and base["cpu_percent_per_kernel"] > 0 else "-")
+        ratio = "-"
+        if "ratio_to_local" in s:
+            ratio = f"{s['ratio_to_local']:.1f}"
+        elif "ratio_to_local_at_least" in s:
+            ratio = f">{s['ratio_to_local_at_least']:.1f}"
         rows.append([s["kernel"], str(s["kernels"]), f"{pct:.3f}", f"{s['sandbox_percent_per_kernel']:.3f}",
                      f"{s['backend_share_percent_per_kernel']:.3f}", ratio,
                      "-" if s["backend_percent"] is None else f"{s['backend_percent']:.3f}",
@@ -358,8 +360,12 @@ def main(argv: list[str] | None = None) -> int:
     summaries = [r.summary() for r in results]
     base = next((s for s in summaries if s["runtime"] == "local" and "cpu_percent_per_kernel" in s), None)
     for s in summaries:
-        if base and s is not base and "cpu_percent_per_kernel" in s and base["cpu_percent_per_kernel"] > 0:
-            s["ratio_to_local"] = s["cpu_percent_per_kernel"] / base["cpu_percent_per_kernel"]
+        if base and s is not base and "cpu_percent_per_kernel" in s:
+            if base["cpu_percent_per_kernel"] > 0:
+                s["ratio_to_local"] = s["cpu_percent_per_kernel"] / base["cpu_percent_per_kernel"]
+            else:  # the local kernels used less than one clock tick in all: the ratio is at least this
+                tick = 100 / CLK_TCK / (base["kernels"] * base["seconds"])
+                s["ratio_to_local_at_least"] = s["cpu_percent_per_kernel"] / tick
         if "cpu_percent_per_kernel" in s:
             s["target_ok"] = s["cpu_percent_per_kernel"] < TARGET_PERCENT
     print_table(summaries)
