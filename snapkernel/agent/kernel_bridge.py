@@ -7,8 +7,10 @@ replies (and `input()` requests) back to the right client exactly as if the clie
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 from collections import OrderedDict
@@ -29,6 +31,10 @@ _MAX_CLIENTS = 64  # clients (identities) kept connected at once; the least rece
 _KILL_GRACE = 3.0
 REQUEST_MARK = b"snapkernel_request"
 STDIN_CONNECT_TIMEOUT_MS = 2000
+# The loop sleeps until a message or SIGCHLD (the kernel's exit) wakes it; this is only a safety net. Under
+# gVisor every wake-up of an idle sandbox costs CPU, so it must be rare (it used to be 200 ms).
+IDLE_POLL_MS = 10_000
+FALLBACK_POLL_MS = 200  # where no SIGCHLD watch could be set up (not the main thread)
 
 
 def _socket_identity(ident: bytes) -> bytes:
@@ -57,6 +63,7 @@ class KernelBridge:
         self.requests: dict[str, list[pb.KernelRequest]] = {}  # cell msg_id -> requests to send when it ends
         self.own_shell: zmq.Socket[Any] | None = None
         self.runtime_dir = runtime_dir
+        self.child_fd: int | None = None  # readable after a SIGCHLD (see `_watch_children`)
         self.relay = FanoutRelay(os.environ.get("SNAPKERNEL_FANOUT_SOCKET") or os.path.join(runtime_dir, "fanout.sock"),
                                  self.send, self.poller)
 
@@ -222,14 +229,37 @@ class KernelBridge:
         self.send(pb.AgentMessage(error=text))
 
     # --- the loop -------------------------------------------------------------------------------
+    def _watch_children(self) -> int:
+        """Poll timeout in ms: SIGCHLD makes `child_fd` readable, so the kernel's exit wakes the loop at
+        once and an idle agent makes no system calls at all meanwhile."""
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            signal.signal(signal.SIGCHLD, _on_sigchld)
+            signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        except ValueError:  # not the main thread: no signal handlers, so look every FALLBACK_POLL_MS
+            os.close(r)
+            os.close(w)
+            return FALLBACK_POLL_MS
+        self.child_fd = r
+        self.poller.register(r, zmq.POLLIN)
+        return IDLE_POLL_MS
+
+    def _drain_child_fd(self) -> None:
+        assert self.child_fd is not None
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self.child_fd, 512):
+                pass
+
     def run(self, launched: KernelProcess | None = None) -> int:
         os.set_blocking(self.in_fd, False)
         self.poller.register(self.in_fd, zmq.POLLIN)
+        timeout = self._watch_children()
         self.send(pb.AgentMessage(hello=pb.AgentHello(python=sys.version.split()[0], pid=os.getpid())))
         self.start_kernel(launched)
         frames = FrameBuffer()
         while self.running:
-            for sock, _ in self.poller.poll(200):
+            self._report_exit()  # also catches a kernel that ended before the SIGCHLD watch was set up
+            for sock, _ in self.poller.poll(timeout):
                 if sock == self.in_fd:
                     try:
                         data = os.read(self.in_fd, 1 << 20)
@@ -251,6 +281,8 @@ class KernelBridge:
                         if self.requests:
                             self._release_requests(parts)
                         self.send(pb.AgentMessage(frame=pb.KernelFrame(channel=pb.IOPUB, parts=parts)))
+                elif sock == self.child_fd:
+                    self._drain_child_fd()
                 elif isinstance(sock, int):  # the fan-out relay's (maybe closed earlier in this batch)
                     self.relay.on_readable(sock)
                 elif sock is self.own_shell and self.own_shell is not None:
@@ -263,9 +295,12 @@ class KernelBridge:
                     channel, ident = self.routes[sock]
                     parts = sock.recv_multipart()
                     self.send(pb.AgentMessage(frame=pb.KernelFrame(channel=channel, parts=[ident, *parts])))
-            self._report_exit()
         self.stop_kernel()
         return 0
+
+
+def _on_sigchld(signum: int, frame: object) -> None:
+    """Nothing to do here: the signal's byte on the wakeup fd is what wakes the loop."""
 
 
 def main(launched: KernelProcess, key: bytes, scheme: str, runtime_dir: str) -> int:
