@@ -73,14 +73,10 @@ class BackendApp(Application):
     runtime = Unicode("", help=f"Default runtime for sandboxes that do not name one: {', '.join(RUNTIMES)}. "
                                "Default: gvisor where runsc works, else process (and it says so).").tag(config=True)
     runsc = Unicode("", help="Path of the runsc binary (default: `runsc` on PATH).").tag(config=True)
-    # systrap (runsc's default) keeps every idle sandbox ~3% of a core busy with the 2024-07 runsc (its fast-path
-    # monitor wakes the Sentry every 400 us; gVisor PR 13470 parks it, mid-2026); ptrace idles at ~0.1%. But a
-    # memory image taken under one platform dies (SIGILL) when restored under the other, and snapshots do not
-    # record their platform yet, so the default stays runsc's own until they do.
-    platform = Unicode("", help="gVisor platform: systrap, ptrace or kvm (default: runsc's own, systrap). ptrace: "
-                                "an idle sandbox uses no CPU (systrap: ~3% of a core each with runsc builds "
-                                "before mid-2026), system calls are slower; memory snapshots taken under "
-                                "another platform do not restore.").tag(config=True)
+    platform = Unicode("", help="gVisor platform: systrap, ptrace or kvm. Default: ptrace for CPU sandboxes (an idle "
+                                "one uses no CPU; systrap keeps each ~3% of a core busy with runsc builds before "
+                                "mid-2026), runsc's own (systrap) for GPU sandboxes. Memory snapshots record theirs "
+                                "and restore under it.").tag(config=True)
     default_cpu = Float(1.0, help="Cores for a sandbox that does not ask (e.g. 2 or 0.5).").tag(config=True)
     default_memory = Unicode("4Gi", help="Memory for a sandbox that does not ask (e.g. '8Gi').").tag(config=True)
     default_disk = Unicode("10Gi", help="Workspace quota for a sandbox that does not ask (kernelspec key `disk`, "

@@ -99,3 +99,22 @@ def test_snapshot_commands(backend: Backend) -> None:
     assert gone.returncode == 2 and f"no snapshot '{made['id']}'" in gone.stderr
     bad = cli("snapshots", "create", sandbox, check=False)
     assert bad.returncode == 2 and f"no sandbox '{sandbox}'" in bad.stderr
+
+
+@pytest.mark.gvisor
+@pytest.mark.parametrize("own_backend", ["gvisor"], indirect=True)
+def test_a_snapshot_restores_under_the_platform_it_was_taken_on(own_backend: Backend, kernelspec_dir: Path) -> None:
+    """A systrap image dies under ptrace (the CPU default): restores use the platform the snapshot records."""
+    own_backend.args = ["--BackendApp.platform=systrap"]
+    own_backend.restart()
+    with running_kernel() as (_km, kc):
+        run(kc, "import os\nkept = 'from systrap'")
+        sandbox = value(kc, "os.environ['SNAPKERNEL_SANDBOX_ID']").strip("'")
+        snap = backend_call(own_backend, lambda c: c.create_snapshot(sandbox, "memory"))
+    own_backend.args = []
+    own_backend.restart()
+    runtimes = backend_call(own_backend, lambda c: c.status()).runtimes
+    assert "platform ptrace (systrap for GPU sandboxes)" in next(r.detail for r in runtimes if r.name == "gvisor")
+    resume = write_kernelspec(kernelspec_dir, "snapkernel-test-resume-platform", {"restore_from": snap.id})
+    with running_kernel(resume) as (_km, kc):
+        assert value(kc, "kept") == "'from systrap'"

@@ -107,6 +107,7 @@ def find_runsc(configured: str = "") -> str | None:
 
 
 ROOTFS = "rootfs"  # in the sandbox's directory: the skeleton of its minimal root filesystem
+PLATFORM = "dev.snapkernel.platform"  # OCI annotation: the gVisor platform the sandbox runs under
 
 
 class GvisorRuntime(SandboxRuntime):
@@ -122,7 +123,7 @@ class GvisorRuntime(SandboxRuntime):
         self.root = state_dir / "runsc"
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.driver_version = driver_version
-        self.platform = platform or self.features.platform
+        self.platform = platform  # "" = ptrace for CPU sandboxes, runsc's own (systrap) for GPU ones
 
     @property
     def available(self) -> bool:
@@ -136,7 +137,8 @@ class GvisorRuntime(SandboxRuntime):
         snap = ("yes" if f.can_snapshot_live_kernel else
                 f"no: runsc {f.version} cannot checkpoint a live ipykernel; `make install` as root installs "
                 "the 2024-07 build")
-        detail = (f"{f.path}; platform {self.platform}; memory snapshots of live kernels: {snap}; "
+        platforms = (self.platform or f"{self.platform_for(False)} ({self.platform_for(True)} for GPU sandboxes)")
+        detail = (f"{f.path}; platform {platforms}; memory snapshots of live kernels: {snap}; "
                   f"checkpoint flags: {', '.join(sorted(f.checkpoint_flags)) or 'none'}; "
                   f"GPUs (nvproxy): {('no: ' + gpu) if gpu else 'yes'}; root filesystem: minimal (system directories "
                   f"and Python read-only{', ' + ', '.join(self.ro_paths) if self.ro_paths else ''}); kernels run as "
@@ -175,7 +177,8 @@ class GvisorRuntime(SandboxRuntime):
         bundle = sandbox_dir / "bundle"
         bundle.mkdir(exist_ok=True)
         (bundle / "config.json").write_text(json.dumps(oci, indent=1))
-        argv = [*self._argv(record, spec.network, bool(record.gpu_indices)), "run", "--bundle", str(bundle),
+        argv = [*self._argv(record, spec.network, bool(record.gpu_indices), oci["annotations"][PLATFORM]), "run",
+                "--bundle", str(bundle),
                 record.id]
         host_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
         return Launch(argv, host_env, {}, "runsc")
@@ -210,6 +213,8 @@ class GvisorRuntime(SandboxRuntime):
         }
         return {
             "ociVersion": "1.0.0",
+            # The platform goes with the sandbox's snapshots: a memory image restores only under the same one.
+            "annotations": {PLATFORM: self.platform_for(bool(record.gpu_indices))},
             "process": {
                 "terminal": False,
                 "user": {"uid": self.user_for(spec).uid, "gid": self.user_for(spec).gid},
@@ -228,8 +233,15 @@ class GvisorRuntime(SandboxRuntime):
             },
         }
 
-    def _argv(self, record: SandboxRecord, spec_network: bool, gpus: bool) -> list[str]:
-        argv = [self.features.path, "--root", str(self.root), f"--platform={self.platform}",
+    def platform_for(self, gpus: bool) -> str:
+        """The configured platform, or by default: ptrace for CPU sandboxes (with this runsc, systrap keeps
+        every idle sandbox ~3% of a core busy: its fast-path monitor wakes every 400 us, parked only by gVisor
+        PR 13470 of mid-2026; ptrace idles at ~0.1% and its slower system calls matter little to a notebook),
+        and runsc's own default for GPU sandboxes, whose driver calls (nvproxy) want the fast path."""
+        return self.platform or (self.features.platform if gpus else "ptrace")
+
+    def _argv(self, record: SandboxRecord, spec_network: bool, gpus: bool, platform: str) -> list[str]:
+        argv = [self.features.path, "--root", str(self.root), f"--platform={platform}",
                 f"--network={'sandbox' if spec_network else 'none'}"]
         return [*argv, "--nvproxy"] if gpus else argv
 
@@ -285,7 +297,9 @@ class GvisorRuntime(SandboxRuntime):
         bundle = Path(record.dir) / "bundle"
         bundle.mkdir(exist_ok=True)
         (bundle / "config.json").write_text(json.dumps(oci, indent=1))
-        argv = [*self._argv(record, saved["network"], saved["gpus"]), "restore", "--image-path",
+        # Images from before the platform was recorded were taken under runsc's default.
+        platform = oci.get("annotations", {}).get(PLATFORM, self.features.platform)
+        argv = [*self._argv(record, saved["network"], saved["gpus"], platform), "restore", "--image-path",
                 str(snapshot_dir / "image"), "--bundle", str(bundle), record.id]
         return Launch(argv, {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}, {}, "runsc")
 
