@@ -165,7 +165,13 @@ class BackendService(pb_grpc.BackendServicer):
     @_translate
     async def GetSandboxUsage(self, request: pb.GetSandboxUsageRequest, context: Ctx) -> pb.SandboxUsage:
         sb = self.manager.get(request.id)
-        return await asyncio.to_thread(self.usage.sample, sb.record.to_pb(), sb.spec.cpu, sb.spec.memory)
+        usage = await asyncio.to_thread(self.usage.sample, sb.record.to_pb(), sb.spec.cpu, sb.spec.memory)
+        runtime = self.manager.runtimes.get(sb.record.runtime)
+        if runtime is not None and usage.processes:
+            own = await asyncio.to_thread(runtime.memory_used, sb.record)
+            if own is not None:
+                usage.memory_used = own
+        return usage
 
     async def WatchSandbox(self, request: pb.WatchSandboxRequest, context: Ctx) -> AsyncIterator[pb.SandboxEvent]:
         try:

@@ -36,7 +36,8 @@ def test_no_gpus_asked_means_no_gpu_figures() -> None:
 async def test_sandbox_usage_reports_its_cpu_and_memory(backend: Backend) -> None:
     with running_kernel() as (_, kc):
         sandbox_id = value(kc, "__import__('os').environ['SNAPKERNEL_SANDBOX_ID']").strip("'")
-        content, _ = run(kc, "import threading, time\nblob = bytearray(300 << 20)\n"
+        # Written, not just allocated: untouched pages are not resident under gVisor's ptrace platform.
+        content, _ = run(kc, "import threading, time\nblob = b'\\x01' * (300 << 20)\n"
                              "def spin():\n    end = time.time() + 8\n    while time.time() < end: pass\n"
                              "threading.Thread(target=spin, daemon=True).start()")
         assert content["status"] == "ok"

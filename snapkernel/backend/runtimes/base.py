@@ -137,6 +137,11 @@ class SandboxRuntime(ABC):
         """The (uid, gid) a sandbox's kernel runs as where it is not the backend's own: its workspace is theirs."""
         return None
 
+    def memory_used(self, record: SandboxRecord) -> int | None:
+        """The sandbox's memory as the runtime accounts it, where its processes' RSS does not show it (None:
+        their RSS is right). Blocking."""
+        return None
+
     def set_memory_limit(self, record: SandboxRecord, nbytes: int) -> None:  # noqa: B027 - where it has one
         """Change a running sandbox's memory limit (a suspended GPU kernel keeps its GPU memory in host memory)."""
 
