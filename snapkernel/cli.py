@@ -136,9 +136,13 @@ def _snapshot_dict(snap: Any) -> dict[str, Any]:
 def _print_snapshots(snaps: list[Any]) -> None:
     from snapkernel.backend.spec import format_bytes
 
-    rows = [[s.id, s.kind, s.name or "-", s.sandbox_id, format_bytes(s.size),
+    rows = [[s.id, "DAMAGED", "-", "-", "-", "-", "-"] if s.damaged else
+            [s.id, s.kind, s.name or "-", s.sandbox_id, format_bytes(s.size),
              time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.created)), s.notebook_path or "-"] for s in snaps]
     _print_table(rows, ["ID", "KIND", "NAME", "SANDBOX", "SIZE", "CREATED", "NOTEBOOK"])
+    for s in snaps:
+        if s.damaged:
+            print(f"{s.id}: damaged: {s.damaged}")
 
 
 def cmd_snapshots_create(args: argparse.Namespace) -> int:

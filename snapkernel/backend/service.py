@@ -68,13 +68,18 @@ def check_client_frame(frame: pb.KernelFrame) -> None:
 
 
 def snapshot_info(snap: Snapshot) -> pb.SnapshotInfo:
+    if snap.damaged:
+        return pb.SnapshotInfo(id=snap.id, damaged=snap.damaged)
     info = pb.SnapshotInfo(
         id=snap.id, kind=snap.kind, name=snap.name, sandbox_id=snap.sandbox_id, notebook_path=snap.notebook_path,
         runtime=snap.runtime, runtime_version=snap.runtime_version, gpu_model=snap.gpu_model, created=snap.created,
         size=snap.size, files=[pb.SnapshotFileInfo(name=f.name, size=f.size, sha256=f.sha256) for f in snap.files],
         skipped=snap.skipped,
     )
-    ParseDict(snap.spec, info.spec)
+    try:
+        ParseDict(snap.spec, info.spec)
+    except Exception as e:  # a catalog row edited into a spec that is no longer one
+        return pb.SnapshotInfo(id=snap.id, damaged=f"catalog row's spec cannot be read: {e}"[:500])
     return info
 
 

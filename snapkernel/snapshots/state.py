@@ -15,7 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-MANIFEST = "manifest.json"
+# The namespace's index. Not `manifest.json`: that name is the store's own record of every snapshot;
+# state snapshots written before then keep their index there (`load` reads either).
+MANIFEST = "variables.json"
+_OLD_MANIFEST = "manifest.json"
 _SKIP = {"In", "Out", "exit", "quit", "get_ipython", "open"}
 
 
@@ -134,7 +137,8 @@ def load(path: str) -> dict[str, Any]:
 
     ns = get_ipython().user_ns
     base = Path(path)
-    manifest = json.loads((base / MANIFEST).read_text())
+    index = base / MANIFEST if (base / MANIFEST).is_file() else base / _OLD_MANIFEST
+    manifest = json.loads(index.read_text())
     failed: dict[str, str] = {}
     for name, module in manifest["modules"].items():
         try:

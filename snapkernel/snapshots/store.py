@@ -5,6 +5,11 @@ directory renamed into place and the row inserted; partial directories left by a
 start-up. Every file's sha256 is recorded and checked before a restore; a snapshot that fails the check,
 or that was written by an incompatible runtime, is refused with the file and the reason named. Nothing
 here deletes or overwrites a good snapshot except an explicit `delete`.
+
+The catalog is not trusted alone: each snapshot directory keeps its own copy of the record (`manifest.json`,
+written with the files, before the rename), a restore is refused when the two disagree, and a directory
+holding any file the record does not list is refused too (a restore only ever sees listed, verified files).
+A catalog row that cannot be read is listed as damaged, with its id and what is wrong, never hiding the rest.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from snapkernel.errors import InvalidSpecError, NoCapacityError, NotFoundError, 
 KINDS = ("memory", "state")
 _ID_RE = re.compile(r"^snap-[0-9a-f]{12}$")
 _PARTIAL = ".partial-"
+MANIFEST = "manifest.json"  # the snapshot's own copy of its catalog record, in its directory
+FORMAT = 1  # 0: written before snapshots kept a manifest (none to compare with)
 FREE_SPACE_MARGIN = 256 * 1024**2  # left free beyond what a snapshot is expected to take
 
 
@@ -54,6 +61,8 @@ class Snapshot:
     created: float = 0.0
     files: list[SnapshotFile] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # state snapshots: variable -> why not saved
+    format: int = 0
+    damaged: str = ""  # set when the catalog row cannot be read: what is wrong with it (never stored)
 
     @property
     def size(self) -> int:
@@ -73,6 +82,37 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(4 * 1024 * 1024):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _data_files(root: Path) -> list[Path]:
+    """The files of a snapshot's directory that its record lists (all but the manifest)."""
+    return [p for p in sorted(root.rglob("*")) if p.is_file() and p.relative_to(root).as_posix() != MANIFEST]
+
+
+def _record(meta: Snapshot) -> dict[str, object]:
+    d = asdict(meta)
+    d.pop("damaged", None)
+    return d
+
+
+def _differences(catalog: dict[str, object], manifest: dict[str, object]) -> list[str]:
+    """What differs between the catalog's record of a snapshot and its manifest, in words."""
+    out = []
+    for key in sorted(set(catalog) | set(manifest)):
+        a, b = catalog.get(key), manifest.get(key)
+        if a == b:
+            continue
+        if key == "files" and isinstance(a, list) and isinstance(b, list):
+            fa = {f.get("name"): f for f in a if isinstance(f, dict)}
+            fb = {f.get("name"): f for f in b if isinstance(f, dict)}
+            out += [f"file {n} is in the manifest, not in the catalog" for n in sorted(set(fb) - set(fa), key=str)]
+            out += [f"file {n} is in the catalog, not in the manifest" for n in sorted(set(fa) - set(fb), key=str)]
+            out += [f"file {n} has size/sha256 {fa[n].get('size')}/{str(fa[n].get('sha256'))[:12]}… in the catalog, "
+                    f"{fb[n].get('size')}/{str(fb[n].get('sha256'))[:12]}… in the manifest"
+                    for n in sorted(set(fa) & set(fb), key=str) if fa[n] != fb[n]]
+        else:
+            out.append(f"{key} is {a!r} in the catalog, {b!r} in the manifest")
+    return out
 
 
 def _fsync_tree(root: Path) -> None:
@@ -130,14 +170,21 @@ class SnapshotStore:
 
     def commit(self, meta: Snapshot, partial: Path) -> None:
         """Hash and fsync the files, move the directory into place, record it (slow: call off the loop)."""
-        meta.files = [SnapshotFile(str(p.relative_to(partial)), p.stat().st_size, _sha256(p))
-                      for p in sorted(partial.rglob("*")) if p.is_file()]
+        meta.files = [SnapshotFile(p.relative_to(partial).as_posix(), p.stat().st_size, _sha256(p))
+                      for p in _data_files(partial)]
         meta.created = time.time()
+        meta.format = FORMAT
+        body = json.dumps(_record(meta))
+        (partial / MANIFEST).write_text(body)
         _fsync_tree(partial)
         os.rename(partial, self.root / meta.id)
-        with self.lock:
-            self.db.execute("INSERT INTO snapshots VALUES (?, ?, ?, ?)",
-                            (meta.id, meta.notebook_path, meta.created, json.dumps(asdict(meta))))
+        try:
+            with self.lock:
+                self.db.execute("INSERT INTO snapshots VALUES (?, ?, ?, ?)",
+                                (meta.id, meta.notebook_path, meta.created, body))
+        except BaseException:
+            shutil.rmtree(self.root / meta.id, ignore_errors=True)  # not recorded: not kept
+            raise
 
     @staticmethod
     def abort(partial: Path) -> None:
@@ -169,25 +216,36 @@ class SnapshotStore:
             self.abort(partial)
             raise
 
-    def get(self, snapshot_id: str) -> Snapshot:
+    def _row(self, snapshot_id: str) -> tuple[object, ...]:
         with self.lock:
-            row = self.db.execute("SELECT body FROM snapshots WHERE id = ?",
+            row = self.db.execute("SELECT id, body FROM snapshots WHERE id = ?",
                                   (check_snapshot_id(snapshot_id),)).fetchone()
         if row is None:
             raise NotFoundError(f"no snapshot {snapshot_id!r}; `snapkernel snapshots list` shows them")
-        return _from_json(row[0])
+        return tuple(row)
+
+    def get(self, snapshot_id: str) -> Snapshot:
+        """The snapshot's record; SnapshotCorruptError, naming what is wrong, when its row cannot be read."""
+        snap = _from_row(*self._row(snapshot_id))
+        if snap.damaged:
+            raise SnapshotCorruptError(f"snapshot {snapshot_id} is damaged: {snap.damaged}; it will not be "
+                                       f"restored (`snapkernel snapshots rm {snapshot_id}` removes it)")
+        return snap
 
     def list(self, notebook_path: str | None = None) -> list[Snapshot]:
-        """Newest first; with `notebook_path`, that notebook's snapshots first, then the rest."""
+        """Newest first; with `notebook_path`, that notebook's snapshots first, then the rest.
+
+        A row that cannot be read is listed too, as a Snapshot with only `id` and `damaged` set.
+        """
         with self.lock:
-            rows = self.db.execute("SELECT body FROM snapshots ORDER BY created DESC").fetchall()
-        snaps = [_from_json(r[0]) for r in rows]
+            rows = self.db.execute("SELECT id, body FROM snapshots ORDER BY created DESC").fetchall()
+        snaps = [_from_row(*r) for r in rows]
         if notebook_path is not None:
             snaps.sort(key=lambda s: s.notebook_path != notebook_path)
         return snaps
 
     def delete(self, snapshot_id: str) -> None:
-        self.get(snapshot_id)
+        self._row(snapshot_id)  # a damaged row can be deleted too
         with self.lock:
             self.db.execute("DELETE FROM snapshots WHERE id = ?", (snapshot_id,))
         shutil.rmtree(self.path(snapshot_id), ignore_errors=True)
@@ -203,6 +261,17 @@ class SnapshotStore:
                 "kernel across runtimes"
             )
         base = self.path(snapshot_id)
+        self._check_manifest(snap, base)
+        listed = {f.name for f in snap.files}
+        unlisted = sorted(p.relative_to(base).as_posix() for p in _data_files(base)
+                          if p.relative_to(base).as_posix() not in listed)
+        if snap.format == 0 and (base / MANIFEST).is_file() and MANIFEST not in listed:
+            unlisted.insert(0, MANIFEST)
+        if unlisted:
+            raise SnapshotCorruptError(
+                f"snapshot {snapshot_id} holds file(s) its catalog record does not list: {', '.join(unlisted[:5])}"
+                f"{' …' if len(unlisted) > 5 else ''}; it will not be restored"
+            )
         for f in snap.files:
             path = base / f.name
             if not path.is_file():
@@ -216,11 +285,49 @@ class SnapshotStore:
                 )
         return snap
 
+    def _check_manifest(self, snap: Snapshot, base: Path) -> None:
+        if snap.format == 0:
+            return  # written before manifests were kept: the files are still checked one by one
+        path = base / MANIFEST
+        try:
+            manifest = json.loads(path.read_text())
+            if not isinstance(manifest, dict):
+                raise ValueError(f"a JSON {type(manifest).__name__}, not an object")
+        except FileNotFoundError:
+            raise SnapshotCorruptError(f"snapshot {snap.id} is missing its {MANIFEST}; it will not be "
+                                       "restored") from None
+        except (OSError, ValueError) as e:
+            raise SnapshotCorruptError(f"snapshot {snap.id}: its {MANIFEST} cannot be read ({e}); it will not "
+                                       "be restored") from None
+        diffs = _differences(_record(snap), manifest)
+        if diffs:
+            raise SnapshotCorruptError(
+                f"snapshot {snap.id}: the catalog and the snapshot's {MANIFEST} disagree: {'; '.join(diffs[:5])}"
+                f"{' …' if len(diffs) > 5 else ''}; it will not be restored"
+            )
+
     def close(self) -> None:
         self.db.close()
 
 
 def _from_json(body: str) -> Snapshot:
     d = json.loads(body)
+    if not isinstance(d, dict):
+        raise ValueError(f"the record is a JSON {type(d).__name__}, not an object")
+    d.pop("damaged", None)
     d["files"] = [SnapshotFile(**f) for f in d["files"]]
     return Snapshot(**d)
+
+
+def _from_row(row_id: object, body: object) -> Snapshot:
+    """The snapshot of a catalog row; one with `damaged` saying what is wrong when the row cannot be read."""
+    try:
+        if not isinstance(body, str):
+            raise ValueError(f"the record is {type(body).__name__}, not JSON text")
+        snap = _from_json(body)
+        if snap.id != row_id:
+            raise ValueError(f"the record names {snap.id!r}, the row {row_id!r}")
+        return snap
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        why = f"catalog row cannot be read: {type(e).__name__}: {e}"
+        return Snapshot(id=str(row_id), kind="", damaged=why[:500])

@@ -97,3 +97,85 @@ def test_bad_ids_and_kinds(tmp_path: Path) -> None:
     snap = write_one(store)
     store.delete(snap.id)
     assert store.list() == [] and not (tmp_path / snap.id).exists()
+
+
+def _edit_row(tmp_path: Path, snapshot_id: str, edit: object) -> None:
+    """Change a catalog row behind the store's back, as a damaged or tampered catalog would be."""
+    import json
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "catalog.db", isolation_level=None)
+    try:
+        if callable(edit):
+            body = json.loads(db.execute("SELECT body FROM snapshots WHERE id = ?", (snapshot_id,)).fetchone()[0])
+            edit(body)
+            value = json.dumps(body)
+        else:
+            value = str(edit)
+        db.execute("UPDATE snapshots SET body = ? WHERE id = ?", (value, snapshot_id))
+    finally:
+        db.close()
+
+
+def test_the_snapshot_keeps_its_own_manifest(tmp_path: Path) -> None:
+    import json
+
+    store = SnapshotStore(tmp_path)
+    snap = write_one(store)
+    manifest = json.loads((tmp_path / snap.id / "manifest.json").read_text())
+    assert manifest["id"] == snap.id and {f["name"] for f in manifest["files"]} == {"checkpoint.img",
+                                                                                    "workspace/data.csv"}
+    assert "manifest.json" not in {f.name for f in snap.files}
+
+
+def test_a_file_dropped_from_the_catalog_row_is_not_restored(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path)
+    snap = write_one(store)
+    (tmp_path / snap.id / "workspace" / "data.csv").write_text("tampered\n")
+    _edit_row(tmp_path, snap.id, lambda b: b.update(files=[f for f in b["files"] if f["name"] != "workspace/data.csv"]))
+    with pytest.raises(SnapshotCorruptError, match=rf"snapshot {snap.id}: the catalog and the snapshot's "
+                       r"manifest\.json disagree: file workspace/data\.csv is in the manifest, not in the catalog"):
+        store.verify(snap.id, "gvisor")
+    # Even with the manifest edited the same way, the directory holds a file neither lists.
+    import json
+
+    manifest = json.loads((tmp_path / snap.id / "manifest.json").read_text())
+    manifest["files"] = [f for f in manifest["files"] if f["name"] != "workspace/data.csv"]
+    (tmp_path / snap.id / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SnapshotCorruptError, match=rf"snapshot {snap.id} holds file\(s\) its catalog record does not "
+                       r"list: workspace/data\.csv"):
+        store.verify(snap.id, "gvisor")
+
+
+def test_catalog_and_manifest_that_disagree_are_refused_naming_the_difference(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path)
+    snap = write_one(store)
+    _edit_row(tmp_path, snap.id, lambda b: b.update(runtime_version="9.9"))
+    with pytest.raises(SnapshotCorruptError, match=rf"snapshot {snap.id}: .*disagree: runtime_version is '9\.9' in "
+                       r"the catalog, '0\.0~20240729\.0' in the manifest"):
+        store.verify(snap.id, "gvisor")
+    (tmp_path / snap.id / "manifest.json").unlink()
+    with pytest.raises(SnapshotCorruptError, match=rf"snapshot {snap.id} is missing its manifest\.json"):
+        store.verify(snap.id, "gvisor")
+
+
+def test_an_unreadable_catalog_row_is_listed_as_damaged_and_hides_nothing(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path)
+    good, bad = write_one(store), write_one(store, notebook="b.ipynb")
+    _edit_row(tmp_path, bad.id, "{not json")
+    for s in (store, SnapshotStore(tmp_path)):  # also after a restart
+        listed = {x.id: x for x in s.list()}
+        assert listed[good.id] == good
+        assert listed[bad.id].damaged.startswith("catalog row cannot be read: JSONDecodeError")
+        with pytest.raises(SnapshotCorruptError, match=rf"snapshot {bad.id} is damaged: catalog row cannot be read"):
+            s.verify(bad.id, "gvisor")
+    store.delete(bad.id)  # a damaged one can still be removed
+    assert [x.id for x in store.list()] == [good.id] and not (tmp_path / bad.id).exists()
+
+
+def test_snapshots_without_a_manifest_from_before_still_restore(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path)
+    snap = write_one(store)
+    (tmp_path / snap.id / "manifest.json").unlink()
+    _edit_row(tmp_path, snap.id, lambda b: b.pop("format"))
+    assert store.verify(snap.id, "gvisor").format == 0

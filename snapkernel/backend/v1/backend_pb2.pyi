@@ -227,6 +227,7 @@ class SnapshotInfo(_message.Message):
     SPEC_FIELD_NUMBER: _builtins.int
     KERNEL_KEY_FIELD_NUMBER: _builtins.int
     SKIPPED_FIELD_NUMBER: _builtins.int
+    DAMAGED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     kind: _builtins.str
     name: _builtins.str
@@ -241,6 +242,8 @@ class SnapshotInfo(_message.Message):
     """The Jupyter session key the snapshotted kernel signs with: a kernel resumed from a memory
     snapshot keeps it, so its new session must use it too. Only returned by GetSnapshot.
     """
+    damaged: _builtins.str
+    """Set when the snapshot's catalog row cannot be read: what is wrong with it (only `id` is set besides)."""
     @_builtins.property
     def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___SnapshotFileInfo]: ...
     @_builtins.property
@@ -266,10 +269,11 @@ class SnapshotInfo(_message.Message):
         spec: Global___SandboxSpec | None = ...,
         kernel_key: _builtins.bytes = ...,
         skipped: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        damaged: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "files", b"files", "gpu_model", b"gpu_model", "id", b"id", "kernel_key", b"kernel_key", "kind", b"kind", "name", b"name", "notebook_path", b"notebook_path", "runtime", b"runtime", "runtime_version", b"runtime_version", "sandbox_id", b"sandbox_id", "size", b"size", "skipped", b"skipped", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "damaged", b"damaged", "files", b"files", "gpu_model", b"gpu_model", "id", b"id", "kernel_key", b"kernel_key", "kind", b"kind", "name", b"name", "notebook_path", b"notebook_path", "runtime", b"runtime", "runtime_version", b"runtime_version", "sandbox_id", b"sandbox_id", "size", b"size", "skipped", b"skipped", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
