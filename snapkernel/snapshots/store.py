@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -37,7 +38,15 @@ _ID_RE = re.compile(r"^snap-[0-9a-f]{12}$")
 _PARTIAL = ".partial-"
 MANIFEST = "manifest.json"  # the snapshot's own copy of its catalog record, in its directory
 FORMAT = 1  # 0: written before snapshots kept a manifest (none to compare with)
-FREE_SPACE_MARGIN = 256 * 1024**2  # left free beyond what a snapshot is expected to take
+FREE_SPACE_MARGIN = 256 * 1024**2  # left free beyond what a snapshot is expected to take (at most)
+MARGIN_FRACTION = 20  # ... and at most 1/20 of the file system, so a small one can hold snapshots too
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """ENOSPC/EDQUOT, or SQLite's "database or disk is full"."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(e, sqlite3.OperationalError) and "full" in str(e)
 
 
 @dataclass
@@ -150,13 +159,23 @@ class SnapshotStore:
             gone.append(d.name)
         return gone
 
-    def check_free_space(self, expected_size: int) -> None:
+    def free_space(self) -> int:
+        """Bytes a snapshot may use here: what is free, less the margin kept free."""
+        usage = shutil.disk_usage(self.root)
+        return max(0, usage.free - min(FREE_SPACE_MARGIN, usage.total // MARGIN_FRACTION))
+
+    def disk_full(self, needs: int) -> NoCapacityError:
+        """The error that names a full disk: what is free and what the snapshot needs."""
         free = shutil.disk_usage(self.root).free
-        if expected_size + FREE_SPACE_MARGIN > free:
-            raise NoCapacityError(
-                f"not enough disk space for a snapshot of about {format_bytes(expected_size)}: "
-                f"{format_bytes(free)} free at {self.root}; delete snapshots (`snapkernel snapshots rm`) or free space"
-            )
+        return NoCapacityError(
+            f"no space left on the state dir's file system: {format_bytes(free)} free at {self.root}, the "
+            f"snapshot needs {format_bytes(needs)} (and a margin); delete snapshots (`snapkernel snapshots rm`) "
+            "or free space"
+        )
+
+    def check_free_space(self, expected_size: int) -> None:
+        if expected_size > self.free_space():
+            raise self.disk_full(expected_size)
 
     def begin(self, meta: Snapshot, expected_size: int) -> Path:
         """Check kind and free space, give `meta` its id, and return the empty directory to fill."""
@@ -197,8 +216,10 @@ class SnapshotStore:
         try:
             yield partial
             await asyncio.to_thread(self.commit, meta, partial)
-        except BaseException:
+        except BaseException as e:
             self.abort(partial)
+            if is_disk_full(e):
+                raise self.disk_full(expected_size) from e
             raise
 
     @contextlib.contextmanager
@@ -212,8 +233,10 @@ class SnapshotStore:
         try:
             yield partial
             self.commit(meta, partial)
-        except BaseException:
+        except BaseException as e:
             self.abort(partial)
+            if is_disk_full(e):
+                raise self.disk_full(expected_size) from e
             raise
 
     def _row(self, snapshot_id: str) -> tuple[object, ...]:
@@ -246,9 +269,11 @@ class SnapshotStore:
 
     def delete(self, snapshot_id: str) -> None:
         self._row(snapshot_id)  # a damaged row can be deleted too
+        # The files first: on a full disk that gives SQLite the room it needs to record the delete. A crash
+        # in between leaves a row whose files are missing: refused as such, and `delete` works again.
+        shutil.rmtree(self.path(snapshot_id), ignore_errors=True)
         with self.lock:
             self.db.execute("DELETE FROM snapshots WHERE id = ?", (snapshot_id,))
-        shutil.rmtree(self.path(snapshot_id), ignore_errors=True)
 
     def verify(self, snapshot_id: str, runtime: str, runtime_version: str = "") -> Snapshot:
         """The snapshot, once every file matches its checksum and the runtime can restore it."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -79,7 +80,7 @@ def test_free_space_is_checked_before_writing(tmp_path: Path) -> None:
 
     store = SnapshotStore(tmp_path)
     too_big = shutil.disk_usage(tmp_path).free + 1024**4
-    with pytest.raises(NoCapacityError, match="not enough disk space for a snapshot"), \
+    with pytest.raises(NoCapacityError, match=r"no space left on the state dir.s file system: .* the snapshot needs"), \
             store.write(Snapshot(id="", kind="memory"), expected_size=too_big):
         pass
     assert store.list() == []
@@ -179,3 +180,67 @@ def test_snapshots_without_a_manifest_from_before_still_restore(tmp_path: Path) 
     (tmp_path / snap.id / "manifest.json").unlink()
     _edit_row(tmp_path, snap.id, lambda b: b.pop("format"))
     assert store.verify(snap.id, "gvisor").format == 0
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A 64 MiB tmpfs: a file system that fills up."""
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    point = tmp_path / "small"
+    point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(point)], check=True)
+    try:
+        yield point
+    finally:
+        subprocess.run(["umount", "--lazy", str(point)], check=False)
+
+
+def fill(path: Path) -> None:
+    """Write `path` until its file system has not a byte left."""
+    import os
+    import shutil
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for chunk in (1024**2, 4096, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"x" * chunk)
+    finally:
+        os.close(fd)
+    assert shutil.disk_usage(path.parent).free == 0
+
+
+def test_a_full_disk_is_named_and_what_was_written_is_given_back(small_fs: Path) -> None:
+    import shutil
+
+    store = SnapshotStore(small_fs / "snapshots")
+    good = write_one(store)
+    free = shutil.disk_usage(small_fs).free
+    with pytest.raises(NoCapacityError, match=r"no space left on the state dir's file system: .* free at .*, the "
+                       r"snapshot needs 100Mi"), store.write(Snapshot(id="", kind="state"), 100 * 1024**2):
+        pass
+    # A snapshot larger than it said it would be: ENOSPC mid-write is named too, and nothing is left.
+    with pytest.raises(NoCapacityError, match=r"no space left on the state dir's file system"), \
+            store.write(Snapshot(id="", kind="state"), 1024) as d, open(d / "big.npy", "wb") as f:
+        for _ in range(80):
+            f.write(b"x" * 1024**2)
+    assert shutil.disk_usage(small_fs).free >= free - 1024**2
+    assert [s.id for s in store.list()] == [good.id]
+    assert not list((small_fs / "snapshots").glob(".partial-*"))
+
+
+def test_reads_restores_and_deletes_work_on_a_full_disk(small_fs: Path) -> None:
+    store = SnapshotStore(small_fs / "snapshots")
+    first, second = write_one(store), write_one(store)
+    fill(small_fs / "filler")
+    reopened = SnapshotStore(small_fs / "snapshots")  # a restart on the full disk
+    for s in (store, reopened):
+        assert {x.id for x in s.list()} == {first.id, second.id}
+        assert s.verify(first.id, "gvisor") == first
+    reopened.delete(second.id)
+    assert [x.id for x in store.list()] == [first.id]
