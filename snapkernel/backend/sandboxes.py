@@ -31,6 +31,7 @@ from snapkernel.backend.v1 import backend_pb2 as pb
 from snapkernel.backend.workspace import WORKSPACE, Workspaces
 from snapkernel.errors import (
     InvalidSpecError,
+    NoCapacityError,
     NotFoundError,
     RuntimeUnavailableError,
     SandboxFailedError,
@@ -486,10 +487,20 @@ class SandboxManager:
             self._set_state(sb, pb.RUNNING, "", pb.Progress(step="restore", message=result.output.strip(),
                                                             fraction=1.0))
 
-    async def save_state(self, sb: LiveSandbox, inside: str) -> dict[str, Any]:
-        """Save the kernel's variables into `inside` (a directory of its workspace); returns the report."""
-        result = await self.run_in_kernel(sb, state.save_code(inside), STATE_TIMEOUT)
+    async def save_state(self, sb: LiveSandbox, inside: str, into_store: bool = False) -> dict[str, Any]:
+        """Save the kernel's variables into `inside` (a directory of its workspace); returns the report.
+
+        The kernel checks the size first, against its workspace and what the host can give: a workspace of
+        its own (a sparse image) takes host space as it fills, and `into_store` files are copied once more.
+        """
+        mounted = os.path.ismount(Path(sb.record.dir) / WORKSPACE)
+        host_free = self.snapshots.free_space() if into_store or mounted else None
+        copies = (2 if mounted else 1) if into_store else 1
+        result = await self.run_in_kernel(sb, state.save_code(inside, host_free, copies), STATE_TIMEOUT)
         if not result.ok:
+            if state.NO_SPACE in result.error:
+                why = result.error[result.error.index(state.NO_SPACE):]
+                raise NoCapacityError(f"sandbox {sb.record.id}: the state snapshot was not written: {why}")
             raise SandboxFailedError(f"saving the kernel's variables failed: {result.error}")
         report: dict[str, Any] = json.loads(result.output.strip().splitlines()[-1])
         return report
@@ -499,7 +510,7 @@ class SandboxManager:
         inside = f".snapkernel-state-{secrets.token_hex(4)}"
         host = Path(r.dir) / WORKSPACE / inside
         try:
-            report = await self.save_state(sb, inside)
+            report = await self.save_state(sb, inside, into_store=True)
             size = sum(p.stat().st_size for p in host.rglob("*") if p.is_file())
             meta = Snapshot(id="", kind="state", name=name, sandbox_id=r.id, notebook_path=r.notebook_path,
                             runtime=r.runtime, skipped=report["skipped"])

@@ -22,10 +22,37 @@ _OLD_MANIFEST = "manifest.json"
 _SKIP = {"In", "Out", "exit", "quit", "get_ipython", "open"}
 
 
-def save_code(relative: str) -> str:
-    """Code for the kernel: save its namespace under $HOME/relative (HOME is the sandbox's workspace)."""
+NO_SPACE = "no space left"  # starts every message of a state snapshot that does not fit
+_NPY_HEADER = 256  # bytes an .npy file holds beyond its array's data, at most (a generous bound)
+
+
+def save_code(relative: str, host_free: int | None = None, copies: int = 1) -> str:
+    """Code for the kernel: save its namespace under $HOME/relative (HOME is the sandbox's workspace).
+
+    `host_free`: bytes the state dir's file system can give the snapshot; `copies`: how many times the files
+    take that space (2 where the workspace is a file system of its own: written there, then copied).
+    """
     return (f"__import__('snapkernel.snapshots.state', fromlist=['save']).save("
-            f"__import__('os').path.join(__import__('os').environ['HOME'], {relative!r}))")
+            f"__import__('os').path.join(__import__('os').environ['HOME'], {relative!r}), {host_free!r}, {copies!r})")
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} bytes"
+    value = float(n)
+    for unit in ("Ki", "Mi", "Gi"):
+        value /= 1024
+        if value < 1024 or unit == "Gi":
+            break
+    return f"{value:.1f}{unit}"
+
+
+def _no_space_in_workspace(free: int, needs: int) -> OSError:
+    import errno
+
+    return OSError(errno.ENOSPC, f"{NO_SPACE} in the sandbox's workspace: its disk quota is full ({_size(free)} "
+                                 f"free, the state snapshot needs {_size(needs)}); free space in the workspace "
+                                 "or ask for a larger `disk`")
 
 
 def load_code(relative: str) -> str:
@@ -63,15 +90,52 @@ def _as_array(value: Any) -> tuple[Any, str] | None:
     return None
 
 
-def save(path: str) -> dict[str, Any]:
-    """Write the user namespace under `path`; print and return the report."""
-    import cloudpickle
-    import numpy as np
+def save(path: str, host_free: int | None = None, copies: int = 1) -> dict[str, Any]:
+    """Write the user namespace under `path`; print and return the report.
+
+    The size is known before anything is written (pickles are made in memory first): a snapshot that would
+    not fit in the workspace, or in `host_free`, is refused with both numbers; on any failure what was
+    written is removed.
+    """
+    import errno
+    import shutil
 
     base = Path(path)
     base.mkdir(parents=True, exist_ok=False)
+    try:
+        manifest, arrays, pickles = _collect()
+        needs = (sum(a.nbytes + _NPY_HEADER for _, a in arrays) + sum(len(d) for _, d in pickles)
+                 + len(json.dumps(manifest)) + 4096 * (len(arrays) + len(pickles) + 1))  # + a block a file
+        free = shutil.disk_usage(base).free
+        if needs > free:
+            raise _no_space_in_workspace(free, needs)
+        if host_free is not None and needs * copies > host_free:
+            raise OSError(errno.ENOSPC, f"{NO_SPACE} on the state dir's file system: {_size(host_free)} free, "
+                                        f"the snapshot needs {_size(needs * copies)}; delete snapshots "
+                                        "(`snapkernel snapshots rm`) or free space")
+        try:
+            _write(base, manifest, arrays, pickles)
+        except OSError as e:
+            # numpy reports a short write as "N requested and M written", with no errno.
+            if e.errno in (errno.ENOSPC, errno.EDQUOT) or "requested and" in str(e):
+                raise _no_space_in_workspace(shutil.disk_usage(base.parent).free, needs) from e
+            raise
+    except BaseException:
+        shutil.rmtree(base, ignore_errors=True)
+        raise
+    report = {"saved": len(manifest["arrays"]) + len(manifest["pickles"]) + len(manifest["modules"]),
+              "skipped": manifest["skipped"]}
+    print(json.dumps(report))
+    return report
+
+
+def _collect() -> tuple[dict[str, Any], list[tuple[str, Any]], list[tuple[str, bytes]]]:
+    """The namespace as (manifest, arrays to write, pickles to write), nothing written yet."""
+    import cloudpickle
+
     manifest: dict[str, Any] = {"arrays": {}, "pickles": [], "modules": {}, "skipped": {}}
     arrays: list[tuple[str, Any]] = []
+    pickles: list[tuple[str, bytes]] = []
     for name, value in _namespace().items():
         if isinstance(value, types.ModuleType):
             manifest["modules"][name] = value.__name__
@@ -90,8 +154,17 @@ def save(path: str) -> dict[str, Any]:
         except Exception as e:
             manifest["skipped"][name] = f"{type(e).__name__}: {e}"
             continue
-        (base / f"{name}.pkl").write_bytes(data)
+        pickles.append((name, data))
         manifest["pickles"].append(name)
+    return manifest, arrays, pickles
+
+
+def _write(base: Path, manifest: dict[str, Any], arrays: list[tuple[str, Any]],
+           pickles: list[tuple[str, bytes]]) -> None:
+    import numpy as np
+
+    for name, data in pickles:
+        (base / f"{name}.pkl").write_bytes(data)
 
     def write(item: tuple[str, Any]) -> None:
         np.save(base / f"{item[0]}.npy", item[1], allow_pickle=False)
@@ -99,10 +172,6 @@ def save(path: str) -> dict[str, Any]:
     with ThreadPoolExecutor(max_workers=4) as pool:
         list(pool.map(write, arrays))
     (base / MANIFEST).write_text(json.dumps(manifest))
-    report = {"saved": len(manifest["arrays"]) + len(manifest["pickles"]) + len(manifest["modules"]),
-              "skipped": manifest["skipped"]}
-    print(json.dumps(report))
-    return report
 
 
 def _on_device(array: Any, origin: str) -> Any:
