@@ -101,18 +101,21 @@ def save(path: str, host_free: int | None = None, copies: int = 1) -> dict[str, 
     import shutil
 
     base = Path(path)
+    if base.exists():
+        raise FileExistsError(f"{base} exists already")
+    # Nothing is written before the size is known and checked (on a full disk, not even the directory).
+    manifest, arrays, pickles = _collect()
+    needs = (sum(a.nbytes + _NPY_HEADER for _, a in arrays) + sum(len(d) for _, d in pickles)
+             + len(json.dumps(manifest)) + 4096 * (len(arrays) + len(pickles) + 1))  # + a block a file
+    free = shutil.disk_usage(base.parent).free
+    if needs > free:
+        raise _no_space_in_workspace(free, needs)
+    if host_free is not None and needs * copies > host_free:
+        raise OSError(errno.ENOSPC, f"{NO_SPACE} on the state dir's file system: {_size(host_free)} free, "
+                                    f"the snapshot needs {_size(needs * copies)}; delete snapshots "
+                                    "(`snapkernel snapshots rm`) or free space")
     base.mkdir(parents=True, exist_ok=False)
     try:
-        manifest, arrays, pickles = _collect()
-        needs = (sum(a.nbytes + _NPY_HEADER for _, a in arrays) + sum(len(d) for _, d in pickles)
-                 + len(json.dumps(manifest)) + 4096 * (len(arrays) + len(pickles) + 1))  # + a block a file
-        free = shutil.disk_usage(base).free
-        if needs > free:
-            raise _no_space_in_workspace(free, needs)
-        if host_free is not None and needs * copies > host_free:
-            raise OSError(errno.ENOSPC, f"{NO_SPACE} on the state dir's file system: {_size(host_free)} free, "
-                                        f"the snapshot needs {_size(needs * copies)}; delete snapshots "
-                                        "(`snapkernel snapshots rm`) or free space")
         try:
             _write(base, manifest, arrays, pickles)
         except OSError as e:

@@ -75,7 +75,6 @@ def test_a_state_snapshot_too_large_for_the_disk_is_refused_and_leaves_nothing(s
         assert value(kc, "kept") == "'small'"
 
 
-@pytest.mark.parametrize("small_backend", ["process"], indirect=True)
 def test_listing_reading_and_deleting_snapshots_work_on_a_full_disk(small_backend: Backend,
                                                                     kernelspec_dir: Path) -> None:
     spec = write_kernelspec(kernelspec_dir, "snapkernel-test-full-list", {"disk": "32Mi"})
@@ -84,13 +83,20 @@ def test_listing_reading_and_deleting_snapshots_work_on_a_full_disk(small_backen
         sandbox = value(kc, "os.environ['SNAPKERNEL_SANDBOX_ID']").strip("'")
         first = backend_call(small_backend, lambda c: c.create_snapshot(sandbox, "state"))
         second = backend_call(small_backend, lambda c: c.create_snapshot(sandbox, "state"))
-    fill(small_backend.state_dir / "filler")
+        filler = small_backend.state_dir / "filler"
+        fill(filler)
+        with pytest.raises(NoCapacityError, match=rf"sandbox {sandbox}: the state snapshot was not written: no "
+                           r"space left on the state dir's file system: 0 bytes free, the snapshot needs"):
+            backend_call(small_backend, lambda c: c.create_snapshot(sandbox, "state"))
+        assert leftovers(small_backend) == []
+        assert value(kc, "x") == "1"  # the kernel carries on
+        os.truncate(filler, filler.stat().st_size - 8 * 2**20)  # (shutting down on a full disk: not here)
+    fill(filler)
     small_backend.restart()  # a backend starting on the full disk
     assert {s.id for s in backend_call(small_backend, lambda c: c.list_snapshots())} == {first.id, second.id}
     assert backend_call(small_backend, lambda c: c.get_snapshot(first.id)).id == first.id
     backend_call(small_backend, lambda c: c.delete_snapshot(second.id))
     assert [s.id for s in backend_call(small_backend, lambda c: c.list_snapshots())] == [first.id]
-    filler = small_backend.state_dir / "filler"
     os.truncate(filler, filler.stat().st_size - 48 * 2**20)  # nearly full: a small restore fits
     resume = write_kernelspec(kernelspec_dir, "snapkernel-test-full-list-resume",
                               {"restore_from": first.id, "disk": "32Mi"})
