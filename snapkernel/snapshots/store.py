@@ -43,10 +43,12 @@ MARGIN_FRACTION = 20  # ... and at most 1/20 of the file system, so a small one 
 
 
 def is_disk_full(e: BaseException) -> bool:
-    """ENOSPC/EDQUOT, or SQLite's "database or disk is full"."""
+    """ENOSPC/EDQUOT, SQLite's "database or disk is full", or a tool's (runsc's) "no space left on device"."""
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
-    return isinstance(e, sqlite3.OperationalError) and "full" in str(e)
+    if isinstance(e, sqlite3.OperationalError) and "full" in str(e):
+        return True
+    return isinstance(e, Exception) and "no space left on device" in str(e).lower()
 
 
 @dataclass
