@@ -71,6 +71,8 @@ export interface ISnapshot {
   path: string;
   runtime: string;
   gpu_model: string;
+  /** Set when the snapshot's catalog row cannot be read: what is wrong (only `id` is set besides). */
+  damaged?: string;
 }
 
 /** `POST /snapkernel/api/kernels` and `.../snapshots/{id}/resume`. */

@@ -188,15 +188,20 @@ export class SnapshotsPanel extends Widget {
         element(
           'div',
           'snapkernel-Snapshot-meta',
-          `${snapshot.kind} · ${formatBytes(snapshot.size)} · ${formatAge(snapshot.created, now)} · ${where}`
+          snapshot.damaged
+            ? `damaged: ${snapshot.damaged}`
+            : `${snapshot.kind} · ${formatBytes(snapshot.size)} · ${formatAge(snapshot.created, now)} · ${where}`
         )
       );
       const buttons = element('div', 'snapkernel-Snapshot-buttons');
-      const resume = element('button', 'jp-mod-styled jp-mod-accept snapkernel-Snapshot-resume', 'Resume');
-      resume.addEventListener('click', () => void this.resume(snapshot));
       const remove = element('button', 'jp-mod-styled jp-mod-warn snapkernel-Snapshot-delete', 'Delete');
       remove.addEventListener('click', () => void this.remove(snapshot));
-      buttons.append(resume, remove);
+      if (!snapshot.damaged) {
+        const resume = element('button', 'jp-mod-styled jp-mod-accept snapkernel-Snapshot-resume', 'Resume');
+        resume.addEventListener('click', () => void this.resume(snapshot));
+        buttons.append(resume);
+      }
+      buttons.append(remove);
       item.append(buttons);
       this._list.append(item);
     }
