@@ -40,7 +40,7 @@ from snapkernel.errors import (
     TimeoutError_,
 )
 from snapkernel.snapshots import cuda, memory, state
-from snapkernel.snapshots.store import Snapshot, SnapshotStore
+from snapkernel.snapshots.store import Snapshot, SnapshotStore, is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -469,7 +469,18 @@ class SandboxManager:
         self._progress(sb, "restore", "loading the kernel's variables", 0.8)
         try:
             if sb.restore_source is not None:
-                await asyncio.to_thread(shutil.copytree, sb.restore_source, host)
+                try:
+                    await asyncio.to_thread(shutil.copytree, sb.restore_source, host)
+                except (OSError, shutil.Error) as e:
+                    if not is_disk_full(e):
+                        raise SandboxFailedError(f"the snapshot's files could not be copied in: {e}") from e
+                    if os.path.ismount(Path(r.dir) / WORKSPACE):
+                        raise NoCapacityError(
+                            f"no space left in the sandbox's workspace: its disk quota "
+                            f"({format_bytes(sb.spec.disk)}) cannot hold snapshot {sb.spec.restore_from}; ask for "
+                            "a larger `disk`") from e
+                    raise self.snapshots.disk_full(sum(f.stat().st_size for f in sb.restore_source.rglob("*")
+                                                       if f.is_file())) from e
                 await asyncio.to_thread(self.workspaces.give, host, self.runtimes[r.runtime].owner(sb.spec))
             result = await self.run_in_kernel(sb, state.load_code(inside), STATE_TIMEOUT)
             if not result.ok:

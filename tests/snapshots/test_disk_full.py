@@ -102,3 +102,16 @@ def test_listing_reading_and_deleting_snapshots_work_on_a_full_disk(small_backen
                               {"restore_from": first.id, "disk": "32Mi"})
     with running_kernel(resume) as (_km, kc):
         assert value(kc, "x") == "1"
+
+
+@pytest.mark.parametrize("small_backend", ["process"], indirect=True)
+def test_a_restore_into_a_too_small_workspace_names_its_quota(small_backend: Backend, kernelspec_dir: Path) -> None:
+    with running_kernel(write_kernelspec(kernelspec_dir, "snapkernel-test-full-src", {"disk": "64Mi"})) as (_km, kc):
+        run(kc, "import os, numpy as np\nbig = np.ones(24 * 2**20, dtype=np.uint8)")
+        sandbox = value(kc, "os.environ['SNAPKERNEL_SANDBOX_ID']").strip("'")
+        snap = backend_call(small_backend, lambda c: c.create_snapshot(sandbox, "state"))
+    small = write_kernelspec(kernelspec_dir, "snapkernel-test-full-small", {"restore_from": snap.id, "disk": "16Mi"})
+    with pytest.raises(Exception, match=r"no space left in the sandbox's workspace: its disk quota \(16Mi\) cannot "
+                       rf"hold snapshot {snap.id}; ask for a larger `disk`"), running_kernel(small):
+        pass
+    assert leftovers(small_backend) == [] and not list(small_backend.state_dir.glob("sandboxes/*/workspace/.snap*"))
