@@ -119,8 +119,10 @@ def save(path: str, host_free: int | None = None, copies: int = 1) -> dict[str, 
         try:
             _write(base, manifest, arrays, pickles)
         except OSError as e:
-            # numpy reports a short write as "N requested and M written", with no errno.
-            if e.errno in (errno.ENOSPC, errno.EDQUOT) or "requested and" in str(e):
+            # numpy reports a short write as "N requested and M written" or "Not enough free space to
+            # write N bytes", with no errno.
+            if (e.errno in (errno.ENOSPC, errno.EDQUOT) or "requested and" in str(e)
+                    or "not enough free space" in str(e).lower()):
                 raise _no_space_in_workspace(shutil.disk_usage(base.parent).free, needs) from e
             raise
     except BaseException:
