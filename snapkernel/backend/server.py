@@ -87,9 +87,15 @@ class BackendApp(Application):
                                             "directories and the agent's Python (e.g. a shared dataset "
                                             "directory). An admin's setting: notebook users cannot add any."
                             ).tag(config=True)
-    cpu_overcommit = Float(4.0, help="How many times the host's cores may be handed out in total.").tag(config=True)
-    memory_overcommit = Float(1.5, help="How many times the host's memory may be handed out in total.").tag(
-        config=True)
+    cpu_overcommit = Float(4.0, help="CPU overcommit: sandboxes may be given up to this many times the host's "
+                                     "cores in total (each is still limited to the cores it asked for). Default 4: "
+                                     "notebooks idle most of the time, so 8 one-core kernels start on a 2-core host; "
+                                     "1 gives out no more cores than the host has. A sandbox that would pass the "
+                                     "limit is refused, naming it; `snapkernel status` shows it.").tag(config=True)
+    memory_overcommit = Float(1.0, help="Memory overcommit: how many times the host's memory may be given out in "
+                                        "total. Default 1: memory is never overcommitted (a kernel over its share "
+                                        "would be killed by the OOM killer, not slowed down). GPUs are never "
+                                        "shared.").tag(config=True)
     start_timeout = Float(60.0, help="Seconds a sandbox may take to start its agent.").tag(config=True)
     hibernate_after_gpu = Float(600.0, help="Idle seconds before a GPU kernel hibernates, unless its kernelspec "
                                             "sets `hibernate_after`; 0 = never.").tag(config=True)
@@ -146,6 +152,14 @@ class BackendApp(Application):
         if not 0 < value < 2**31:
             raise InvalidSpecError(f"{proposal['trait'].name} {value} is not valid: use an id from 1 to 2147483647 "
                                    "(kernels never run as root)")
+        return value
+
+    @validate("cpu_overcommit", "memory_overcommit")
+    def _check_overcommit(self, proposal: dict[str, Any]) -> float:
+        value = float(proposal["value"])
+        if not 1 <= value <= 64:
+            raise InvalidSpecError(f"{proposal['trait'].name} {value:g} is not valid: use a factor from 1 (none) "
+                                   "to 64")
         return value
 
     @validate("runtime")

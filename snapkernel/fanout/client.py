@@ -148,7 +148,9 @@ class MapCall:
     def start_message(self) -> pb.MapRequest:
         o = self.options
         python, pickle_version = versions()
-        spec = pb.SandboxSpec(gpu=o.gpu, cpu=o.cpu, memory=o.memory)
+        spec = pb.SandboxSpec(gpu=o.gpu, memory=o.memory)
+        if o.cpu:  # 0: the default (1 core per worker)
+            spec.cpu = o.cpu
         return pb.MapRequest(start=pb.MapStart(
             spec=spec, workers=o.workers, function_hash=self.payload.digest, retries=o.retries, timeout=o.timeout,
             clone=o.clone, python=python, cloudpickle=pickle_version, total=self.total or 0))

@@ -66,6 +66,11 @@ class SnapKernelMagics(Magics):  # type: ignore[misc]
         parser.add_argument("--name", default="")
         parser.add_argument("--kind", choices=["memory", "state"], default="memory")
         args = parser.parse_args(shlex.split(line))
+        from snapkernel.backend.spec import MAX_SNAPSHOT_NAME
+
+        if len(args.name) > MAX_SNAPSHOT_NAME:  # the backend refuses it too; say so before the cell runs on
+            raise UsageError(f"%snapshot --name is {len(args.name)} characters long: names are at most "
+                             f"{MAX_SNAPSHOT_NAME} characters")
         kernel = getattr(self.shell, "kernel", None)
         if kernel is None or not os.environ.get("SNAPKERNEL_SANDBOX_ID"):
             raise UsageError("%snapshot works in snapkernel kernels only (this kernel runs outside a sandbox)")

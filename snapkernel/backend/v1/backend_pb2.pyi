@@ -407,7 +407,7 @@ class SandboxSpec(_message.Message):
     gpu: _builtins.str
     """"" (none), "H100", "H100:2", "any:1" """
     cpu: _builtins.float
-    """cores; 0 = backend default"""
+    """cores, above 0; absent = backend default (0 is refused)"""
     memory: _builtins.str
     """"8Gi", "512Mi"; "" = backend default"""
     runtime: _builtins.str
@@ -434,7 +434,7 @@ class SandboxSpec(_message.Message):
         self,
         *,
         gpu: _builtins.str = ...,
-        cpu: _builtins.float = ...,
+        cpu: _builtins.float | None = ...,
         memory: _builtins.str = ...,
         runtime: _builtins.str = ...,
         image: _builtins.str = ...,
@@ -445,12 +445,17 @@ class SandboxSpec(_message.Message):
         mount_dir: _builtins.str = ...,
         disk: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_hibernate_after", b"_hibernate_after", "hibernate_after", b"hibernate_after"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cpu", b"_cpu", "_hibernate_after", b"_hibernate_after", "cpu", b"cpu", "hibernate_after", b"hibernate_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_hibernate_after", b"_hibernate_after", "cpu", b"cpu", "disk", b"disk", "env", b"env", "gpu", b"gpu", "hibernate_after", b"hibernate_after", "image", b"image", "memory", b"memory", "mount_dir", b"mount_dir", "network", b"network", "restore_from", b"restore_from", "runtime", b"runtime"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cpu", b"_cpu", "_hibernate_after", b"_hibernate_after", "cpu", b"cpu", "disk", b"disk", "env", b"env", "gpu", b"gpu", "hibernate_after", b"hibernate_after", "image", b"image", "memory", b"memory", "mount_dir", b"mount_dir", "network", b"network", "restore_from", b"restore_from", "runtime", b"runtime"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__cpu: _TypeAlias = _typing.Literal["cpu"]  # noqa: Y015
+    _WhichOneofArgType__cpu: _TypeAlias = _typing.Literal["_cpu", b"_cpu"]  # noqa: Y015
     _WhichOneofReturnType__hibernate_after: _TypeAlias = _typing.Literal["hibernate_after"]  # noqa: Y015
     _WhichOneofArgType__hibernate_after: _TypeAlias = _typing.Literal["_hibernate_after", b"_hibernate_after"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cpu) -> _WhichOneofReturnType__cpu | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__hibernate_after) -> _WhichOneofReturnType__hibernate_after | None: ...
 
 Global___SandboxSpec: _TypeAlias = SandboxSpec  # noqa: Y015
@@ -997,12 +1002,24 @@ class Capacity(_message.Message):
     MEMORY_ALLOCATED_FIELD_NUMBER: _builtins.int
     GPUS_TOTAL_FIELD_NUMBER: _builtins.int
     GPUS_ALLOCATED_FIELD_NUMBER: _builtins.int
+    CPU_OVERCOMMIT_FIELD_NUMBER: _builtins.int
+    CPU_LIMIT_FIELD_NUMBER: _builtins.int
+    MEMORY_OVERCOMMIT_FIELD_NUMBER: _builtins.int
+    MEMORY_LIMIT_FIELD_NUMBER: _builtins.int
     cpu_total: _builtins.float
     cpu_allocated: _builtins.float
     memory_total: _builtins.int
     memory_allocated: _builtins.int
     gpus_total: _builtins.int
     gpus_allocated: _builtins.int
+    cpu_overcommit: _builtins.float
+    """The policy: cores may be given out up to cpu_limit = cpu_total * cpu_overcommit (notebooks idle most of
+    the time); memory up to memory_limit = memory_total * memory_overcommit (1 by default: never
+    overcommitted); GPUs are never shared.
+    """
+    cpu_limit: _builtins.float
+    memory_overcommit: _builtins.float
+    memory_limit: _builtins.int
     def __init__(
         self,
         *,
@@ -1012,10 +1029,14 @@ class Capacity(_message.Message):
         memory_allocated: _builtins.int = ...,
         gpus_total: _builtins.int = ...,
         gpus_allocated: _builtins.int = ...,
+        cpu_overcommit: _builtins.float = ...,
+        cpu_limit: _builtins.float = ...,
+        memory_overcommit: _builtins.float = ...,
+        memory_limit: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_allocated", b"cpu_allocated", "cpu_total", b"cpu_total", "gpus_allocated", b"gpus_allocated", "gpus_total", b"gpus_total", "memory_allocated", b"memory_allocated", "memory_total", b"memory_total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_allocated", b"cpu_allocated", "cpu_limit", b"cpu_limit", "cpu_overcommit", b"cpu_overcommit", "cpu_total", b"cpu_total", "gpus_allocated", b"gpus_allocated", "gpus_total", b"gpus_total", "memory_allocated", b"memory_allocated", "memory_limit", b"memory_limit", "memory_overcommit", b"memory_overcommit", "memory_total", b"memory_total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
