@@ -83,7 +83,7 @@ class SnapKernelMagics(Magics):  # type: ignore[misc]
     @cell_magic  # type: ignore[misc]
     def fanout(self, line: str, cell: str) -> Any:
         from snapkernel.fanout.capture import Payload, cell_function, local_cell_function
-        from snapkernel.fanout.client import MapCall, Options
+        from snapkernel.fanout.client import MapCall, Options, short_repr
         from snapkernel.fanout.remote import check_options
 
         args = _fanout_parser().parse_args(_flag_words(line))
@@ -109,7 +109,8 @@ class SnapKernelMagics(Magics):  # type: ignore[misc]
                 payload = cell_function(cell, args.name, shell.user_ns)
         except SnapkernelError as e:
             raise UsageError(f"%%fanout: {e}") from e
-        call = MapCall(payload, options, len(items), "fanout", local_fn, show_caller=False)
+        call = MapCall(payload, options, len(items), "fanout", local_fn, show_caller=False,
+                       describe=lambda item: f"{args.name}={short_repr(item)}")
         try:
             results = [value for _, value in call.run((item, (item,), {}) for item in items)]
         except RemoteError:

@@ -378,3 +378,23 @@ def test_idle_workers_are_reaped_and_busy_ones_kept(tmp_path: Path, monkeypatch:
     finally:
         b.stop()
         b.report()
+
+
+def test_an_item_that_kills_its_worker_names_the_exit_and_the_item(backend: Backend, kernel: Kernel) -> None:
+    _, kc = kernel
+    content, outputs = run(kc, "%%fanout --over range(4) --as x --workers 2\nimport os\nif x == 0:\n"
+                               "    os._exit(1)\nx", timeout=120)
+    assert content["status"] == "error", content
+    tb = error_text(outputs)
+    assert "WorkerDiedError: worker exited with code 1 while running item 0 (x=0)" in tb, tb
+    assert "CancelledError" not in tb and "after 2 attempt(s)" in tb, tb
+    content, outputs = run(kc, "%%fanout --over range(5) --as x --workers 2 --return-exceptions --out r\n"
+                               "import ctypes\nif x == 3:\n    ctypes.string_at(0)\nx", timeout=120)
+    assert content["status"] == "ok", content
+    text = value(kc, "[str(v) if isinstance(v, BaseException) else v for v in r]")
+    assert "worker killed by SIGSEGV while running item 3 (x=3)" in text, text
+    assert value(kc, "r[:3] + r[4:]") == "[0, 1, 2, 4]"  # the items queued behind it are not blamed
+    assert value(kc, "type(r[3]).__name__") == "'WorkerDiedError'"
+    content, _ = run(kc, "%%fanout --over range(4) --as x --workers 2 --out r\nx + 1", timeout=120)
+    assert content["status"] == "ok", content  # the dead workers were replaced
+    assert value(kc, "r") == "[1, 2, 3, 4]"

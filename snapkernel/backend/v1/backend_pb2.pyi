@@ -1549,6 +1549,7 @@ class MapResult(_message.Message):
     WORKER_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     OUTPUT_FIELD_NUMBER: _builtins.int
+    DIED_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     ok: _builtins.bool
     data: _builtins.bytes
@@ -1562,6 +1563,10 @@ class MapResult(_message.Message):
     attempts: _builtins.int
     output: _builtins.str
     """what the call printed (stdout and stderr, Python-level), shown by the caller"""
+    died: _builtins.str
+    """!ok because the item's worker died running it (twice: it is retried once): how, e.g. "exited with code
+    1", "killed by SIGSEGV". The caller names the item's input with it.
+    """
     def __init__(
         self,
         *,
@@ -1573,10 +1578,11 @@ class MapResult(_message.Message):
         worker: _builtins.str = ...,
         attempts: _builtins.int = ...,
         output: _builtins.str = ...,
+        died: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "blob", b"blob", "data", b"data", "error", b"error", "index", b"index", "ok", b"ok", "output", b"output", "worker", b"worker"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "blob", b"blob", "data", b"data", "died", b"died", "error", b"error", "index", b"index", "ok", b"ok", "output", b"output", "worker", b"worker"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
