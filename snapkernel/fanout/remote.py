@@ -20,7 +20,7 @@ from typing import Any
 from snapkernel.backend.spec import parse_gpu, parse_memory
 from snapkernel.errors import InvalidSpecError
 from snapkernel.fanout.capture import pack
-from snapkernel.fanout.client import Call, MapCall, Options
+from snapkernel.fanout.client import Call, MapCall, Options, short_repr
 
 _background: list[ThreadPoolExecutor] = []  # made on the first spawn
 
@@ -55,7 +55,14 @@ class RemoteFunction:
         o = Options(**{**self.options.__dict__, "ordered": ordered, "return_exceptions": return_exceptions})
         o.workers = 1 if single else min(o.workers, max(1, len(calls)))
         o.progress = o.progress and not single  # no bar for one call (nor from spawn's thread)
-        call = MapCall(pack(self.fn), o, len(calls), getattr(self.fn, "__name__", "remote"))
+        name = getattr(self.fn, "__name__", "remote")
+
+        def describe(item: Any) -> str:  # how a worker's death names the call: `score(3)`
+            args, kwargs = item if single else ((item,), {})
+            shown = [*map(short_repr, args), *(f"{k}={short_repr(v)}" for k, v in kwargs.items())]
+            return f"{name}({', '.join(shown)})"
+
+        call = MapCall(pack(self.fn), o, len(calls), name, describe=describe)
         return [value for _, value in call.run(calls)]
 
     def map(self, items: Iterable[Any], ordered: bool = True, return_exceptions: bool = False) -> list[Any]:

@@ -398,3 +398,18 @@ def test_an_item_that_kills_its_worker_names_the_exit_and_the_item(backend: Back
     content, _ = run(kc, "%%fanout --over range(4) --as x --workers 2 --out r\nx + 1", timeout=120)
     assert content["status"] == "ok", content  # the dead workers were replaced
     assert value(kc, "r") == "[1, 2, 3, 4]"
+    # `remote` names the call.
+    run(kc, "from snapkernel import remote\n@remote(workers=1)\ndef quit_with(code):\n    import os\n"
+            "    os._exit(code)")
+    content, outputs = run(kc, "quit_with.remote(2)", timeout=120)
+    assert content["status"] == "error" and content["ename"] == "WorkerDiedError", content
+    assert "worker exited with code 2 while running item 0 (quit_with(2))" in error_text(outputs)
+
+
+def test_exit_statuses_in_words() -> None:
+    from snapkernel.backend.workers import describe_exit
+
+    assert describe_exit(1) == "exited with code 1"
+    assert describe_exit(-11) == describe_exit(139) == "killed by SIGSEGV"  # Python's way, runsc's way
+    assert describe_exit(-9).startswith("killed by SIGKILL (over its memory limit")
+    assert describe_exit(255) == "exited with code 255"
