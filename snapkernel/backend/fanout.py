@@ -28,6 +28,7 @@ from typing import Any
 
 from snapkernel.agent.worker import BLOB_DIR, MAX_FUNCTIONS, ItemTimeout, format_remote, pickled_exception
 from snapkernel.backend.sandboxes import LiveSandbox, SandboxManager
+from snapkernel.backend.spec import check_cpu
 from snapkernel.backend.v1 import backend_pb2 as pb
 from snapkernel.backend.workers import MODE_ENV, Worker, WorkerPools
 from snapkernel.backend.workspace import WORKSPACE
@@ -164,6 +165,8 @@ class Job:
         if start.timeout < 0 or start.retries > 100:
             raise InvalidSpecError(f"timeout {start.timeout:g} / retries {start.retries} not accepted: use a "
                                    "timeout of 0 (none) or more seconds and 0 to 100 retries")
+        if start.spec.HasField("cpu"):
+            check_cpu(start.spec.cpu)  # 0 is refused, not taken for the default (absent: 1 core per worker)
         if not _HASH.match(start.function_hash):
             raise InvalidSpecError(f"function hash {start.function_hash!r} is not a sha256 hex digest")
         self.start = start
@@ -240,7 +243,7 @@ class Job:
         code gets no say in the image, runtime, mounts or network; a gRPC caller (with the token) does."""
         assert self.start is not None
         asked = self.start.spec
-        spec = pb.SandboxSpec(gpu=asked.gpu, cpu=asked.cpu or 1.0, memory=asked.memory)
+        spec = pb.SandboxSpec(gpu=asked.gpu, cpu=asked.cpu if asked.HasField("cpu") else 1.0, memory=asked.memory)
         base = self.owner.record.spec if self.owner is not None else asked
         spec.runtime = self.owner.record.runtime if self.owner is not None else asked.runtime
         spec.image = base.image

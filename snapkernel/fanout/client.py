@@ -38,7 +38,7 @@ CANCEL_WAIT = 2.5                 # seconds to wait for the backend to confirm a
 class Options:
     workers: int = 4
     gpu: str = ""
-    cpu: float = 0.0
+    cpu: float | None = None  # cores per worker; None: 1
     memory: str = ""
     retries: int = 0
     timeout: float = 0.0
@@ -160,7 +160,7 @@ class MapCall:
         o = self.options
         python, pickle_version = versions()
         spec = pb.SandboxSpec(gpu=o.gpu, memory=o.memory)
-        if o.cpu:  # 0: the default (1 core per worker)
+        if o.cpu is not None:  # absent: the default (1 core per worker)
             spec.cpu = o.cpu
         return pb.MapRequest(start=pb.MapStart(
             spec=spec, workers=o.workers, function_hash=self.payload.digest, retries=o.retries, timeout=o.timeout,

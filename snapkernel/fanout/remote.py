@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from snapkernel.backend.spec import parse_gpu, parse_memory
+from snapkernel.backend.spec import check_cpu, parse_gpu, parse_memory
 from snapkernel.errors import InvalidSpecError
 from snapkernel.fanout.capture import pack
 from snapkernel.fanout.client import Call, MapCall, Options, short_repr
@@ -33,8 +33,8 @@ def check_options(options: Options) -> None:
         raise InvalidSpecError(f"retries {options.retries} is not accepted: use 0 or more")
     if options.timeout < 0:
         raise InvalidSpecError(f"timeout {options.timeout:g} is not accepted: use seconds > 0 (or 0 for none)")
-    if options.cpu < 0:
-        raise InvalidSpecError(f"cpu {options.cpu:g} is not accepted: use a number of cores such as 1 or 0.5")
+    if options.cpu is not None:
+        check_cpu(options.cpu)  # 0 too: leave it out for 1 core per worker
     parse_gpu(options.gpu)
     if options.memory:
         parse_memory(options.memory)
@@ -81,7 +81,7 @@ class RemoteFunction:
         return _background[0].submit(self.remote, *args, **kwargs)
 
 
-def remote(fn: Callable[..., Any] | None = None, *, gpu: str = "", cpu: float = 0.0, memory: str = "",
+def remote(fn: Callable[..., Any] | None = None, *, gpu: str = "", cpu: float | None = None, memory: str = "",
            retries: int = 0, timeout: float = 0.0, workers: int = 4, progress: bool = True) -> Any:
     """Decorator: `@remote` or `@remote(gpu=..., cpu=..., memory=..., retries=..., timeout=...)`."""
     options = Options(workers=workers, gpu=gpu, cpu=cpu, memory=memory, retries=retries, timeout=timeout,

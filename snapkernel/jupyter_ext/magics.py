@@ -47,7 +47,7 @@ def _fanout_parser() -> _Parser:
     p.add_argument("--as", dest="name", required=True, metavar="NAME", help="the name each item is bound to")
     p.add_argument("--workers", type=int, default=4, metavar="N")
     p.add_argument("--gpu", default="", metavar="SPEC")
-    p.add_argument("--cpu", type=float, default=0.0, metavar="N")
+    p.add_argument("--cpu", type=float, default=None, metavar="N")
     p.add_argument("--memory", default="", metavar="M")
     p.add_argument("--out", "-o", default="", metavar="VAR")
     p.add_argument("--unordered", action="store_true")

@@ -198,6 +198,7 @@ def test_bad_flags_say_what_is_accepted(kernel: Kernel) -> None:
         ("--over range(3) --as x --workers 0", "workers 0 is not accepted"),
         ("--over range(3) --as x --gpu H100:zero", "gpu spec 'H100:zero' is not valid"),
         ("--over range(3) --as x --memory lots", "lots"),
+        ("--over range(3) --as x --cpu 0", "cpu 0 is not valid: use a number of cores above 0"),
         ("--over range(3)", "the following arguments are required: --as"),
     ]:
         content, _ = run(kc, f"%%fanout {line}\nx", timeout=60)
