@@ -154,14 +154,6 @@ class BackendApp(Application):
                                    "(kernels never run as root)")
         return value
 
-    @validate("cpu_overcommit", "memory_overcommit")
-    def _check_overcommit(self, proposal: dict[str, Any]) -> float:
-        value = float(proposal["value"])
-        if not 1 <= value <= 64:
-            raise InvalidSpecError(f"{proposal['trait'].name} {value:g} is not valid: use a factor from 1 (none) "
-                                   "to 64")
-        return value
-
     @validate("runtime")
     def _check_runtime(self, proposal: dict[str, Any]) -> str:
         if proposal["value"] and proposal["value"] not in RUNTIMES:
@@ -201,6 +193,10 @@ class BackendApp(Application):
         if default_runtime == "process":
             log.warning("default runtime is `process`: kernels run as plain processes, NOT isolated by gVisor (%s)",
                         "; ".join(m.detail for m in missing) or "chosen by --runtime")
+        for name in ("cpu_overcommit", "memory_overcommit"):
+            if not 1 <= getattr(self, name) <= 64:
+                raise InvalidSpecError(f"--BackendApp.{name}={getattr(self, name):g} is not valid: use a factor "
+                                       "from 1 (no overcommit) to 64")
         scheduler = Scheduler(gpus, self.cpu_overcommit, self.memory_overcommit)
         manager = SandboxManager(state, runtimes, scheduler, Defaults(
             runtime=default_runtime, cpu=self.default_cpu, memory=parse_memory(self.default_memory),
