@@ -64,9 +64,13 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"{format_bytes(g.memory_used)} used, {g.utilization}% busy")
     if status.driver_version:
         print(f"  driver {status.driver_version}")
-    print(f"capacity: cpu {cap.cpu_allocated:g}/{cap.cpu_total:g} cores given out, memory "
-          f"{format_bytes(cap.memory_allocated)}/{format_bytes(cap.memory_total)}, GPUs "
-          f"{cap.gpus_allocated}/{cap.gpus_total}")
+    cpu_policy = (f"overcommit {cap.cpu_overcommit:g}x: up to {cap.cpu_limit:g}" if cap.cpu_overcommit > 1
+                  else "no overcommit")
+    memory_policy = (f"overcommit {cap.memory_overcommit:g}x: up to {format_bytes(cap.memory_limit)}"
+                     if cap.memory_overcommit > 1 else "never overcommitted")
+    print(f"capacity: cpu {cap.cpu_allocated:g}/{cap.cpu_total:g} cores given out ({cpu_policy}), memory "
+          f"{format_bytes(cap.memory_allocated)}/{format_bytes(cap.memory_total)} ({memory_policy}), GPUs "
+          f"{cap.gpus_allocated}/{cap.gpus_total} (never shared)")
     print(f"sandboxes: {status.sandboxes}")
     return 0
 

@@ -113,6 +113,12 @@ class RemoteError(SnapkernelError):
     reason = "remote_error"
 
 
+class WorkerDiedError(RemoteError):
+    """A fan-out item's worker died running it (twice: it is retried once on a new worker)."""
+
+    reason = "worker_died"
+
+
 _BY_STATUS: dict[str, type[SnapkernelError]] = {
     "INVALID_ARGUMENT": InvalidSpecError,
     "NOT_FOUND": NotFoundError,

@@ -28,6 +28,7 @@ from typing import Any
 
 from snapkernel.agent.worker import BLOB_DIR, MAX_FUNCTIONS, ItemTimeout, format_remote, pickled_exception
 from snapkernel.backend.sandboxes import LiveSandbox, SandboxManager
+from snapkernel.backend.spec import check_cpu
 from snapkernel.backend.v1 import backend_pb2 as pb
 from snapkernel.backend.workers import MODE_ENV, Worker, WorkerPools
 from snapkernel.backend.workspace import WORKSPACE
@@ -110,6 +111,9 @@ class Job:
         self.queue: deque[pb.MapItem] = deque()
         self.attempts: dict[int, int] = {}
         self.died_on: set[int] = set()       # items whose worker died under them (retried once)
+        # Items in flight when a worker died, and items retried after their worker died: each runs alone on a
+        # worker, so that a death is known to be its own (results of a batch come back only now and then).
+        self.suspects: set[int] = set()
         self.workers: list[Worker] = []
         self.input_ended = False
         self.finished = False
@@ -161,6 +165,8 @@ class Job:
         if start.timeout < 0 or start.retries > 100:
             raise InvalidSpecError(f"timeout {start.timeout:g} / retries {start.retries} not accepted: use a "
                                    "timeout of 0 (none) or more seconds and 0 to 100 retries")
+        if start.spec.HasField("cpu"):
+            check_cpu(start.spec.cpu)  # 0 is refused, not taken for the default (absent: 1 core per worker)
         if not _HASH.match(start.function_hash):
             raise InvalidSpecError(f"function hash {start.function_hash!r} is not a sha256 hex digest")
         self.start = start
@@ -237,7 +243,7 @@ class Job:
         code gets no say in the image, runtime, mounts or network; a gRPC caller (with the token) does."""
         assert self.start is not None
         asked = self.start.spec
-        spec = pb.SandboxSpec(gpu=asked.gpu, cpu=asked.cpu or 1.0, memory=asked.memory)
+        spec = pb.SandboxSpec(gpu=asked.gpu, cpu=asked.cpu if asked.HasField("cpu") else 1.0, memory=asked.memory)
         base = self.owner.record.spec if self.owner is not None else asked
         spec.runtime = self.owner.record.runtime if self.owner is not None else asked.runtime
         spec.image = base.image
@@ -312,9 +318,19 @@ class Job:
         window = 2 * batch  # the next batch waits on the worker while it runs this one
         for w in ready:
             while self.queue and len(w.inflight) < window:
+                if self.suspects and any(i in self.suspects for i in w.inflight):
+                    break  # a suspect runs alone
+                if self.queue[0].index in self.suspects:
+                    if w.inflight:
+                        break
+                    self._send_tasks(w, [self.queue.popleft()])
+                    break
                 fair = -(-len(self.queue) // len(ready))  # the last items are spread over all workers
                 n = min(batch, window - len(w.inflight), fair)
-                self._send_tasks(w, [self.queue.popleft() for _ in range(n)])
+                items: list[pb.MapItem] = []
+                while self.queue and len(items) < n and self.queue[0].index not in self.suspects:
+                    items.append(self.queue.popleft())
+                self._send_tasks(w, items)
 
     def _send_tasks(self, w: Worker, items: list[pb.MapItem]) -> None:
         assert self.start is not None
@@ -362,6 +378,7 @@ class Job:
         w.mark = now if w.inflight else 0.0
         for r in msg.results:
             item = w.inflight.pop(r.index, None)
+            self.suspects.discard(r.index)
             r.worker = w.sandbox_id
             if item is not None:
                 self._settle(item, r, w)
@@ -417,21 +434,30 @@ class Job:
         if self.finished or self.cancelled:
             self._maybe_done()
             return
+        how = w.how_it_died()
+        requeue = []
         for item in lost:
-            if item.index in self.died_on:
-                self.out.append(pb.MapResult(index=item.index, ok=False, worker=w.sandbox_id,
-                                             attempts=self.attempts.get(item.index, 1), error=(
-                    f"WorkerDied: worker {w.sandbox_id} died running this item, and so did the one that "
-                    f"retried it ({w.gone})")))
+            if len(lost) == 1 and item.index in self.died_on:
+                # It ran alone (a suspect) and its worker died: the second death under it is its own.
+                self.suspects.discard(item.index)
+                self.out.append(pb.MapResult(index=item.index, ok=False, worker=w.sandbox_id, died=how,
+                                             attempts=self.attempts.get(item.index, 1) + 1, error=(
+                    f"WorkerDied: worker {w.sandbox_id} {how} while running item {item.index} (an earlier "
+                    "worker had died with it in flight too)\n")))
             else:
+                # Which of a batch ran when the worker died is not known: each runs alone from now on.
                 self.died_on.add(item.index)
+                self.suspects.add(item.index)
                 self.attempts[item.index] = self.attempts.get(item.index, 1) - 1  # not the item's fault
-                self.queue.appendleft(item)
+                requeue.append(item)
+        self.queue.extendleft(reversed(requeue))  # in their order, ahead of the rest
         self._flush_soon()
-        self._status(f"worker {w.sandbox_id} died ({w.gone.splitlines()[0] if w.gone else 'gone'}); replacing it")
+        running = f" while running item {lost[0].index}" if len(lost) == 1 else ""
+        self._status(f"worker {w.sandbox_id} {how}{running}; replacing it")
+        log.info("sandbox_id=%s job=%s worker %s with %d item(s) in flight", w.sandbox_id, self.id, how, len(lost))
         self.replacements += 1
         if self.replacements > 2 * (self.start.workers if self.start else 1) + 4:
-            self.fail(f"workers keep dying ({self.replacements} replaced); the last one: {w.gone}")
+            self.fail(f"workers keep dying ({self.replacements} replaced); the last one {how}{running}")
             return
         self.fm.spawn(self._replace())
 

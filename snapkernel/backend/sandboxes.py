@@ -26,7 +26,7 @@ from snapkernel.backend.runtimes.base import EXIT_FILE, LINK_SOCKET, LOG_FILE, S
 from snapkernel.backend.runtimes.gvisor import GvisorRuntime
 from snapkernel.backend.sandbox_db import ASLEEP, SandboxDB, SandboxRecord
 from snapkernel.backend.scheduler import Scheduler
-from snapkernel.backend.spec import ParsedSpec, check_sandbox_id, format_bytes, parse_spec
+from snapkernel.backend.spec import ParsedSpec, check_sandbox_id, check_snapshot_name, format_bytes, parse_spec
 from snapkernel.backend.v1 import backend_pb2 as pb
 from snapkernel.backend.workspace import WORKSPACE, Workspaces
 from snapkernel.errors import (
@@ -539,6 +539,7 @@ class SandboxManager:
             await asyncio.to_thread(shutil.rmtree, host, True)
 
     async def snapshot(self, req: pb.CreateSnapshotRequest) -> Snapshot:
+        check_snapshot_name(req.name)
         sb = self.get(req.sandbox_id)
         kind = req.kind or "memory"
         if kind not in ("memory", "state"):

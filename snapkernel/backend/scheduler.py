@@ -1,8 +1,9 @@
 """Accounting of the host's CPU, memory and GPUs among sandboxes.
 
-GPUs are exclusive: a sandbox gets whole GPUs that no other sandbox holds. CPU and memory are
-limits per sandbox; the totals may be overcommitted by a configurable factor, as notebooks idle most of
-the time.
+GPUs are exclusive: a sandbox gets whole GPUs that no other sandbox holds. CPU and memory are limits per
+sandbox. The cores given out in total may exceed the host's by `cpu_overcommit` (default 4: notebooks idle
+most of the time); memory is not overcommitted by default (`memory_overcommit` 1), GPUs never are. Status
+shows the policy (`Capacity.cpu_overcommit`, `cpu_limit`); a refusal names the limit it hit.
 """
 
 from __future__ import annotations
@@ -50,6 +51,15 @@ class Scheduler:
         return sum(c for c, _ in self.claims.values())
 
     @property
+    def cpu_limit(self) -> float:
+        """The cores that may be given out in total."""
+        return self.cpu_total * self.cpu_overcommit
+
+    @property
+    def memory_limit(self) -> int:
+        return int(self.memory_total * self.memory_overcommit)
+
+    @property
     def memory_allocated(self) -> int:
         return sum(m for _, m in self.claims.values())
 
@@ -86,15 +96,19 @@ class Scheduler:
             raise NoCapacityError(
                 f"memory {format_bytes(spec.memory)} is more than this host's {format_bytes(self.memory_total)}"
             )
-        if self.cpu_allocated + spec.cpu > self.cpu_total * self.cpu_overcommit:
+        if self.cpu_allocated + spec.cpu > self.cpu_limit + 1e-9:
             raise NoCapacityError(
-                f"no room for {spec.cpu:g} more cores: {self.cpu_allocated:g} of {self.cpu_total:g} "
-                f"(x{self.cpu_overcommit:g} overcommit) are given out; stop a kernel or ask for fewer"
+                f"no room for {spec.cpu:g} more cores: {self.cpu_allocated:g} are given out and the limit is "
+                f"{self.cpu_limit:g} ({self.cpu_total:g} cores x {self.cpu_overcommit:g} cpu_overcommit, "
+                "--BackendApp.cpu_overcommit); stop a kernel or ask for fewer"
             )
-        if self.memory_allocated + spec.memory > self.memory_total * self.memory_overcommit:
+        if self.memory_allocated + spec.memory > self.memory_limit:
+            policy = ("memory is not overcommitted" if self.memory_overcommit == 1 else
+                      f"{self.memory_overcommit:g} memory_overcommit")
             raise NoCapacityError(
                 f"no room for {format_bytes(spec.memory)} more memory: {format_bytes(self.memory_allocated)} "
-                f"of {format_bytes(self.memory_total)} are given out; stop a kernel or ask for less"
+                f"are given out and the limit is {format_bytes(self.memory_limit)} (this host's "
+                f"{format_bytes(self.memory_total)}, {policy}); stop a kernel or ask for less"
             )
         indices = self._pick_gpus(sandbox_id, spec.gpu) if spec.gpu else []
         self.claim(sandbox_id, spec.cpu, spec.memory, indices)
@@ -167,4 +181,6 @@ class Scheduler:
             cpu_total=self.cpu_total, cpu_allocated=self.cpu_allocated,
             memory_total=self.memory_total, memory_allocated=self.memory_allocated,
             gpus_total=len(self.gpus), gpus_allocated=len(self.gpu_owner),
+            cpu_overcommit=self.cpu_overcommit, cpu_limit=self.cpu_limit,
+            memory_overcommit=self.memory_overcommit, memory_limit=self.memory_limit,
         )

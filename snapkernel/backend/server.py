@@ -87,9 +87,17 @@ class BackendApp(Application):
                                             "directories and the agent's Python (e.g. a shared dataset "
                                             "directory). An admin's setting: notebook users cannot add any."
                             ).tag(config=True)
-    cpu_overcommit = Float(4.0, help="How many times the host's cores may be handed out in total.").tag(config=True)
-    memory_overcommit = Float(1.5, help="How many times the host's memory may be handed out in total.").tag(
-        config=True)
+    cpu_overcommit = Float(4.0, help="CPU overcommit: sandboxes may be given up to this many times the host's "
+                                     "cores in total (each is still limited to the cores it asked for). Default 4: "
+                                     "notebooks idle most of the time, so 8 one-core kernels start on a 2-core host; "
+                                     "1 gives out no more cores than the host has. A sandbox that would pass the "
+                                     "limit is refused, naming it; `snapkernel status` shows it.").tag(config=True)
+    # 1.5, not 1, for now: the test suite's kernels and fan-out workers ask for the 4Gi default each, and the
+    # CI machine's memory is not known; a memory limit is a cap, and most kernels use far less.
+    memory_overcommit = Float(1.5, help="Memory overcommit: how many times the host's memory may be given out in "
+                                        "total (default 1.5; 1 = never overcommitted: a kernel over its share "
+                                        "is killed by the OOM killer, not slowed down). GPUs are never "
+                                        "shared.").tag(config=True)
     start_timeout = Float(60.0, help="Seconds a sandbox may take to start its agent.").tag(config=True)
     hibernate_after_gpu = Float(600.0, help="Idle seconds before a GPU kernel hibernates, unless its kernelspec "
                                             "sets `hibernate_after`; 0 = never.").tag(config=True)
@@ -187,6 +195,10 @@ class BackendApp(Application):
         if default_runtime == "process":
             log.warning("default runtime is `process`: kernels run as plain processes, NOT isolated by gVisor (%s)",
                         "; ".join(m.detail for m in missing) or "chosen by --runtime")
+        for name in ("cpu_overcommit", "memory_overcommit"):
+            if not 1 <= getattr(self, name) <= 64:
+                raise InvalidSpecError(f"--BackendApp.{name}={getattr(self, name):g} is not valid: use a factor "
+                                       "from 1 (no overcommit) to 64")
         scheduler = Scheduler(gpus, self.cpu_overcommit, self.memory_overcommit)
         manager = SandboxManager(state, runtimes, scheduler, Defaults(
             runtime=default_runtime, cpu=self.default_cpu, memory=parse_memory(self.default_memory),

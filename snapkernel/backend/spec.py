@@ -29,6 +29,8 @@ _SANDBOX_ID_RE = re.compile(r"^sb-[0-9a-f]{12}$")
 _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MIN_MEMORY = 64 * 1024**2
 MIN_DISK = 16 * 1024**2
+MAX_CPU = 1024
+MAX_SNAPSHOT_NAME = 200  # characters
 CONFIG_KEYS = ("gpu", "cpu", "memory", "disk", "runtime", "image", "restore_from", "hibernate_after", "network",
                "env", "mount_notebook_dir")
 
@@ -106,6 +108,25 @@ def format_bytes(n: int) -> str:
     return f"{n}B"
 
 
+def check_cpu(cpu: float) -> float:
+    """A number of cores: above 0, at most `MAX_CPU`. 0 is refused, never taken as "the default"."""
+    if not math.isfinite(cpu) or cpu <= 0 or cpu > MAX_CPU:
+        raise InvalidSpecError(
+            f"cpu {cpu:g} is not valid: use a number of cores above 0 and at most {MAX_CPU}, e.g. 2 or 0.5 "
+            "(leave cpu unset for the backend's default)"
+        )
+    return float(cpu)
+
+
+def check_snapshot_name(name: str) -> str:
+    if len(name) > MAX_SNAPSHOT_NAME:
+        raise InvalidSpecError(
+            f"snapshot name {name[:40]!r}... is {len(name)} characters long: names are at most "
+            f"{MAX_SNAPSHOT_NAME} characters"
+        )
+    return name
+
+
 def check_sandbox_id(value: str) -> str:
     if not _SANDBOX_ID_RE.match(value or ""):
         raise InvalidSpecError(
@@ -142,9 +163,8 @@ def parse_spec(spec: pb.SandboxSpec, *, default_runtime: str, default_cpu: float
     runtime = spec.runtime or default_runtime
     if runtime not in RUNTIMES:
         raise InvalidSpecError(f"runtime {runtime!r} is not known: use one of {', '.join(RUNTIMES)}")
-    cpu = spec.cpu or default_cpu
-    if not math.isfinite(cpu) or cpu <= 0 or cpu > 1024:
-        raise InvalidSpecError(f"cpu {spec.cpu!r} is not valid: use a number of cores above 0, e.g. 2 or 0.5")
+    # Absent: the backend's default. Present, 0 included: checked (0 used to become the default unseen).
+    cpu = check_cpu(spec.cpu) if spec.HasField("cpu") else default_cpu
     hibernate = spec.hibernate_after if spec.HasField("hibernate_after") else None
     if hibernate is not None and (not math.isfinite(hibernate) or hibernate < 0):
         raise InvalidSpecError(
@@ -198,6 +218,8 @@ def spec_from_config(config: Mapping[str, Any]) -> pb.SandboxSpec:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise InvalidSpecError(f"{key} {value!r} is not valid: expected a number")
+        if key == "cpu":
+            check_cpu(float(value))
         setattr(spec, key, float(value))
     if "network" in config:
         if not isinstance(config["network"], bool):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -27,6 +28,20 @@ log = logging.getLogger(__name__)
 
 MODE_ENV = "SNAPKERNEL_AGENT_MODE"
 CLIENT_OWNER = "client"  # pools of gRPC callers outside any sandbox
+
+
+def describe_exit(code: int) -> str:
+    """An exit status as words: a negative one (Python's) or one above 128 (a shell's, runsc's) is a signal."""
+    number = -code if code < 0 else code - 128 if 128 < code < 128 + 65 else 0
+    if not number:
+        return f"exited with code {code}"
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        name = f"signal {number}"
+    if number == signal.SIGKILL:
+        return f"killed by {name} (over its memory limit, or stopped from outside)"
+    return f"killed by {name}"
 
 
 def is_worker(spec: pb.SandboxSpec) -> bool:
@@ -47,6 +62,13 @@ class Worker:
     idle_since: float = field(default_factory=time.monotonic)
     mark: float = 0.0                             # when it last became busy or returned results
     clone_stream: int = 0  # a --clone worker: its kernel's relay stream, on which it serves (0: a worker sandbox)
+    exit_code: int | None = None  # its sandbox's exit status, once it exited (negative: killed by that signal)
+
+    def how_it_died(self) -> str:
+        """`exited with code 1`, `killed by SIGSEGV`, or the sandbox's own word (lost, deleted...)."""
+        if self.exit_code is None:
+            return (self.gone.splitlines()[0] if self.gone else "went away").removeprefix("sandbox ")
+        return describe_exit(self.exit_code)
 
     @property
     def ready(self) -> bool:
@@ -172,6 +194,8 @@ class WorkerPools:
         finally:
             sb.watchers.discard(queue)
         why = (event.sandbox.message if event is not None else "") or "its sandbox was deleted"
+        if event is not None and event.sandbox.state == pb.EXITED and w.exit_code is None:
+            w.exit_code = event.sandbox.exit_code
         if not w.gone:
             w.gone = why
         self.workers.pop(w.sandbox_id, None)

@@ -20,7 +20,7 @@ from typing import Any
 import cloudpickle
 
 from snapkernel.backend.v1 import backend_pb2 as pb
-from snapkernel.errors import FanoutError, InvalidSpecError, RemoteError
+from snapkernel.errors import FanoutError, InvalidSpecError, RemoteError, WorkerDiedError
 from snapkernel.fanout.capture import Payload, versions
 from snapkernel.fanout.progress import Progress
 from snapkernel.fanout.transport import Transport, connect
@@ -38,7 +38,7 @@ CANCEL_WAIT = 2.5                 # seconds to wait for the backend to confirm a
 class Options:
     workers: int = 4
     gpu: str = ""
-    cpu: float = 0.0
+    cpu: float | None = None  # cores per worker; None: 1
     memory: str = ""
     retries: int = 0
     timeout: float = 0.0
@@ -78,19 +78,28 @@ def last_stats() -> Stats:
     return _LAST[0]
 
 
-def _short(item: Any) -> str:
+def short_repr(item: Any) -> str:
     text = repr(item)
     return text[:200] + ("..." if len(text) > 200 else "")
 
 
-def remote_exception(result: pb.MapResult, item: Any, show_caller: bool = True) -> BaseException:
-    """The exception a remote call raised, with its remote traceback as cause and the failing input named.
+def remote_exception(result: pb.MapResult, item: Any, show_caller: bool = True,
+                     describe: Callable[[Any], str] | None = None) -> BaseException:
+    """The exception a remote call raised, with its remote traceback as cause and the failing input named
+    (as `describe` words it: `x=3` for `%%fanout --as x`; by default its repr).
 
     In IPython it renders as the caller's own frames (with `show_caller`), the worker's frames and the
     summary: not the frames of snapkernel's client code in between (IPython's `_render_traceback_` hook).
+    A worker that died running the item (`os._exit`, a segfault) raises `WorkerDiedError` saying how.
     """
+    shown = (describe or short_repr)(item)
     exc: BaseException | None = None
-    if result.data:
+    if result.died:
+        exc = WorkerDiedError(f"worker {result.died} while running item {result.index} ({shown})")
+        text = (f"{type(exc).__name__}: {exc}\n(worker {result.worker or '?'}; an earlier worker had died with "
+                "this item in flight too, so it is not retried again)\n")
+        result = pb.MapResult(index=result.index, worker=result.worker, attempts=result.attempts, error=text)
+    elif result.data:
         try:
             exc = cloudpickle.loads(result.data)
         except Exception:
@@ -101,7 +110,7 @@ def remote_exception(result: pb.MapResult, item: Any, show_caller: bool = True) 
     text = result.error or f"{type(exc).__name__}: {exc}\n"
     exc.__cause__ = RemoteTraceback(text)
     worker = result.worker or "?"
-    note = (f"fan-out item {result.index} (input {_short(item)}) failed on worker "
+    note = (f"fan-out item {result.index} (input {short_repr(item)}) failed on worker "
             f"{worker} after {result.attempts or 1} attempt(s)")
     if hasattr(exc, "add_note"):
         exc.add_note(note)
@@ -133,8 +142,10 @@ def _hidden_dirs() -> tuple[str, ...]:
 
 class MapCall:
     def __init__(self, payload: Payload, options: Options, total: int | None, label: str,
-                 local_fn: Callable[..., Any] | None = None, *, show_caller: bool = True) -> None:
+                 local_fn: Callable[..., Any] | None = None, *, show_caller: bool = True,
+                 describe: Callable[[Any], str] | None = None) -> None:
         self.payload = payload
+        self.describe = describe  # how a failure names its input (default: "input" and its repr)
         self.show_caller = show_caller  # a failure shows the calling frames (not %%fanout's: that is the magic)
         self.local_fn = local_fn  # --clone: what a clone of this kernel runs for each item
         self.options = options
@@ -148,7 +159,9 @@ class MapCall:
     def start_message(self) -> pb.MapRequest:
         o = self.options
         python, pickle_version = versions()
-        spec = pb.SandboxSpec(gpu=o.gpu, cpu=o.cpu, memory=o.memory)
+        spec = pb.SandboxSpec(gpu=o.gpu, memory=o.memory)
+        if o.cpu is not None:  # absent: the default (1 core per worker)
+            spec.cpu = o.cpu
         return pb.MapRequest(start=pb.MapStart(
             spec=spec, workers=o.workers, function_hash=self.payload.digest, retries=o.retries, timeout=o.timeout,
             clone=o.clone, python=python, cloudpickle=pickle_version, total=self.total or 0))
@@ -247,7 +260,7 @@ class MapCall:
             try:
                 data = cloudpickle.dumps((args, kwargs))
             except Exception as e:
-                raise InvalidSpecError(f"item {index} ({_short(item)}) cannot be sent to workers: {e}") from e
+                raise InvalidSpecError(f"item {index} ({short_repr(item)}) cannot be sent to workers: {e}") from e
             self.inputs[index] = (item, len(data))
             self.in_flight_bytes += len(data)
             if len(data) > BLOB_THRESHOLD:
@@ -264,11 +277,12 @@ class MapCall:
         data = b"".join(self.blobs.pop(r.blob, [])) if r.blob else r.data
         if not r.ok:
             return remote_exception(pb.MapResult(index=r.index, data=data, error=r.error, worker=r.worker,
-                                                 attempts=r.attempts), item, self.show_caller)
+                                                 attempts=r.attempts, died=r.died), item, self.show_caller,
+                                    self.describe)
         try:
             return cloudpickle.loads(data)
         except Exception as e:
-            raise FanoutError(f"the result of item {r.index} ({_short(item)}) cannot be unpickled here: "
+            raise FanoutError(f"the result of item {r.index} ({short_repr(item)}) cannot be unpickled here: "
                               f"{type(e).__name__}: {e}") from e
 
     @staticmethod

@@ -17,10 +17,10 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from snapkernel.backend.spec import parse_gpu, parse_memory
+from snapkernel.backend.spec import check_cpu, parse_gpu, parse_memory
 from snapkernel.errors import InvalidSpecError
 from snapkernel.fanout.capture import pack
-from snapkernel.fanout.client import Call, MapCall, Options
+from snapkernel.fanout.client import Call, MapCall, Options, short_repr
 
 _background: list[ThreadPoolExecutor] = []  # made on the first spawn
 
@@ -33,8 +33,8 @@ def check_options(options: Options) -> None:
         raise InvalidSpecError(f"retries {options.retries} is not accepted: use 0 or more")
     if options.timeout < 0:
         raise InvalidSpecError(f"timeout {options.timeout:g} is not accepted: use seconds > 0 (or 0 for none)")
-    if options.cpu < 0:
-        raise InvalidSpecError(f"cpu {options.cpu:g} is not accepted: use a number of cores such as 1 or 0.5")
+    if options.cpu is not None:
+        check_cpu(options.cpu)  # 0 too: leave it out for 1 core per worker
     parse_gpu(options.gpu)
     if options.memory:
         parse_memory(options.memory)
@@ -55,7 +55,14 @@ class RemoteFunction:
         o = Options(**{**self.options.__dict__, "ordered": ordered, "return_exceptions": return_exceptions})
         o.workers = 1 if single else min(o.workers, max(1, len(calls)))
         o.progress = o.progress and not single  # no bar for one call (nor from spawn's thread)
-        call = MapCall(pack(self.fn), o, len(calls), getattr(self.fn, "__name__", "remote"))
+        name = getattr(self.fn, "__name__", "remote")
+
+        def describe(item: Any) -> str:  # how a worker's death names the call: `score(3)`
+            args, kwargs = item if single else ((item,), {})
+            shown = [*map(short_repr, args), *(f"{k}={short_repr(v)}" for k, v in kwargs.items())]
+            return f"{name}({', '.join(shown)})"
+
+        call = MapCall(pack(self.fn), o, len(calls), name, describe=describe)
         return [value for _, value in call.run(calls)]
 
     def map(self, items: Iterable[Any], ordered: bool = True, return_exceptions: bool = False) -> list[Any]:
@@ -74,7 +81,7 @@ class RemoteFunction:
         return _background[0].submit(self.remote, *args, **kwargs)
 
 
-def remote(fn: Callable[..., Any] | None = None, *, gpu: str = "", cpu: float = 0.0, memory: str = "",
+def remote(fn: Callable[..., Any] | None = None, *, gpu: str = "", cpu: float | None = None, memory: str = "",
            retries: int = 0, timeout: float = 0.0, workers: int = 4, progress: bool = True) -> Any:
     """Decorator: `@remote` or `@remote(gpu=..., cpu=..., memory=..., retries=..., timeout=...)`."""
     options = Options(workers=workers, gpu=gpu, cpu=cpu, memory=memory, retries=retries, timeout=timeout,

@@ -47,7 +47,7 @@ def _fanout_parser() -> _Parser:
     p.add_argument("--as", dest="name", required=True, metavar="NAME", help="the name each item is bound to")
     p.add_argument("--workers", type=int, default=4, metavar="N")
     p.add_argument("--gpu", default="", metavar="SPEC")
-    p.add_argument("--cpu", type=float, default=0.0, metavar="N")
+    p.add_argument("--cpu", type=float, default=None, metavar="N")
     p.add_argument("--memory", default="", metavar="M")
     p.add_argument("--out", "-o", default="", metavar="VAR")
     p.add_argument("--unordered", action="store_true")
@@ -66,6 +66,11 @@ class SnapKernelMagics(Magics):  # type: ignore[misc]
         parser.add_argument("--name", default="")
         parser.add_argument("--kind", choices=["memory", "state"], default="memory")
         args = parser.parse_args(shlex.split(line))
+        from snapkernel.backend.spec import MAX_SNAPSHOT_NAME
+
+        if len(args.name) > MAX_SNAPSHOT_NAME:  # the backend refuses it too; say so before the cell runs on
+            raise UsageError(f"%snapshot --name is {len(args.name)} characters long: names are at most "
+                             f"{MAX_SNAPSHOT_NAME} characters")
         kernel = getattr(self.shell, "kernel", None)
         if kernel is None or not os.environ.get("SNAPKERNEL_SANDBOX_ID"):
             raise UsageError("%snapshot works in snapkernel kernels only (this kernel runs outside a sandbox)")
@@ -78,7 +83,7 @@ class SnapKernelMagics(Magics):  # type: ignore[misc]
     @cell_magic  # type: ignore[misc]
     def fanout(self, line: str, cell: str) -> Any:
         from snapkernel.fanout.capture import Payload, cell_function, local_cell_function
-        from snapkernel.fanout.client import MapCall, Options
+        from snapkernel.fanout.client import MapCall, Options, short_repr
         from snapkernel.fanout.remote import check_options
 
         args = _fanout_parser().parse_args(_flag_words(line))
@@ -104,7 +109,8 @@ class SnapKernelMagics(Magics):  # type: ignore[misc]
                 payload = cell_function(cell, args.name, shell.user_ns)
         except SnapkernelError as e:
             raise UsageError(f"%%fanout: {e}") from e
-        call = MapCall(payload, options, len(items), "fanout", local_fn, show_caller=False)
+        call = MapCall(payload, options, len(items), "fanout", local_fn, show_caller=False,
+                       describe=lambda item: f"{args.name}={short_repr(item)}")
         try:
             results = [value for _, value in call.run((item, (item,), {}) for item in items)]
         except RemoteError:

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -13,11 +18,11 @@ from snapkernel.backend.client import BackendClient
 from snapkernel.backend.v1 import backend_pb2 as pb
 from snapkernel.backend.v1 import backend_pb2_grpc as pb_grpc
 from snapkernel.errors import InvalidSpecError, NoCapacityError, NotFoundError, UnauthenticatedError
-from tests.conftest import Backend
-from tests.kernel_provisioner.kernel_helpers import running_kernel, value
+from tests.conftest import Backend, _cleanup_sandboxes
+from tests.kernel_provisioner.kernel_helpers import run, running_kernel, value
 
 
-def request(**spec: str) -> pb.CreateSandboxRequest:
+def request(**spec: Any) -> pb.CreateSandboxRequest:
     return pb.CreateSandboxRequest(spec=pb.SandboxSpec(**spec), kernel=pb.KernelConfig(key=b"k"))
 
 
@@ -67,8 +72,12 @@ async def test_health_service_serves_with_the_token(backend: Backend) -> None:
     ({"disk": "1Ei"}, InvalidSpecError, "disk '1Ei' is more than this host has: .* free where sandboxes live"),
     ({"mount_dir": "notebooks"}, InvalidSpecError, "mount_dir 'notebooks' is not valid"),
     ({"mount_dir": "/"}, InvalidSpecError, "mount_dir '/' is the host's own root"),
+    # 0 is refused, not taken for the default (absent is the default); so are negative and huge counts.
+    ({"cpu": 0.0}, InvalidSpecError, "cpu 0 is not valid: use a number of cores above 0 and at most 1024"),
+    ({"cpu": -1.0}, InvalidSpecError, "cpu -1 is not valid: use a number of cores above 0 and at most 1024"),
+    ({"cpu": 5000.0}, InvalidSpecError, "cpu 5000 is not valid"),
 ])
-async def test_bad_specs_are_refused_with_the_value_named(backend: Backend, spec: dict[str, str],
+async def test_bad_specs_are_refused_with_the_value_named(backend: Backend, spec: dict[str, Any],
                                                           error: type[Exception], message: str) -> None:
     client = BackendClient(backend.address, backend.token)
     try:
@@ -136,3 +145,75 @@ async def test_the_state_dir_cannot_be_mounted(backend: Backend) -> None:
                 await client.create_sandbox(request(mount_dir=str(path)))
     finally:
         await client.close()
+
+
+def test_cpu_0_in_a_kernelspec_config_is_refused_before_anything_starts() -> None:
+    from snapkernel.backend.spec import spec_from_config
+
+    with pytest.raises(InvalidSpecError, match="cpu 0 is not valid: use a number of cores above 0 and at most 1024"):
+        spec_from_config({"cpu": 0})
+    assert not spec_from_config({}).HasField("cpu")  # absent: the backend's default
+    assert spec_from_config({"cpu": 0.5}).cpu == 0.5
+
+
+def test_snapshot_names_are_capped_at_200_characters(backend: Backend) -> None:
+    with running_kernel() as (_km, kc):
+        sandbox = value(kc, "__import__('os').environ['SNAPKERNEL_SANDBOX_ID']").strip("'")
+
+        async def snapshot(name: str) -> pb.SnapshotInfo:
+            client = BackendClient(backend.address, backend.token)
+            try:
+                return await client.create_snapshot(sandbox, "state", name)
+            finally:
+                await client.close()
+
+        with pytest.raises(InvalidSpecError, match="is 100000 characters long: names are at most 200 characters"):
+            asyncio.run(snapshot("n" * 100_000))
+        snap = asyncio.run(snapshot("n" * 200))
+        assert snap.name == "n" * 200
+        # %snapshot says so at once, in the cell.
+        content, _ = run(kc, "%snapshot --name " + "m" * 201)
+        assert content["status"] == "error" and "names are at most 200 characters" in content["evalue"], content
+
+
+def test_cpu_overcommit_1_refuses_a_third_one_core_sandbox_naming_the_limit() -> None:
+    with tempfile.TemporaryDirectory(prefix="snapkernel-overcommit-") as tmp:
+        b = Backend(Path(tmp), "process", args=["--BackendApp.cpu_overcommit=1"])
+        b.start()
+        try:
+            async def go() -> tuple[pb.Capacity, str]:
+                client = BackendClient(b.address, b.token)
+                try:
+                    cores = (await client.status()).capacity.cpu_total
+                    made = [await client.create_sandbox(request(cpu=1.0, memory="256Mi"))
+                            for _ in range(int(cores))]
+                    with pytest.raises(NoCapacityError) as e:
+                        await client.create_sandbox(request(cpu=1.0, memory="256Mi"))
+                    cap = (await client.status()).capacity
+                    for sandbox in made:
+                        await client.delete_sandbox(sandbox.id)
+                    return cap, str(e.value)
+                finally:
+                    await client.close()
+
+            cap, refusal = asyncio.run(go())
+            total = f"{cap.cpu_total:g}"
+            assert f"no room for 1 more cores: {total} are given out and the limit is {total} ({total} cores x 1 " \
+                   "cpu_overcommit, --BackendApp.cpu_overcommit)" in refusal, refusal
+            assert (cap.cpu_overcommit, cap.cpu_limit, cap.cpu_allocated) == (1, cap.cpu_total, cap.cpu_total)
+            assert cap.memory_overcommit == 1.5 and cap.memory_limit == int(cap.memory_total * 1.5)
+        finally:
+            b.stop()
+            _cleanup_sandboxes(b)
+
+
+def test_the_overcommit_policy_is_stated_in_help_and_status(backend: Backend) -> None:
+    help_all = subprocess.run([sys.executable, "-m", "snapkernel.cli", "backend", "--help-all"],
+                              capture_output=True, text=True, check=True).stdout
+    assert "--BackendApp.cpu_overcommit" in help_all and "Default 4" in help_all, help_all
+    assert "default 1.5; 1 = never overcommitted" in help_all
+    status = subprocess.run([sys.executable, "-m", "snapkernel.cli", "status"], capture_output=True, text=True,
+                            check=True, env={**__import__("os").environ, **backend.env()}).stdout
+    line = next(x for x in status.splitlines() if x.startswith("capacity:"))
+    assert "cores given out (overcommit 4x: up to " in line and "(overcommit 1.5x: up to " in line, line
+    assert "(never shared)" in line, line

@@ -198,6 +198,7 @@ def test_bad_flags_say_what_is_accepted(kernel: Kernel) -> None:
         ("--over range(3) --as x --workers 0", "workers 0 is not accepted"),
         ("--over range(3) --as x --gpu H100:zero", "gpu spec 'H100:zero' is not valid"),
         ("--over range(3) --as x --memory lots", "lots"),
+        ("--over range(3) --as x --cpu 0", "cpu 0 is not valid: use a number of cores above 0"),
         ("--over range(3)", "the following arguments are required: --as"),
     ]:
         content, _ = run(kc, f"%%fanout {line}\nx", timeout=60)
@@ -378,3 +379,38 @@ def test_idle_workers_are_reaped_and_busy_ones_kept(tmp_path: Path, monkeypatch:
     finally:
         b.stop()
         b.report()
+
+
+def test_an_item_that_kills_its_worker_names_the_exit_and_the_item(backend: Backend, kernel: Kernel) -> None:
+    _, kc = kernel
+    content, outputs = run(kc, "%%fanout --over range(4) --as x --workers 2\nimport os\nif x == 0:\n"
+                               "    os._exit(1)\nx", timeout=120)
+    assert content["status"] == "error", content
+    tb = error_text(outputs)
+    assert "WorkerDiedError: worker exited with code 1 while running item 0 (x=0)" in tb, tb
+    assert "CancelledError" not in tb and "after 2 attempt(s)" in tb, tb
+    content, outputs = run(kc, "%%fanout --over range(5) --as x --workers 2 --return-exceptions --out r\n"
+                               "import ctypes\nif x == 3:\n    ctypes.string_at(0)\nx", timeout=120)
+    assert content["status"] == "ok", content
+    text = value(kc, "[str(v) if isinstance(v, BaseException) else v for v in r]")
+    assert "worker killed by SIGSEGV while running item 3 (x=3)" in text, text
+    assert value(kc, "r[:3] + r[4:]") == "[0, 1, 2, 4]"  # the items queued behind it are not blamed
+    assert value(kc, "type(r[3]).__name__") == "'WorkerDiedError'"
+    content, _ = run(kc, "%%fanout --over range(4) --as x --workers 2 --out r\nx + 1", timeout=120)
+    assert content["status"] == "ok", content  # the dead workers were replaced
+    assert value(kc, "r") == "[1, 2, 3, 4]"
+    # `remote` names the call.
+    run(kc, "from snapkernel import remote\n@remote(workers=1)\ndef quit_with(code):\n    import os\n"
+            "    os._exit(code)")
+    content, outputs = run(kc, "quit_with.remote(2)", timeout=120)
+    assert content["status"] == "error" and content["ename"] == "WorkerDiedError", content
+    assert "worker exited with code 2 while running item 0 (quit_with(2))" in error_text(outputs)
+
+
+def test_exit_statuses_in_words() -> None:
+    from snapkernel.backend.workers import describe_exit
+
+    assert describe_exit(1) == "exited with code 1"
+    assert describe_exit(-11) == describe_exit(139) == "killed by SIGSEGV"  # Python's way, runsc's way
+    assert describe_exit(-9).startswith("killed by SIGKILL (over its memory limit")
+    assert describe_exit(255) == "exited with code 255"

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -140,8 +141,9 @@ def test_kernel_killed_inside_is_reported_dead(backend: Backend) -> None:
     ({"memory": "lots"}, "memory size 'lots' is not valid"),
     ({"runtime": "docker"}, "runtime 'docker' is not known"),
     ({"gpu": "Z999"}, "no GPU of model 'Z999' here; these exist:"),
+    ({"cpu": 0}, "cpu 0 is not valid: use a number of cores above 0 and at most 1024"),  # not the default
 ])
-def test_bad_kernelspec_config_fails_clearly(backend: Backend, kernelspec_dir: Path, config: dict[str, str],
+def test_bad_kernelspec_config_fails_clearly(backend: Backend, kernelspec_dir: Path, config: dict[str, Any],
                                              message: str) -> None:
     name = write_kernelspec(kernelspec_dir, f"snapkernel-bad-{abs(hash(str(config)))}", config)
     before = sandbox_ids(backend)

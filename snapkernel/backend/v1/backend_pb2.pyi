@@ -411,7 +411,7 @@ class SandboxSpec(_message.Message):
     gpu: _builtins.str
     """"" (none), "H100", "H100:2", "any:1" """
     cpu: _builtins.float
-    """cores; 0 = backend default"""
+    """cores, above 0; absent = backend default (0 is refused)"""
     memory: _builtins.str
     """"8Gi", "512Mi"; "" = backend default"""
     runtime: _builtins.str
@@ -438,7 +438,7 @@ class SandboxSpec(_message.Message):
         self,
         *,
         gpu: _builtins.str = ...,
-        cpu: _builtins.float = ...,
+        cpu: _builtins.float | None = ...,
         memory: _builtins.str = ...,
         runtime: _builtins.str = ...,
         image: _builtins.str = ...,
@@ -449,12 +449,17 @@ class SandboxSpec(_message.Message):
         mount_dir: _builtins.str = ...,
         disk: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_hibernate_after", b"_hibernate_after", "hibernate_after", b"hibernate_after"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cpu", b"_cpu", "_hibernate_after", b"_hibernate_after", "cpu", b"cpu", "hibernate_after", b"hibernate_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_hibernate_after", b"_hibernate_after", "cpu", b"cpu", "disk", b"disk", "env", b"env", "gpu", b"gpu", "hibernate_after", b"hibernate_after", "image", b"image", "memory", b"memory", "mount_dir", b"mount_dir", "network", b"network", "restore_from", b"restore_from", "runtime", b"runtime"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cpu", b"_cpu", "_hibernate_after", b"_hibernate_after", "cpu", b"cpu", "disk", b"disk", "env", b"env", "gpu", b"gpu", "hibernate_after", b"hibernate_after", "image", b"image", "memory", b"memory", "mount_dir", b"mount_dir", "network", b"network", "restore_from", b"restore_from", "runtime", b"runtime"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__cpu: _TypeAlias = _typing.Literal["cpu"]  # noqa: Y015
+    _WhichOneofArgType__cpu: _TypeAlias = _typing.Literal["_cpu", b"_cpu"]  # noqa: Y015
     _WhichOneofReturnType__hibernate_after: _TypeAlias = _typing.Literal["hibernate_after"]  # noqa: Y015
     _WhichOneofArgType__hibernate_after: _TypeAlias = _typing.Literal["_hibernate_after", b"_hibernate_after"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cpu) -> _WhichOneofReturnType__cpu | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__hibernate_after) -> _WhichOneofReturnType__hibernate_after | None: ...
 
 Global___SandboxSpec: _TypeAlias = SandboxSpec  # noqa: Y015
@@ -1001,12 +1006,24 @@ class Capacity(_message.Message):
     MEMORY_ALLOCATED_FIELD_NUMBER: _builtins.int
     GPUS_TOTAL_FIELD_NUMBER: _builtins.int
     GPUS_ALLOCATED_FIELD_NUMBER: _builtins.int
+    CPU_OVERCOMMIT_FIELD_NUMBER: _builtins.int
+    CPU_LIMIT_FIELD_NUMBER: _builtins.int
+    MEMORY_OVERCOMMIT_FIELD_NUMBER: _builtins.int
+    MEMORY_LIMIT_FIELD_NUMBER: _builtins.int
     cpu_total: _builtins.float
     cpu_allocated: _builtins.float
     memory_total: _builtins.int
     memory_allocated: _builtins.int
     gpus_total: _builtins.int
     gpus_allocated: _builtins.int
+    cpu_overcommit: _builtins.float
+    """The policy: cores may be given out up to cpu_limit = cpu_total * cpu_overcommit (notebooks idle most of
+    the time); memory up to memory_limit = memory_total * memory_overcommit (1 by default: never
+    overcommitted); GPUs are never shared.
+    """
+    cpu_limit: _builtins.float
+    memory_overcommit: _builtins.float
+    memory_limit: _builtins.int
     def __init__(
         self,
         *,
@@ -1016,10 +1033,14 @@ class Capacity(_message.Message):
         memory_allocated: _builtins.int = ...,
         gpus_total: _builtins.int = ...,
         gpus_allocated: _builtins.int = ...,
+        cpu_overcommit: _builtins.float = ...,
+        cpu_limit: _builtins.float = ...,
+        memory_overcommit: _builtins.float = ...,
+        memory_limit: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_allocated", b"cpu_allocated", "cpu_total", b"cpu_total", "gpus_allocated", b"gpus_allocated", "gpus_total", b"gpus_total", "memory_allocated", b"memory_allocated", "memory_total", b"memory_total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_allocated", b"cpu_allocated", "cpu_limit", b"cpu_limit", "cpu_overcommit", b"cpu_overcommit", "cpu_total", b"cpu_total", "gpus_allocated", b"gpus_allocated", "gpus_total", b"gpus_total", "memory_allocated", b"memory_allocated", "memory_limit", b"memory_limit", "memory_overcommit", b"memory_overcommit", "memory_total", b"memory_total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1532,6 +1553,7 @@ class MapResult(_message.Message):
     WORKER_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     OUTPUT_FIELD_NUMBER: _builtins.int
+    DIED_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     ok: _builtins.bool
     data: _builtins.bytes
@@ -1545,6 +1567,10 @@ class MapResult(_message.Message):
     attempts: _builtins.int
     output: _builtins.str
     """what the call printed (stdout and stderr, Python-level), shown by the caller"""
+    died: _builtins.str
+    """!ok because the item's worker died running it (twice: it is retried once): how, e.g. "exited with code
+    1", "killed by SIGSEGV". The caller names the item's input with it.
+    """
     def __init__(
         self,
         *,
@@ -1556,10 +1582,11 @@ class MapResult(_message.Message):
         worker: _builtins.str = ...,
         attempts: _builtins.int = ...,
         output: _builtins.str = ...,
+        died: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "blob", b"blob", "data", b"data", "error", b"error", "index", b"index", "ok", b"ok", "output", b"output", "worker", b"worker"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "blob", b"blob", "data", b"data", "died", b"died", "error", b"error", "index", b"index", "ok", b"ok", "output", b"output", "worker", b"worker"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
