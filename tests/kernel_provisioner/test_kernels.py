@@ -73,7 +73,15 @@ def test_interrupt_returns_control_within_two_seconds(backend: Backend) -> None:
         elapsed = time.monotonic() - started
         assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"
         assert elapsed < 2.0, f"interrupt took {elapsed:.2f}s"
-        assert value(kc, "'alive'") == "'alive'"
+        # ipykernel 7 answers `aborted` to a request that reaches it while it still clears its queue after
+        # the error (stop_on_error), however late the client sent it: a cell run right after may get that once.
+        for _ in range(3):
+            content, outputs = run(kc, "'alive'")
+            if content["status"] != "aborted":
+                break
+        assert content["status"] == "ok", content
+        assert [m["content"]["data"]["text/plain"] for m in outputs if m["msg_type"] == "execute_result"] == \
+            ["'alive'"]
 
 
 def test_restart_keeps_the_sandbox_and_resets_the_kernel(backend: Backend) -> None:
