@@ -217,6 +217,8 @@ class SandboxManager:
 
     def _ack(self, sb: LiveSandbox) -> None:
         if sb.link is not None:
+            if sb.deleting or sb.record.ended:  # nobody will want its output now
+                sb.undelivered.clear()
             first = next(iter(sb.undelivered), None)
             sb.link.ack(sb.last_seq if first is None else first - 1)
 
@@ -433,6 +435,7 @@ class SandboxManager:
         if sb.deleting:
             raise StateError(f"sandbox {sandbox_id} is already being deleted")
         sb.deleting = True
+        self._ack(sb)
         r = sb.record
         if sb.waking is not None:
             sb.waking.cancel()

@@ -60,7 +60,7 @@ class Outbox:
         self.memory: collections.deque[bytes] = collections.deque()
         self.memory_bytes = 0
         self.spooled: collections.deque[tuple[int, int]] = collections.deque()  # (offset, size) in the spool
-        self.spool: Any = None
+        self.spool: int | None = None  # its fd, open while frames are in it
         self.spool_end = 0
         self.added = asyncio.Event()
 
@@ -81,9 +81,8 @@ class Outbox:
             self.memory_bytes += len(frame)
         else:
             if self.spool is None:
-                self.spool = open(self.spool_path, "w+b")  # noqa: SIM115  # kept open while frames are in it
-            self.spool.seek(self.spool_end)
-            self.spool.write(frame)
+                self.spool = os.open(self.spool_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            os.pwrite(self.spool, frame, self.spool_end)
             self.spooled.append((self.spool_end, len(frame)))
             self.spool_end += len(frame)
         self.added.set()
@@ -96,8 +95,8 @@ class Outbox:
         if i < len(self.memory):
             return self.memory[i]
         offset, size = self.spooled[i - len(self.memory)]
-        self.spool.flush()
-        return os.pread(self.spool.fileno(), size, offset)
+        assert self.spool is not None
+        return os.pread(self.spool, size, offset)
 
     def ack(self, seq: int) -> None:
         """The backend has every frame up to `seq`: forget them."""
@@ -108,7 +107,7 @@ class Outbox:
                 self.spooled.popleft()
             self.first += 1
         if not self.spooled and self.spool is not None:
-            self.spool.close()
+            os.close(self.spool)
             self.spool = None
             self.spool_end = 0
             with contextlib.suppress(FileNotFoundError):
@@ -128,6 +127,7 @@ class Shim:
         self.outbox = Outbox(os.path.join(os.path.dirname(os.path.abspath(socket_path)), SPOOL_FILE),
                              first=time.time_ns() // 1000)
         self.told_full = False
+        self.sent = 0  # the highest number written to the connected backend
 
     async def run(self) -> int:
         with contextlib.suppress(FileNotFoundError):
@@ -164,8 +164,12 @@ class Shim:
         return 0
 
     async def _drained(self) -> None:
-        while self.outbox.memory or self.outbox.spooled:
-            await asyncio.sleep(0.05)
+        """Everything is acknowledged, or written to a connected backend (which holds it now)."""
+        while (self.outbox.memory or self.outbox.spooled) and (self.writer is None or self.sent < self.outbox.next - 1):
+            await asyncio.sleep(0.02)
+        if self.writer is not None:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self.writer.drain()
 
     def _write_exit(self, code: int) -> None:
         tmp = self.exit_file + ".tmp"
@@ -206,6 +210,7 @@ class Shim:
                 continue
             writer.write(SEQ.pack(seq) + frame)
             await writer.drain()
+            self.sent = seq
             seq += 1
 
     def _drop(self, writer: asyncio.StreamWriter) -> None:
@@ -218,6 +223,7 @@ class Shim:
         if self.writer is not None:  # a newer backend replaces the old connection
             self._drop(self.writer)
         self.writer = writer
+        self.sent = 0
         sender = asyncio.create_task(self._send(writer))
         assert self.proc is not None and self.proc.stdin is not None
         stdin = self.proc.stdin
