@@ -62,3 +62,43 @@ async def read_frame(reader: asyncio.StreamReader) -> bytes | None:
     if size > MAX_FRAME:
         raise InvalidSpecError(f"agent frame of {size} bytes is over the {MAX_FRAME} byte limit")
     return head + await reader.readexactly(size)
+
+
+# --- the shim's socket ------------------------------------------------------------------------------
+# Between a sandbox's shim and the backend, each frame is preceded by an 8-byte big-endian word. Shim to
+# backend: the frame's number (rising from a start the shim picks, never 0); the shim keeps every frame until
+# the backend acknowledges it and sends the unacknowledged ones again to the next backend that connects.
+# Backend to shim: 0 and a frame for the agent, or a number alone: every frame up to it is acknowledged.
+SEQ = struct.Struct(">Q")
+
+
+async def read_numbered(reader: asyncio.StreamReader) -> tuple[int, bytes] | None:
+    """(number, frame) from the shim's socket; or None at a clean end of stream."""
+    try:
+        head = await reader.readexactly(SEQ.size)
+    except asyncio.IncompleteReadError as e:
+        if e.partial:
+            raise InvalidSpecError("shim link closed in the middle of a frame number") from e
+        return None
+    (seq,) = SEQ.unpack(head)
+    frame = await read_frame(reader)
+    if frame is None:
+        raise InvalidSpecError("shim link closed after a frame number")
+    return seq, frame
+
+
+async def read_from_backend(reader: asyncio.StreamReader) -> tuple[int, bytes | None] | None:
+    """(0, frame) for the agent or (n, None), an acknowledgement, from the backend; None at its end."""
+    try:
+        head = await reader.readexactly(SEQ.size)
+    except asyncio.IncompleteReadError as e:
+        if e.partial:
+            raise InvalidSpecError("backend link closed in the middle of a frame number") from e
+        return None
+    (seq,) = SEQ.unpack(head)
+    if seq:
+        return seq, None
+    frame = await read_frame(reader)
+    if frame is None:
+        raise InvalidSpecError("backend link closed after a frame number")
+    return 0, frame

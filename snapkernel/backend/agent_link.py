@@ -1,4 +1,8 @@
-"""The backend's end of one sandbox's agent link: a unix socket to the sandbox's shim."""
+"""The backend's end of one sandbox's agent link: a unix socket to the sandbox's shim.
+
+The shim numbers what it sends and keeps it until acknowledged (see frames.py): `ack` says the backend
+has handed a frame on, and the frames not acknowledged come again on the next connection.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
-from snapkernel.agent.frames import HEADER, decode, encode, read_frame
+from snapkernel.agent.frames import HEADER, SEQ, decode, encode, read_numbered
 from snapkernel.backend.v1 import backend_pb2 as pb
 from snapkernel.errors import SandboxFailedError
 
@@ -16,7 +20,7 @@ log = logging.getLogger(__name__)
 
 class AgentLink:
     def __init__(self, sandbox_id: str, socket_path: str,
-                 on_message: Callable[[pb.AgentMessage], None],
+                 on_message: Callable[[pb.AgentMessage, int], None],
                  on_closed: Callable[[], Awaitable[None]]) -> None:
         self.sandbox_id = sandbox_id
         self.socket_path = socket_path
@@ -24,6 +28,8 @@ class AgentLink:
         self.on_closed = on_closed
         self.writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
+        self._acked = 0
+        self._to_ack = 0
 
     async def connect(self, timeout: float, alive: Callable[[], bool]) -> None:
         """Connect to the shim's socket, retrying while the shim starts; then read in the background."""
@@ -44,8 +50,9 @@ class AgentLink:
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
-            while (frame := await read_frame(reader)) is not None:
-                self.on_message(decode(frame[HEADER.size:]))
+            while (got := await read_numbered(reader)) is not None:
+                seq, frame = got
+                self.on_message(decode(frame[HEADER.size:]), seq)
         except (ConnectionError, asyncio.IncompleteReadError) as e:
             log.info("sandbox_id=%s agent link broke: %s", self.sandbox_id, e)
         except Exception:
@@ -57,7 +64,20 @@ class AgentLink:
     def send(self, msg: pb.AgentMessage) -> None:
         if self.writer is None or self.writer.is_closing():
             raise SandboxFailedError(f"sandbox {self.sandbox_id}: the agent link is closed")
-        self.writer.write(encode(msg))
+        self.writer.write(SEQ.pack(0) + encode(msg))
+
+    def ack(self, seq: int) -> None:
+        """Every frame up to `seq` is handed on: the shim may forget them (sent once the loop is free)."""
+        if seq <= self._to_ack:
+            return
+        if self._to_ack == self._acked:
+            asyncio.get_running_loop().call_soon(self._send_ack)
+        self._to_ack = seq
+
+    def _send_ack(self) -> None:
+        if self._to_ack > self._acked and self.writer is not None and not self.writer.is_closing():
+            self.writer.write(SEQ.pack(self._to_ack))
+            self._acked = self._to_ack
 
     def close(self) -> None:
         if self.writer is not None:

@@ -7,6 +7,7 @@ the sandbox's agent link.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -45,6 +46,8 @@ from snapkernel.snapshots.store import Snapshot, SnapshotStore, is_disk_full
 log = logging.getLogger(__name__)
 
 MAX_PENDING_FRAMES = 1000  # frames held for a sandbox whose agent is not connected yet
+MAX_UNATTACHED_OUTPUT = 20000  # kernel frames held for a sandbox while no client is attached
+MAX_UNATTACHED_BYTES = 256 * 1024 * 1024
 STATE_TIMEOUT = 600.0  # seconds a state snapshot's save or load may take in the kernel
 STATE_NAMES: dict[int, str] = {v: k.lower() for k, v in pb.SandboxState.items()}
 
@@ -57,6 +60,12 @@ class LiveSandbox:
     watchers: set[asyncio.Queue[pb.SandboxEvent | None]] = field(default_factory=set)
     attached: set[asyncio.Queue[pb.KernelFrame | None]] = field(default_factory=set)
     pending: list[pb.AgentMessage] = field(default_factory=list)
+    # Kernel output and its delivery: numbers of the agent link (see agent_link.py)
+    last_seq: int = 0  # the highest number the agent link brought
+    undelivered: dict[int, None] = field(default_factory=dict)  # numbers not written to a client yet, rising
+    unattached: collections.deque[pb.KernelFrame] = field(default_factory=collections.deque)  # for no client
+    unattached_bytes: int = 0
+    dropped_output: int = 0
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     deleting: bool = False
     snapshotting: bool = False
@@ -156,8 +165,63 @@ class SandboxManager:
         return STATE_NAMES[sb.record.state]
 
     def to_clients(self, sb: LiveSandbox, frame: pb.KernelFrame) -> None:
-        for q in sb.attached:
-            q.put_nowait(frame)
+        """To every attached client; while none is, held (bounded) for the next one to attach."""
+        if sb.attached:
+            for q in sb.attached:
+                q.put_nowait(frame)
+            return
+        sb.unattached.append(frame)
+        sb.unattached_bytes += frame.ByteSize()
+        while len(sb.unattached) > MAX_UNATTACHED_OUTPUT or sb.unattached_bytes > MAX_UNATTACHED_BYTES:
+            old = sb.unattached.popleft()
+            sb.unattached_bytes -= old.ByteSize()
+            self.delivered(sb, old.seq)
+            sb.dropped_output += 1
+            if sb.dropped_output == 1:
+                log.warning("sandbox_id=%s no client attached: kernel output beyond %s messages or %s is dropped, "
+                            "oldest first, until one attaches", sb.record.id, MAX_UNATTACHED_OUTPUT,
+                            format_bytes(MAX_UNATTACHED_BYTES))
+
+    def attach(self, sb: LiveSandbox, queue: asyncio.Queue[pb.KernelFrame | None]) -> None:
+        """A client attaches: it gets the output held for none first, in order."""
+        if sb.dropped_output:
+            log.warning("sandbox_id=%s a client attached; %s kernel output messages were dropped while none was",
+                        sb.record.id, sb.dropped_output)
+            sb.dropped_output = 0
+        while sb.unattached:
+            queue.put_nowait(sb.unattached.popleft())
+        sb.unattached_bytes = 0
+        sb.attached.add(queue)
+
+    def detach(self, sb: LiveSandbox, queue: asyncio.Queue[pb.KernelFrame | None],
+               unsent: list[pb.KernelFrame]) -> None:
+        """A client left; `unsent` are the frames it did not get (or may not have): held again if none is left."""
+        sb.attached.discard(queue)
+        while not queue.empty():
+            frame = queue.get_nowait()
+            if frame is not None:
+                unsent.append(frame)
+        if sb.attached or sb.deleting or sb.record.ended:
+            for frame in unsent:
+                self.delivered(sb, frame.seq)
+            return
+        for frame in reversed(unsent):
+            if frame.seq and frame.seq not in sb.undelivered:
+                continue  # another client wrote it
+            sb.unattached.appendleft(frame)
+            sb.unattached_bytes += frame.ByteSize()
+
+    def delivered(self, sb: LiveSandbox, seq: int) -> None:
+        """Output `seq` is written to a client (or given up): the shim may forget it."""
+        if seq and sb.undelivered.pop(seq, 0) is None:
+            self._ack(sb)
+
+    def _ack(self, sb: LiveSandbox) -> None:
+        if sb.link is not None:
+            if sb.deleting or sb.record.ended:  # nobody will want its output now
+                sb.undelivered.clear()
+            first = next(iter(sb.undelivered), None)
+            sb.link.ack(sb.last_seq if first is None else first - 1)
 
     # --- create ---------------------------------------------------------------------------------
     async def create(self, req: pb.CreateSandboxRequest) -> pb.Sandbox:
@@ -262,7 +326,7 @@ class SandboxManager:
     async def _connect(self, sb: LiveSandbox, runtime: SandboxRuntime, timeout: float) -> None:
         r = sb.record
         link = AgentLink(r.id, str(Path(r.dir) / LINK_SOCKET),
-                         lambda msg: self._on_agent_message(sb, msg), lambda: self._on_link_closed(sb))
+                         lambda msg, seq: self._on_numbered(sb, msg, seq), lambda: self._on_link_closed(sb))
         await link.connect(timeout, lambda: runtime.is_alive(r))
         sb.link = link
         for msg in sb.pending:
@@ -270,6 +334,19 @@ class SandboxManager:
         sb.pending.clear()
 
     # --- agent events ---------------------------------------------------------------------------
+    def _on_numbered(self, sb: LiveSandbox, msg: pb.AgentMessage, seq: int) -> None:
+        """A message of the agent link. The shim sends again what was not acknowledged when a link breaks:
+        what this backend has had already is not handled twice."""
+        if seq <= sb.last_seq:
+            self._ack(sb)
+            return
+        sb.last_seq = seq
+        if msg.WhichOneof("kind") == "frame":
+            msg.frame.seq = seq
+            sb.undelivered[seq] = None  # acknowledged once a client has it
+        self._on_agent_message(sb, msg)
+        self._ack(sb)
+
     def _on_agent_message(self, sb: LiveSandbox, msg: pb.AgentMessage) -> None:
         kind = msg.WhichOneof("kind")
         r = sb.record
@@ -359,6 +436,7 @@ class SandboxManager:
         if sb.deleting:
             raise StateError(f"sandbox {sandbox_id} is already being deleted")
         sb.deleting = True
+        self._ack(sb)
         r = sb.record
         if sb.waking is not None:
             sb.waking.cancel()

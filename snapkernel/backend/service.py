@@ -202,7 +202,7 @@ class BackendService(pb_grpc.BackendServicer):
         except SnapkernelError as e:
             await context.abort(e.code, str(e))
         outgoing: asyncio.Queue[pb.KernelFrame | None] = asyncio.Queue()
-        sb.attached.add(outgoing)
+        self.manager.attach(sb, outgoing)
         failure: list[SnapkernelError] = []
 
         async def pump_in() -> None:
@@ -218,11 +218,15 @@ class BackendService(pb_grpc.BackendServicer):
                 outgoing.put_nowait(None)
 
         reader = asyncio.create_task(pump_in())
+        unsent: list[pb.KernelFrame] = []
         try:
             while (frame := await outgoing.get()) is not None:
+                unsent.append(frame)  # until written: a client that breaks off may not have it
                 await context.write(pb.AttachResponse(frame=frame))
+                unsent.pop()
+                self.manager.delivered(sb, frame.seq)
         finally:
-            sb.attached.discard(outgoing)
+            self.manager.detach(sb, outgoing, unsent)
             if not sb.attached:
                 sb.detached_at = time.time()
             reader.cancel()

@@ -3,7 +3,8 @@
 Shell, control and stdin are ROUTER sockets (the client's identity travels with each message, so replies
 go back to the client that asked); iopub is a PUB socket; heartbeat is answered here while the sandbox
 lives. Everything else rides one gRPC Attach stream, re-opened after a backend restart; messages sent
-while it is down wait here and go out when it is back.
+while it is down wait here and go out when it is back. Kernel output held for us meanwhile (by the shim and
+the backend) comes when it is back; numbered, so what came already before the break is not delivered twice.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class KernelRelay:
         self.has_outgoing = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
         self.closed = False
+        self.last_seq = 0  # the highest numbered kernel output delivered
 
     # --- life -----------------------------------------------------------------------------------
     def bind(self) -> dict[str, int]:
@@ -136,6 +138,10 @@ class KernelRelay:
                 sender = asyncio.create_task(self._send(call))
                 async for resp in call:
                     attempt = 0
+                    if resp.frame.seq:  # numbered kernel output: after a reconnect, some may come again
+                        if resp.frame.seq <= self.last_seq:
+                            continue
+                        self.last_seq = resp.frame.seq
                     self._deliver(resp.frame)
                 code = await call.code()
                 if code != grpc.StatusCode.OK:

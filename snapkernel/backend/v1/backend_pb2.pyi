@@ -814,7 +814,12 @@ class KernelFrame(_message.Message):
 
     CHANNEL_FIELD_NUMBER: _builtins.int
     PARTS_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
     channel: Global___Channel.ValueType
+    seq: _builtins.int
+    """backend -> client: the kernel output's number on its sandbox's link (rising, also across backend
+    restarts); a client drops a number it has had already. 0: not numbered.
+    """
     @_builtins.property
     def parts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
     def __init__(
@@ -822,10 +827,11 @@ class KernelFrame(_message.Message):
         *,
         channel: Global___Channel.ValueType = ...,
         parts: _abc.Iterable[_builtins.bytes] | None = ...,
+        seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "parts", b"parts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "parts", b"parts", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
