@@ -240,6 +240,10 @@ class Shim:
                 await stdin.drain()
         except (ConnectionError, asyncio.IncompleteReadError, ValueError):
             pass
+        except asyncio.CancelledError:
+            # The shim is ending (its server closes): a quiet end, or asyncio logs a traceback into
+            # sandbox.log that buries the sandbox's real last lines.
+            pass
         except Exception as e:  # a malformed frame from the backend must not end the sandbox
             print(f"shim: dropping backend connection: {e}", file=sys.stderr)
         self._drop(writer)
