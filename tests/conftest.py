@@ -148,12 +148,12 @@ def backend(request: pytest.FixtureRequest, kernelspec_dir: Path) -> Iterator[Ba
                 os.environ[k] = v
 
 
-@pytest.fixture(params=RUNTIMES)
-def own_backend(request: pytest.FixtureRequest, kernelspec_dir: Path,
-                monkeypatch: pytest.MonkeyPatch) -> Iterator[Backend]:
-    """A backend of this test's own (for restarts), in the environment while the test runs."""
-    with tempfile.TemporaryDirectory(prefix="snapkernel-own-") as tmp:
-        b = Backend(Path(tmp), runtime=request.param)
+@contextlib.contextmanager
+def backend_of_its_own(runtime: str, monkeypatch: pytest.MonkeyPatch, prefix: str = "snapkernel-own-",
+                       args: list[str] | None = None) -> Iterator[Backend]:
+    """A backend in a temporary state dir, in the environment while it runs; stopped and cleaned up after."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        b = Backend(Path(tmp), runtime=runtime, args=args)
         b.start()
         for k, v in b.env().items():
             monkeypatch.setenv(k, v)
@@ -161,3 +161,11 @@ def own_backend(request: pytest.FixtureRequest, kernelspec_dir: Path,
         b.stop()
         b.report()
         _cleanup_sandboxes(b)
+
+
+@pytest.fixture(params=RUNTIMES)
+def own_backend(request: pytest.FixtureRequest, kernelspec_dir: Path,
+                monkeypatch: pytest.MonkeyPatch) -> Iterator[Backend]:
+    """A backend of this test's own (for restarts), in the environment while the test runs."""
+    with backend_of_its_own(request.param, monkeypatch) as b:
+        yield b

@@ -3,7 +3,6 @@ kernels and fan-out workers are left alone."""
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ from snapkernel.backend.spec import parse_spec
 from snapkernel.backend.v1 import backend_pb2 as pb
 from snapkernel.backend.workers import MODE_ENV
 from tests.backend.test_hibernation import get, sandbox_of, wait_state
-from tests.conftest import RUNTIMES, Backend, _cleanup_sandboxes
+from tests.conftest import RUNTIMES, Backend, backend_of_its_own
 from tests.kernel_provisioner.kernel_helpers import running_kernel, value
 from tests.snapshots.test_memory import backend_call
 
@@ -28,15 +27,9 @@ TIMEOUT = 2.0
 @pytest.fixture(params=RUNTIMES)
 def orphan_backend(request: pytest.FixtureRequest, kernelspec_dir: Path,
                    monkeypatch: pytest.MonkeyPatch) -> Iterator[Backend]:
-    with tempfile.TemporaryDirectory(prefix="snapkernel-orphans-") as tmp:
-        b = Backend(Path(tmp), runtime=request.param, args=[f"--BackendApp.orphan_timeout={TIMEOUT}"])
-        b.start()
-        for k, v in b.env().items():
-            monkeypatch.setenv(k, v)
+    with backend_of_its_own(request.param, monkeypatch, "snapkernel-orphans-",
+                            [f"--BackendApp.orphan_timeout={TIMEOUT}"]) as b:
         yield b
-        b.stop()
-        b.report()
-        _cleanup_sandboxes(b)
 
 
 def test_a_kernel_without_a_client_hibernates_and_an_attached_one_stays(orphan_backend: Backend) -> None:
