@@ -50,13 +50,20 @@ class FrameBuffer:
         return out
 
 
-async def read_frame(reader: asyncio.StreamReader) -> bytes | None:
-    """The next whole frame (header included), or None at a clean end of stream."""
+async def _read_head(reader: asyncio.StreamReader, size: int, broken: str) -> bytes | None:
+    """`size` bytes, or None at a clean end of stream; an end inside them raises `broken`."""
     try:
-        head = await reader.readexactly(HEADER.size)
+        return await reader.readexactly(size)
     except asyncio.IncompleteReadError as e:
         if e.partial:
-            raise InvalidSpecError("agent link closed in the middle of a frame header") from e
+            raise InvalidSpecError(broken) from e
+        return None
+
+
+async def read_frame(reader: asyncio.StreamReader) -> bytes | None:
+    """The next whole frame (header included), or None at a clean end of stream."""
+    head = await _read_head(reader, HEADER.size, "agent link closed in the middle of a frame header")
+    if head is None:
         return None
     (size,) = HEADER.unpack(head)
     if size > MAX_FRAME:
@@ -74,11 +81,8 @@ SEQ = struct.Struct(">Q")
 
 async def read_numbered(reader: asyncio.StreamReader) -> tuple[int, bytes] | None:
     """(number, frame) from the shim's socket; or None at a clean end of stream."""
-    try:
-        head = await reader.readexactly(SEQ.size)
-    except asyncio.IncompleteReadError as e:
-        if e.partial:
-            raise InvalidSpecError("shim link closed in the middle of a frame number") from e
+    head = await _read_head(reader, SEQ.size, "shim link closed in the middle of a frame number")
+    if head is None:
         return None
     (seq,) = SEQ.unpack(head)
     frame = await read_frame(reader)
@@ -89,11 +93,8 @@ async def read_numbered(reader: asyncio.StreamReader) -> tuple[int, bytes] | Non
 
 async def read_from_backend(reader: asyncio.StreamReader) -> tuple[int, bytes | None] | None:
     """(0, frame) for the agent or (n, None), an acknowledgement, from the backend; None at its end."""
-    try:
-        head = await reader.readexactly(SEQ.size)
-    except asyncio.IncompleteReadError as e:
-        if e.partial:
-            raise InvalidSpecError("backend link closed in the middle of a frame number") from e
+    head = await _read_head(reader, SEQ.size, "backend link closed in the middle of a frame number")
+    if head is None:
         return None
     (seq,) = SEQ.unpack(head)
     if seq:
