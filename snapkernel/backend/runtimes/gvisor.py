@@ -206,6 +206,7 @@ class GvisorRuntime(SandboxRuntime):
             if rootfs.under(secret, shown):
                 mounts.append({"destination": secret, "type": "tmpfs", "source": "tmpfs"})
         mounts.append(bind(workspace, "rw"))
+        user = self.user_for(spec)
         resources: dict[str, Any] = {
             "memory": {"limit": spec.memory},
             "cpu": {"quota": int(spec.cpu * 100000), "period": 100000},
@@ -217,7 +218,7 @@ class GvisorRuntime(SandboxRuntime):
             "annotations": {PLATFORM: self.platform_for(bool(record.gpu_indices))},
             "process": {
                 "terminal": False,
-                "user": {"uid": self.user_for(spec).uid, "gid": self.user_for(spec).gid},
+                "user": {"uid": user.uid, "gid": user.gid},
                 "args": [sys.executable, "-m", "snapkernel.agent"],
                 "env": [f"{k}={v}" for k, v in env.items()],
                 "cwd": spec.mount_dir or workspace,
