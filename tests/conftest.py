@@ -25,7 +25,12 @@ class Backend:
 
     def __init__(self, state_dir: Path, runtime: str = "process", args: list[str] | None = None) -> None:
         self.state_dir = state_dir
-        self.args = args or []  # more `snapkernel backend` arguments, e.g. settings
+        # More `snapkernel backend` arguments, e.g. settings. The suite runs many sandboxes at once whose memory
+        # limit (the 4Gi default) is far above what they use, on CI machines of unknown memory: the test
+        # backends overcommit memory (the product's default is not to), unless a test sets it itself.
+        self.args = args or []
+        if not any("memory_overcommit" in a for a in self.args):
+            self.args.append("--BackendApp.memory_overcommit=2")
         self.address = f"unix://{state_dir / 'backend.sock'}"
         self.runtime = runtime
         self.proc: subprocess.Popen[bytes] | None = None

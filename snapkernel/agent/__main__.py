@@ -10,6 +10,9 @@ import sys
 import tempfile
 
 from snapkernel.agent.kernel_process import KernelProcess
+from snapkernel.agent.sandbox_user import become_sandbox_user
+
+become_sandbox_user()
 
 if os.environ.get("SNAPKERNEL_AGENT_MODE") == "worker":
     from snapkernel.agent.worker import main as worker_main

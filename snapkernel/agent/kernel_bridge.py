@@ -100,6 +100,8 @@ class KernelBridge:
                 self.kernel.kill()
                 self.kernel.wait()
         self._report_exit()
+        if os.getpid() == 1:
+            _kill_leftovers()
         self.relay.close_all()
         for sock in list(self.routes):
             self.poller.unregister(sock)
@@ -283,6 +285,8 @@ class KernelBridge:
                         self.send(pb.AgentMessage(frame=pb.KernelFrame(channel=pb.IOPUB, parts=parts)))
                 elif sock == self.child_fd:
                     self._drain_child_fd()
+                    if os.getpid() == 1:
+                        _reap_orphans(self.kernel.pid if self.kernel is not None else 0)
                 elif isinstance(sock, int):  # the fan-out relay's (maybe closed earlier in this batch)
                     self.relay.on_readable(sock)
                 elif sock is self.own_shell and self.own_shell is not None:
@@ -297,6 +301,31 @@ class KernelBridge:
                     self.send(pb.AgentMessage(frame=pb.KernelFrame(channel=channel, parts=[ident, *parts])))
         self.stop_kernel()
         return 0
+
+
+# As a gvisor sandbox's PID 1 the agent is the init of everything its kernel starts (not so under the
+# process runtime, where the host's init is).
+def _reap_orphans(kernel_pid: int) -> None:
+    """Reap the orphans the agent inherits: their zombies would count against the sandbox's pids limit. The
+    kernel's own exit is left for Popen to collect."""
+    while True:
+        try:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return
+        if info is None or info.si_pid == kernel_pid:
+            return
+        os.waitpid(info.si_pid, 0)
+
+
+def _kill_leftovers() -> None:
+    """A restarted kernel starts clean: kill what the old one left behind (its children, a fork bomb's
+    processes). kill(-1) reaches every process in the sandbox but the agent itself."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(-1, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        while True:
+            os.waitpid(-1, 0)
 
 
 def _on_sigchld(signum: int, frame: object) -> None:

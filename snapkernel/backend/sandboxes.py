@@ -138,10 +138,22 @@ class SandboxManager:
         if message is not None:
             r.message = message
         if state != pb.DELETED:
-            self.db.save(r)
+            self._persist(lambda: self.db.save(r), r.id)
         self._notify(sb, progress)
         log.info("sandbox_id=%s kernel_id=%s state=%s %s", r.id, r.kernel_id, STATE_NAMES[state],
                  message or (progress.message if progress else ""))
+
+    @staticmethod
+    def _persist(write: Callable[[], None], sandbox_id: str) -> None:
+        """Write a sandbox's record. On a full state dir the change goes on without it (a shutdown must still
+        stop its sandbox) and the record catches up with the next write that fits."""
+        try:
+            write()
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            log.warning("sandbox_id=%s not recorded: the state dir's file system is full (%s); free space there",
+                        sandbox_id, e)
 
     def _notify(self, sb: LiveSandbox, progress: pb.Progress | None = None) -> None:
         event = pb.SandboxEvent(sandbox=sb.record.to_pb(), progress=progress)
@@ -454,7 +466,7 @@ class SandboxManager:
         for w in sb.watchers:
             w.put_nowait(None)
         self.live.pop(sandbox_id, None)
-        self.db.delete(sandbox_id)
+        self._persist(lambda: self.db.delete(sandbox_id), sandbox_id)
         await asyncio.to_thread(self.workspaces.release, Path(r.dir))
         await asyncio.to_thread(shutil.rmtree, r.dir, True)
 

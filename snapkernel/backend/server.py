@@ -21,7 +21,7 @@ from snapkernel.backend.auth import TokenInterceptor, ensure_token
 from snapkernel.backend.fanout import FanoutManager
 from snapkernel.backend.gpus import inventory
 from snapkernel.backend.orphans import OrphanReaper, remove_all
-from snapkernel.backend.runtimes.base import RuntimeInfo, SandboxRuntime
+from snapkernel.backend.runtimes.base import DEFAULT_PIDS_LIMIT, RuntimeInfo, SandboxRuntime
 from snapkernel.backend.runtimes.gvisor import GvisorRuntime, find_runsc
 from snapkernel.backend.runtimes.process import ProcessRuntime
 from snapkernel.backend.runtimes.rootfs import SandboxUser
@@ -87,17 +87,22 @@ class BackendApp(Application):
                                             "directories and the agent's Python (e.g. a shared dataset "
                                             "directory). An admin's setting: notebook users cannot add any."
                             ).tag(config=True)
+    pids_limit = Int(DEFAULT_PIDS_LIMIT, help="Processes and threads one sandbox may hold at once; past it `fork` "
+                                              "fails with EAGAIN in the kernel (a fork bomb stops there). gvisor "
+                                              "sandboxes get at most one per 32 MiB of memory (a forked process "
+                                              "costs gVisor far more memory than Linux), enforced by gVisor's "
+                                              "Sentry; process sandboxes get it through their cgroup v2 group "
+                                              "where they have one. 64 to 65536.").tag(config=True)
     cpu_overcommit = Float(4.0, help="CPU overcommit: sandboxes may be given up to this many times the host's "
                                      "cores in total (each is still limited to the cores it asked for). Default 4: "
                                      "notebooks idle most of the time, so 8 one-core kernels start on a 2-core host; "
                                      "1 gives out no more cores than the host has. A sandbox that would pass the "
                                      "limit is refused, naming it; `snapkernel status` shows it.").tag(config=True)
-    # 1.5, not 1, for now: the test suite's kernels and fan-out workers ask for the 4Gi default each, and the
-    # CI machine's memory is not known; a memory limit is a cap, and most kernels use far less.
-    memory_overcommit = Float(1.5, help="Memory overcommit: how many times the host's memory may be given out in "
-                                        "total (default 1.5; 1 = never overcommitted: a kernel over its share "
-                                        "is killed by the OOM killer, not slowed down). GPUs are never "
-                                        "shared.").tag(config=True)
+    memory_overcommit = Float(1.0, help="Memory overcommit: how many times the host's memory may be given out in "
+                                        "total (default 1 = never overcommitted: every sandbox can use all of "
+                                        "its memory limit at once; more, e.g. 1.5, packs more kernels that use "
+                                        "far less than their limit, and one that goes over its share is killed "
+                                        "by the OOM killer). GPUs are never shared.").tag(config=True)
     start_timeout = Float(60.0, help="Seconds a sandbox may take to start its agent.").tag(config=True)
     hibernate_after_gpu = Float(600.0, help="Idle seconds before a GPU kernel hibernates, unless its kernelspec "
                                             "sets `hibernate_after`; 0 = never.").tag(config=True)
@@ -156,6 +161,13 @@ class BackendApp(Application):
                                    "(kernels never run as root)")
         return value
 
+    @validate("pids_limit")
+    def _check_pids_limit(self, proposal: dict[str, Any]) -> int:
+        value = int(proposal["value"])
+        if not 64 <= value <= 65536:
+            raise InvalidSpecError(f"pids_limit {value} is not valid: use 64 to 65536 processes and threads")
+        return value
+
     @validate("runtime")
     def _check_runtime(self, proposal: dict[str, Any]) -> str:
         if proposal["value"] and proposal["value"] not in RUNTIMES:
@@ -164,7 +176,7 @@ class BackendApp(Application):
 
     def build_runtimes(self, state: Path, driver: str) -> tuple[dict[str, SandboxRuntime], list[RuntimeInfo]]:
         """The runtimes that work here, and a line for each that does not."""
-        runtimes: dict[str, SandboxRuntime] = {"process": ProcessRuntime()}
+        runtimes: dict[str, SandboxRuntime] = {"process": ProcessRuntime(self.pids_limit)}
         missing: list[RuntimeInfo] = []
         runsc = find_runsc(self.runsc)
         if runsc is None:
@@ -172,7 +184,7 @@ class BackendApp(Application):
                                        "or set --BackendApp.runsc=PATH"))
         else:
             gvisor = GvisorRuntime(runsc, state, driver, self.platform, ro_paths=self.sandbox_ro_paths,
-                                   user=SandboxUser(self.sandbox_uid, self.sandbox_gid))
+                                   user=SandboxUser(self.sandbox_uid, self.sandbox_gid), pids_limit=self.pids_limit)
             if gvisor.available:
                 runtimes["gvisor"] = gvisor
             else:

@@ -187,7 +187,7 @@ def test_snapshot_names_are_capped_at_200_characters(backend: Backend) -> None:
 
 def test_cpu_overcommit_1_refuses_a_third_one_core_sandbox_naming_the_limit() -> None:
     with tempfile.TemporaryDirectory(prefix="snapkernel-overcommit-") as tmp:
-        b = Backend(Path(tmp), "process", args=["--BackendApp.cpu_overcommit=1"])
+        b = Backend(Path(tmp), "process", args=["--BackendApp.cpu_overcommit=1", "--BackendApp.memory_overcommit=1"])
         b.start()
         try:
             async def go() -> tuple[pb.Capacity, str]:
@@ -210,7 +210,7 @@ def test_cpu_overcommit_1_refuses_a_third_one_core_sandbox_naming_the_limit() ->
             assert f"no room for 1 more cores: {total} are given out and the limit is {total} ({total} cores x 1 " \
                    "cpu_overcommit, --BackendApp.cpu_overcommit)" in refusal, refusal
             assert (cap.cpu_overcommit, cap.cpu_limit, cap.cpu_allocated) == (1, cap.cpu_total, cap.cpu_total)
-            assert cap.memory_overcommit == 1.5 and cap.memory_limit == int(cap.memory_total * 1.5)
+            assert cap.memory_overcommit == 1 and cap.memory_limit == cap.memory_total
         finally:
             b.stop()
             _cleanup_sandboxes(b)
@@ -220,9 +220,9 @@ def test_the_overcommit_policy_is_stated_in_help_and_status(backend: Backend) ->
     help_all = subprocess.run([sys.executable, "-m", "snapkernel.cli", "backend", "--help-all"],
                               capture_output=True, text=True, check=True).stdout
     assert "--BackendApp.cpu_overcommit" in help_all and "Default 4" in help_all, help_all
-    assert "default 1.5; 1 = never overcommitted" in help_all
+    assert "(default 1 = never overcommitted:" in help_all, help_all
     status = subprocess.run([sys.executable, "-m", "snapkernel.cli", "status"], capture_output=True, text=True,
                             check=True, env={**__import__("os").environ, **backend.env()}).stdout
     line = next(x for x in status.splitlines() if x.startswith("capacity:"))
-    assert "cores given out (overcommit 4x: up to " in line and "(overcommit 1.5x: up to " in line, line
+    assert "cores given out (overcommit 4x: up to " in line and "(overcommit 2x: up to " in line, line
     assert "(never shared)" in line, line

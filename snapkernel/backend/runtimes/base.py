@@ -43,6 +43,11 @@ class Launch:
     cwd: str = ""  # default: the sandbox's workspace
 
 
+# Processes and threads a sandbox may hold at once (`--BackendApp.pids_limit`): enough for a kernel whose
+# libraries start a thread pool per core on a large host, and a fork bomb stops with EAGAIN from `fork`.
+DEFAULT_PIDS_LIMIT = 1024
+
+
 class SandboxRuntime(ABC):
     name: ClassVar[str]
 

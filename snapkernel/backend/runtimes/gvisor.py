@@ -26,7 +26,7 @@ from typing import Any
 from jupyter_core.paths import jupyter_runtime_dir
 
 from snapkernel.backend.runtimes import rootfs
-from snapkernel.backend.runtimes.base import Launch, RuntimeInfo, SandboxRuntime
+from snapkernel.backend.runtimes.base import DEFAULT_PIDS_LIMIT, Launch, RuntimeInfo, SandboxRuntime
 from snapkernel.backend.runtimes.rootfs import SandboxUser, bind
 from snapkernel.backend.sandbox_db import SandboxRecord
 from snapkernel.backend.spec import ParsedSpec
@@ -34,7 +34,16 @@ from snapkernel.errors import RuntimeUnavailableError, SandboxFailedError, State
 
 log = logging.getLogger(__name__)
 
-PIDS_LIMIT = 1024
+# The host's pids cgroup counts the Sentry's own threads and, under ptrace, several stub tasks per sandbox
+# process (about 5.4 per process measured, 1 under systrap): reaching it kills the whole sandbox, so it is only
+# a backstop well above the per-sandbox limit the Sentry enforces (see snapkernel.agent.sandbox_user).
+HOST_TASKS_PER_PROCESS = 8
+HOST_TASKS_BASE = 1024
+# A forked process costs the sandbox far more Sentry memory than under Linux (a sleeping child of an ipykernel
+# about 25 MiB: copy-on-write breaks copy large units), so a fork bomb reaches the memory limit, which kills
+# the whole sandbox, long before a pids limit of 1024: the limit is at most one task per 32 MiB of memory.
+MEMORY_PER_TASK = 32 << 20
+MIN_TASKS = 64
 # The first runsc build that checkpoints a live ipykernel (Debian trixie's 0.0~20240729.0).
 SNAPSHOT_MIN_VERSION = 20240729
 _VERSION_RE = re.compile(r"runsc version (?:release-)?(?:0\.0~)?(\d{8})")
@@ -114,8 +123,10 @@ class GvisorRuntime(SandboxRuntime):
     name = "gvisor"
 
     def __init__(self, runsc: str, state_dir: Path, driver_version: str = "", platform: str = "", *,
-                 user: SandboxUser | None = None, ro_paths: list[str] | None = None) -> None:
+                 user: SandboxUser | None = None, ro_paths: list[str] | None = None,
+                 pids_limit: int = DEFAULT_PIDS_LIMIT) -> None:
         super().__init__()
+        self.pids_limit = pids_limit
         self.user = user or SandboxUser()
         self.ro_paths = rootfs.check_ro_paths(ro_paths or [])
         self.features = detect(runsc)
@@ -142,7 +153,8 @@ class GvisorRuntime(SandboxRuntime):
                   f"checkpoint flags: {', '.join(sorted(f.checkpoint_flags)) or 'none'}; "
                   f"GPUs (nvproxy): {('no: ' + gpu) if gpu else 'yes'}; root filesystem: minimal (system directories "
                   f"and Python read-only{', ' + ', '.join(self.ro_paths) if self.ro_paths else ''}); kernels run as "
-                  f"uid {self.user.uid}")
+                  f"uid {self.user.uid}; at most {self.pids_limit} processes and threads each "
+                  f"(one per {MEMORY_PER_TASK >> 20} MiB of memory below that)")
         return RuntimeInfo(self.name, True, f.version, detail)
 
     def check(self, spec: ParsedSpec) -> None:
@@ -192,6 +204,8 @@ class GvisorRuntime(SandboxRuntime):
             {"destination": "/dev/shm", "type": "tmpfs", "source": "tmpfs"},
             {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["ro"]},
             {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs"},
+            # gVisor's own cgroupfs: the sandbox's cgroup, whose pids.max the agent sets as it starts.
+            {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup"},
             *rootfs.system_mounts(spec.image),
             *rootfs.venv_config_mount(Path(record.dir)),
             *(bind(p, "ro") for p in self.ro_paths),
@@ -210,15 +224,19 @@ class GvisorRuntime(SandboxRuntime):
         resources: dict[str, Any] = {
             "memory": {"limit": spec.memory},
             "cpu": {"quota": int(spec.cpu * 100000), "period": 100000},
-            "pids": {"limit": PIDS_LIMIT},
+            "pids": {"limit": self.tasks_for(spec) * HOST_TASKS_PER_PROCESS + HOST_TASKS_BASE},
         }
+        # Started as root only to set the Sentry-enforced pids limit, then the agent becomes `user` for good.
+        env = {**env, "SNAPKERNEL_RUN_AS": f"{user.uid}:{user.gid}", "SNAPKERNEL_PIDS_LIMIT": str(self.tasks_for(spec))}
+        setid_only = ["CAP_SETUID", "CAP_SETGID"]
         return {
             "ociVersion": "1.0.0",
             # The platform goes with the sandbox's snapshots: a memory image restores only under the same one.
             "annotations": {PLATFORM: self.platform_for(bool(record.gpu_indices))},
             "process": {
                 "terminal": False,
-                "user": {"uid": user.uid, "gid": user.gid},
+                "user": {"uid": 0, "gid": 0},
+                "capabilities": {"bounding": setid_only, "effective": setid_only, "permitted": setid_only},
                 "args": [sys.executable, "-m", "snapkernel.agent"],
                 "env": [f"{k}={v}" for k, v in env.items()],
                 "cwd": spec.mount_dir or workspace,
@@ -234,6 +252,10 @@ class GvisorRuntime(SandboxRuntime):
             },
         }
 
+    def tasks_for(self, spec: ParsedSpec) -> int:
+        """The sandbox's pids limit: `pids_limit`, lowered for small memory limits (see MEMORY_PER_TASK)."""
+        return max(MIN_TASKS, min(self.pids_limit, spec.memory // MEMORY_PER_TASK))
+
     def platform_for(self, gpus: bool) -> str:
         """The configured platform, or by default: ptrace for CPU sandboxes (with this runsc, systrap keeps
         every idle sandbox ~3% of a core busy: its fast-path monitor wakes every 400 us, parked only by gVisor
@@ -242,7 +264,9 @@ class GvisorRuntime(SandboxRuntime):
         return self.platform or (self.features.platform if gpus else "ptrace")
 
     def _argv(self, record: SandboxRecord, spec_network: bool, gpus: bool, platform: str) -> list[str]:
-        argv = [self.features.path, "--root", str(self.root), f"--platform={platform}",
+        # --cpu-num-from-quota: the kernel sees the cores it was given (at least 2), so libraries size their
+        # thread pools (and their share of the pids limit) to the sandbox, not to a 128-core host.
+        argv = [self.features.path, "--root", str(self.root), f"--platform={platform}", "--cpu-num-from-quota",
                 f"--network={'sandbox' if spec_network else 'none'}"]
         return [*argv, "--nvproxy"] if gpus else argv
 

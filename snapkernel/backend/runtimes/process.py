@@ -16,14 +16,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from snapkernel.backend.runtimes.base import Launch, RuntimeInfo, SandboxRuntime
+from snapkernel.backend.runtimes.base import DEFAULT_PIDS_LIMIT, Launch, RuntimeInfo, SandboxRuntime
 from snapkernel.backend.sandbox_db import SandboxRecord
 from snapkernel.backend.spec import ParsedSpec
 
 log = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-PIDS_MAX = 4096
 
 
 def _cgroup2_base() -> Path | None:
@@ -44,8 +43,9 @@ def _cgroup2_base() -> Path | None:
 class ProcessRuntime(SandboxRuntime):
     name = "process"
 
-    def __init__(self) -> None:
+    def __init__(self, pids_limit: int = DEFAULT_PIDS_LIMIT) -> None:
         super().__init__()
+        self.pids_limit = pids_limit
         self.cgroup_base = _cgroup2_base()
         self._core_use: Counter[int] = Counter()
         self._cores: dict[str, list[int]] = {}
@@ -69,7 +69,7 @@ class ProcessRuntime(SandboxRuntime):
                 group.mkdir(exist_ok=True)
                 (group / "memory.max").write_text(str(spec.memory))
                 (group / "cpu.max").write_text(f"{int(spec.cpu * 100000)} 100000")
-                (group / "pids.max").write_text(str(PIDS_MAX))
+                (group / "pids.max").write_text(str(self.pids_limit))
                 limits["cgroup"] = str(group)
                 mode = "cgroup2"
             except OSError as e:

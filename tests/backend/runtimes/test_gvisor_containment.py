@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import asyncio
 import base64
 import shutil
 import socket
@@ -85,32 +86,29 @@ def test_memory_hog_gets_a_memory_error_and_the_kernel_lives(backend: Backend, k
         assert km.is_alive() and value(c, "'still here'") == "'still here'"
 
 
-def test_fork_bomb_stays_inside_the_sandbox(kc: BlockingKernelClient, backend: Backend, kernelspec_dir: Path) -> None:
-    """A fork bomb is bounded by the sandbox's pid limit (systrap's stub processes live in its cgroup)."""
+def test_fork_bomb_stops_in_its_cell_and_a_restart_clears_it(kc: BlockingKernelClient, backend: Backend,
+                                                              kernelspec_dir: Path) -> None:
+    """The Sentry enforces the sandbox's pids limit: `fork` fails in the cell, the kernel answers, the user
+    cannot lift the limit, and a restart kills what the old kernel left."""
     from snapkernel.backend.client import BackendClient
-    from snapkernel.backend.runtimes.gvisor import PIDS_LIMIT
 
-    def host_tasks() -> int:
-        return sum(1 for p in Path("/proc").iterdir() if p.name.isdigit())
+    def tasks(c: BlockingKernelClient) -> int:
+        return int(value(c, "int(open('/sys/fs/cgroup/pids/pids.current').read())"))
 
-    bomb = gvisor_kernel(kernelspec_dir, "snapkernel-test-gvisor-bomb", memory="1Gi")
-    with running_kernel(bomb) as (_km, c):
-        before = host_tasks()
-        c.execute(
-            "import os, time\nkids = 0\ntry:\n    for _ in range(3000):\n        if os.fork() == 0:\n"
-            "            time.sleep(20); os._exit(0)\n        kids += 1\nexcept OSError as e:\n    print(kids, e)\n")
-        peak = before
-        for _ in range(40):  # while it forks, watch the host's task count
-            peak = max(peak, host_tasks())
-            try:
-                c.get_shell_msg(timeout=0.25)
-                break
-            except Exception:
-                continue
-        assert peak - before <= PIDS_LIMIT + 64, f"host tasks grew from {before} to {peak}"
+    bomb = ("import os, time\nkids = 0\nwhile True:\n    if os.fork() == 0:\n        time.sleep(600)\n"
+            "        os._exit(0)\n    kids += 1\n")
+    with running_kernel(gvisor_kernel(kernelspec_dir, "snapkernel-test-gvisor")) as (km, c):
+        run(c, "import os")
+        limit = int(value(c, "int(open('/sys/fs/cgroup/pids/pids.max').read())"))
+        assert limit == 128  # the default 4Gi: one task per 32 MiB
+        content, outputs = run(c, bomb, timeout=120)
+        assert content["status"] == "error" and content["ename"] == "BlockingIOError", content
+        assert any(m["msg_type"] == "error" for m in outputs)  # shown in the notebook
+        assert 0 < int(value(c, "kids")) < limit
+        assert tasks(c) >= limit - 2
+        content, _ = run(c, "open('/sys/fs/cgroup/pids/pids.max', 'w').write('100000')")
+        assert content["status"] == "error" and content["ename"] == "PermissionError", content
         assert value(kc, "1 + 1") == "2"  # another sandbox is unaffected
-
-        import asyncio
 
         async def status() -> int:
             client = BackendClient(backend.address, backend.token)
@@ -120,6 +118,9 @@ def test_fork_bomb_stays_inside_the_sandbox(kc: BlockingKernelClient, backend: B
                 await client.close()
 
         assert asyncio.run(status()) >= 1  # the backend keeps serving
+        km.restart_kernel()
+        c.wait_for_ready(timeout=60)
+        assert tasks(c) < 40  # the sleeping children are gone
 
 
 def test_notebook_dir_is_mounted_only_when_asked(kc: BlockingKernelClient, kernelspec_dir: Path,
@@ -196,6 +197,10 @@ def test_the_hosts_private_files_are_not_there(backend: Backend, kc: BlockingKer
 
 def test_the_kernel_runs_unprivileged_with_its_packages(kc: BlockingKernelClient) -> None:
     assert value(kc, "os.getuid(), os.geteuid(), os.getgid()") == "(1000, 1000, 1000)"
+    # The agent starts as root only to set the pids limit: nothing of it is left to the kernel.
+    caps = ("{l.split()[0]: l.split()[1] for l in open('/proc/self/status') "
+            "if l.startswith(('CapInh', 'CapPrm', 'CapEff'))}")
+    assert set(ast.literal_eval(value(kc, caps)).values()) == {"0000000000000000"}
     run(kc, "import subprocess, sys")
     assert value(kc, "subprocess.run(['id', '-u'], capture_output=True, text=True).stdout.strip()") == "'1000'"
     assert value(kc, "import numpy, ipykernel, snapkernel; numpy.arange(3).sum()") in ("3", "np.int64(3)")
