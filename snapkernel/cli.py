@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except SnapkernelError as e:
-        print(f"snapkernel: error: {e}", file=sys.stderr)
+        print(f"snapkernel: error ({e.reason}): {e}", file=sys.stderr)  # the reason REST gives too
         return 2
 
 

@@ -1,15 +1,21 @@
 """One error hierarchy for snapkernel, translated once at each boundary.
 
-gRPC: `grpc_status()` on the server, `from_grpc()` in the client. HTTP: `http_status`. IPython: the magics
-turn any `SnapkernelError` into a `UsageError`. Messages say what was wrong and what to do about it.
+gRPC: `abort()` on the server (the status code, the message, and the `reason` in the trailing metadata
+`snapkernel-reason`), `from_grpc()` in the client (the class by reason; by status code for a daemon that sent
+none, or an error of gRPC itself). HTTP: `http_status`. IPython: the magics turn any `SnapkernelError` into a
+`UsageError`. Messages say what was wrong and what to do about it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:  # grpc is not imported at run time: the agent in every sandbox imports this module
     import grpc
+
+# Trailing metadata of a failed call: the `reason` of the error the daemon raised. Several classes share a
+# status code (FAILED_PRECONDITION: StateError and RuntimeUnavailableError), so the code alone loses the class.
+REASON_KEY = "snapkernel-reason"
 
 
 class SnapkernelError(Exception):
@@ -133,12 +139,42 @@ _BY_STATUS: dict[str, type[SnapkernelError]] = {
 }
 
 
+def _classes(cls: type[SnapkernelError]) -> list[type[SnapkernelError]]:
+    return [cls, *(c for sub in cls.__subclasses__() for c in _classes(sub))]
+
+
+def by_reason() -> dict[str, type[SnapkernelError]]:
+    """Every `SnapkernelError` class by its `reason` (built from the hierarchy, so a new class is in it)."""
+    return {c.reason: c for c in _classes(SnapkernelError)}
+
+
+async def abort(context: Any, err: SnapkernelError) -> NoReturn:
+    """End a server-side call (a `grpc.aio.ServicerContext`) with `err`: every daemon abort goes through here."""
+    await context.abort(err.code, str(err), trailing_metadata=((REASON_KEY, err.reason),))
+    raise AssertionError("unreachable: abort raises")
+
+
+def _reason(err: Any) -> str:
+    try:
+        trailers = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+    except Exception:  # a call that never got trailers
+        return ""
+    for key, value in trailers or ():
+        if key == REASON_KEY:
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return ""
+
+
 def from_grpc(err: Any, address: str = "") -> SnapkernelError:
-    """The typed error for a failed gRPC call (a `grpc.RpcError`), keeping the server's message."""
+    """The typed error for a failed gRPC call (a `grpc.RpcError`), keeping the server's message.
+
+    The class is the one the daemon raised, by the reason in the trailers; an older daemon's error, an unknown
+    reason or gRPC's own (no connection, deadline) maps by status code."""
     status = err.code().name if hasattr(err, "code") else "UNKNOWN"
     details = (err.details() if hasattr(err, "details") else None) or str(err)
-    cls = _BY_STATUS.get(status, SnapkernelError)
-    if status == "UNAVAILABLE":
+    reason = _reason(err)
+    cls = by_reason().get(reason) or _BY_STATUS.get(status, SnapkernelError)
+    if status == "UNAVAILABLE" and not reason:  # gRPC's own: the backend could not be reached
         where = f" at {address}" if address else ""
         details = (
             f"cannot reach the snapkernel backend{where} ({details}); start it with "

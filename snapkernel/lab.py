@@ -204,7 +204,7 @@ def main(argv: list[str]) -> int:
     try:
         backend, address = start_backend(state_dir)
     except SnapkernelError as e:
-        print(f"snapkernel: error: {e}", file=sys.stderr)
+        print(f"snapkernel: error ({e.reason}): {e}", file=sys.stderr)  # the reason REST gives too
         return 2
     os.environ["SNAPKERNEL_BACKEND"] = address
     os.environ["SNAPKERNEL_STATE_DIR"] = str(state_dir)

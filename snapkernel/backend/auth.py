@@ -11,6 +11,8 @@ from typing import Any
 
 import grpc
 
+from snapkernel.errors import UnauthenticatedError, abort
+
 METADATA_KEY = "authorization"
 
 
@@ -62,21 +64,21 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
 
 def _rejecting(handler: grpc.RpcMethodHandler[Any, Any] | None, why: str) -> grpc.RpcMethodHandler[Any, Any]:
-    async def abort(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
+    async def reject(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await abort(context, UnauthenticatedError(why))
 
-    async def abort_stream(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
+    async def reject_stream(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await abort(context, UnauthenticatedError(why))
         yield  # pragma: no cover - makes this an async generator
 
     if handler is None:
-        return grpc.unary_unary_rpc_method_handler(abort)
+        return grpc.unary_unary_rpc_method_handler(reject)
     kw = {"request_deserializer": handler.request_deserializer,
           "response_serializer": handler.response_serializer}
     if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(abort, **kw)
+        return grpc.unary_unary_rpc_method_handler(reject, **kw)
     if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(abort_stream, **kw)
+        return grpc.unary_stream_rpc_method_handler(reject_stream, **kw)
     if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(abort, **kw)
-    return grpc.stream_stream_rpc_method_handler(abort_stream, **kw)
+        return grpc.stream_unary_rpc_method_handler(reject, **kw)
+    return grpc.stream_stream_rpc_method_handler(reject_stream, **kw)

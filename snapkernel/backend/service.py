@@ -22,7 +22,7 @@ from snapkernel.backend.spec import check_sandbox_id
 from snapkernel.backend.usage import UsageSampler
 from snapkernel.backend.v1 import backend_pb2 as pb
 from snapkernel.backend.v1 import backend_pb2_grpc as pb_grpc
-from snapkernel.errors import InvalidSpecError, SnapkernelError
+from snapkernel.errors import InvalidSpecError, SnapkernelError, abort
 from snapkernel.snapshots import memory
 from snapkernel.snapshots.store import Snapshot
 
@@ -42,13 +42,12 @@ def _translate(fn: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
         try:
             return await fn(self, request, context)
         except SnapkernelError as e:
-            await context.abort(e.code, str(e))
+            await abort(context, e)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as e:
             log.exception("%s failed", fn.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {fn.__name__}: {e}")
-        raise AssertionError("unreachable")
+            await abort(context, SnapkernelError(f"internal error in {fn.__name__}: {e}"))
 
     return wrapper
 
@@ -182,7 +181,7 @@ class BackendService(pb_grpc.BackendServicer):
         try:
             sb = self.manager.get(request.id)
         except SnapkernelError as e:
-            await context.abort(e.code, str(e))
+            await abort(context, e)
         queue: asyncio.Queue[pb.SandboxEvent | None] = asyncio.Queue()
         sb.watchers.add(queue)
         try:
@@ -195,12 +194,11 @@ class BackendService(pb_grpc.BackendServicer):
     async def Attach(self, request_iterator: Any, context: Ctx) -> None:  # type: ignore[override]
         first = await context.read()
         if first is _EOF or first.WhichOneof("kind") != "open":
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "Attach: the first message must be `open` with a sandbox id")
+            await abort(context, InvalidSpecError("Attach: the first message must be `open` with a sandbox id"))
         try:
             sb = self.manager.get(check_sandbox_id(first.open.sandbox_id))
         except SnapkernelError as e:
-            await context.abort(e.code, str(e))
+            await abort(context, e)
         outgoing: asyncio.Queue[pb.KernelFrame | None] = asyncio.Queue()
         self.manager.attach(sb, outgoing)
         failure: list[SnapkernelError] = []
@@ -234,7 +232,7 @@ class BackendService(pb_grpc.BackendServicer):
                 await reader
         if failure:
             log.warning("sandbox_id=%s Attach closed: %s", sb.record.id, failure[0])
-            await context.abort(failure[0].code, str(failure[0]))
+            await abort(context, failure[0])
 
     async def Map(self, request_iterator: Any, context: Ctx) -> None:  # type: ignore[override]
         """A fan-out job of a caller outside any sandbox; the same `Job` as one relayed by a kernel's agent."""

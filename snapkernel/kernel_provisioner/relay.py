@@ -23,7 +23,7 @@ import zmq.asyncio
 from snapkernel.backend.client import BackendClient
 from snapkernel.backend.sandbox_db import ENDED
 from snapkernel.backend.v1 import backend_pb2 as pb
-from snapkernel.errors import NotFoundError, SnapkernelError
+from snapkernel.errors import NotFoundError, SnapkernelError, UnauthenticatedError, from_grpc
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +147,9 @@ class KernelRelay:
                 if code != grpc.StatusCode.OK:
                     log.warning("sandbox_id=%s Attach ended: %s %s", self.sandbox_id, code, await call.details())
             except grpc.aio.AioRpcError as e:
-                if e.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED):
-                    log.error("sandbox_id=%s Attach refused: %s", self.sandbox_id, e.details())
+                err = from_grpc(e, self.client.address)  # the class the daemon raised, not just the code
+                if isinstance(err, (NotFoundError, UnauthenticatedError)):
+                    log.error("sandbox_id=%s Attach refused (%s): %s", self.sandbox_id, err.reason, err)
                     return
                 log.info("sandbox_id=%s Attach broke (%s); reconnecting", self.sandbox_id, e.code())
             finally:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from tornado.httpclient import HTTPClientError
 
-from tests.conftest import Backend
+from tests.conftest import Backend, backend_of_its_own
 from tests.jupyter_ext.helpers import execute
 
 
@@ -177,3 +177,13 @@ async def test_routes_serve_again_after_a_backend_restart(own_backend: Backend, 
         except HTTPClientError as e:
             assert e.code == 503 and time.monotonic() < deadline, e
             await asyncio.sleep(0.2)
+
+
+async def test_a_missing_runtime_keeps_its_reason(kernelspec_dir: Path, jp_fetch: Any,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon's RuntimeUnavailableError reaches REST as itself, not as the StateError its status code shares."""
+    with backend_of_its_own("process", monkeypatch, args=["--BackendApp.runsc=/nonexistent/runsc"]):
+        status, error = await error_of(jp_fetch, "kernels", method="POST", body={"runtime": "gvisor"})
+        assert status == 409 and error["reason"] == "runtime_unavailable", error
+        assert "runtime 'gvisor' is not available on this backend" in error["message"], error
+        assert json.loads((await jp_fetch("api", "kernels")).body) == []
