@@ -187,3 +187,21 @@ async def test_a_missing_runtime_keeps_its_reason(kernelspec_dir: Path, jp_fetch
         assert status == 409 and error["reason"] == "runtime_unavailable", error
         assert "runtime 'gvisor' is not available on this backend" in error["message"], error
         assert json.loads((await jp_fetch("api", "kernels")).body) == []
+
+
+@pytest.mark.gvisor
+@pytest.mark.parametrize("backend", ["gvisor"], indirect=True)
+async def test_a_process_kernel_right_after_a_gvisor_kernel_starts_too(backend: Backend, jp_fetch: Any,
+                                                                       jp_ws_fetch: Any) -> None:
+    """Issue 12, finding 6: both at once, one per runtime, in one server."""
+    started = await asyncio.gather(
+        fetch_json(jp_fetch, "kernels", method="POST", body={"runtime": "gvisor"}),
+        fetch_json(jp_fetch, "kernels", method="POST", body={"runtime": "process", "cpu": 1, "memory": "1Gi"}))
+    ids = [s["kernel"]["id"] for s in started]
+    try:
+        for kernel_id, runtime in zip(ids, ("gvisor", "process"), strict=True):
+            assert await execute(jp_ws_fetch, kernel_id, "6 * 7") == ("ok", "42")
+            assert (await fetch_json(jp_fetch, "kernels", kernel_id))["sandbox"]["runtime"] == runtime
+    finally:
+        for kernel_id in ids:
+            await jp_fetch("api", "kernels", kernel_id, method="DELETE")
