@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from jupyter_client.session import Session
 
+from snapkernel.backend import lifecycle
 from snapkernel.backend.runtimes.gvisor import GvisorRuntime
 from snapkernel.backend.sandbox_db import ASLEEP
 from snapkernel.backend.v1 import backend_pb2 as pb
@@ -87,9 +88,10 @@ class Hibernator:
     async def hibernate(self, sb: LiveSandbox, reason: str) -> pb.Sandbox:
         r = sb.record
         if r.state != pb.RUNNING:
-            raise StateError(f"sandbox {r.id} is {self.m.state_name(sb)}: only a running kernel can hibernate")
+            raise lifecycle.refuse(r.id, "hibernate", self.m.state_name(sb), "only a running kernel can hibernate")
         if sb.busy or sb.snapshotting:
-            raise StateError(f"sandbox {r.id} is busy (a cell or a snapshot is running): try again when it is idle")
+            what = "a snapshot" if sb.snapshotting else "a cell"
+            raise lifecycle.refuse(r.id, "hibernate", f"busy ({what} is running)", "try again when it is idle")
         method = self.method(sb)
         sb.snapshotting = True
         r.hibernation = method
@@ -209,7 +211,7 @@ class Hibernator:
     async def wake(self, sb: LiveSandbox) -> pb.Sandbox:
         r = sb.record
         if r.state not in ASLEEP:
-            raise StateError(f"sandbox {r.id} is {self.m.state_name(sb)}, not hibernated")
+            raise lifecycle.refuse(r.id, "wake", self.m.state_name(sb), "it is not hibernated")
         if r.state == pb.HIBERNATING:  # let it fall asleep first; the held messages wake it after
             async with sb.changed:
                 await sb.changed.wait_for(lambda: r.state != pb.HIBERNATING)

@@ -1,13 +1,22 @@
-"""Sandbox records on disk (SQLite in the state dir), so a restarted backend can re-adopt them."""
+"""Sandbox records on disk (SQLite in the state dir), so a restarted backend can re-adopt them.
+
+Writes go to one thread of their own, in order: a state change never waits for the disk on the daemon's
+event loop. A write that fails (a full disk) is logged; the record's next write catches it up.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from snapkernel.backend.v1 import backend_pb2 as pb
+
+log = logging.getLogger(__name__)
 
 ENDED = frozenset({pb.EXITED, pb.LOST, pb.FAILED, pb.DELETED})
 # Hibernating, hibernated or waking: kernel messages are held, and the sandbox may be stopped meanwhile.
@@ -58,7 +67,8 @@ _ADDED = {"kernel": "BLOB", "last_activity": "REAL", "hibernation": "TEXT", "hib
 
 class SandboxDB:
     def __init__(self, path: Path) -> None:
-        self.conn = sqlite3.connect(path, isolation_level=None)
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandbox-db")
+        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute(
             "CREATE TABLE IF NOT EXISTS sandboxes (id TEXT PRIMARY KEY, kernel_id TEXT, runtime TEXT, "
@@ -76,13 +86,27 @@ class SandboxDB:
                   r.kernel_generation, r.kernel.SerializeToString(), r.last_activity, r.hibernation,
                   r.hibernate_after)
         marks = ",".join("?" * len(_COLUMNS))
-        self.conn.execute(f"INSERT OR REPLACE INTO sandboxes ({','.join(_COLUMNS)}) VALUES ({marks})", values)
+        self._write(r.id, f"INSERT OR REPLACE INTO sandboxes ({','.join(_COLUMNS)}) VALUES ({marks})", values)
 
     def delete(self, sandbox_id: str) -> None:
-        self.conn.execute("DELETE FROM sandboxes WHERE id = ?", (sandbox_id,))
+        self._write(sandbox_id, "DELETE FROM sandboxes WHERE id = ?", (sandbox_id,))
+
+    def _write(self, sandbox_id: str, sql: str, values: tuple[object, ...]) -> None:
+        def done(f: Future[Any]) -> None:
+            if (e := f.exception()) is not None:
+                log.warning("sandbox_id=%s not recorded in the sandbox database (%s); a full disk? the next "
+                            "change of it writes it again", sandbox_id, e)
+
+        self.writer.submit(self.conn.execute, sql, values).add_done_callback(done)
+
+    def flush(self) -> None:
+        """Wait for the writes so far."""
+        self.writer.submit(lambda: None).result()
 
     def load(self) -> list[SandboxRecord]:
-        rows = self.conn.execute(f"SELECT {','.join(_COLUMNS)} FROM sandboxes ORDER BY created").fetchall()
+        rows = self.writer.submit(
+            lambda: self.conn.execute(f"SELECT {','.join(_COLUMNS)} FROM sandboxes ORDER BY created").fetchall()
+        ).result()
         out = []
         for row in rows:
             d = dict(zip(_COLUMNS, row, strict=True))
@@ -97,4 +121,5 @@ class SandboxDB:
         return out
 
     def close(self) -> None:
+        self.writer.shutdown(wait=True)
         self.conn.close()

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from snapkernel.backend import lifecycle
 from snapkernel.backend.agent_link import AgentLink
 from snapkernel.backend.hibernation import Hibernator
 from snapkernel.backend.runtimes.base import EXIT_FILE, LINK_SOCKET, LOG_FILE, SandboxRuntime
@@ -134,26 +135,19 @@ class SandboxManager:
     def _set_state(self, sb: LiveSandbox, state: int, message: str | None = None,
                    progress: pb.Progress | None = None) -> None:
         r = sb.record
+        if sb.deleting and not lifecycle.allowed(r.state, state):
+            # A start, wake or restore that finished while the sandbox is being deleted: moot.
+            log.info("sandbox_id=%s being deleted: not %s", r.id, STATE_NAMES[state])
+            return
+        lifecycle.check_move(r.id, r.state, state)
         r.state = state
         if message is not None:
             r.message = message
         if state != pb.DELETED:
-            self._persist(lambda: self.db.save(r), r.id)
+            self.db.save(r)
         self._notify(sb, progress)
         log.info("sandbox_id=%s kernel_id=%s state=%s %s", r.id, r.kernel_id, STATE_NAMES[state],
                  message or (progress.message if progress else ""))
-
-    @staticmethod
-    def _persist(write: Callable[[], None], sandbox_id: str) -> None:
-        """Write a sandbox's record. On a full state dir the change goes on without it (a shutdown must still
-        stop its sandbox) and the record catches up with the next write that fits."""
-        try:
-            write()
-        except Exception as e:
-            if not is_disk_full(e):
-                raise
-            log.warning("sandbox_id=%s not recorded: the state dir's file system is full (%s); free space there",
-                        sandbox_id, e)
 
     def _notify(self, sb: LiveSandbox, progress: pb.Progress | None = None) -> None:
         event = pb.SandboxEvent(sandbox=sb.record.to_pb(), progress=progress)
@@ -446,7 +440,7 @@ class SandboxManager:
     async def delete(self, sandbox_id: str) -> None:
         sb = self.get(sandbox_id)
         if sb.deleting:
-            raise StateError(f"sandbox {sandbox_id} is already being deleted")
+            raise lifecycle.refuse(sandbox_id, "delete", "being deleted already")
         sb.deleting = True
         self._ack(sb)
         r = sb.record
@@ -466,7 +460,7 @@ class SandboxManager:
         for w in sb.watchers:
             w.put_nowait(None)
         self.live.pop(sandbox_id, None)
-        self._persist(lambda: self.db.delete(sandbox_id), sandbox_id)
+        self.db.delete(sandbox_id)
         await asyncio.to_thread(self.workspaces.release, Path(r.dir))
         await asyncio.to_thread(shutil.rmtree, r.dir, True)
 
@@ -474,14 +468,13 @@ class SandboxManager:
         """Send to the sandbox's agent. While it hibernates, messages other than the backend's own
         (`internal`) are held, and the first of them wakes it."""
         if sb.record.ended or sb.deleting:
-            raise StateError(
-                f"sandbox {sb.record.id} is {STATE_NAMES[sb.record.state]}: start a new kernel"
-            )
+            raise lifecycle.refuse(sb.record.id, "take kernel messages", self.state_name(sb), "start a new kernel")
         if not internal:
             if sb.record.state in ASLEEP:
                 if len(sb.held) >= MAX_PENDING_FRAMES:
-                    raise StateError(f"sandbox {sb.record.id} is {STATE_NAMES[sb.record.state]} and "
-                                     f"already holds {MAX_PENDING_FRAMES} messages for it: wait for it to wake")
+                    raise lifecycle.refuse(sb.record.id, "hold more messages",
+                                           f"{self.state_name(sb)} with {MAX_PENDING_FRAMES} held already",
+                                           "wait for it to wake")
                 sb.held.append(msg)
                 log.info("sandbox_id=%s %s holds %s%s", sb.record.id, self.state_name(sb), _describe(msg),
                          "; it wakes" if sb.record.state == pb.HIBERNATED and sb.waking is None else "")
@@ -490,7 +483,7 @@ class SandboxManager:
             sb.record.last_activity = time.time()
         if sb.link is None:
             if len(sb.pending) >= MAX_PENDING_FRAMES:
-                raise StateError(f"sandbox {sb.record.id} is not connected and its queue is full")
+                raise lifecycle.refuse(sb.record.id, "queue more messages", "not connected with its queue full")
             sb.pending.append(msg)
             return
         sb.link.send(msg)
@@ -643,10 +636,10 @@ class SandboxManager:
             raise StateError(f"sandbox {sb.record.id} has GPUs and runsc {runtime.features.version} cannot put GPU "
                              "memory into its checkpoints (builds with --cuda-checkpoint-path can); use --kind state")
         if sb.record.state != pb.RUNNING:
-            raise StateError(f"sandbox {sb.record.id} is {STATE_NAMES[sb.record.state]}: only a running kernel "
-                             "can be snapshotted")
+            raise lifecycle.refuse(sb.record.id, "snapshot", self.state_name(sb),
+                                   "only a running kernel can be snapshotted")
         if sb.snapshotting:
-            raise StateError(f"sandbox {sb.record.id} is being snapshotted already: wait for that one")
+            raise lifecycle.refuse(sb.record.id, "snapshot", "snapshotting", "wait for that one")
         sb.snapshotting = True
         try:
             if kind == "state":
