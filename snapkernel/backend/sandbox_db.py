@@ -7,11 +7,8 @@ import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from snapkernel.backend.v1 import backend_pb2 as pb
-
-ENDED = frozenset({pb.EXITED, pb.LOST, pb.FAILED, pb.DELETED})
-# Hibernating, hibernated or waking: kernel messages are held, and the sandbox may be stopped meanwhile.
-ASLEEP = frozenset({pb.HIBERNATING, pb.HIBERNATED, pb.WAKING})
+from snapkernel.protocol.states import ENDED
+from snapkernel.protocol.v1 import backend_pb2 as pb
 
 
 @dataclass
