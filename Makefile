@@ -39,9 +39,11 @@ $(STAMP): $(SOURCES) scripts/install-runsc.sh | check-python
 run: install
 	$(VENV)/bin/snapkernel lab $(ARGS)
 
+# lint-imports checks the layers and that no imports go round in a cycle (the contracts in pyproject.toml).
 lint: install
 	$(VENV)/bin/ruff check snapkernel tests bench scripts
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 test: install lint
 	$(VENV)/bin/pytest -q -rs $(PYTEST_ARGS)

@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernel_latency import Backend
 from snapshots import Kernel, kernelspec, run_cell
 
-from snapkernel.backend.client import BackendClient
-from snapkernel.backend.gpus import inventory
+from snapkernel.client import BackendClient
+from snapkernel.host.gpus import inventory
 from snapkernel.kernel_provisioner.kernelspec import install
 
 GiB = 1024**3

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from jupyter_client.manager import KernelManager
 from kernel_latency import Backend
 
-from snapkernel.backend.client import BackendClient
+from snapkernel.client import BackendClient
 from snapkernel.kernel_provisioner.kernelspec import install, kernel_json
 
 GiB = 1024**3

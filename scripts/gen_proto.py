@@ -1,4 +1,4 @@
-"""Generate snapkernel/backend/v1 from protos/ (run by `make proto`; CI checks the result is current)."""
+"""Generate snapkernel/protocol/v1 from protos/ (run by `make proto`; CI checks the result is current)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "snapkernel" / "backend" / "v1"
+OUT = ROOT / "snapkernel" / "protocol" / "v1"
 
 
 def generate(out: Path) -> None:

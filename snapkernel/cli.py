@@ -22,7 +22,7 @@ def _run(coro: Coroutine[Any, Any, Any]) -> Any:
 
 
 async def _with_client(fn: Callable[[Any], Coroutine[Any, Any, Any]]) -> Any:
-    from snapkernel.backend.client import BackendClient
+    from snapkernel.client import BackendClient
 
     client = BackendClient()
     try:
@@ -32,7 +32,7 @@ async def _with_client(fn: Callable[[Any], Coroutine[Any, Any, Any]]) -> Any:
 
 
 def _sandbox_dict(sb: Any) -> dict[str, Any]:
-    from snapkernel.backend.sandboxes import STATE_NAMES
+    from snapkernel.protocol.states import STATE_NAMES
 
     d = MessageToDict(sb, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
     d["state"] = STATE_NAMES[sb.state]
@@ -46,7 +46,7 @@ def _print_table(rows: list[list[str]], header: list[str]) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from snapkernel.backend.spec import format_bytes
+    from snapkernel.protocol.spec import format_bytes
 
     status = _run(_with_client(lambda c: c.status()))
     if args.json:
@@ -76,7 +76,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_sandboxes_list(args: argparse.Namespace) -> int:
-    from snapkernel.backend.sandboxes import STATE_NAMES
+    from snapkernel.protocol.states import STATE_NAMES
 
     sandboxes = _run(_with_client(lambda c: c.list_sandboxes(include_ended=args.all)))
     if args.json:
@@ -138,7 +138,7 @@ def _snapshot_dict(snap: Any) -> dict[str, Any]:
 
 
 def _print_snapshots(snaps: list[Any]) -> None:
-    from snapkernel.backend.spec import format_bytes
+    from snapkernel.protocol.spec import format_bytes
 
     rows = [[s.id, "DAMAGED", "-", "-", "-", "-", "-"] if s.damaged else
             [s.id, s.kind, s.name or "-", s.sandbox_id, format_bytes(s.size),

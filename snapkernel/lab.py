@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from snapkernel.backend.server import default_state_dir
-from snapkernel.backend.v1 import backend_pb2 as pb
 from snapkernel.errors import BackendUnavailableError, SnapkernelError, StateError
+from snapkernel.protocol.connection import default_state_dir
+from snapkernel.protocol.v1 import backend_pb2 as pb
 
 READY_TIMEOUT = 60.0  # the backend's start, removing what an earlier lab left included
 LAB_STOP_TIMEOUT = 20.0  # seconds JupyterLab may take to shut its kernels down and exit, then it is killed
@@ -197,7 +197,7 @@ def _start_lab(argv: list[str]) -> subprocess.Popen[bytes]:
 
 
 def main(argv: list[str]) -> int:
-    from snapkernel.backend.client import BackendClient
+    from snapkernel.client import BackendClient
     from snapkernel.kernel_provisioner import kernelspec
 
     state_dir = default_state_dir().absolute()

@@ -105,7 +105,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """`gpu` tests run only where NVML lists a GPU; `gvisor` tests only where runsc is installed."""
     import shutil
 
-    from snapkernel.backend.gpus import inventory
+    from snapkernel.host.gpus import inventory
 
     gpus, _, why = inventory()
     for item in items:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from snapkernel.backend.client import BackendClient
-from snapkernel.backend.v1 import backend_pb2 as pb
+from snapkernel.client import BackendClient
+from snapkernel.protocol.v1 import backend_pb2 as pb
 from tests.conftest import Backend
 
 

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_generated_code_is_current(tmp_path: Path) -> None:
     subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_proto.py"), str(tmp_path)], check=True)
-    committed = ROOT / "snapkernel" / "backend" / "v1"
+    committed = ROOT / "snapkernel" / "protocol" / "v1"
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == sorted(p.name for p in committed.iterdir() if p.is_file() and p.suffix in (".py", ".pyi"))
     stale = [n for n in names if not filecmp.cmp(tmp_path / n, committed / n, shallow=False)]

@@ -15,9 +15,9 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from snapkernel.agent.frames import HEADER, FrameBuffer
-from snapkernel.backend.v1 import backend_pb2 as pb
 from snapkernel.errors import SnapkernelError
+from snapkernel.protocol.frames import HEADER, FrameBuffer
+from snapkernel.protocol.v1 import backend_pb2 as pb
 
 log = logging.getLogger("snapkernel.agent")
 SEND_TIMEOUT = 10.0

@@ -19,10 +19,10 @@ from typing import Any
 import zmq
 
 from snapkernel.agent.fanout_relay import FanoutRelay
-from snapkernel.agent.frames import FrameBuffer, decode, encode
 from snapkernel.agent.kernel_process import KernelProcess
 from snapkernel.agent.own_client import OwnClient
-from snapkernel.backend.v1 import backend_pb2 as pb
+from snapkernel.protocol.frames import FrameBuffer, decode, encode
+from snapkernel.protocol.v1 import backend_pb2 as pb
 
 log = logging.getLogger("snapkernel.agent")
 

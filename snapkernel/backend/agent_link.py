@@ -11,9 +11,9 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
-from snapkernel.agent.frames import HEADER, SEQ, decode, encode, read_numbered
-from snapkernel.backend.v1 import backend_pb2 as pb
 from snapkernel.errors import SandboxFailedError
+from snapkernel.protocol.frames import HEADER, SEQ, decode, encode, read_numbered
+from snapkernel.protocol.v1 import backend_pb2 as pb
 
 log = logging.getLogger(__name__)
 

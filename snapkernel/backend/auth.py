@@ -1,4 +1,4 @@
-"""The bearer token: created in a 0600 file, sent as metadata by clients, checked by an interceptor."""
+"""The bearer token: created in a 0600 file, checked by an interceptor (clients send it: protocol.connection)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ from typing import Any
 import grpc
 
 from snapkernel.errors import UnauthenticatedError, abort
-
-METADATA_KEY = "authorization"
+from snapkernel.protocol.connection import METADATA_KEY, read_token
 
 
 def ensure_token(path: Path) -> str:
@@ -27,17 +26,6 @@ def ensure_token(path: Path) -> str:
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
     return token
-
-
-def read_token(path: Path) -> str:
-    mode = path.stat().st_mode & 0o777
-    if mode & 0o077:
-        os.chmod(path, 0o600)  # never leave a readable secret behind
-    return path.read_text().strip()
-
-
-def call_metadata(token: str) -> tuple[tuple[str, str], ...]:
-    return ((METADATA_KEY, f"Bearer {token}"),)
 
 
 class TokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]

@@ -26,13 +26,13 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from snapkernel.agent.worker import BLOB_DIR, MAX_FUNCTIONS, ItemTimeout, format_remote, pickled_exception
 from snapkernel.backend.sandboxes import LiveSandbox, SandboxManager
-from snapkernel.backend.spec import check_cpu
-from snapkernel.backend.v1 import backend_pb2 as pb
 from snapkernel.backend.workers import MODE_ENV, Worker, WorkerPools
 from snapkernel.backend.workspace import WORKSPACE
 from snapkernel.errors import InvalidSpecError, SnapkernelError, StateError
+from snapkernel.protocol.fanout import BLOB_DIR, MAX_FUNCTIONS, ItemTimeout, format_remote, pickled_exception
+from snapkernel.protocol.spec import check_cpu
+from snapkernel.protocol.v1 import backend_pb2 as pb
 
 log = logging.getLogger(__name__)
 

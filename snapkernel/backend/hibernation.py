@@ -28,9 +28,9 @@ from jupyter_client.session import Session
 
 from snapkernel.backend import lifecycle
 from snapkernel.backend.runtimes.gvisor import GvisorRuntime
-from snapkernel.backend.sandbox_db import ASLEEP
-from snapkernel.backend.v1 import backend_pb2 as pb
 from snapkernel.errors import SnapkernelError, StateError
+from snapkernel.protocol.states import ASLEEP
+from snapkernel.protocol.v1 import backend_pb2 as pb
 from snapkernel.snapshots import cuda
 
 if TYPE_CHECKING:

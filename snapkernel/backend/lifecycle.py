@@ -7,8 +7,8 @@ and read the same everywhere: `sandbox sb-…: cannot hibernate while snapshotti
 
 from __future__ import annotations
 
-from snapkernel.backend.v1 import backend_pb2 as pb
 from snapkernel.errors import StateError
+from snapkernel.protocol.v1 import backend_pb2 as pb
 
 _ENDINGS = frozenset({pb.EXITED, pb.LOST, pb.FAILED})  # how a live sandbox can end without being deleted
 # A state may always be set again (a new message, a kernel restarted while running); these are the moves.

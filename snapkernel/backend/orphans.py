@@ -16,9 +16,9 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from snapkernel.backend.v1 import backend_pb2 as pb
 from snapkernel.backend.workers import is_worker
 from snapkernel.errors import SnapkernelError
+from snapkernel.protocol.v1 import backend_pb2 as pb
 
 if TYPE_CHECKING:
     from snapkernel.backend.sandboxes import LiveSandbox, SandboxManager

@@ -14,13 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from snapkernel.backend.v1 import backend_pb2 as pb
+from snapkernel.protocol.states import ENDED
+from snapkernel.protocol.v1 import backend_pb2 as pb
 
 log = logging.getLogger(__name__)
-
-ENDED = frozenset({pb.EXITED, pb.LOST, pb.FAILED, pb.DELETED})
-# Hibernating, hibernated or waking: kernel messages are held, and the sandbox may be stopped meanwhile.
-ASLEEP = frozenset({pb.HIBERNATING, pb.HIBERNATED, pb.WAKING})
 
 
 @dataclass

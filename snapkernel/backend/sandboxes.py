@@ -21,15 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from google.protobuf.json_format import MessageToDict
+
 from snapkernel.backend import lifecycle
 from snapkernel.backend.agent_link import AgentLink
 from snapkernel.backend.hibernation import Hibernator
 from snapkernel.backend.runtimes.base import EXIT_FILE, LINK_SOCKET, LOG_FILE, SandboxRuntime
 from snapkernel.backend.runtimes.gvisor import GvisorRuntime
-from snapkernel.backend.sandbox_db import ASLEEP, SandboxDB, SandboxRecord
+from snapkernel.backend.sandbox_db import SandboxDB, SandboxRecord
 from snapkernel.backend.scheduler import Scheduler
-from snapkernel.backend.spec import ParsedSpec, check_sandbox_id, check_snapshot_name, format_bytes, parse_spec
-from snapkernel.backend.v1 import backend_pb2 as pb
 from snapkernel.backend.workspace import WORKSPACE, Workspaces
 from snapkernel.errors import (
     InvalidSpecError,
@@ -41,6 +41,9 @@ from snapkernel.errors import (
     StateError,
     TimeoutError_,
 )
+from snapkernel.protocol.spec import ParsedSpec, check_sandbox_id, check_snapshot_name, format_bytes, parse_spec
+from snapkernel.protocol.states import ASLEEP, STATE_NAMES
+from snapkernel.protocol.v1 import backend_pb2 as pb
 from snapkernel.snapshots import cuda, memory, state
 from snapkernel.snapshots.store import Snapshot, SnapshotStore, is_disk_full
 
@@ -50,7 +53,6 @@ MAX_PENDING_FRAMES = 1000  # frames held for a sandbox whose agent is not connec
 MAX_UNATTACHED_OUTPUT = 20000  # kernel frames held for a sandbox while no client is attached
 MAX_UNATTACHED_BYTES = 256 * 1024 * 1024
 STATE_TIMEOUT = 600.0  # seconds a state snapshot's save or load may take in the kernel
-STATE_NAMES: dict[int, str] = {v: k.lower() for k, v in pb.SandboxState.items()}
 
 
 @dataclass
@@ -621,6 +623,18 @@ class SandboxManager:
         finally:
             await asyncio.to_thread(shutil.rmtree, host, True)
 
+    async def _take_memory(self, sb: LiveSandbox, runtime: GvisorRuntime, name: str) -> Snapshot:
+        """Checkpoint the running sandbox (it keeps running) into a new memory snapshot of the store."""
+        r = sb.record
+        meta = Snapshot(id="", kind="memory", name=name, sandbox_id=r.id, notebook_path=r.notebook_path,
+                        spec=MessageToDict(r.spec, preserving_proto_field_name=True), runtime=runtime.name,
+                        runtime_version=runtime.features.version)
+        async with self.snapshots.writing(meta, sb.spec.memory) as d:
+            await runtime.checkpoint(r, d / memory.IMAGE)
+            await asyncio.to_thread(shutil.copytree, Path(r.dir) / WORKSPACE, d / memory.WORKSPACE, symlinks=True)
+            runtime.save_bundle(r, d)
+        return meta
+
     async def snapshot(self, req: pb.CreateSnapshotRequest) -> Snapshot:
         check_snapshot_name(req.name)
         sb = self.get(req.sandbox_id)
@@ -648,7 +662,7 @@ class SandboxManager:
             else:
                 assert isinstance(runtime, GvisorRuntime)
                 self._progress(sb, "snapshot", "checkpointing the sandbox's memory", 0.2)
-                snap = await memory.take(self.snapshots, runtime, sb.record, req.name, sb.spec.memory)
+                snap = await self._take_memory(sb, runtime, req.name)
         finally:
             sb.snapshotting = False
         self._progress(sb, "snapshot", f"snapshot {snap.id} written ({format_bytes(snap.size)})", 1.0)

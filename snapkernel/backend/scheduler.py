@@ -14,10 +14,10 @@ import os
 from collections.abc import Callable
 from typing import TypeVar
 
-from snapkernel.backend.gpus import GpuInfo
-from snapkernel.backend.spec import GpuRequest, ParsedSpec, format_bytes
-from snapkernel.backend.v1 import backend_pb2 as pb
 from snapkernel.errors import NoCapacityError
+from snapkernel.host.gpus import GpuInfo
+from snapkernel.protocol.spec import GpuRequest, ParsedSpec, format_bytes
+from snapkernel.protocol.v1 import backend_pb2 as pb
 
 R = TypeVar("R")
 

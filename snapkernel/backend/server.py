@@ -19,7 +19,6 @@ from traitlets.config import Application
 from snapkernel import __version__
 from snapkernel.backend.auth import TokenInterceptor, ensure_token
 from snapkernel.backend.fanout import FanoutManager
-from snapkernel.backend.gpus import inventory
 from snapkernel.backend.orphans import OrphanReaper, remove_all
 from snapkernel.backend.runtimes.base import DEFAULT_PIDS_LIMIT, RuntimeInfo, SandboxRuntime
 from snapkernel.backend.runtimes.gvisor import GvisorRuntime, find_runsc
@@ -28,37 +27,13 @@ from snapkernel.backend.runtimes.rootfs import SandboxUser
 from snapkernel.backend.sandboxes import Defaults, SandboxManager
 from snapkernel.backend.scheduler import Scheduler
 from snapkernel.backend.service import BackendService
-from snapkernel.backend.spec import RUNTIMES, parse_disk, parse_memory
-from snapkernel.backend.v1 import backend_pb2_grpc as pb_grpc
 from snapkernel.errors import InvalidSpecError, SnapkernelError
+from snapkernel.host.gpus import inventory
+from snapkernel.protocol.connection import GRPC_OPTIONS, default_state_dir, grpc_target
+from snapkernel.protocol.spec import RUNTIMES, parse_disk, parse_memory
+from snapkernel.protocol.v1 import backend_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
-MAX_MESSAGE = 512 * 1024 * 1024
-GRPC_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE),
-                ("grpc.max_receive_message_length", MAX_MESSAGE)]
-
-
-def default_state_dir() -> Path:
-    env = os.environ.get("SNAPKERNEL_STATE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return Path(base) / "snapkernel"
-
-
-def grpc_target(address: str) -> str:
-    """Check an ADDR (`unix:///path.sock` or `HOST:PORT`) and return it as a gRPC target."""
-    if address.startswith("unix://"):
-        path = address[len("unix://"):]
-        if not path.startswith("/"):
-            raise InvalidSpecError(f"address {address!r} is not valid: unix sockets need an absolute "
-                                   "path, as in unix:///run/snapkernel.sock")
-        return address
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise InvalidSpecError(f"address {address!r} is not valid: use unix:///path.sock or HOST:PORT, "
-                               "e.g. 127.0.0.1:7531")
-    return address
 
 
 class BackendApp(Application):

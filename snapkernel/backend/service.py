@@ -15,14 +15,14 @@ from google.protobuf.json_format import ParseDict
 
 from snapkernel import __version__
 from snapkernel.backend.fanout import FanoutManager
-from snapkernel.backend.gpus import inventory
 from snapkernel.backend.runtimes.base import RuntimeInfo
 from snapkernel.backend.sandboxes import SandboxManager
-from snapkernel.backend.spec import check_sandbox_id
 from snapkernel.backend.usage import UsageSampler
-from snapkernel.backend.v1 import backend_pb2 as pb
-from snapkernel.backend.v1 import backend_pb2_grpc as pb_grpc
 from snapkernel.errors import InvalidSpecError, SnapkernelError, abort
+from snapkernel.host.gpus import inventory
+from snapkernel.protocol.spec import check_sandbox_id
+from snapkernel.protocol.v1 import backend_pb2 as pb
+from snapkernel.protocol.v1 import backend_pb2_grpc as pb_grpc
 from snapkernel.snapshots import memory
 from snapkernel.snapshots.store import Snapshot
 

@@ -24,7 +24,7 @@ import sys
 import time
 from typing import Any
 
-from snapkernel.agent.frames import SEQ, read_frame, read_from_backend
+from snapkernel.protocol.frames import SEQ, read_frame, read_from_backend
 
 
 def _apply_limits(limits: dict[str, Any]) -> None:

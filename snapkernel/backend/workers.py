@@ -16,10 +16,10 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from snapkernel.backend.sandbox_db import ENDED
 from snapkernel.backend.sandboxes import LiveSandbox, SandboxManager
-from snapkernel.backend.v1 import backend_pb2 as pb
 from snapkernel.errors import NoCapacityError, SnapkernelError
+from snapkernel.protocol.states import ENDED
+from snapkernel.protocol.v1 import backend_pb2 as pb
 
 if TYPE_CHECKING:
     from snapkernel.backend.fanout import Job

@@ -16,8 +16,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from snapkernel.backend.spec import format_bytes
 from snapkernel.errors import InvalidSpecError, SandboxFailedError
+from snapkernel.protocol.spec import format_bytes
 
 log = logging.getLogger(__name__)
 

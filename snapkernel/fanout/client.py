@@ -19,11 +19,11 @@ from typing import Any
 
 import cloudpickle
 
-from snapkernel.backend.v1 import backend_pb2 as pb
 from snapkernel.errors import FanoutError, InvalidSpecError, RemoteError, WorkerDiedError
 from snapkernel.fanout.capture import Payload, versions
 from snapkernel.fanout.progress import Progress
 from snapkernel.fanout.transport import Transport, connect
+from snapkernel.protocol.v1 import backend_pb2 as pb
 
 Call = tuple[Any, tuple[Any, ...], dict[str, Any]]  # (the item as the user gave it, args, kwargs)
 BATCH = 256                      # items per message
@@ -288,7 +288,7 @@ class MapCall:
     @staticmethod
     def _serve_as_clone(transport: Transport, fn: Callable[..., Any]) -> None:
         """This kernel is a --clone of the one that runs the cell: serve items until the backend stops it."""
-        from snapkernel.agent.worker import read_blob, run_one, spill
+        from snapkernel.protocol.fanout import read_blob, run_one, spill
 
         python, pickle_version = versions()
         transport.send(pb.MapRequest(clone_hello=pb.WorkerHello(python=python, cloudpickle=pickle_version,

@@ -17,10 +17,10 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from snapkernel.backend.spec import check_cpu, parse_gpu, parse_memory
 from snapkernel.errors import InvalidSpecError
 from snapkernel.fanout.capture import pack
 from snapkernel.fanout.client import Call, MapCall, Options, short_repr
+from snapkernel.protocol.spec import check_cpu, parse_gpu, parse_memory
 
 _background: list[ThreadPoolExecutor] = []  # made on the first spawn
 

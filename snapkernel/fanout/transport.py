@@ -15,9 +15,9 @@ import socket
 import threading
 from typing import Any, Protocol
 
-from snapkernel.agent.frames import HEADER, MAX_FRAME
-from snapkernel.backend.v1 import backend_pb2 as pb
 from snapkernel.errors import BackendUnavailableError, SnapkernelError, from_grpc
+from snapkernel.protocol.frames import HEADER, MAX_FRAME
+from snapkernel.protocol.v1 import backend_pb2 as pb
 
 _CLOSED = object()
 
@@ -90,10 +90,14 @@ class GrpcTransport(_Inbox):
     def __init__(self) -> None:
         import grpc
 
-        from snapkernel.backend.auth import call_metadata
-        from snapkernel.backend.client import default_address, default_token
-        from snapkernel.backend.server import GRPC_OPTIONS, grpc_target
-        from snapkernel.backend.v1 import backend_pb2_grpc as pb_grpc
+        from snapkernel.protocol.connection import (
+            GRPC_OPTIONS,
+            call_metadata,
+            default_address,
+            default_token,
+            grpc_target,
+        )
+        from snapkernel.protocol.v1 import backend_pb2_grpc as pb_grpc
 
         super().__init__()
         self.address = default_address()

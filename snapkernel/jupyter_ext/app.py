@@ -7,10 +7,11 @@ from typing import Any
 from jupyter_server.extension.application import ExtensionApp
 from traitlets import Dict, Float, Unicode
 
-from snapkernel.backend.client import BackendClient, default_address, default_token
+from snapkernel.client import BackendClient
 from snapkernel.jupyter_ext.handlers import StatusHandler
 from snapkernel.jupyter_ext.kernels import KernelHandler, KernelsHandler
 from snapkernel.jupyter_ext.snapshots import ResumeHandler, SnapshotHandler, SnapshotsHandler
+from snapkernel.protocol.connection import default_address, default_token
 
 _KERNEL_ID = r"(?P<kernel_id>[^/]+)"
 _SNAPSHOT_ID = r"(?P<snapshot_id>[^/]+)"

@@ -20,7 +20,7 @@ from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
 from jupyter_server.extension.handler import ExtensionHandlerMixin
 
-from snapkernel.backend.client import BackendClient
+from snapkernel.client import BackendClient
 from snapkernel.errors import InvalidSpecError, SnapkernelError
 from snapkernel.kernel_provisioner.kernelspec import installed
 

@@ -19,11 +19,11 @@ from jupyter_client.kernelspec import NoSuchKernel
 from jupyter_core.utils import ensure_async
 from jupyter_server.auth.decorator import authorized
 
-from snapkernel.backend.spec import spec_from_config
 from snapkernel.errors import InvalidSpecError, NotFoundError, SnapkernelError
 from snapkernel.jupyter_ext.handlers import SnapKernelHandler, message_dict
 from snapkernel.kernel_provisioner.kernelspec import CPU_KERNEL
 from snapkernel.kernel_provisioner.provisioner import LAUNCH_SPEC, SnapKernelProvisioner
+from snapkernel.protocol.spec import spec_from_config
 
 # The spec keys a client may choose at launch, with their JSON types.
 LAUNCH_KEYS: dict[str, type | tuple[type, ...]] = {

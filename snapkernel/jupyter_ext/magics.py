@@ -66,7 +66,7 @@ class SnapKernelMagics(Magics):  # type: ignore[misc]
         parser.add_argument("--name", default="")
         parser.add_argument("--kind", choices=["memory", "state"], default="memory")
         args = parser.parse_args(shlex.split(line))
-        from snapkernel.backend.spec import MAX_SNAPSHOT_NAME
+        from snapkernel.protocol.spec import MAX_SNAPSHOT_NAME
 
         if len(args.name) > MAX_SNAPSHOT_NAME:  # the backend refuses it too; say so before the cell runs on
             raise UsageError(f"%snapshot --name is {len(args.name)} characters long: names are at most "

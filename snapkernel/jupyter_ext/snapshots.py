@@ -9,14 +9,13 @@ import tornado.web
 from jupyter_client.jsonutil import json_default
 from jupyter_server.auth.decorator import authorized
 
-from snapkernel.backend.spec import check_sandbox_id
-from snapkernel.backend.v1 import backend_pb2 as pb
 from snapkernel.errors import InvalidSpecError, NotFoundError
 from snapkernel.jupyter_ext.handlers import SnapKernelHandler, message_dict
 from snapkernel.jupyter_ext.kernels import start_kernel
 from snapkernel.kernel_provisioner.kernelspec import CPU_KERNEL
 from snapkernel.kernel_provisioner.provisioner import SnapKernelProvisioner
-from snapkernel.snapshots.store import check_snapshot_id
+from snapkernel.protocol.spec import check_sandbox_id, check_snapshot_id
+from snapkernel.protocol.v1 import backend_pb2 as pb
 
 
 class SnapshotsHandler(SnapKernelHandler):

@@ -12,7 +12,8 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from snapkernel.backend.client import BackendClient, default_address, default_token
+from snapkernel.client import BackendClient
+from snapkernel.protocol.connection import default_address, default_token
 
 T = TypeVar("T")
 

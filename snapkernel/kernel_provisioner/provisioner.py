@@ -18,20 +18,18 @@ from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Any as AnyTrait
 from traitlets import Bool, Dict, Float, Unicode, default
 
-from snapkernel.backend.client import BackendClient
-from snapkernel.backend.sandbox_db import ENDED
-from snapkernel.backend.sandboxes import STATE_NAMES
-from snapkernel.backend.spec import CONFIG_KEYS, spec_from_config
-from snapkernel.backend.v1 import backend_pb2 as pb
+from snapkernel.client import BackendClient
 from snapkernel.errors import NotFoundError, SandboxFailedError, SnapkernelError, StateError, TimeoutError_
 from snapkernel.kernel_provisioner.io_thread import IOThread
 from snapkernel.kernel_provisioner.relay import KernelRelay
+from snapkernel.protocol.spec import CONFIG_KEYS, spec_from_config
+from snapkernel.protocol.states import ALIVE, ENDED, STATE_NAMES
+from snapkernel.protocol.v1 import backend_pb2 as pb
 
 T = TypeVar("T")
 # The start_kernel() keyword that carries a spec chosen at launch time (POST /snapkernel/api/kernels): its
 # keys override the kernelspec's config. jupyter_client keeps it for restarts like its other launch arguments.
 LAUNCH_SPEC = "snapkernel_spec"
-_ALIVE_WHILE = frozenset({pb.PENDING, pb.STARTING, pb.RUNNING, pb.STOPPING, pb.HIBERNATING, pb.HIBERNATED, pb.WAKING})
 
 
 class SnapKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
@@ -213,7 +211,7 @@ class SnapKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if self.relay is None or self.relay.sandbox is None:
             return None if self.sandbox_id else self._exit_code
         sandbox = self.relay.sandbox
-        if sandbox.state in _ALIVE_WHILE:
+        if sandbox.state in ALIVE:
             return None
         return sandbox.exit_code if sandbox.exit_code else (0 if sandbox.state == pb.KERNEL_EXITED else 1)
 

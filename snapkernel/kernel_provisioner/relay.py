@@ -20,10 +20,10 @@ import grpc
 import zmq
 import zmq.asyncio
 
-from snapkernel.backend.client import BackendClient
-from snapkernel.backend.sandbox_db import ENDED
-from snapkernel.backend.v1 import backend_pb2 as pb
+from snapkernel.client import BackendClient
 from snapkernel.errors import NotFoundError, SnapkernelError, UnauthenticatedError, from_grpc
+from snapkernel.protocol.states import ENDED
+from snapkernel.protocol.v1 import backend_pb2 as pb
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from snapkernel.backend.usage import gpu_usage, sample_tree
 from snapkernel.errors import NoCapacityError, RuntimeUnavailableError, SandboxFailedError
+from snapkernel.host.gpus import gpu_usage
+from snapkernel.host.processes import sample_tree
 
 log = logging.getLogger(__name__)
 

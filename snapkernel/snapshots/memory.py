@@ -1,6 +1,8 @@
 """Memory snapshots: the exact image of a gvisor sandbox (`runsc checkpoint`), taken live, plus its
 workspace files and OCI spec, so `runsc restore` can resume it in a new sandbox with every variable.
 
+The layout of one in the store; the backend takes it (`SandboxManager._take_memory`: it drives the runtime).
+
 GPU memory (the CUDA checkpoint step before `runsc checkpoint`) is the hibernation issue's work.
 """
 
@@ -11,27 +13,8 @@ import json
 import shutil
 from pathlib import Path
 
-from google.protobuf.json_format import MessageToDict
-
-from snapkernel.backend.runtimes.gvisor import GvisorRuntime
-from snapkernel.backend.sandbox_db import SandboxRecord
-from snapkernel.snapshots.store import Snapshot, SnapshotStore
-
-IMAGE = "image"
-WORKSPACE = "workspace"
-
-
-async def take(store: SnapshotStore, runtime: GvisorRuntime, record: SandboxRecord, name: str,
-               expected_size: int) -> Snapshot:
-    """Checkpoint the running sandbox (it keeps running) into a new snapshot of the store."""
-    meta = Snapshot(id="", kind="memory", name=name, sandbox_id=record.id, notebook_path=record.notebook_path,
-                    spec=MessageToDict(record.spec, preserving_proto_field_name=True), runtime=runtime.name,
-                    runtime_version=runtime.features.version)
-    async with store.writing(meta, expected_size) as d:
-        await runtime.checkpoint(record, d / IMAGE)
-        await asyncio.to_thread(shutil.copytree, Path(record.dir) / WORKSPACE, d / WORKSPACE, symlinks=True)
-        runtime.save_bundle(record, d)
-    return meta
+IMAGE = "image"  # runsc checkpoint's files
+WORKSPACE = "workspace"  # the sandbox's workspace files as they were
 
 
 def kernel_key(snapshot_dir: Path) -> bytes:

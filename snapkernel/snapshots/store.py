@@ -20,7 +20,6 @@ import errno
 import hashlib
 import json
 import os
-import re
 import secrets
 import shutil
 import sqlite3
@@ -30,11 +29,10 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from snapkernel.backend.spec import format_bytes
 from snapkernel.errors import InvalidSpecError, NoCapacityError, NotFoundError, SnapshotCorruptError, StateError
+from snapkernel.protocol.spec import check_snapshot_id, format_bytes
 
 KINDS = ("memory", "state")
-_ID_RE = re.compile(r"^snap-[0-9a-f]{12}$")
 _PARTIAL = ".partial-"
 MANIFEST = "manifest.json"  # the snapshot's own copy of its catalog record, in its directory
 FORMAT = 1  # 0: written before snapshots kept a manifest (none to compare with)
@@ -78,13 +76,6 @@ class Snapshot:
     @property
     def size(self) -> int:
         return sum(f.size for f in self.files)
-
-
-def check_snapshot_id(value: str) -> str:
-    if not _ID_RE.match(value or ""):
-        raise InvalidSpecError(f"snapshot id {value!r} is not valid: ids look like 'snap-' and 12 hex digits "
-                               "(see `snapkernel snapshots list`)")
-    return value
 
 
 def _sha256(path: Path) -> str:

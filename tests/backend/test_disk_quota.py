@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from snapkernel.backend.client import BackendClient
+from snapkernel.client import BackendClient
 from tests.conftest import Backend
 from tests.kernel_provisioner.kernel_helpers import run, running_kernel, value, write_kernelspec
 

@@ -11,10 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from snapkernel.backend.auth import call_metadata
-from snapkernel.backend.client import BackendClient
-from snapkernel.backend.v1 import backend_pb2 as pb
-from snapkernel.backend.v1 import backend_pb2_grpc as pb_grpc
+from snapkernel.client import BackendClient
 from snapkernel.errors import (
     REASON_KEY,
     InvalidSpecError,
@@ -23,6 +20,9 @@ from snapkernel.errors import (
     SnapkernelError,
     UnauthenticatedError,
 )
+from snapkernel.protocol.connection import call_metadata
+from snapkernel.protocol.v1 import backend_pb2 as pb
+from snapkernel.protocol.v1 import backend_pb2_grpc as pb_grpc
 from tests.conftest import Backend, _cleanup_sandboxes
 from tests.test_cli import cli
 

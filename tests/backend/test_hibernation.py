@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from snapkernel.backend.v1 import backend_pb2 as pb
 from snapkernel.errors import StateError
+from snapkernel.protocol.v1 import backend_pb2 as pb
 from tests.conftest import Backend
 from tests.kernel_provisioner.kernel_helpers import reply_to, run, running_kernel, value, write_kernelspec
 from tests.snapshots.test_memory import backend_call
@@ -138,10 +138,10 @@ def test_a_hibernated_kernel_survives_a_backend_restart(own_backend: Backend) ->
 
 
 def test_scheduler_hands_released_gpus_to_the_line_in_order() -> None:
-    from snapkernel.backend.gpus import GpuInfo
     from snapkernel.backend.scheduler import Scheduler
-    from snapkernel.backend.spec import parse_gpu
     from snapkernel.errors import NoCapacityError
+    from snapkernel.host.gpus import GpuInfo
+    from snapkernel.protocol.spec import parse_gpu
 
     sched = Scheduler([GpuInfo(0, "GPU-0", "NVIDIA H100 80GB HBM3", 80 << 30)], 1.0, 1.0)
     sched.claim("sb-holder", 0, 0, [0])
@@ -175,7 +175,7 @@ def test_scheduler_hands_released_gpus_to_the_line_in_order() -> None:
 @pytest.mark.parametrize("backend", ["process"], indirect=True)
 def test_a_gpu_kernel_suspends_gives_its_gpu_back_and_wakes_bit_identical(backend: Backend,
                                                                           kernelspec_dir: Path) -> None:
-    from snapkernel.backend.usage import sample_tree
+    from snapkernel.host.processes import sample_tree
     from snapkernel.snapshots import cuda
 
     name = write_kernelspec(kernelspec_dir, "snapkernel-test-gpu-hibernate", {"gpu": "any:1", "runtime": "process"})

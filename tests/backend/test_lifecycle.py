@@ -8,8 +8,8 @@ import itertools
 import pytest
 
 from snapkernel.backend import lifecycle
-from snapkernel.backend.v1 import backend_pb2 as pb
 from snapkernel.errors import StateError
+from snapkernel.protocol.v1 import backend_pb2 as pb
 
 STATES = [s for s in pb.SandboxState.values() if s != pb.SANDBOX_STATE_UNSPECIFIED]
 

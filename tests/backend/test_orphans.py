@@ -13,9 +13,9 @@ import pytest
 from snapkernel.backend.orphans import OrphanReaper, check_interval
 from snapkernel.backend.sandbox_db import SandboxRecord
 from snapkernel.backend.sandboxes import LiveSandbox
-from snapkernel.backend.spec import parse_spec
-from snapkernel.backend.v1 import backend_pb2 as pb
 from snapkernel.backend.workers import MODE_ENV
+from snapkernel.protocol.spec import parse_spec
+from snapkernel.protocol.v1 import backend_pb2 as pb
 from tests.backend.test_hibernation import get, sandbox_of, wait_state
 from tests.conftest import RUNTIMES, Backend, backend_of_its_own
 from tests.kernel_provisioner.kernel_helpers import running_kernel, value

@@ -13,11 +13,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from snapkernel.backend.auth import call_metadata
-from snapkernel.backend.client import BackendClient
-from snapkernel.backend.v1 import backend_pb2 as pb
-from snapkernel.backend.v1 import backend_pb2_grpc as pb_grpc
+from snapkernel.client import BackendClient
 from snapkernel.errors import InvalidSpecError, NoCapacityError, NotFoundError, UnauthenticatedError
+from snapkernel.protocol.connection import call_metadata
+from snapkernel.protocol.v1 import backend_pb2 as pb
+from snapkernel.protocol.v1 import backend_pb2_grpc as pb_grpc
 from tests.conftest import Backend, _cleanup_sandboxes
 from tests.kernel_provisioner.kernel_helpers import run, running_kernel, value
 
@@ -148,7 +148,7 @@ async def test_the_state_dir_cannot_be_mounted(backend: Backend) -> None:
 
 
 def test_cpu_0_in_a_kernelspec_config_is_refused_before_anything_starts() -> None:
-    from snapkernel.backend.spec import spec_from_config
+    from snapkernel.protocol.spec import spec_from_config
 
     with pytest.raises(InvalidSpecError, match="cpu 0 is not valid: use a number of cores above 0 and at most 1024"):
         spec_from_config({"cpu": 0})

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from snapkernel.backend.client import BackendClient
-from snapkernel.backend.usage import gpu_usage, sample_tree
+from snapkernel.client import BackendClient
 from snapkernel.errors import InvalidSpecError, NotFoundError
+from snapkernel.host.gpus import gpu_usage
+from snapkernel.host.processes import sample_tree
 from tests.conftest import Backend
 from tests.kernel_provisioner.kernel_helpers import run, running_kernel, value, write_kernelspec
 
@@ -59,7 +60,7 @@ async def test_sandbox_usage_reports_its_cpu_and_memory(backend: Backend) -> Non
 
 @pytest.mark.gpu
 async def test_gpu_sandbox_usage_reports_its_gpu(backend: Backend, kernelspec_dir: Path) -> None:
-    from snapkernel.backend.gpus import inventory
+    from snapkernel.host.gpus import inventory
 
     gpu = inventory()[0][0]
     with running_kernel(write_kernelspec(kernelspec_dir, "snapkernel-test-usage-gpu", {"gpu": gpu.model})) as (_, kc):

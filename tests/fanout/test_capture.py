@@ -9,10 +9,11 @@ import warnings
 import cloudpickle
 import pytest
 
-from snapkernel.agent.worker import load_function, run_one
+from snapkernel.agent.worker import load_function
 from snapkernel.errors import InvalidSpecError
 from snapkernel.fanout.capture import CaptureWarning, cell_function, pack
 from snapkernel.jupyter_ext.magics import _flag_words
+from snapkernel.protocol.fanout import run_one
 
 
 def call(payload_data: bytes, *args: object) -> object:

@@ -19,8 +19,8 @@ import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager
 
-from snapkernel.backend.v1 import backend_pb2 as pb
 from snapkernel.backend.workers import is_worker
+from snapkernel.protocol.v1 import backend_pb2 as pb
 from tests.conftest import Backend, sandbox_processes
 from tests.kernel_provisioner.kernel_helpers import reply_to, run, running_kernel, value
 from tests.snapshots.test_memory import backend_call
@@ -245,8 +245,8 @@ def test_a_kernel_restart_leaves_no_workers(backend: Backend) -> None:
 
 @pytest.mark.gpu
 def test_gpu_workers_get_distinct_gpus(backend: Backend) -> None:
-    from snapkernel.backend.gpus import inventory
     from snapkernel.fanout import remote
+    from snapkernel.host.gpus import inventory
 
     if len(inventory()[0]) < 2:
         pytest.skip("needs 2 GPUs")

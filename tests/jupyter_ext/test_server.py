@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from tornado.httpclient import HTTPClientError
 
-from snapkernel.backend.client import BackendClient
+from snapkernel.client import BackendClient
 from tests.conftest import Backend
 from tests.jupyter_ext.helpers import execute
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from snapkernel.backend.gpus import inventory
+from snapkernel.host.gpus import inventory
 from tests.conftest import Backend
 from tests.kernel_provisioner.kernel_helpers import run, running_kernel, value, write_kernelspec
 

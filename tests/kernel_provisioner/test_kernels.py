@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from snapkernel.backend.client import BackendClient
+from snapkernel.client import BackendClient
 from tests.conftest import Backend, sandbox_processes
 from tests.kernel_provisioner.kernel_helpers import reply_to, run, running_kernel, value, write_kernelspec
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from snapkernel.backend.v1 import backend_pb2 as pb
 from snapkernel.errors import SnapshotCorruptError
+from snapkernel.protocol.v1 import backend_pb2 as pb
 from tests.conftest import Backend
 from tests.kernel_provisioner.kernel_helpers import run, running_kernel, value, write_kernelspec
 from tests.snapshots.test_memory import backend_call

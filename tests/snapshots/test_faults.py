@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from snapkernel.backend.client import BackendClient
+from snapkernel.client import BackendClient
 from tests.conftest import Backend
 from tests.kernel_provisioner.kernel_helpers import reply_to, run, running_kernel, value
 from tests.snapshots.test_memory import backend_call

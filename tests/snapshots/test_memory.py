@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from snapkernel.backend.client import BackendClient
-from snapkernel.backend.v1 import backend_pb2 as pb
+from snapkernel.client import BackendClient
 from snapkernel.errors import SnapshotCorruptError, StateError
+from snapkernel.protocol.v1 import backend_pb2 as pb
 from tests.conftest import Backend
 from tests.kernel_provisioner.kernel_helpers import run, running_kernel, value, write_kernelspec
 

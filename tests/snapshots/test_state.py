@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from snapkernel.backend.v1 import backend_pb2 as pb
+from snapkernel.protocol.v1 import backend_pb2 as pb
 from tests.conftest import Backend
 from tests.kernel_provisioner.kernel_helpers import run, running_kernel, value, write_kernelspec
 from tests.snapshots.test_memory import backend_call
@@ -106,7 +106,7 @@ def test_snapshot_magic_snapshots_when_the_cell_ends(backend: Backend, kind: str
 @pytest.mark.gpu
 def test_state_snapshot_puts_gpu_tensors_back_on_a_gpu_or_the_cpu(backend: Backend, kernelspec_dir: Path) -> None:
     """A CUDA tensor comes back on the GPU where there is one, and on the CPU where there is none."""
-    from snapkernel.backend.gpus import inventory
+    from snapkernel.host.gpus import inventory
 
     model = inventory()[0][0].model
     gpu_kernel = write_kernelspec(kernelspec_dir, f"snapkernel-test-state-gpu-{backend.runtime}", {"gpu": model})

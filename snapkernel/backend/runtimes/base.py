@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from snapkernel.backend.sandbox_db import SandboxRecord
-from snapkernel.backend.spec import ParsedSpec
 from snapkernel.errors import StateError
+from snapkernel.protocol.spec import ParsedSpec
 
 LINK_SOCKET = "link.sock"
 EXIT_FILE = "exit.json"

@@ -29,8 +29,8 @@ from snapkernel.backend.runtimes import rootfs
 from snapkernel.backend.runtimes.base import DEFAULT_PIDS_LIMIT, Launch, RuntimeInfo, SandboxRuntime
 from snapkernel.backend.runtimes.rootfs import SandboxUser, bind
 from snapkernel.backend.sandbox_db import SandboxRecord
-from snapkernel.backend.spec import ParsedSpec
 from snapkernel.errors import RuntimeUnavailableError, SandboxFailedError, StateError
+from snapkernel.protocol.spec import ParsedSpec
 
 log = logging.getLogger(__name__)
 

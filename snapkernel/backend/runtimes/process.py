@@ -18,7 +18,7 @@ from typing import Any
 
 from snapkernel.backend.runtimes.base import DEFAULT_PIDS_LIMIT, Launch, RuntimeInfo, SandboxRuntime
 from snapkernel.backend.sandbox_db import SandboxRecord
-from snapkernel.backend.spec import ParsedSpec
+from snapkernel.protocol.spec import ParsedSpec
 
 log = logging.getLogger(__name__)
 

@@ -90,7 +90,7 @@ def test_fork_bomb_stops_in_its_cell_and_a_restart_clears_it(kc: BlockingKernelC
                                                               kernelspec_dir: Path) -> None:
     """The Sentry enforces the sandbox's pids limit: `fork` fails in the cell, the kernel answers, the user
     cannot lift the limit, and a restart kills what the old kernel left."""
-    from snapkernel.backend.client import BackendClient
+    from snapkernel.client import BackendClient
 
     def tasks(c: BlockingKernelClient) -> int:
         return int(value(c, "int(open('/sys/fs/cgroup/pids/pids.current').read())"))

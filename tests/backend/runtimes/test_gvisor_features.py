@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from snapkernel.backend.runtimes.gvisor import GvisorRuntime, RunscFeatures, detect
-from snapkernel.backend.spec import GpuRequest, ParsedSpec
 from snapkernel.errors import RuntimeUnavailableError
+from snapkernel.protocol.spec import GpuRequest, ParsedSpec
 
 
 def gpu_spec() -> ParsedSpec:

@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 import struct
 
-from snapkernel.backend.v1 import backend_pb2 as pb
 from snapkernel.errors import InvalidSpecError
+from snapkernel.protocol.v1 import backend_pb2 as pb
 
 HEADER = struct.Struct(">I")
 MAX_FRAME = 512 * 1024 * 1024  # a kernel message larger than this is refused, not buffered

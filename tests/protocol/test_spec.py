@@ -1,7 +1,7 @@
 import pytest
 
-from snapkernel.backend.spec import GpuRequest, parse_gpu, parse_memory, spec_from_config
 from snapkernel.errors import InvalidSpecError
+from snapkernel.protocol.spec import GpuRequest, parse_gpu, parse_memory, spec_from_config
 
 
 @pytest.mark.parametrize(("text", "expected"), [

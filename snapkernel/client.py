@@ -13,28 +13,10 @@ from typing import Any
 
 import grpc
 
-from snapkernel.backend.auth import call_metadata, read_token
-from snapkernel.backend.server import GRPC_OPTIONS, default_state_dir, grpc_target
-from snapkernel.backend.v1 import backend_pb2 as pb
-from snapkernel.backend.v1 import backend_pb2_grpc as pb_grpc
-from snapkernel.errors import UnauthenticatedError, from_grpc
-
-
-def default_address() -> str:
-    return os.environ.get("SNAPKERNEL_BACKEND") or f"unix://{default_state_dir().absolute() / 'backend.sock'}"
-
-
-def default_token(address: str) -> str:
-    token = os.environ.get("SNAPKERNEL_TOKEN")
-    if token:
-        return token
-    path = default_state_dir() / "token"
-    try:
-        return read_token(path)
-    except OSError as e:
-        raise UnauthenticatedError(
-            f"no token for the backend at {address}: set SNAPKERNEL_TOKEN or make {path} readable ({e})"
-        ) from e
+from snapkernel.errors import from_grpc
+from snapkernel.protocol.connection import GRPC_OPTIONS, call_metadata, default_address, default_token, grpc_target
+from snapkernel.protocol.v1 import backend_pb2 as pb
+from snapkernel.protocol.v1 import backend_pb2_grpc as pb_grpc
 
 
 class BackendClient:

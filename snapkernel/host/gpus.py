@@ -1,12 +1,15 @@
-"""The host's NVIDIA GPUs, read through NVML (nvidia-ml-py)."""
+"""The host's NVIDIA GPUs and what processes use of them, read through NVML (nvidia-ml-py)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+
+from snapkernel.protocol.v1 import backend_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -76,3 +79,50 @@ def inventory() -> tuple[list[GpuInfo], str, str]:
     finally:
         with contextlib.suppress(Exception):
             nvml.nvmlShutdown()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def gpu_usage(indices: Iterable[int], pids: Iterable[int]) -> tuple[list[pb.GpuUsage], str]:
+    """NVML figures for the GPUs at `indices`, with the memory of processes in `pids` on each.
+
+    Returns (usages, why some are missing); never raises.
+    """
+    indices = list(indices)
+    if not indices:
+        return [], ""
+    try:
+        import pynvml as nvml
+
+        nvml.nvmlInit()
+    except Exception as e:
+        return [], f"no GPU figures: NVML is not available ({e})"
+    own = set(pids)
+    usages, problems = [], []
+    try:
+        for index in indices:
+            try:
+                h = nvml.nvmlDeviceGetHandleByIndex(index)
+                mem = nvml.nvmlDeviceGetMemoryInfo(h)
+                usage = pb.GpuUsage(index=index, model=short_model(_text(nvml.nvmlDeviceGetName(h))),
+                                    memory_used=int(mem.used), memory_total=int(mem.total))
+            except Exception as e:
+                problems.append(f"GPU {index}: {e}")
+                continue
+            with contextlib.suppress(Exception):
+                usage.utilization = int(nvml.nvmlDeviceGetUtilizationRates(h).gpu)
+            try:
+                procs = nvml.nvmlDeviceGetComputeRunningProcesses(h)
+                # usedGpuMemory is None where the driver hides it (some containers, MIG, WDDM).
+                known = [p for p in procs if p.pid in own and p.usedGpuMemory is not None]
+                usage.sandbox_memory_used = sum(int(p.usedGpuMemory) for p in known)
+                usage.sandbox_memory_known = bool(known) or not any(p.pid in own for p in procs)
+            except Exception as e:
+                problems.append(f"GPU {index} processes: {e}")
+            usages.append(usage)
+    finally:
+        with contextlib.suppress(Exception):
+            nvml.nvmlShutdown()
+    return usages, "; ".join(problems)

@@ -1,8 +1,8 @@
 import pytest
 
-from snapkernel.agent.frames import HEADER, MAX_FRAME, FrameBuffer, decode, encode
-from snapkernel.backend.v1 import backend_pb2 as pb
 from snapkernel.errors import InvalidSpecError
+from snapkernel.protocol.frames import HEADER, MAX_FRAME, FrameBuffer, decode, encode
+from snapkernel.protocol.v1 import backend_pb2 as pb
 
 
 def test_frames_split_and_joined_across_reads() -> None:

@@ -373,7 +373,7 @@ Global___DeleteSnapshotResponse: _TypeAlias = DeleteSnapshotResponse  # noqa: Y0
 
 @_typing.final
 class SandboxSpec(_message.Message):
-    """What a sandbox asks for. Strings are parsed and checked by the backend; see snapkernel/backend/spec.py."""
+    """What a sandbox asks for. Strings are parsed and checked by the backend; see snapkernel/protocol/spec.py."""
 
     DESCRIPTOR: _descriptor.Descriptor
 

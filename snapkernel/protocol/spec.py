@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from snapkernel.backend.v1 import backend_pb2 as pb
 from snapkernel.errors import InvalidSpecError
+from snapkernel.protocol.v1 import backend_pb2 as pb
 
 RUNTIMES = ("process", "gvisor")
 _GPU_RE = re.compile(r"^(?P<model>[A-Za-z][A-Za-z0-9_-]*)(?::(?P<count>\d+))?$")
@@ -26,6 +26,7 @@ _UNITS = {
     "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "Ti": 1024**4, "Pi": 1024**5, "Ei": 1024**6,
 }
 _SANDBOX_ID_RE = re.compile(r"^sb-[0-9a-f]{12}$")
+_SNAPSHOT_ID_RE = re.compile(r"^snap-[0-9a-f]{12}$")
 _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MIN_MEMORY = 64 * 1024**2
 MIN_DISK = 16 * 1024**2
@@ -133,6 +134,13 @@ def check_sandbox_id(value: str) -> str:
             f"sandbox id {value!r} is not valid: ids look like 'sb-' and 12 hex digits "
             "(see `snapkernel sandboxes list`)"
         )
+    return value
+
+
+def check_snapshot_id(value: str) -> str:
+    if not _SNAPSHOT_ID_RE.match(value or ""):
+        raise InvalidSpecError(f"snapshot id {value!r} is not valid: ids look like 'snap-' and 12 hex digits "
+                               "(see `snapkernel snapshots list`)")
     return value
 
 
