@@ -46,7 +46,7 @@ class Dispatcher(Generic[W]):
         self.item_seconds = 0.0
         self.input_ended = False
         self.cancelled = False
-        self._slots: dict[W, _Slot] = {}     # ready workers, in the order they became ready
+        self._slots: dict[W, _Slot] = {}     # workers that were ready, until lost or timed out
 
     # --- input ----------------------------------------------------------------------------------
     def add(self, items: Iterable[pb.MapItem]) -> None:
@@ -57,7 +57,7 @@ class Dispatcher(Generic[W]):
 
     # --- workers --------------------------------------------------------------------------------
     def worker_ready(self, w: W) -> None:
-        """`w` takes items from the next `pump` on."""
+        """`w` takes items from the next plain `pump()` on."""
         self._slots.setdefault(w, _Slot())
 
     def inflight(self, w: W) -> list[int]:
@@ -74,15 +74,18 @@ class Dispatcher(Generic[W]):
             return max(1, min(MAX_BATCH, int(BATCH_SECONDS / self.item_seconds)))
         return FIRST_BATCH
 
-    def pump(self) -> list[tuple[W, list[pb.MapItem]]]:
-        """Queued items for ready workers, up to each one's window: the batches to send, in order. The items
-        count as sent (in flight, one more attempt) from here on."""
-        if self.cancelled or not self._slots:
+    def pump(self, ready: Iterable[W] | None = None) -> list[tuple[W, list[pb.MapItem]]]:
+        """Queued items for the workers that can take them now (`ready`, in order; by default every worker made
+        ready), up to each one's window: the batches to send, in order. The items count as sent (in flight,
+        one more attempt) from here on."""
+        workers = list(self._slots) if ready is None else list(ready)
+        if self.cancelled or not workers:
             return []
         batch = self.batch_size()
         window = 2 * batch  # the next batch waits on the worker while it runs this one
         sends: list[tuple[W, list[pb.MapItem]]] = []
-        for w, slot in self._slots.items():
+        for w in workers:
+            slot = self._slots.setdefault(w, _Slot())
             while self.queue and len(slot.inflight) < window:
                 if self.suspects and any(i in self.suspects for i in slot.inflight):
                     break  # a suspect runs alone
@@ -91,7 +94,7 @@ class Dispatcher(Generic[W]):
                         break
                     sends.append((w, self._assign(slot, [self.queue.popleft()])))
                     break
-                fair = -(-len(self.queue) // len(self._slots))  # the last items are spread over all workers
+                fair = -(-len(self.queue) // len(workers))  # the last items are spread over all workers
                 n = min(batch, window - len(slot.inflight), fair)
                 items: list[pb.MapItem] = []
                 while self.queue and len(items) < n and self.queue[0].index not in self.suspects:

@@ -228,15 +228,16 @@ class Job:
                       "calls cannot be shipped between different versions; use an image with the same versions")
             return
         self._status(f"worker {w.sandbox_id} ready")
-        if w in self.workers:  # not one still being leased (it joins once the lease is done)
-            self.dispatch.worker_ready(w)
         self.pump()
 
     def pump(self) -> None:
         """Hand queued items to ready workers, up to each one's window."""
         if self.cancelled or self.start is None:
             return
-        for w, items in self.dispatch.pump():
+        # Every ready worker of the job at once (not one still being leased), so that the first batches are
+        # spread over all of them.
+        ready = [w for w in self.workers if w.ready and w.job is self and not w.cancelling]
+        for w, items in self.dispatch.pump(ready):
             self._send_tasks(w, items)
 
     def _send_tasks(self, w: Worker, items: list[pb.MapItem]) -> None:

@@ -81,6 +81,16 @@ def test_batches_fill_a_window_of_two_then_follow_the_measured_time_per_item() -
     assert d.batch_size() == MAX_BATCH
 
 
+def test_the_last_items_go_one_a_batch_when_several_workers_are_ready() -> None:
+    # A fast item is not held behind a slow one in one batch (its result would wait for the batch's end).
+    d: Dispatcher[str] = Dispatcher(clock=Clock())
+    d.add(items(2))
+    assert [(w, indexes(b)) for w, b in d.pump(["a", "b"])] == [("a", [0]), ("a", [1])]
+    d.add(items(2, start=2))
+    assert [(w, indexes(b)) for w, b in d.pump(["b"])] == [("b", [2, 3])]  # alone: one batch
+    assert d.inflight("a") == [0, 1]  # a, not ready now (going away), keeps what it holds
+
+
 def test_a_failed_item_is_retried_while_it_has_retries_then_settles_as_failed() -> None:
     d: Dispatcher[str] = Dispatcher(retries=1, clock=Clock())
     d.add(items(2))
