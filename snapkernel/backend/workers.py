@@ -3,6 +3,9 @@ worker mode, kept warm in a pool per (owner, spec) between jobs, and reaped afte
 
 GPU workers get distinct GPUs because every worker is a sandbox of its own and the scheduler gives GPUs out
 exclusively. A pool owned by a kernel's sandbox goes away with that kernel (restart, exit, deletion).
+
+A leased worker serves one job at a time: a `Lessee`, told of the worker's hello, results and death. The pool
+knows jobs by that interface only (fan-out builds on the pool, never the other way round).
 """
 
 from __future__ import annotations
@@ -14,15 +17,12 @@ import signal
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from snapkernel.backend.sandboxes import LiveSandbox, SandboxManager
 from snapkernel.errors import NoCapacityError, SnapkernelError
 from snapkernel.protocol.states import ENDED
 from snapkernel.protocol.v1 import backend_pb2 as pb
-
-if TYPE_CHECKING:
-    from snapkernel.backend.fanout import Job
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +49,49 @@ def is_worker(spec: pb.SandboxSpec) -> bool:
     return spec.env.get(MODE_ENV) in ("worker", "clone")
 
 
-@dataclass
+class Lessee(Protocol):
+    """What holds a leased worker (a fan-out job): it hears of the worker's events from the pool."""
+    id: int
+
+    def on_worker_ready(self, w: Worker) -> None: ...
+    def on_results(self, w: Worker, msg: pb.WorkerResults) -> None: ...
+    def on_worker_gone(self, w: Worker) -> None: ...
+
+
+def worker_spec(asked: pb.SandboxSpec, owner: LiveSandbox | None) -> pb.SandboxSpec:
+    """A plain worker's spec: the resources as asked; everything else as the kernel's. A kernel holds no token,
+    so its code gets no say in the image, runtime, mounts or network; a gRPC caller (with the token) does."""
+    spec = pb.SandboxSpec(gpu=asked.gpu, cpu=asked.cpu if asked.HasField("cpu") else 1.0, memory=asked.memory)
+    base = owner.record.spec if owner is not None else asked
+    spec.runtime = owner.record.runtime if owner is not None else asked.runtime
+    spec.image = base.image
+    spec.mount_dir = base.mount_dir
+    spec.env.update(base.env)
+    spec.env[MODE_ENV] = "worker"
+    spec.hibernate_after = 0  # idle workers are stopped by their pool, never hibernated
+    return spec
+
+
+def clone_spec(owner: LiveSandbox, snapshot_id: str) -> pb.SandboxSpec:
+    """A --clone worker's spec: its kernel's, restored from the kernel's memory snapshot."""
+    spec = pb.SandboxSpec()
+    spec.CopyFrom(owner.record.spec)
+    spec.restore_from = snapshot_id
+    spec.hibernate_after = 0
+    spec.env[MODE_ENV] = "clone"  # listed as a worker; never leased to another job
+    return spec
+
+
+@dataclass(eq=False)  # compared (and hashed) as itself: a job's dispatcher keys its bookkeeping by worker
 class Worker:
     sandbox_id: str
     pool_key: tuple[str, bytes]
     hello: pb.WorkerHello | None = None
     gone: str = ""                                # why it can serve no more ("" while alive)
     functions: list[str] = field(default_factory=list)  # hashes it holds, as it keeps them (MAX_FUNCTIONS)
-    job: Job | None = None
-    inflight: dict[int, pb.MapItem] = field(default_factory=dict)
-    cancelling: bool = False
+    job: Lessee | None = None
+    cancelling: bool = False                      # told to stop its job's items; not leased until it answers
     idle_since: float = field(default_factory=time.monotonic)
-    mark: float = 0.0                             # when it last became busy or returned results
     clone_stream: int = 0  # a --clone worker: its kernel's relay stream, on which it serves (0: a worker sandbox)
     exit_code: int | None = None  # its sandbox's exit status, once it exited (negative: killed by that signal)
 
@@ -102,7 +133,7 @@ class WorkerPools:
 
     # --- leasing --------------------------------------------------------------------------------
     async def lease(self, owner: LiveSandbox | None, spec: pb.SandboxSpec, count: int,
-                    job: Job, clone_stream: int = 0) -> tuple[list[Worker], str]:
+                    job: Lessee, clone_stream: int = 0) -> tuple[list[Worker], str]:
         """`count` workers for `job`: idle ones of the pool first, new sandboxes for the rest. Where the host
         has room for fewer, those few (and why not more); none at all is an error."""
         owner_id = owner.record.id if owner is not None else CLIENT_OWNER
@@ -137,15 +168,18 @@ class WorkerPools:
     def release(self, w: Worker) -> None:
         """Back to the pool, warm, once its job has ended."""
         w.job = None
-        w.inflight.clear()
         w.idle_since = time.monotonic()
 
-    async def kill(self, w: Worker, why: str) -> None:
-        """Stop a worker for good (it did not stop when cancelled, or its pool went away)."""
+    def retire(self, w: Worker, why: str) -> None:
+        """Out of the pool now, never to be leased or heard again; `kill` stops its sandbox."""
         if not w.gone:
             w.gone = why
             log.info("sandbox_id=%s stopping fan-out worker: %s", w.sandbox_id, why)
         self.workers.pop(w.sandbox_id, None)
+
+    async def kill(self, w: Worker, why: str) -> None:
+        """Stop a worker for good (it did not stop when cancelled, or its pool went away)."""
+        self.retire(w, why)
         with contextlib.suppress(SnapkernelError):
             await self.manager.delete(w.sandbox_id)
 
