@@ -1,4 +1,4 @@
-"""Accounting of the host's CPU, memory and GPUs among sandboxes.
+"""Accounting of a host's CPU, memory and GPUs among sandboxes (the host's totals are given, not read here).
 
 GPUs are exclusive: a sandbox gets whole GPUs that no other sandbox holds. CPU and memory are limits per
 sandbox. The cores given out in total may exceed the host's by `cpu_overcommit` (default 4: notebooks idle
@@ -10,24 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections.abc import Callable
 from typing import TypeVar
 
 from snapkernel.errors import NoCapacityError
 from snapkernel.host.gpus import GpuInfo
+from snapkernel.host.resources import HostResources
 from snapkernel.protocol.spec import GpuRequest, ParsedSpec, format_bytes
 from snapkernel.protocol.v1 import backend_pb2 as pb
 
 R = TypeVar("R")
-
-
-def host_memory() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 class Scheduler:
@@ -35,10 +27,10 @@ class Scheduler:
     their GPUs taken wait in one line (first come, first served); while anyone waits, new kernels get no
     GPU ahead of them."""
 
-    def __init__(self, gpus: list[GpuInfo], cpu_overcommit: float, memory_overcommit: float) -> None:
-        self.gpus = gpus
-        self.cpu_total = float(os.cpu_count() or 1)
-        self.memory_total = host_memory()
+    def __init__(self, host: HostResources, cpu_overcommit: float, memory_overcommit: float) -> None:
+        self.gpus: list[GpuInfo] = list(host.gpus)
+        self.cpu_total = host.cpus
+        self.memory_total = host.memory
         self.cpu_overcommit = cpu_overcommit
         self.memory_overcommit = memory_overcommit
         self.claims: dict[str, tuple[float, int]] = {}  # sandbox id -> (cores, bytes)

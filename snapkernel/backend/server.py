@@ -29,6 +29,7 @@ from snapkernel.backend.scheduler import Scheduler
 from snapkernel.backend.service import BackendService
 from snapkernel.errors import InvalidSpecError, SnapkernelError
 from snapkernel.host.gpus import inventory
+from snapkernel.host.resources import HostResources
 from snapkernel.protocol.connection import GRPC_OPTIONS, default_state_dir, grpc_target
 from snapkernel.protocol.spec import RUNTIMES, parse_disk, parse_memory
 from snapkernel.protocol.v1 import backend_pb2_grpc as pb_grpc
@@ -186,7 +187,7 @@ class BackendApp(Application):
             if not 1 <= getattr(self, name) <= 64:
                 raise InvalidSpecError(f"--BackendApp.{name}={getattr(self, name):g} is not valid: use a factor "
                                        "from 1 (no overcommit) to 64")
-        scheduler = Scheduler(gpus, self.cpu_overcommit, self.memory_overcommit)
+        scheduler = Scheduler(HostResources.local(gpus), self.cpu_overcommit, self.memory_overcommit)
         manager = SandboxManager(state, runtimes, scheduler, Defaults(
             runtime=default_runtime, cpu=self.default_cpu, memory=parse_memory(self.default_memory),
             disk=parse_disk(self.default_disk),

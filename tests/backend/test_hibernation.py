@@ -141,9 +141,10 @@ def test_scheduler_hands_released_gpus_to_the_line_in_order() -> None:
     from snapkernel.backend.scheduler import Scheduler
     from snapkernel.errors import NoCapacityError
     from snapkernel.host.gpus import GpuInfo
+    from snapkernel.host.resources import HostResources
     from snapkernel.protocol.spec import parse_gpu
 
-    sched = Scheduler([GpuInfo(0, "GPU-0", "NVIDIA H100 80GB HBM3", 80 << 30)], 1.0, 1.0)
+    sched = Scheduler(HostResources(8, 64 << 30, (GpuInfo(0, "GPU-0", "NVIDIA H100 80GB HBM3", 80 << 30),)), 1.0, 1.0)
     sched.claim("sb-holder", 0, 0, [0])
     heard: list[str] = []
 

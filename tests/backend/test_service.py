@@ -226,3 +226,51 @@ def test_the_overcommit_policy_is_stated_in_help_and_status(backend: Backend) ->
     line = next(x for x in status.splitlines() if x.startswith("capacity:"))
     assert "cores given out (overcommit 4x: up to " in line and "(overcommit 2x: up to " in line, line
     assert "(never shared)" in line, line
+
+
+def test_capacity_comes_back_on_every_ending_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deleted, or died on its own: each gives its cores and memory back; a refused request claims nothing
+    (a backend of its own, so other tests' sandboxes do not count)."""
+    import os
+    import signal
+
+    from tests.conftest import backend_of_its_own, sandbox_processes
+
+    with backend_of_its_own("process", monkeypatch) as b:
+        async def go() -> list[tuple[float, int]]:
+            client = BackendClient(b.address, b.token)
+
+            async def allocated() -> tuple[float, int]:
+                cap = (await client.status()).capacity
+                return cap.cpu_allocated, cap.memory_allocated
+
+            async def until(sandbox_id: str, states: set[int]) -> None:
+                async with asyncio.timeout(60):
+                    async for event in client.watch(sandbox_id):
+                        if event.sandbox.state in states:
+                            return
+
+            try:
+                seen = [await allocated()]
+                deleted = await client.create_sandbox(request(cpu=1.0, memory="256Mi"))
+                died = await client.create_sandbox(request(cpu=0.5, memory="256Mi"))
+                await until(deleted.id, {pb.RUNNING})
+                await until(died.id, {pb.RUNNING})
+                seen.append(await allocated())
+                await client.delete_sandbox(deleted.id)
+                seen.append(await allocated())
+                for pid in sandbox_processes(died.id):  # the sandbox dies under it (an OOM kill, say)
+                    if b"snapkernel.backend.shim" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        os.killpg(pid, signal.SIGKILL)
+                await until(died.id, {pb.EXITED, pb.LOST})
+                seen.append(await allocated())
+                # A request refused (its snapshot does not exist): nothing stays claimed.
+                with pytest.raises(NotFoundError):
+                    await client.create_sandbox(request(cpu=1.0, memory="256Mi", restore_from="snap-000000000000"))
+                seen.append(await allocated())
+                return seen
+            finally:
+                await client.close()
+
+        seen = asyncio.run(go())
+        assert seen == [(0, 0), (1.5, 512 << 20), (0.5, 256 << 20), (0, 0), (0, 0)], seen
