@@ -19,6 +19,7 @@ from traitlets.config import Application
 from snapkernel import __version__
 from snapkernel.backend.auth import TokenInterceptor, ensure_token
 from snapkernel.backend.fanout import FanoutManager
+from snapkernel.backend.local_placement import LocalPlacement
 from snapkernel.backend.orphans import OrphanReaper, remove_all
 from snapkernel.backend.runtimes.base import DEFAULT_PIDS_LIMIT, RuntimeInfo, SandboxRuntime
 from snapkernel.backend.runtimes.gvisor import GvisorRuntime, find_runsc
@@ -213,7 +214,8 @@ class BackendApp(Application):
             return [replace(i, detail=f"{i.detail}; {quota}") for i in found] + missing
 
         server = grpc.aio.server(interceptors=[TokenInterceptor(token)], options=GRPC_OPTIONS)
-        pb_grpc.add_BackendServicer_to_server(BackendService(manager, infos, default_runtime, fanout=fanout), server)
+        placement = LocalPlacement(manager, fanout, infos, default_runtime)
+        pb_grpc.add_BackendServicer_to_server(BackendService(placement), server)
         health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         target = grpc_target(self.listen)
