@@ -9,6 +9,7 @@ from collections.abc import AsyncGenerator, Callable
 from google.protobuf.json_format import ParseDict
 
 from snapkernel.backend.fanout import FanoutManager, Job
+from snapkernel.backend.orphans import OrphanReaper, remove_all
 from snapkernel.backend.placement import Attachment, MapJob, Placement
 from snapkernel.backend.runtimes.base import RuntimeInfo
 from snapkernel.backend.sandboxes import LiveSandbox, SandboxManager
@@ -66,14 +67,36 @@ class _LocalMapJob:
 
 class LocalPlacement(Placement):
 
-    def __init__(self, manager: SandboxManager, fanout: FanoutManager, runtime_infos: Callable[[], list[RuntimeInfo]],
-                 default_runtime: str, restart_timeout: float = 60.0) -> None:
+    def __init__(self, manager: SandboxManager, runtime_infos: Callable[[], list[RuntimeInfo]], default_runtime: str,
+                 *, fanout_idle_timeout: float, orphan_timeout: float, restart_timeout: float = 60.0) -> None:
         self.manager = manager
-        self.fanout = fanout
+        self.fanout = FanoutManager(manager, fanout_idle_timeout)
+        self.orphans = OrphanReaper(manager, orphan_timeout)
         self.runtime_infos = runtime_infos
         self.default_runtime = default_runtime
         self.restart_timeout = restart_timeout
         self.sampler = UsageSampler()
+
+    async def start(self, remove_leftovers: bool = False) -> int:
+        await self.manager.readopt()
+        removed = 0
+        if remove_leftovers:
+            removed = await remove_all(self.manager, "left by an earlier run that did not stop cleanly")
+        self.manager.hibernator.start()
+        self.orphans.start()
+        await self.fanout.start()
+        return removed
+
+    async def stop(self, remove_sandboxes: bool = False) -> int:
+        await self.orphans.stop()
+        await self.fanout.close()
+        removed = 0
+        if remove_sandboxes:
+            await self.manager.hibernator.stop()  # no kernel starts going to sleep while they are removed
+            # Jupyter shuts its kernels down before the backend stops; these are the ones it did not.
+            removed = await remove_all(self.manager, "the backend is stopping (remove_on_stop)")
+        await self.manager.close()
+        return removed
 
     async def create(self, request: pb.CreateSandboxRequest) -> pb.Sandbox:
         return await self.manager.create(request)

@@ -40,6 +40,16 @@ class MapJob(Protocol):
 
 class Placement(ABC):
     @abstractmethod
+    async def start(self, remove_leftovers: bool = False) -> int:
+        """Take back the sandboxes a previous daemon left running (re-adopt them), or with `remove_leftovers`
+        remove them (snapshots stay); then start the background work. Returns how many were removed."""
+
+    @abstractmethod
+    async def stop(self, remove_sandboxes: bool = False) -> int:
+        """Stop the background work, and remove every sandbox or leave them running for the next daemon to
+        re-adopt. Returns how many were removed."""
+
+    @abstractmethod
     async def create(self, request: pb.CreateSandboxRequest) -> pb.Sandbox: ...
 
     @abstractmethod

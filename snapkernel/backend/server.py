@@ -18,9 +18,7 @@ from traitlets.config import Application
 
 from snapkernel import __version__
 from snapkernel.backend.auth import TokenInterceptor, ensure_token
-from snapkernel.backend.fanout import FanoutManager
 from snapkernel.backend.local_placement import LocalPlacement
-from snapkernel.backend.orphans import OrphanReaper, remove_all
 from snapkernel.backend.runtimes.base import DEFAULT_PIDS_LIMIT, RuntimeInfo, SandboxRuntime
 from snapkernel.backend.runtimes.gvisor import GvisorRuntime, find_runsc
 from snapkernel.backend.runtimes.process import ProcessRuntime
@@ -195,26 +193,21 @@ class BackendApp(Application):
             start_timeout=self.start_timeout, hibernate_after_gpu=self.hibernate_after_gpu,
             hibernate_after_cpu=self.hibernate_after_cpu, gpu_offload=self.gpu_offload,
             wake_timeout=self.wake_timeout))
-        await manager.readopt()
-        if self.remove_leftovers:
-            removed = await remove_all(manager, "left by an earlier run that did not stop cleanly")
-            if removed:
-                # On stdout: `snapkernel lab` shows this line on its terminal.
-                print(f"snapkernel: removed {plural(removed, 'sandbox')} left by an earlier lab that did not "
-                      "stop cleanly (snapshots are kept)", flush=True)
-        manager.hibernator.start()
-        orphans = OrphanReaper(manager, self.orphan_timeout)
-        orphans.start()
-        fanout = FanoutManager(manager, self.fanout_idle_timeout)
-        await fanout.start()
 
         def infos() -> list[RuntimeInfo]:
             quota = manager.workspaces.describe()
             found = [r.probe() for r in runtimes.values()]
             return [replace(i, detail=f"{i.detail}; {quota}") for i in found] + missing
 
+        placement = LocalPlacement(manager, infos, default_runtime, fanout_idle_timeout=self.fanout_idle_timeout,
+                                   orphan_timeout=self.orphan_timeout)
+        removed = await placement.start(remove_leftovers=self.remove_leftovers)
+        if removed:
+            # On stdout: `snapkernel lab` shows this line on its terminal.
+            print(f"snapkernel: removed {plural(removed, 'sandbox')} left by an earlier lab that did not "
+                  "stop cleanly (snapshots are kept)", flush=True)
+
         server = grpc.aio.server(interceptors=[TokenInterceptor(token)], options=GRPC_OPTIONS)
-        placement = LocalPlacement(manager, fanout, infos, default_runtime)
         pb_grpc.add_BackendServicer_to_server(BackendService(placement), server)
         health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -254,14 +247,9 @@ class BackendApp(Application):
             log.info("stopping: sandboxes keep running and are re-adopted at the next start")
         await health_servicer.enter_graceful_shutdown()
         await server.stop(grace=2.0)
-        await orphans.stop()
-        await fanout.close()
+        removed = await placement.stop(remove_sandboxes=self.remove_on_stop)
         if self.remove_on_stop:
-            await manager.hibernator.stop()  # no kernel starts going to sleep while they are removed
-            # Jupyter shuts its kernels down before the backend stops; these are the ones it did not.
-            removed = await remove_all(manager, "the backend is stopping (remove_on_stop)")
             log.info("stopping: removed %s", plural(removed, "sandbox"))
-        await manager.close()
 
     def start(self) -> None:
         logging.basicConfig(level=self.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
