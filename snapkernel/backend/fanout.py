@@ -24,7 +24,8 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from snapkernel.backend.fanout_job import Job
-from snapkernel.backend.sandboxes import LiveSandbox, SandboxManager
+from snapkernel.backend.sandbox import LiveSandbox
+from snapkernel.backend.sandboxes import SandboxManager
 from snapkernel.backend.workers import WorkerPools
 from snapkernel.errors import SnapkernelError
 from snapkernel.protocol.v1 import backend_pb2 as pb

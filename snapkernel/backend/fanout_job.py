@@ -21,7 +21,8 @@ from typing import Any, Protocol
 
 from snapkernel.backend.fanout_blobs import InputBlobs, chunks, take_blob
 from snapkernel.backend.fanout_dispatch import Dispatcher
-from snapkernel.backend.sandboxes import LiveSandbox, SandboxManager
+from snapkernel.backend.sandbox import LiveSandbox
+from snapkernel.backend.sandboxes import SandboxManager
 from snapkernel.backend.workers import Worker, WorkerPools, clone_spec, worker_spec
 from snapkernel.errors import InvalidSpecError, SnapkernelError, StateError
 from snapkernel.protocol.fanout import MAX_FUNCTIONS, ItemTimeout, format_remote, pickled_exception

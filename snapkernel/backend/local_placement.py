@@ -12,7 +12,8 @@ from snapkernel.backend.fanout import FanoutManager, Job
 from snapkernel.backend.orphans import OrphanReaper, remove_all
 from snapkernel.backend.placement import Attachment, MapJob, Placement
 from snapkernel.backend.runtimes.base import RuntimeInfo
-from snapkernel.backend.sandboxes import LiveSandbox, SandboxManager
+from snapkernel.backend.sandbox import LiveSandbox
+from snapkernel.backend.sandboxes import SandboxManager
 from snapkernel.backend.usage import UsageSampler
 from snapkernel.host.gpus import inventory
 from snapkernel.protocol.v1 import backend_pb2 as pb

@@ -21,7 +21,8 @@ from snapkernel.errors import SnapkernelError
 from snapkernel.protocol.v1 import backend_pb2 as pb
 
 if TYPE_CHECKING:
-    from snapkernel.backend.sandboxes import LiveSandbox, SandboxManager
+    from snapkernel.backend.sandbox import LiveSandbox
+    from snapkernel.backend.sandboxes import SandboxManager
 
 log = logging.getLogger(__name__)
 

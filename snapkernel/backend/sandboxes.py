@@ -7,7 +7,6 @@ the sandbox's agent link.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import json
 import logging
@@ -17,7 +16,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from snapkernel.backend.agent_link import AgentLink
 from snapkernel.backend.hibernation import Hibernator
 from snapkernel.backend.runtimes.base import EXIT_FILE, LINK_SOCKET, LOG_FILE, SandboxRuntime
 from snapkernel.backend.runtimes.gvisor import GvisorRuntime
+from snapkernel.backend.sandbox import LiveSandbox
 from snapkernel.backend.sandbox_db import SandboxDB, SandboxRecord
 from snapkernel.backend.scheduler import Scheduler
 from snapkernel.backend.workspace import WORKSPACE, Workspaces
@@ -44,7 +44,7 @@ from snapkernel.errors import (
 from snapkernel.protocol.spec import ParsedSpec, check_sandbox_id, check_snapshot_name, format_bytes, parse_spec
 from snapkernel.protocol.states import ASLEEP, STATE_NAMES
 from snapkernel.protocol.v1 import backend_pb2 as pb
-from snapkernel.snapshots import cuda, memory, state
+from snapkernel.snapshots import memory, state
 from snapkernel.snapshots.store import Snapshot, SnapshotStore, is_disk_full
 
 log = logging.getLogger(__name__)
@@ -53,37 +53,6 @@ MAX_PENDING_FRAMES = 1000  # frames held for a sandbox whose agent is not connec
 MAX_UNATTACHED_OUTPUT = 20000  # kernel frames held for a sandbox while no client is attached
 MAX_UNATTACHED_BYTES = 256 * 1024 * 1024
 STATE_TIMEOUT = 600.0  # seconds a state snapshot's save or load may take in the kernel
-
-
-@dataclass
-class LiveSandbox:
-    record: SandboxRecord
-    spec: ParsedSpec
-    link: AgentLink | None = None
-    watchers: set[asyncio.Queue[pb.SandboxEvent | None]] = field(default_factory=set)
-    attached: set[asyncio.Queue[pb.KernelFrame | None]] = field(default_factory=set)
-    pending: list[pb.AgentMessage] = field(default_factory=list)
-    # Kernel output and its delivery: numbers of the agent link (see agent_link.py)
-    last_seq: int = 0  # the highest number the agent link brought
-    undelivered: dict[int, None] = field(default_factory=dict)  # numbers not written to a client yet, rising
-    unattached: collections.deque[pb.KernelFrame] = field(default_factory=collections.deque)  # for no client
-    unattached_bytes: int = 0
-    dropped_output: int = 0
-    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
-    deleting: bool = False
-    snapshotting: bool = False
-    code_results: dict[str, asyncio.Future[pb.CodeResult]] = field(default_factory=dict)
-    restore_state: str | None = None  # a state dir in the workspace to load once the kernel runs
-    restore_source: Path | None = None  # where to copy that dir from first (a snapshot in the store)
-    state_error: str = ""  # why loading it failed
-    busy: bool = False  # the kernel said `busy` on iopub and not yet `idle`
-    detached_at: float = field(default_factory=time.time)  # when its last client left (see orphans.py)
-    # Hibernation (see hibernation.py)
-    held: list[pb.AgentMessage] = field(default_factory=list)  # kernel messages waiting for it to wake
-    waking: asyncio.Future[None] | None = None
-    suspended: cuda.Suspended | None = None
-    refused_at: float = -1.0  # `last_activity` when it last could not hibernate: not again until used
-    told_waiting: bool = False
 
 
 @dataclass

@@ -19,7 +19,8 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from snapkernel.backend.sandboxes import LiveSandbox, SandboxManager
+from snapkernel.backend.sandbox import LiveSandbox
+from snapkernel.backend.sandboxes import SandboxManager
 from snapkernel.errors import NoCapacityError, SnapkernelError
 from snapkernel.protocol.states import ENDED
 from snapkernel.protocol.v1 import backend_pb2 as pb

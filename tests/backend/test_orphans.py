@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import pytest
 
 from snapkernel.backend.orphans import OrphanReaper, check_interval
+from snapkernel.backend.sandbox import LiveSandbox
 from snapkernel.backend.sandbox_db import SandboxRecord
-from snapkernel.backend.sandboxes import LiveSandbox
 from snapkernel.backend.workers import MODE_ENV
 from snapkernel.protocol.spec import parse_spec
 from snapkernel.protocol.v1 import backend_pb2 as pb
