@@ -393,4 +393,4 @@ class Job:
         if self.clone_snapshot:
             self.fm.spawn(asyncio.to_thread(self.fm.manager.snapshots.delete, self.clone_snapshot))
         self.fm.job_ended(self)
-        self.blobs.remove()
+        self.fm.spawn(asyncio.to_thread(self.blobs.remove))  # a tree of input blobs: not on the event loop
