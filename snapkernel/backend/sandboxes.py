@@ -41,6 +41,7 @@ from snapkernel.errors import (
     StateError,
     TimeoutError_,
 )
+from snapkernel.protocol.kinds import DEFAULT_SNAPSHOT_KIND, check_snapshot_kind
 from snapkernel.protocol.spec import ParsedSpec, check_sandbox_id, check_snapshot_name, format_bytes, parse_spec
 from snapkernel.protocol.states import ASLEEP, STATE_NAMES
 from snapkernel.protocol.v1 import backend_pb2 as pb
@@ -638,9 +639,7 @@ class SandboxManager:
     async def snapshot(self, req: pb.CreateSnapshotRequest) -> Snapshot:
         check_snapshot_name(req.name)
         sb = self.get(req.sandbox_id)
-        kind = req.kind or "memory"
-        if kind not in ("memory", "state"):
-            raise InvalidSpecError(f"snapshot kind {kind!r} is not known: use 'memory' or 'state'")
+        kind = check_snapshot_kind(req.kind or DEFAULT_SNAPSHOT_KIND)
         runtime = self.runtimes.get(sb.record.runtime)
         if kind == "memory" and not isinstance(runtime, GvisorRuntime):
             raise StateError(f"sandbox {sb.record.id} runs under {sb.record.runtime}: memory snapshots need the "
