@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 from dataclasses import replace
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from snapkernel.backend.auth import TokenInterceptor, ensure_token
 from snapkernel.backend.fanout import FanoutManager
 from snapkernel.backend.orphans import OrphanReaper, remove_all
 from snapkernel.backend.runtimes.base import (
+    BUILTIN_RUNTIMES,
     DEFAULT_PIDS_LIMIT,
     RUNTIME_GROUP,
     RuntimeInfo,
@@ -161,6 +162,10 @@ class BackendApp(Application):
                                    runsc=self.runsc, platform=self.platform, sandbox_uid=self.sandbox_uid,
                                    sandbox_gid=self.sandbox_gid, ro_paths=tuple(self.sandbox_ro_paths))
         found = {ep.name: ep for ep in reversed(list(entry_points(group=RUNTIME_GROUP)))}  # the first one wins
+        if not found:  # not installed (a bare source tree): the package's own runtimes
+            log.warning("no %s entry points (snapkernel is not installed): using the built-in runtimes",
+                        RUNTIME_GROUP)
+            found = {n: EntryPoint(n, v, RUNTIME_GROUP) for n, v in BUILTIN_RUNTIMES.items()}
         # The known runtimes first, in their usual order (listings and messages name them so), then others.
         order = sorted(found, key=lambda n: (RUNTIMES.index(n) if n in RUNTIMES else len(RUNTIMES), n))
         runtimes: dict[str, SandboxRuntime] = {}

@@ -98,6 +98,11 @@ class RuntimeUnusable(Exception):
 
 # The entry-point group runtimes are found through: name = "module:SandboxRuntime subclass".
 RUNTIME_GROUP = "snapkernel.runtimes"
+# This package's own entries in that group (pyproject.toml), for a source tree run without being installed.
+BUILTIN_RUNTIMES = {
+    "process": "snapkernel.backend.runtimes.process:ProcessRuntime",
+    "gvisor": "snapkernel.backend.runtimes.gvisor:GvisorRuntime",
+}
 
 
 class SandboxRuntime(ABC):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from snapkernel.backend.runtimes.base import (
+    BUILTIN_RUNTIMES,
     RUNTIME_GROUP,
     RuntimeCapabilities,
     RuntimeSettings,
@@ -96,3 +97,17 @@ def test_installed_runsc_gives_gvisor_its_settings_and_capabilities(tmp_path: Pa
     assert caps.memory_snapshots and caps.clone and caps.version == gvisor.features.version
     assert caps.live_checkpoint == gvisor.features.can_snapshot_live_kernel
     assert caps.gpu_checkpoint == gvisor.features.cuda_checkpoint
+
+
+def test_the_built_in_list_matches_the_installed_group() -> None:
+    installed = {ep.name: ep.value for ep in entry_points(group=RUNTIME_GROUP)}
+    assert {n: installed[n] for n in BUILTIN_RUNTIMES} == BUILTIN_RUNTIMES
+
+
+def test_an_uninstalled_tree_falls_back_to_the_built_in_runtimes(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import snapkernel.backend.server as server
+
+    monkeypatch.setattr(server, "entry_points", lambda group: [])
+    runtimes, missing = BackendApp(runsc=str(tmp_path / "no-runsc")).build_runtimes(tmp_path, "")
+    assert list(runtimes) == ["process"] and [m.name for m in missing] == ["gvisor"]
