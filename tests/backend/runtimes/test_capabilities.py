@@ -106,7 +106,7 @@ def test_the_built_in_list_matches_the_installed_group() -> None:
 
 def test_an_uninstalled_tree_falls_back_to_the_built_in_runtimes(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    import snapkernel.backend.server as server
+    from snapkernel.backend import server
 
     monkeypatch.setattr(server, "entry_points", lambda group: [])
     runtimes, missing = BackendApp(runsc=str(tmp_path / "no-runsc")).build_runtimes(tmp_path, "")
