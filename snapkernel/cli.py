@@ -15,6 +15,7 @@ from google.protobuf.json_format import MessageToDict
 
 from snapkernel import __version__
 from snapkernel.errors import SnapkernelError
+from snapkernel.protocol.kinds import DEFAULT_SNAPSHOT_KIND, SNAPSHOT_KINDS
 
 
 def _run(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -288,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="action", required=True)
     s = sn.add_parser("create", help="snapshot a running sandbox (memory: live, gvisor)")
     s.add_argument("sandbox", metavar="SANDBOX")
-    s.add_argument("--kind", choices=["memory", "state"], default="memory")
+    s.add_argument("--kind", choices=SNAPSHOT_KINDS, default=DEFAULT_SNAPSHOT_KIND)
     s.add_argument("--name", help="a name to find it by")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_snapshots_create)

@@ -161,7 +161,8 @@ class Job:
         owner = self.owner
         if owner is None or not self.stream:
             raise InvalidSpecError("--clone works from a snapkernel kernel only: it clones the calling kernel")
-        if owner.record.runtime != "gvisor":
+        runtime = self.fm.manager.runtimes.get(owner.record.runtime)
+        if runtime is None or not runtime.capabilities.clone:
             raise StateError(f"--clone needs a kernel under the gvisor runtime (memory snapshots); this one runs "
                              f"under {owner.record.runtime}: drop --clone (the cell's variables are sent by value)")
         if owner.record.gpu_indices or self.start.spec.gpu:

@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING
 from jupyter_client.session import Session
 
 from snapkernel.backend import lifecycle
-from snapkernel.backend.runtimes.gvisor import GvisorRuntime
 from snapkernel.errors import SnapkernelError, StateError
 from snapkernel.protocol.states import ASLEEP
 from snapkernel.protocol.v1 import backend_pb2 as pb
@@ -52,11 +51,11 @@ class Hibernator:
 
     # --- choosing -------------------------------------------------------------------------------
     def method(self, sb: LiveSandbox) -> str:
-        runtime = self.m.runtimes[sb.record.runtime]
-        if isinstance(runtime, GvisorRuntime):
-            gpu_ok = not sb.record.gpu_indices or runtime.features.cuda_checkpoint
-            return "memory" if runtime.features.can_snapshot_live_kernel and gpu_ok else "state"
-        return "suspend" if sb.record.gpu_indices else "state"
+        caps = self.m.runtimes[sb.record.runtime].capabilities
+        if caps.memory_snapshots:
+            gpu_ok = not sb.record.gpu_indices or caps.gpu_checkpoint
+            return "memory" if caps.live_checkpoint and gpu_ok else "state"
+        return "suspend" if sb.record.gpu_indices and caps.gpu_suspend else "state"
 
     # --- the idle watch -------------------------------------------------------------------------
     def start(self) -> None:
@@ -133,7 +132,7 @@ class Hibernator:
     async def _to_image(self, sb: LiveSandbox) -> None:
         r = sb.record
         runtime = self.m.runtimes[r.runtime]
-        assert isinstance(runtime, GvisorRuntime)
+        assert runtime.capabilities.checkpoint  # `method` chose "memory"
         target = Path(r.dir) / IMAGE_DIR
         await asyncio.to_thread(shutil.rmtree, target, True)
         target.mkdir(mode=0o700)

@@ -25,8 +25,7 @@ from google.protobuf.json_format import MessageToDict
 from snapkernel.backend import lifecycle
 from snapkernel.backend.agent_link import AgentLink
 from snapkernel.backend.hibernation import Hibernator
-from snapkernel.backend.runtimes.base import EXIT_FILE, LINK_SOCKET, LOG_FILE, SandboxRuntime
-from snapkernel.backend.runtimes.gvisor import GvisorRuntime
+from snapkernel.backend.runtimes.base import EXIT_FILE, LINK_SOCKET, LOG_FILE, RuntimeCapabilities, SandboxRuntime
 from snapkernel.backend.sandbox import LiveSandbox
 from snapkernel.backend.sandbox_db import SandboxDB, SandboxRecord
 from snapkernel.backend.scheduler import Scheduler
@@ -41,6 +40,7 @@ from snapkernel.errors import (
     StateError,
     TimeoutError_,
 )
+from snapkernel.protocol.kinds import DEFAULT_SNAPSHOT_KIND, check_snapshot_kind
 from snapkernel.protocol.spec import ParsedSpec, check_sandbox_id, check_snapshot_name, format_bytes, parse_spec
 from snapkernel.protocol.states import ASLEEP, STATE_NAMES
 from snapkernel.protocol.v1 import backend_pb2 as pb
@@ -212,8 +212,8 @@ class SandboxManager:
         restore: Path | None = None
         restore_source: Path | None = None
         if spec.restore_from:
-            runtime_version = runtime.features.version if isinstance(runtime, GvisorRuntime) else ""
-            snap = await asyncio.to_thread(self.snapshots.verify, spec.restore_from, spec.runtime, runtime_version)
+            snap = await asyncio.to_thread(self.snapshots.verify, spec.restore_from, spec.runtime,
+                                           runtime.capabilities.version)
             if snap.kind == "memory":
                 restore = self.snapshots.path(snap.id)
             else:
@@ -297,8 +297,9 @@ class SandboxManager:
 
     def prepare_workspace(self, sb: LiveSandbox) -> Path:
         """The sandbox's workspace, mounted with its quota and owned by the user its kernel runs as."""
-        owner = self.runtimes[sb.record.runtime].owner(sb.spec)
-        return self.workspaces.prepare(Path(sb.record.dir), sb.spec.disk, owner)
+        runtime = self.runtimes[sb.record.runtime]
+        return self.workspaces.prepare(Path(sb.record.dir), sb.spec.disk, runtime.owner(sb.spec),
+                                       quota=runtime.capabilities.disk_quota)
 
     async def _connect(self, sb: LiveSandbox, runtime: SandboxRuntime, timeout: float) -> None:
         r = sb.record
@@ -592,12 +593,12 @@ class SandboxManager:
         finally:
             await asyncio.to_thread(shutil.rmtree, host, True)
 
-    async def _take_memory(self, sb: LiveSandbox, runtime: GvisorRuntime, name: str) -> Snapshot:
+    async def _take_memory(self, sb: LiveSandbox, runtime: SandboxRuntime, name: str) -> Snapshot:
         """Checkpoint the running sandbox (it keeps running) into a new memory snapshot of the store."""
         r = sb.record
         meta = Snapshot(id="", kind="memory", name=name, sandbox_id=r.id, notebook_path=r.notebook_path,
                         spec=MessageToDict(r.spec, preserving_proto_field_name=True), runtime=runtime.name,
-                        runtime_version=runtime.features.version)
+                        runtime_version=runtime.capabilities.version)
         async with self.snapshots.writing(meta, sb.spec.memory) as d:
             await runtime.checkpoint(r, d / memory.IMAGE)
             await asyncio.to_thread(shutil.copytree, Path(r.dir) / WORKSPACE, d / memory.WORKSPACE, symlinks=True)
@@ -607,16 +608,14 @@ class SandboxManager:
     async def snapshot(self, req: pb.CreateSnapshotRequest) -> Snapshot:
         check_snapshot_name(req.name)
         sb = self.get(req.sandbox_id)
-        kind = req.kind or "memory"
-        if kind not in ("memory", "state"):
-            raise InvalidSpecError(f"snapshot kind {kind!r} is not known: use 'memory' or 'state'")
+        kind = check_snapshot_kind(req.kind or DEFAULT_SNAPSHOT_KIND)
         runtime = self.runtimes.get(sb.record.runtime)
-        if kind == "memory" and not isinstance(runtime, GvisorRuntime):
+        caps = runtime.capabilities if runtime is not None else RuntimeCapabilities()
+        if kind == "memory" and not caps.memory_snapshots:
             raise StateError(f"sandbox {sb.record.id} runs under {sb.record.runtime}: memory snapshots need the "
                              "gvisor runtime; use --kind state")
-        if (kind == "memory" and isinstance(runtime, GvisorRuntime) and sb.record.gpu_indices
-                and not runtime.features.cuda_checkpoint):
-            raise StateError(f"sandbox {sb.record.id} has GPUs and runsc {runtime.features.version} cannot put GPU "
+        if kind == "memory" and sb.record.gpu_indices and not caps.gpu_checkpoint:
+            raise StateError(f"sandbox {sb.record.id} has GPUs and runsc {caps.version} cannot put GPU "
                              "memory into its checkpoints (builds with --cuda-checkpoint-path can); use --kind state")
         if sb.record.state != pb.RUNNING:
             raise lifecycle.refuse(sb.record.id, "snapshot", self.state_name(sb),
@@ -629,7 +628,7 @@ class SandboxManager:
                 self._progress(sb, "snapshot", "saving the kernel's variables", 0.2)
                 snap = await self._take_state(sb, req.name)
             else:
-                assert isinstance(runtime, GvisorRuntime)
+                assert runtime is not None  # memory snapshots were refused above without it
                 self._progress(sb, "snapshot", "checkpointing the sandbox's memory", 0.2)
                 snap = await self._take_memory(sb, runtime, req.name)
         finally:

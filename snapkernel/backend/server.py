@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from dataclasses import replace
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,15 @@ from traitlets.config import Application
 from snapkernel import __version__
 from snapkernel.backend.auth import TokenInterceptor, ensure_token
 from snapkernel.backend.local_placement import LocalPlacement
-from snapkernel.backend.runtimes.base import DEFAULT_PIDS_LIMIT, RuntimeInfo, SandboxRuntime
-from snapkernel.backend.runtimes.gvisor import GvisorRuntime, find_runsc
-from snapkernel.backend.runtimes.process import ProcessRuntime
-from snapkernel.backend.runtimes.rootfs import SandboxUser
+from snapkernel.backend.runtimes.base import (
+    BUILTIN_RUNTIMES,
+    DEFAULT_PIDS_LIMIT,
+    RUNTIME_GROUP,
+    RuntimeInfo,
+    RuntimeSettings,
+    RuntimeUnusable,
+    SandboxRuntime,
+)
 from snapkernel.backend.sandboxes import Defaults, SandboxManager
 from snapkernel.backend.scheduler import Scheduler
 from snapkernel.backend.service import BackendService
@@ -150,20 +156,31 @@ class BackendApp(Application):
         return str(proposal["value"])
 
     def build_runtimes(self, state: Path, driver: str) -> tuple[dict[str, SandboxRuntime], list[RuntimeInfo]]:
-        """The runtimes that work here, and a line for each that does not."""
-        runtimes: dict[str, SandboxRuntime] = {"process": ProcessRuntime(self.pids_limit)}
+        """The runtimes that work here, and a line for each that does not. They are the entry points of the
+        `snapkernel.runtimes` group (as jupyter_client finds provisioners), each built from these settings."""
+        settings = RuntimeSettings(state_dir=state, driver_version=driver, pids_limit=self.pids_limit,
+                                   runsc=self.runsc, platform=self.platform, sandbox_uid=self.sandbox_uid,
+                                   sandbox_gid=self.sandbox_gid, ro_paths=tuple(self.sandbox_ro_paths))
+        found = {ep.name: ep for ep in reversed(list(entry_points(group=RUNTIME_GROUP)))}  # the first one wins
+        if not found:  # not installed (a bare source tree): the package's own runtimes
+            log.warning("no %s entry points (snapkernel is not installed): using the built-in runtimes",
+                        RUNTIME_GROUP)
+            found = {n: EntryPoint(n, v, RUNTIME_GROUP) for n, v in BUILTIN_RUNTIMES.items()}
+        # The known runtimes first, in their usual order (listings and messages name them so), then others.
+        order = sorted(found, key=lambda n: (RUNTIMES.index(n) if n in RUNTIMES else len(RUNTIMES), n))
+        runtimes: dict[str, SandboxRuntime] = {}
         missing: list[RuntimeInfo] = []
-        runsc = find_runsc(self.runsc)
-        if runsc is None:
-            missing.append(RuntimeInfo("gvisor", False, "", "runsc not found: `make install` as root installs it, "
-                                       "or set --BackendApp.runsc=PATH"))
-        else:
-            gvisor = GvisorRuntime(runsc, state, driver, self.platform, ro_paths=self.sandbox_ro_paths,
-                                   user=SandboxUser(self.sandbox_uid, self.sandbox_gid), pids_limit=self.pids_limit)
-            if gvisor.available:
-                runtimes["gvisor"] = gvisor
-            else:
-                missing.append(gvisor.probe())
+        for name in order:
+            try:
+                cls = found[name].load()
+                if not (isinstance(cls, type) and issubclass(cls, SandboxRuntime)):
+                    raise TypeError(f"{found[name].value} is not a SandboxRuntime")
+                runtimes[name] = cls.from_settings(settings)
+            except RuntimeUnusable as e:
+                missing.append(e.info)
+            except Exception as e:  # a broken plug-in runtime is reported, never the end of the backend
+                log.exception("runtime %s (entry point %s) could not be loaded", name, found[name].value)
+                missing.append(RuntimeInfo(name, False, "", f"could not be loaded: {e}"))
         return runtimes, missing
 
     async def serve(self, ready: asyncio.Event | None = None) -> None:

@@ -85,11 +85,12 @@ class Workspaces:
             raise InvalidSpecError(f"disk {value!r} is more than this host has: {format_bytes(free)} free where "
                                    "sandboxes live; ask for less, e.g. '10Gi'")
 
-    def prepare(self, sandbox_dir: Path, disk: int, owner: Owner) -> Path:
-        """The sandbox's workspace, mounted with its quota (again, after a host reboot), owned by `owner`."""
+    def prepare(self, sandbox_dir: Path, disk: int, owner: Owner, quota: bool = True) -> Path:
+        """The sandbox's workspace, mounted with its quota (again, after a host reboot), owned by `owner`; a plain
+        directory where quotas are not enforced or its runtime takes none (`quota`)."""
         workspace = sandbox_dir / WORKSPACE
         workspace.mkdir(parents=True, exist_ok=True)
-        if self.enforced and not os.path.ismount(workspace):
+        if quota and self.enforced and not os.path.ismount(workspace):
             image = sandbox_dir / IMAGE
             try:
                 if not image.exists():

@@ -21,6 +21,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
 from snapkernel.errors import RemoteError, SnapkernelError
+from snapkernel.protocol.kinds import DEFAULT_SNAPSHOT_KIND, SNAPSHOT_KINDS
 
 REQUEST_MSG_TYPE = "snapkernel_request"
 
@@ -64,7 +65,7 @@ class SnapKernelMagics(Magics):  # type: ignore[misc]
     def snapshot(self, line: str) -> None:
         parser = _Parser(prog="%snapshot", add_help=False)
         parser.add_argument("--name", default="")
-        parser.add_argument("--kind", choices=["memory", "state"], default="memory")
+        parser.add_argument("--kind", choices=SNAPSHOT_KINDS, default=DEFAULT_SNAPSHOT_KIND)
         args = parser.parse_args(shlex.split(line))
         from snapkernel.protocol.spec import MAX_SNAPSHOT_NAME
 

@@ -14,6 +14,7 @@ from snapkernel.jupyter_ext.handlers import SnapKernelHandler, message_dict
 from snapkernel.jupyter_ext.kernels import start_kernel
 from snapkernel.kernel_provisioner.kernelspec import CPU_KERNEL
 from snapkernel.kernel_provisioner.provisioner import SnapKernelProvisioner
+from snapkernel.protocol.kinds import DEFAULT_SNAPSHOT_KIND, check_snapshot_kind
 from snapkernel.protocol.spec import check_sandbox_id, check_snapshot_id
 from snapkernel.protocol.v1 import backend_pb2 as pb
 
@@ -44,9 +45,7 @@ class SnapshotsHandler(SnapKernelHandler):
             raise InvalidSpecError("give exactly one of kernel_id (a Jupyter kernel's id) or sandbox_id (sb-...)")
         sandbox_id = (self.sandbox_of(body["kernel_id"]) if "kernel_id" in body
                       else check_sandbox_id(body["sandbox_id"]))
-        kind, name = body.get("kind", "memory"), body.get("name", "")
-        if kind not in ("memory", "state"):
-            raise InvalidSpecError(f"snapshot kind {kind!r} is not known: use 'memory' or 'state'")
+        kind, name = check_snapshot_kind(body.get("kind", DEFAULT_SNAPSHOT_KIND)), body.get("name", "")
         self.log.info("snapkernel sandbox_id=%s taking a %s snapshot", sandbox_id, kind)
         info = await self.backend_call(lambda c: c.create_snapshot(sandbox_id, kind, name))
         self.set_status(201)

@@ -29,10 +29,10 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from snapkernel.errors import InvalidSpecError, NoCapacityError, NotFoundError, SnapshotCorruptError, StateError
+from snapkernel.errors import NoCapacityError, NotFoundError, SnapshotCorruptError, StateError
+from snapkernel.protocol.kinds import check_snapshot_kind
 from snapkernel.protocol.spec import check_snapshot_id, format_bytes
 
-KINDS = ("memory", "state")
 _PARTIAL = ".partial-"
 MANIFEST = "manifest.json"  # the snapshot's own copy of its catalog record, in its directory
 FORMAT = 1  # 0: written before snapshots kept a manifest (none to compare with)
@@ -172,8 +172,7 @@ class SnapshotStore:
 
     def begin(self, meta: Snapshot, expected_size: int) -> Path:
         """Check kind and free space, give `meta` its id, and return the empty directory to fill."""
-        if meta.kind not in KINDS:
-            raise InvalidSpecError(f"snapshot kind {meta.kind!r} is not known: use {' or '.join(KINDS)}")
+        check_snapshot_kind(meta.kind)
         self.check_free_space(expected_size)
         meta.id = f"snap-{secrets.token_hex(6)}"
         partial = self.root / f"{_PARTIAL}{meta.id}"

@@ -1,1 +1,2 @@
-"""Sandbox runtimes: `process` (plain subprocess) and, later, `gvisor` (runsc)."""
+"""Sandbox runtimes: `process` (plain subprocess) and `gvisor` (runsc), found through the `snapkernel.runtimes`
+entry-point group (pyproject.toml)."""

@@ -1,4 +1,10 @@
-"""What every runtime does: start a sandbox's entry point under a shim, stop it, tell if it lives."""
+"""What every runtime does: start a sandbox's entry point under a shim, stop it, tell if it lives; and what
+it can do beyond that (`RuntimeCapabilities`), which the backend asks instead of recognising a runtime by
+its type or name.
+
+Runtimes are found through the entry-point group `snapkernel.runtimes` (`RUNTIME_GROUP`), the way
+jupyter_client finds kernel provisioners; each builds itself from the backend's settings (`from_settings`).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from snapkernel.backend.sandbox_db import SandboxRecord
 from snapkernel.errors import StateError
@@ -48,11 +54,72 @@ class Launch:
 DEFAULT_PIDS_LIMIT = 1024
 
 
+@dataclass(frozen=True)
+class RuntimeCapabilities:
+    """What a runtime can do with its sandboxes here (per instance: gvisor's depend on the installed runsc)."""
+
+    checkpoint: bool = False  # writes a running sandbox's memory image (`checkpoint`, `save_bundle`)
+    live_checkpoint: bool = False  # ... of a live ipykernel, with this build (else hibernation saves the state)
+    restore: bool = False  # resumes a memory image in a new sandbox (`prepare_restore`)
+    gpu_checkpoint: bool = False  # GPU memory goes into its memory images
+    gpu_suspend: bool = False  # a GPU kernel's host process can be suspended in place (CUDA driver checkpoint)
+    clone: bool = False  # fan-out --clone: workers restored from a live memory snapshot of their kernel
+    disk_quota: bool = False  # its sandboxes write to their workspace, which the `disk` quota bounds
+    version: str = ""  # recorded with its memory snapshots: a restore needs the same
+
+    @property
+    def memory_snapshots(self) -> bool:
+        """Memory snapshots at all (taken and restored); whether of a GPU sandbox is `gpu_checkpoint`."""
+        return self.checkpoint and self.restore
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """The backend's settings a runtime builds itself from (`SandboxRuntime.from_settings`); each runtime
+    takes what applies to it."""
+
+    state_dir: Path
+    driver_version: str = ""  # the host's NVIDIA driver ("" = none)
+    pids_limit: int = DEFAULT_PIDS_LIMIT
+    runsc: str = ""  # gvisor: the runsc binary ("" = `runsc` on PATH)
+    platform: str = ""  # gvisor: the platform ("" = its default per sandbox)
+    sandbox_uid: int = 1000  # gvisor: the unprivileged user kernels run as
+    sandbox_gid: int = 1000
+    ro_paths: tuple[str, ...] = ()  # gvisor: more read-only host paths
+
+
+class RuntimeUnusable(Exception):
+    """`from_settings` cannot build the runtime here; `info` says why, for `snapkernel status`."""
+
+    def __init__(self, info: RuntimeInfo) -> None:
+        super().__init__(info.detail)
+        self.info = info
+
+
+# The entry-point group runtimes are found through: name = "module:SandboxRuntime subclass".
+RUNTIME_GROUP = "snapkernel.runtimes"
+# This package's own entries in that group (pyproject.toml), for a source tree run without being installed.
+BUILTIN_RUNTIMES = {
+    "process": "snapkernel.backend.runtimes.process:ProcessRuntime",
+    "gvisor": "snapkernel.backend.runtimes.gvisor:GvisorRuntime",
+}
+
+
 class SandboxRuntime(ABC):
     name: ClassVar[str]
 
     def __init__(self) -> None:
         self._children: dict[str, subprocess.Popen[bytes]] = {}
+
+    @classmethod
+    @abstractmethod
+    def from_settings(cls, settings: RuntimeSettings) -> Self:
+        """This runtime, built from the backend's settings; raises `RuntimeUnusable` where it cannot run here."""
+
+    @property
+    def capabilities(self) -> RuntimeCapabilities:
+        """What this runtime can do here beyond running sandboxes (by default: nothing more)."""
+        return RuntimeCapabilities()
 
     @abstractmethod
     def probe(self) -> RuntimeInfo:
@@ -66,8 +133,17 @@ class SandboxRuntime(ABC):
         """The sandbox's entry point and limits (the agent is the entry point's stdio peer)."""
 
     def prepare_restore(self, record: SandboxRecord, snapshot_dir: Path) -> Launch:
-        """The entry point that resumes a memory snapshot in this sandbox."""
+        """The entry point that resumes a memory snapshot in this sandbox (`capabilities.restore`)."""
         raise StateError(f"the {self.name} runtime cannot restore memory snapshots; use a state snapshot")
+
+    async def checkpoint(self, record: SandboxRecord, image_dir: Path, leave_running: bool = True) -> None:
+        """Write the running sandbox's memory image to `image_dir` (`capabilities.checkpoint`); it keeps running
+        unless `leave_running` is false."""
+        raise StateError(f"the {self.name} runtime cannot checkpoint a sandbox's memory; use a state snapshot")
+
+    def save_bundle(self, record: SandboxRecord, snapshot_dir: Path) -> None:
+        """Keep beside a memory image what a restore needs besides it (`capabilities.checkpoint`)."""
+        raise StateError(f"the {self.name} runtime cannot checkpoint a sandbox's memory; use a state snapshot")
 
     async def launch(self, record: SandboxRecord, spec: ParsedSpec, env: dict[str, str],
                      restore: Path | None = None) -> str:

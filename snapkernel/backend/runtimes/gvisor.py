@@ -21,12 +21,20 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from jupyter_core.paths import jupyter_runtime_dir
 
 from snapkernel.backend.runtimes import rootfs
-from snapkernel.backend.runtimes.base import DEFAULT_PIDS_LIMIT, Launch, RuntimeInfo, SandboxRuntime
+from snapkernel.backend.runtimes.base import (
+    DEFAULT_PIDS_LIMIT,
+    Launch,
+    RuntimeCapabilities,
+    RuntimeInfo,
+    RuntimeSettings,
+    RuntimeUnusable,
+    SandboxRuntime,
+)
 from snapkernel.backend.runtimes.rootfs import SandboxUser, bind
 from snapkernel.backend.sandbox_db import SandboxRecord
 from snapkernel.errors import RuntimeUnavailableError, SandboxFailedError, StateError
@@ -136,9 +144,29 @@ class GvisorRuntime(SandboxRuntime):
         self.driver_version = driver_version
         self.platform = platform  # "" = ptrace for CPU sandboxes, runsc's own (systrap) for GPU ones
 
+    @classmethod
+    def from_settings(cls, settings: RuntimeSettings) -> Self:
+        runsc = find_runsc(settings.runsc)
+        if runsc is None:
+            raise RuntimeUnusable(RuntimeInfo(cls.name, False, "", "runsc not found: `make install` as root installs "
+                                              "it, or set --BackendApp.runsc=PATH"))
+        runtime = cls(runsc, settings.state_dir, settings.driver_version, settings.platform,
+                      ro_paths=list(settings.ro_paths), user=SandboxUser(settings.sandbox_uid, settings.sandbox_gid),
+                      pids_limit=settings.pids_limit)
+        if not runtime.available:
+            raise RuntimeUnusable(runtime.probe())
+        return runtime
+
     @property
     def available(self) -> bool:
         return not self.features.error
+
+    @property
+    def capabilities(self) -> RuntimeCapabilities:
+        # Computed from the detected features each time (cheap): what this runsc build can do.
+        f = self.features
+        return RuntimeCapabilities(checkpoint=True, live_checkpoint=f.can_snapshot_live_kernel, restore=True,
+                                   gpu_checkpoint=f.cuda_checkpoint, clone=True, disk_quota=True, version=f.version)
 
     def probe(self) -> RuntimeInfo:
         f = self.features
@@ -273,7 +301,7 @@ class GvisorRuntime(SandboxRuntime):
     async def checkpoint(self, record: SandboxRecord, image_dir: Path, leave_running: bool = True) -> None:
         """Write the running sandbox's memory image to `image_dir`; the sandbox keeps running unless
         `leave_running` is false (hibernation: it stops once its image is written)."""
-        if not self.features.can_snapshot_live_kernel:
+        if not self.capabilities.live_checkpoint:
             raise StateError(
                 f"runsc {self.features.version} cannot checkpoint a live kernel (it panics on ipykernel's "
                 "loopback listener); `make install` as root installs the 2024-07 build, or use --kind state"

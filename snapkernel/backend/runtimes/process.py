@@ -14,9 +14,16 @@ import os
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
-from snapkernel.backend.runtimes.base import DEFAULT_PIDS_LIMIT, Launch, RuntimeInfo, SandboxRuntime
+from snapkernel.backend.runtimes.base import (
+    DEFAULT_PIDS_LIMIT,
+    Launch,
+    RuntimeCapabilities,
+    RuntimeInfo,
+    RuntimeSettings,
+    SandboxRuntime,
+)
 from snapkernel.backend.sandbox_db import SandboxRecord
 from snapkernel.protocol.spec import ParsedSpec
 
@@ -49,6 +56,16 @@ class ProcessRuntime(SandboxRuntime):
         self.cgroup_base = _cgroup2_base()
         self._core_use: Counter[int] = Counter()
         self._cores: dict[str, list[int]] = {}
+
+    @classmethod
+    def from_settings(cls, settings: RuntimeSettings) -> Self:
+        return cls(settings.pids_limit)
+
+    @property
+    def capabilities(self) -> RuntimeCapabilities:
+        # No memory images (nothing holds a plain process's memory but the host), but a GPU kernel's process
+        # can be suspended in place by the CUDA driver's checkpoint API (hibernation "suspend").
+        return RuntimeCapabilities(gpu_suspend=True, disk_quota=True)
 
     def probe(self) -> RuntimeInfo:
         mode = "cgroup2" if self.cgroup_base else "rlimit"
