@@ -21,8 +21,9 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from jupyter_client.session import Session
 
@@ -33,8 +34,44 @@ from snapkernel.protocol.v1 import backend_pb2 as pb
 from snapkernel.snapshots import cuda
 
 if TYPE_CHECKING:
-    from snapkernel.backend.sandbox import LiveSandbox
-    from snapkernel.backend.sandboxes import SandboxManager
+    from snapkernel.backend.runtimes.base import SandboxRuntime
+    from snapkernel.backend.sandbox import Defaults, LiveSandbox
+    from snapkernel.backend.scheduler import Scheduler
+
+
+class SandboxHost(Protocol):
+    """What hibernation uses of the sandbox manager (sandboxes.py), and all it uses: the narrow interface
+    between the two, so neither reaches into the other's internals."""
+
+    live: dict[str, LiveSandbox]
+    runtimes: dict[str, SandboxRuntime]
+    scheduler: Scheduler
+    defaults: Defaults
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None: ...
+
+    def set_state(self, sb: LiveSandbox, state: int, message: str | None = None,
+                  progress: pb.Progress | None = None) -> None: ...
+
+    def progress(self, sb: LiveSandbox, step: str, message: str, fraction: float = -1.0) -> None: ...
+
+    def state_name(self, sb: LiveSandbox) -> str: ...
+
+    def to_clients(self, sb: LiveSandbox, frame: pb.KernelFrame) -> None: ...
+
+    def send_to_agent(self, sb: LiveSandbox, msg: pb.AgentMessage, internal: bool = False) -> None: ...
+
+    def sandbox_env(self, sb: LiveSandbox, kernel: pb.KernelConfig) -> dict[str, str]: ...
+
+    def prepare_workspace(self, sb: LiveSandbox) -> Path: ...
+
+    async def connect(self, sb: LiveSandbox, runtime: SandboxRuntime, timeout: float) -> None: ...
+
+    async def ended_on_its_own(self, sb: LiveSandbox, runtime: SandboxRuntime | None) -> None: ...
+
+    async def run_in_kernel(self, sb: LiveSandbox, code: str, timeout: float) -> pb.CodeResult: ...
+
+    async def save_state(self, sb: LiveSandbox, inside: str, into_store: bool = False) -> dict[str, Any]: ...
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +82,7 @@ OFFLOAD_CODE = "__import__('snapkernel.snapshots.gpu_offload', fromlist=['run'])
 
 
 class Hibernator:
-    def __init__(self, manager: SandboxManager) -> None:
+    def __init__(self, manager: SandboxHost) -> None:
         self.m = manager
         self._watch: asyncio.Task[None] | None = None
 
@@ -76,7 +113,7 @@ class Hibernator:
                 if (r.state == pb.RUNNING and r.hibernate_after > 0 and not sb.busy and not sb.snapshotting
                         and not sb.held and now - r.last_activity >= r.hibernate_after
                         and sb.refused_at != r.last_activity):
-                    self.m._spawn(self._hibernate_quietly(sb))
+                    self.m.spawn(self._hibernate_quietly(sb))
 
     async def _hibernate_quietly(self, sb: LiveSandbox) -> None:
         try:
@@ -95,7 +132,7 @@ class Hibernator:
         method = self.method(sb)
         sb.snapshotting = True
         r.hibernation = method
-        self.m._set_state(sb, pb.HIBERNATING, f"hibernating ({reason}) by {method}",
+        self.m.set_state(sb, pb.HIBERNATING, f"hibernating ({reason}) by {method}",
                           pb.Progress(step="hibernate", message=f"hibernating by {method}", fraction=0.1))
         started = time.perf_counter()
         try:
@@ -109,12 +146,12 @@ class Hibernator:
             sb.refused_at = r.last_activity  # not again until the kernel has been used
             r.hibernation = ""
             why = str(e) if isinstance(e, SnapkernelError) else f"{type(e).__name__}: {e}"
-            self.m._set_state(sb, pb.RUNNING, f"could not hibernate, so it stays awake: {why}")
+            self.m.set_state(sb, pb.RUNNING, f"could not hibernate, so it stays awake: {why}")
             runtime = self.m.runtimes[r.runtime]
             if runtime.is_alive(r):
                 self._deliver_held(sb)
             else:  # it died on the way (a checkpoint that failed half-way)
-                await self.m._ended_on_its_own(sb, runtime)
+                await self.m.ended_on_its_own(sb, runtime)
                 self._tell_notebook(sb, f"snapkernel: this kernel's sandbox ended while hibernating: {why}\n"
                                         "Restart the kernel.", fail=True)
             if isinstance(e, SnapkernelError):
@@ -123,7 +160,7 @@ class Hibernator:
         finally:
             sb.snapshotting = False
         took = time.perf_counter() - started
-        self.m._set_state(sb, pb.HIBERNATED, f"hibernated by {method} in {took:.1f}s; the next message wakes it",
+        self.m.set_state(sb, pb.HIBERNATED, f"hibernated by {method} in {took:.1f}s; the next message wakes it",
                           pb.Progress(step="hibernate", message=f"hibernated in {took:.1f}s", fraction=1.0))
         if sb.held:  # messages came in while it was going to sleep
             self.wake_soon(sb)
@@ -225,7 +262,7 @@ class Hibernator:
     async def _wake(self, sb: LiveSandbox) -> None:
         r = sb.record
         method = r.hibernation
-        self.m._set_state(sb, pb.WAKING, f"waking from {method}",
+        self.m.set_state(sb, pb.WAKING, f"waking from {method}",
                           pb.Progress(step="wake", message=f"waking from {method}", fraction=0.1))
         started = time.perf_counter()
         sb.told_waiting = False
@@ -240,7 +277,7 @@ class Hibernator:
             self.m.scheduler.release(r.id)
             with contextlib.suppress(Exception):
                 await self.m.runtimes[r.runtime].stop(r)
-            self.m._set_state(sb, pb.FAILED, f"waking the kernel failed: {why}")
+            self.m.set_state(sb, pb.FAILED, f"waking the kernel failed: {why}")
             self._tell_notebook(sb, f"snapkernel: waking this kernel failed: {why}\n"
                                     "Restart the kernel (its variables could not be brought back).", fail=True)
             return
@@ -249,12 +286,12 @@ class Hibernator:
         took = time.perf_counter() - started
         r.hibernation = ""
         r.last_activity = time.time()
-        self.m._set_state(sb, pb.RUNNING, "", pb.Progress(step="wake", message=f"awake in {took:.2f}s",
+        self.m.set_state(sb, pb.RUNNING, "", pb.Progress(step="wake", message=f"awake in {took:.2f}s",
                                                           fraction=1.0))
         self._deliver_held(sb)
 
     def _waiting(self, sb: LiveSandbox, why: str) -> None:
-        self.m._progress(sb, "wake", why)
+        self.m.progress(sb, "wake", why)
         if not sb.told_waiting:
             sb.told_waiting = True
             self._tell_notebook(sb, f"snapkernel: this kernel is hibernated and waits for its GPU to wake: {why}\n")
@@ -272,7 +309,7 @@ class Hibernator:
         await asyncio.to_thread(cuda.resume, driver, suspended, r.gpu_indices)
         sb.suspended = None
         await self._offload(sb, "reload")
-        self.m._spawn(self._after_resume(sb))
+        self.m.spawn(self._after_resume(sb))
 
     async def _after_resume(self, sb: LiveSandbox) -> None:
         """Once the waiting cells are on their way: free the pinned copies, and the limit shrinks back."""
@@ -296,7 +333,7 @@ class Hibernator:
         await asyncio.to_thread(self.m.prepare_workspace, sb)  # mounted again if the host rebooted meanwhile
         if method == "memory":
             r.limits = await runtime.launch(r, sb.spec, {}, Path(r.dir) / IMAGE_DIR)
-            await self.m._connect(sb, runtime, self.m.defaults.start_timeout)
+            await self.m.connect(sb, runtime, self.m.defaults.start_timeout)
             # runsc reads the image while it restores: the kernel answering is the sign it is done with it.
             result = await self.m.run_in_kernel(sb, "pass", self.m.defaults.start_timeout)
             if not result.ok:
@@ -304,8 +341,8 @@ class Hibernator:
             await asyncio.to_thread(shutil.rmtree, Path(r.dir) / IMAGE_DIR, True)
             return
         sb.restore_state = STATE_DIR
-        r.limits = await runtime.launch(r, sb.spec, self.m._sandbox_env(sb, r.kernel))
-        await self.m._connect(sb, runtime, self.m.defaults.start_timeout)
+        r.limits = await runtime.launch(r, sb.spec, self.m.sandbox_env(sb, r.kernel))
+        await self.m.connect(sb, runtime, self.m.defaults.start_timeout)
         async with sb.changed:  # the new kernel starts, then loads the variables (see SandboxManager)
             await asyncio.wait_for(sb.changed.wait_for(lambda: sb.restore_state is None or r.ended),
                                    self.m.defaults.wake_timeout)

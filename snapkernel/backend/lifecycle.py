@@ -1,6 +1,6 @@
 """The sandbox lifecycle: which state may follow which, and one message form for a refused move.
 
-Every state change of a sandbox goes through `check_move` (in `SandboxManager._set_state`), and every request
+Every state change of a sandbox goes through `check_move` (in `SandboxManager.set_state`), and every request
 that does not fit a sandbox's state or what it is busy with is refused through `refuse`, so the rules live here
 and read the same everywhere: `sandbox sb-…: cannot hibernate while snapshotting`.
 """

@@ -45,3 +45,17 @@ class LiveSandbox:
     suspended: cuda.Suspended | None = None
     refused_at: float = -1.0  # `last_activity` when it last could not hibernate: not again until used
     told_waiting: bool = False
+
+
+@dataclass
+class Defaults:
+    """What a sandbox gets when its spec does not say (the daemon's settings)."""
+    runtime: str
+    cpu: float
+    memory: int
+    start_timeout: float
+    disk: int = 10 * 1024**3
+    hibernate_after_gpu: float = 600.0
+    hibernate_after_cpu: float = 0.0
+    gpu_offload: bool = True
+    wake_timeout: float = 600.0

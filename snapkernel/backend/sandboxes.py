@@ -16,7 +16,6 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from snapkernel.backend import lifecycle
 from snapkernel.backend.agent_link import AgentLink
 from snapkernel.backend.hibernation import Hibernator
 from snapkernel.backend.runtimes.base import EXIT_FILE, LINK_SOCKET, LOG_FILE, RuntimeCapabilities, SandboxRuntime
-from snapkernel.backend.sandbox import LiveSandbox
+from snapkernel.backend.sandbox import Defaults, LiveSandbox
 from snapkernel.backend.sandbox_db import SandboxDB, SandboxRecord
 from snapkernel.backend.scheduler import Scheduler
 from snapkernel.backend.workspace import WORKSPACE, Workspaces
@@ -55,19 +54,6 @@ MAX_UNATTACHED_BYTES = 256 * 1024 * 1024
 STATE_TIMEOUT = 600.0  # seconds a state snapshot's save or load may take in the kernel
 
 
-@dataclass
-class Defaults:
-    runtime: str
-    cpu: float
-    memory: int
-    start_timeout: float
-    disk: int = 10 * 1024**3
-    hibernate_after_gpu: float = 600.0
-    hibernate_after_cpu: float = 0.0
-    gpu_offload: bool = True
-    wake_timeout: float = 600.0
-
-
 class SandboxManager:
     def __init__(self, state_dir: Path, runtimes: dict[str, SandboxRuntime], scheduler: Scheduler,
                  defaults: Defaults) -> None:
@@ -87,7 +73,7 @@ class SandboxManager:
         self.handlers: dict[str, Callable[[LiveSandbox, pb.AgentMessage], None]] = {}
 
     # --- helpers --------------------------------------------------------------------------------
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -103,7 +89,7 @@ class SandboxManager:
             raise NotFoundError(f"no sandbox {sandbox_id!r} here; `snapkernel sandboxes list` shows them")
         return sb
 
-    def _set_state(self, sb: LiveSandbox, state: int, message: str | None = None,
+    def set_state(self, sb: LiveSandbox, state: int, message: str | None = None,
                    progress: pb.Progress | None = None) -> None:
         r = sb.record
         if sb.deleting and not lifecycle.allowed(r.state, state):
@@ -129,9 +115,9 @@ class SandboxManager:
             async with sb.changed:
                 sb.changed.notify_all()
 
-        self._spawn(wake())
+        self.spawn(wake())
 
-    def _progress(self, sb: LiveSandbox, step: str, message: str, fraction: float = -1.0) -> None:
+    def progress(self, sb: LiveSandbox, step: str, message: str, fraction: float = -1.0) -> None:
         self._notify(sb, pb.Progress(step=step, message=message, fraction=fraction))
         log.info("sandbox_id=%s %s: %s", sb.record.id, step, message)
 
@@ -241,11 +227,11 @@ class SandboxManager:
         if restore_source is not None:
             sb.restore_state, sb.restore_source = f".snapkernel-restore-{secrets.token_hex(4)}", restore_source
         self.live[sandbox_id] = sb
-        self._set_state(sb, pb.PENDING, "")
-        self._spawn(self._start(sb, runtime, req.kernel, restore))
+        self.set_state(sb, pb.PENDING, "")
+        self.spawn(self._start(sb, runtime, req.kernel, restore))
         return record.to_pb()
 
-    def _sandbox_env(self, sb: LiveSandbox, kernel: pb.KernelConfig) -> dict[str, str]:
+    def sandbox_env(self, sb: LiveSandbox, kernel: pb.KernelConfig) -> dict[str, str]:
         r = sb.record
         # The agent's interpreter first, as in an activated virtualenv: `!pip` in a cell is the kernel's pip.
         bin_dir = os.path.dirname(sys.executable)
@@ -274,18 +260,18 @@ class SandboxManager:
         try:
             workspace = await asyncio.to_thread(self.prepare_workspace, sb)
             if restore is not None:
-                self._progress(sb, "restore", f"restoring snapshot {sb.spec.restore_from}", 0.1)
+                self.progress(sb, "restore", f"restoring snapshot {sb.spec.restore_from}", 0.1)
                 await memory.restore_workspace(restore, workspace)
                 await asyncio.to_thread(self.workspaces.give, workspace, runtime.owner(sb.spec))
             else:
-                self._progress(sb, "sandbox", f"starting a {r.runtime} sandbox", 0.1)
-            r.limits = await runtime.launch(r, sb.spec, self._sandbox_env(sb, kernel), restore)
-            self._set_state(sb, pb.STARTING, "", pb.Progress(step="agent", message="agent starting",
+                self.progress(sb, "sandbox", f"starting a {r.runtime} sandbox", 0.1)
+            r.limits = await runtime.launch(r, sb.spec, self.sandbox_env(sb, kernel), restore)
+            self.set_state(sb, pb.STARTING, "", pb.Progress(step="agent", message="agent starting",
                                                               fraction=0.4))
-            await self._connect(sb, runtime, self.defaults.start_timeout)
+            await self.connect(sb, runtime, self.defaults.start_timeout)
             if restore is not None:  # a resumed agent does not start over: its kernel runs already
                 r.kernel_generation = max(r.kernel_generation, 1)
-                self._set_state(sb, pb.RUNNING, "", pb.Progress(step="restore", message="kernel resumed",
+                self.set_state(sb, pb.RUNNING, "", pb.Progress(step="restore", message="kernel resumed",
                                                                 fraction=1.0))
         except Exception as e:
             log.exception("sandbox_id=%s failed to start", r.id)
@@ -293,7 +279,7 @@ class SandboxManager:
             with contextlib.suppress(Exception):
                 await runtime.stop(r)
             self._release(sb)
-            self._set_state(sb, pb.FAILED, f"sandbox failed to start: {why}")
+            self.set_state(sb, pb.FAILED, f"sandbox failed to start: {why}")
 
     def prepare_workspace(self, sb: LiveSandbox) -> Path:
         """The sandbox's workspace, mounted with its quota and owned by the user its kernel runs as."""
@@ -301,7 +287,7 @@ class SandboxManager:
         return self.workspaces.prepare(Path(sb.record.dir), sb.spec.disk, runtime.owner(sb.spec),
                                        quota=runtime.capabilities.disk_quota)
 
-    async def _connect(self, sb: LiveSandbox, runtime: SandboxRuntime, timeout: float) -> None:
+    async def connect(self, sb: LiveSandbox, runtime: SandboxRuntime, timeout: float) -> None:
         r = sb.record
         link = AgentLink(r.id, str(Path(r.dir) / LINK_SOCKET),
                          lambda msg, seq: self._on_numbered(sb, msg, seq), lambda: self._on_link_closed(sb))
@@ -337,18 +323,18 @@ class SandboxManager:
                 _track_busy(sb, msg.frame)
             self.to_clients(sb, msg.frame)
         elif kind == "hello":
-            self._progress(sb, "kernel", f"agent up (python {msg.hello.python}); kernel starting", 0.6)
+            self.progress(sb, "kernel", f"agent up (python {msg.hello.python}); kernel starting", 0.6)
         elif kind == "kernel_started":
             r.kernel_generation = msg.kernel_started.generation
             r.exit_code = 0
             sb.busy = False
             if sb.restore_state is not None:
-                self._spawn(self._load_state(sb))
+                self.spawn(self._load_state(sb))
                 return
-            self._set_state(sb, pb.RUNNING, "", pb.Progress(step="kernel", message="kernel running",
+            self.set_state(sb, pb.RUNNING, "", pb.Progress(step="kernel", message="kernel running",
                                                             fraction=1.0))
         elif kind == "kernel_request":
-            self._spawn(self._on_kernel_request(sb, msg.kernel_request))
+            self.spawn(self._on_kernel_request(sb, msg.kernel_request))
         elif kind == "code_result":
             future = sb.code_results.pop(msg.code_result.id, None)
             if future is not None and not future.done():
@@ -357,7 +343,7 @@ class SandboxManager:
             if msg.kernel_exited.generation == r.kernel_generation and not sb.deleting:
                 r.exit_code = msg.kernel_exited.code
                 _fail_code_results(sb, f"the kernel exited with code {r.exit_code}")
-                self._set_state(sb, pb.KERNEL_EXITED, f"kernel exited with code {r.exit_code}")
+                self.set_state(sb, pb.KERNEL_EXITED, f"kernel exited with code {r.exit_code}")
         elif kind == "error":
             log.warning("sandbox_id=%s agent: %s", r.id, msg.error)
 
@@ -378,13 +364,13 @@ class SandboxManager:
             if runtime.is_alive(sb.record):  # the shim lives on: the link alone broke, so reconnect
                 log.warning("sandbox_id=%s agent link closed while the sandbox lives; reconnecting", sb.record.id)
                 try:
-                    await self._connect(sb, runtime, timeout=5.0)
+                    await self.connect(sb, runtime, timeout=5.0)
                     return
                 except SnapkernelError as e:
                     log.warning("sandbox_id=%s could not reconnect: %s", sb.record.id, e)
-        await self._ended_on_its_own(sb, runtime)
+        await self.ended_on_its_own(sb, runtime)
 
-    async def _ended_on_its_own(self, sb: LiveSandbox, runtime: SandboxRuntime | None) -> None:
+    async def ended_on_its_own(self, sb: LiveSandbox, runtime: SandboxRuntime | None) -> None:
         """The sandbox ended on its own: read its exit status, release what it held."""
         r = sb.record
         code = _read_exit_code(Path(r.dir) / EXIT_FILE)
@@ -393,15 +379,15 @@ class SandboxManager:
             await asyncio.to_thread(runtime.cleanup, r)
         tail = _log_tail(Path(r.dir) / LOG_FILE)
         if code is None:
-            self._set_state(sb, pb.LOST, f"the sandbox ended without leaving an exit status{tail}")
+            self.set_state(sb, pb.LOST, f"the sandbox ended without leaving an exit status{tail}")
         elif code in (137, -9):
             r.exit_code = code
-            self._set_state(sb, pb.EXITED, (
+            self.set_state(sb, pb.EXITED, (
                 f"the sandbox was killed (SIGKILL), most likely for going over its {format_bytes(sb.spec.memory)} "
                 f"memory limit: ask for more memory (kernelspec config `memory`){tail}"))
         else:
             r.exit_code = code
-            self._set_state(sb, pb.EXITED, f"sandbox exited with code {code}{tail}")
+            self.set_state(sb, pb.EXITED, f"sandbox exited with code {code}{tail}")
         for q in sb.attached:
             q.put_nowait(None)
 
@@ -420,13 +406,13 @@ class SandboxManager:
             sb.waking.cancel()
         runtime = self.runtimes.get(r.runtime)
         if not r.ended:
-            self._set_state(sb, pb.STOPPING, "deleting")
+            self.set_state(sb, pb.STOPPING, "deleting")
             self._release(sb)
         if runtime is not None:
             await runtime.stop(r)  # also when it ended: nothing of it may be left running
         if sb.link is not None:
             sb.link.close()
-        self._set_state(sb, pb.DELETED, "deleted")
+        self.set_state(sb, pb.DELETED, "deleted")
         for q in sb.attached:
             q.put_nowait(None)
         for w in sb.watchers:
@@ -512,7 +498,7 @@ class SandboxManager:
                                                                 name=request.name))
             log.info("sandbox_id=%s %%snapshot took %s", sb.record.id, snap.id)
         except SnapkernelError as e:
-            self._progress(sb, "snapshot", f"%snapshot failed: {e}")
+            self.progress(sb, "snapshot", f"%snapshot failed: {e}")
 
     async def _load_state(self, sb: LiveSandbox) -> None:
         """Put saved variables into the fresh kernel (a resume from a state snapshot, or a wake)."""
@@ -521,7 +507,7 @@ class SandboxManager:
         assert inside is not None
         host = Path(r.dir) / WORKSPACE / inside
         waking = r.state == pb.WAKING
-        self._progress(sb, "restore", "loading the kernel's variables", 0.8)
+        self.progress(sb, "restore", "loading the kernel's variables", 0.8)
         try:
             if sb.restore_source is not None:
                 try:
@@ -543,14 +529,14 @@ class SandboxManager:
         except SnapkernelError as e:
             sb.state_error = str(e)
             if not waking:
-                self._set_state(sb, pb.FAILED, str(e))
+                self.set_state(sb, pb.FAILED, str(e))
             return
         finally:
             await asyncio.to_thread(shutil.rmtree, host, True)
             sb.restore_state = sb.restore_source = None
             self._notify(sb)
         if not waking:
-            self._set_state(sb, pb.RUNNING, "", pb.Progress(step="restore", message=result.output.strip(),
+            self.set_state(sb, pb.RUNNING, "", pb.Progress(step="restore", message=result.output.strip(),
                                                             fraction=1.0))
 
     async def save_state(self, sb: LiveSandbox, inside: str, into_store: bool = False) -> dict[str, Any]:
@@ -625,15 +611,15 @@ class SandboxManager:
         sb.snapshotting = True
         try:
             if kind == "state":
-                self._progress(sb, "snapshot", "saving the kernel's variables", 0.2)
+                self.progress(sb, "snapshot", "saving the kernel's variables", 0.2)
                 snap = await self._take_state(sb, req.name)
             else:
                 assert runtime is not None  # memory snapshots were refused above without it
-                self._progress(sb, "snapshot", "checkpointing the sandbox's memory", 0.2)
+                self.progress(sb, "snapshot", "checkpointing the sandbox's memory", 0.2)
                 snap = await self._take_memory(sb, runtime, req.name)
         finally:
             sb.snapshotting = False
-        self._progress(sb, "snapshot", f"snapshot {snap.id} written ({format_bytes(snap.size)})", 1.0)
+        self.progress(sb, "snapshot", f"snapshot {snap.id} written ({format_bytes(snap.size)})", 1.0)
         return snap
 
     # --- hibernation ----------------------------------------------------------------------------
@@ -657,28 +643,28 @@ class SandboxManager:
             alive = runtime is not None and runtime.is_alive(record)
             if record.state in ASLEEP and record.hibernation in ("memory", "state") and not alive:
                 # Its image or variables are on disk: it stays hibernated, holding nothing.
-                self._set_state(sb, pb.HIBERNATED, "hibernated (backend restarted); the next message wakes it")
+                self.set_state(sb, pb.HIBERNATED, "hibernated (backend restarted); the next message wakes it")
                 continue
             if record.state in (pb.HIBERNATING, pb.WAKING) and alive:
                 # Interrupted half-way by the restart. A suspend is undone on the next wake; otherwise it runs.
                 state = pb.HIBERNATED if record.hibernation == "suspend" else pb.RUNNING
                 if state == pb.RUNNING:
                     record.hibernation = ""
-                self._set_state(sb, state, "the backend restarted while it was hibernating or waking")
+                self.set_state(sb, state, "the backend restarted while it was hibernating or waking")
             if alive and runtime is not None:
                 asleep_on_host = record.state == pb.HIBERNATED  # suspended: its GPUs are free meanwhile
                 self.scheduler.claim(record.id, spec.cpu, spec.memory, [] if asleep_on_host else record.gpu_indices)
                 try:
-                    await self._connect(sb, runtime, timeout=5.0)
+                    await self.connect(sb, runtime, timeout=5.0)
                     log.info("sandbox_id=%s re-adopted (state=%s)", record.id, STATE_NAMES[record.state])
                     continue
                 except SnapkernelError as e:
                     log.warning("sandbox_id=%s could not be re-adopted: %s", record.id, e)
                     self._release(sb)
-                    self._set_state(sb, pb.LOST, f"could not reconnect after a backend restart: {e}")
+                    self.set_state(sb, pb.LOST, f"could not reconnect after a backend restart: {e}")
                     continue
             self.scheduler.claim(record.id, spec.cpu, spec.memory, record.gpu_indices)
-            await self._ended_on_its_own(sb, runtime)
+            await self.ended_on_its_own(sb, runtime)
 
     async def close(self) -> None:
         """Backend stopping: detach from sandboxes, leave them running for the next backend."""

@@ -29,7 +29,8 @@ from snapkernel.backend.runtimes.base import (
     RuntimeUnusable,
     SandboxRuntime,
 )
-from snapkernel.backend.sandboxes import Defaults, SandboxManager
+from snapkernel.backend.sandbox import Defaults
+from snapkernel.backend.sandboxes import SandboxManager
 from snapkernel.backend.scheduler import Scheduler
 from snapkernel.backend.service import BackendService
 from snapkernel.errors import InvalidSpecError, SnapkernelError
