@@ -19,39 +19,34 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from google.protobuf.json_format import MessageToDict
-
 from snapkernel.backend import lifecycle
 from snapkernel.backend.agent_link import AgentLink
 from snapkernel.backend.hibernation import Hibernator
-from snapkernel.backend.runtimes.base import EXIT_FILE, LINK_SOCKET, LOG_FILE, RuntimeCapabilities, SandboxRuntime
+from snapkernel.backend.runtimes.base import EXIT_FILE, LINK_SOCKET, LOG_FILE, SandboxRuntime
 from snapkernel.backend.sandbox import Defaults, LiveSandbox
 from snapkernel.backend.sandbox_db import SandboxDB, SandboxRecord
 from snapkernel.backend.scheduler import Scheduler
+from snapkernel.backend.snapshotting import Snapshotter
 from snapkernel.backend.workspace import WORKSPACE, Workspaces
 from snapkernel.errors import (
     InvalidSpecError,
-    NoCapacityError,
     NotFoundError,
     RuntimeUnavailableError,
     SandboxFailedError,
     SnapkernelError,
-    StateError,
     TimeoutError_,
 )
-from snapkernel.protocol.kinds import DEFAULT_SNAPSHOT_KIND, check_snapshot_kind
-from snapkernel.protocol.spec import ParsedSpec, check_sandbox_id, check_snapshot_name, format_bytes, parse_spec
+from snapkernel.protocol.spec import ParsedSpec, check_sandbox_id, format_bytes, parse_spec
 from snapkernel.protocol.states import ASLEEP, STATE_NAMES
 from snapkernel.protocol.v1 import backend_pb2 as pb
-from snapkernel.snapshots import memory, state
-from snapkernel.snapshots.store import Snapshot, SnapshotStore, is_disk_full
+from snapkernel.snapshots import memory
+from snapkernel.snapshots.store import Snapshot, SnapshotStore
 
 log = logging.getLogger(__name__)
 
 MAX_PENDING_FRAMES = 1000  # frames held for a sandbox whose agent is not connected yet
 MAX_UNATTACHED_OUTPUT = 20000  # kernel frames held for a sandbox while no client is attached
 MAX_UNATTACHED_BYTES = 256 * 1024 * 1024
-STATE_TIMEOUT = 600.0  # seconds a state snapshot's save or load may take in the kernel
 
 
 class SandboxManager:
@@ -69,6 +64,7 @@ class SandboxManager:
         self.workspaces = Workspaces(state_dir)
         self._tasks: set[asyncio.Task[None]] = set()
         self.hibernator = Hibernator(self)
+        self.snapshotter = Snapshotter(self)
         # Agent messages of other parts of the backend (fan-out), by oneof name.
         self.handlers: dict[str, Callable[[LiveSandbox, pb.AgentMessage], None]] = {}
 
@@ -102,11 +98,11 @@ class SandboxManager:
             r.message = message
         if state != pb.DELETED:
             self.db.save(r)
-        self._notify(sb, progress)
+        self.notify(sb, progress)
         log.info("sandbox_id=%s kernel_id=%s state=%s %s", r.id, r.kernel_id, STATE_NAMES[state],
                  message or (progress.message if progress else ""))
 
-    def _notify(self, sb: LiveSandbox, progress: pb.Progress | None = None) -> None:
+    def notify(self, sb: LiveSandbox, progress: pb.Progress | None = None) -> None:
         event = pb.SandboxEvent(sandbox=sb.record.to_pb(), progress=progress)
         for q in sb.watchers:
             q.put_nowait(event)
@@ -118,7 +114,7 @@ class SandboxManager:
         self.spawn(wake())
 
     def progress(self, sb: LiveSandbox, step: str, message: str, fraction: float = -1.0) -> None:
-        self._notify(sb, pb.Progress(step=step, message=message, fraction=fraction))
+        self.notify(sb, pb.Progress(step=step, message=message, fraction=fraction))
         log.info("sandbox_id=%s %s: %s", sb.record.id, step, message)
 
     def _release(self, sb: LiveSandbox) -> None:
@@ -329,12 +325,12 @@ class SandboxManager:
             r.exit_code = 0
             sb.busy = False
             if sb.restore_state is not None:
-                self.spawn(self._load_state(sb))
+                self.spawn(self.snapshotter.load_state(sb))
                 return
             self.set_state(sb, pb.RUNNING, "", pb.Progress(step="kernel", message="kernel running",
                                                             fraction=1.0))
         elif kind == "kernel_request":
-            self.spawn(self._on_kernel_request(sb, msg.kernel_request))
+            self.spawn(self.snapshotter.on_kernel_request(sb, msg.kernel_request))
         elif kind == "code_result":
             future = sb.code_results.pop(msg.code_result.id, None)
             if future is not None and not future.done():
@@ -356,7 +352,7 @@ class SandboxManager:
                 sb.state_error = f"the sandbox ended while waking{_log_tail(Path(sb.record.dir) / LOG_FILE)}"
                 sb.restore_state = None
                 _fail_code_results(sb, sb.state_error)
-                self._notify(sb)
+                self.notify(sb)
             return
         runtime = self.runtimes.get(sb.record.runtime)
         if runtime is not None:
@@ -489,138 +485,11 @@ class SandboxManager:
         finally:
             sb.code_results.pop(request_id, None)
 
-    async def _on_kernel_request(self, sb: LiveSandbox, request: pb.KernelRequest) -> None:
-        if request.action != "snapshot":
-            log.warning("sandbox_id=%s unknown kernel request %r", sb.record.id, request.action)
-            return
-        try:
-            snap = await self.snapshot(pb.CreateSnapshotRequest(sandbox_id=sb.record.id, kind=request.kind,
-                                                                name=request.name))
-            log.info("sandbox_id=%s %%snapshot took %s", sb.record.id, snap.id)
-        except SnapkernelError as e:
-            self.progress(sb, "snapshot", f"%snapshot failed: {e}")
-
-    async def _load_state(self, sb: LiveSandbox) -> None:
-        """Put saved variables into the fresh kernel (a resume from a state snapshot, or a wake)."""
-        r = sb.record
-        inside = sb.restore_state
-        assert inside is not None
-        host = Path(r.dir) / WORKSPACE / inside
-        waking = r.state == pb.WAKING
-        self.progress(sb, "restore", "loading the kernel's variables", 0.8)
-        try:
-            if sb.restore_source is not None:
-                try:
-                    await asyncio.to_thread(shutil.copytree, sb.restore_source, host)
-                except (OSError, shutil.Error) as e:
-                    if not is_disk_full(e):
-                        raise SandboxFailedError(f"the snapshot's files could not be copied in: {e}") from e
-                    if os.path.ismount(Path(r.dir) / WORKSPACE):
-                        raise NoCapacityError(
-                            f"no space left in the sandbox's workspace: its disk quota "
-                            f"({format_bytes(sb.spec.disk)}) cannot hold snapshot {sb.spec.restore_from}; ask for "
-                            "a larger `disk`") from e
-                    raise self.snapshots.disk_full(sum(f.stat().st_size for f in sb.restore_source.rglob("*")
-                                                       if f.is_file())) from e
-                await asyncio.to_thread(self.workspaces.give, host, self.runtimes[r.runtime].owner(sb.spec))
-            result = await self.run_in_kernel(sb, state.load_code(inside), STATE_TIMEOUT)
-            if not result.ok:
-                raise SandboxFailedError(f"loading the saved variables failed: {result.error}")
-        except SnapkernelError as e:
-            sb.state_error = str(e)
-            if not waking:
-                self.set_state(sb, pb.FAILED, str(e))
-            return
-        finally:
-            await asyncio.to_thread(shutil.rmtree, host, True)
-            sb.restore_state = sb.restore_source = None
-            self._notify(sb)
-        if not waking:
-            self.set_state(sb, pb.RUNNING, "", pb.Progress(step="restore", message=result.output.strip(),
-                                                            fraction=1.0))
+    async def snapshot(self, req: pb.CreateSnapshotRequest) -> Snapshot:
+        return await self.snapshotter.snapshot(req)
 
     async def save_state(self, sb: LiveSandbox, inside: str, into_store: bool = False) -> dict[str, Any]:
-        """Save the kernel's variables into `inside` (a directory of its workspace); returns the report.
-
-        The kernel checks the size first, against its workspace and what the host can give: a workspace of
-        its own (a sparse image) takes host space as it fills, and `into_store` files are copied once more.
-        """
-        mounted = os.path.ismount(Path(sb.record.dir) / WORKSPACE)
-        host_free = self.snapshots.free_space() if into_store or mounted else None
-        copies = (2 if mounted else 1) if into_store else 1
-        result = await self.run_in_kernel(sb, state.save_code(inside, host_free, copies), STATE_TIMEOUT)
-        if not result.ok:
-            if state.NO_SPACE in result.error:
-                why = result.error[result.error.index(state.NO_SPACE):]
-                raise NoCapacityError(f"sandbox {sb.record.id}: the state snapshot was not written: {why}")
-            raise SandboxFailedError(f"saving the kernel's variables failed: {result.error}")
-        lines = result.output.strip().splitlines()
-        if lines and lines[-1].startswith("{"):
-            report: dict[str, Any] = json.loads(lines[-1])
-            return report
-        # The printed report did not come back (seen under gVisor): the saved index says the same.
-        index = json.loads((Path(sb.record.dir) / WORKSPACE / inside / state.MANIFEST).read_text())
-        return {"saved": sum(len(index[k]) for k in ("arrays", "pickles", "modules")), "skipped": index["skipped"]}
-
-    async def _take_state(self, sb: LiveSandbox, name: str) -> Snapshot:
-        r = sb.record
-        inside = f".snapkernel-state-{secrets.token_hex(4)}"
-        host = Path(r.dir) / WORKSPACE / inside
-        try:
-            report = await self.save_state(sb, inside, into_store=True)
-            size = sum(p.stat().st_size for p in host.rglob("*") if p.is_file())
-            meta = Snapshot(id="", kind="state", name=name, sandbox_id=r.id, notebook_path=r.notebook_path,
-                            runtime=r.runtime, skipped=report["skipped"])
-            async with self.snapshots.writing(meta, size) as partial:
-                # A rename where the workspace is a plain directory; a copy where it has its own file system.
-                for entry in list(host.iterdir()):
-                    await asyncio.to_thread(shutil.move, entry, partial / entry.name)
-            return meta
-        finally:
-            await asyncio.to_thread(shutil.rmtree, host, True)
-
-    async def _take_memory(self, sb: LiveSandbox, runtime: SandboxRuntime, name: str) -> Snapshot:
-        """Checkpoint the running sandbox (it keeps running) into a new memory snapshot of the store."""
-        r = sb.record
-        meta = Snapshot(id="", kind="memory", name=name, sandbox_id=r.id, notebook_path=r.notebook_path,
-                        spec=MessageToDict(r.spec, preserving_proto_field_name=True), runtime=runtime.name,
-                        runtime_version=runtime.capabilities.version)
-        async with self.snapshots.writing(meta, sb.spec.memory) as d:
-            await runtime.checkpoint(r, d / memory.IMAGE)
-            await asyncio.to_thread(shutil.copytree, Path(r.dir) / WORKSPACE, d / memory.WORKSPACE, symlinks=True)
-            runtime.save_bundle(r, d)
-        return meta
-
-    async def snapshot(self, req: pb.CreateSnapshotRequest) -> Snapshot:
-        check_snapshot_name(req.name)
-        sb = self.get(req.sandbox_id)
-        kind = check_snapshot_kind(req.kind or DEFAULT_SNAPSHOT_KIND)
-        runtime = self.runtimes.get(sb.record.runtime)
-        caps = runtime.capabilities if runtime is not None else RuntimeCapabilities()
-        if kind == "memory" and not caps.memory_snapshots:
-            raise StateError(f"sandbox {sb.record.id} runs under {sb.record.runtime}: memory snapshots need the "
-                             "gvisor runtime; use --kind state")
-        if kind == "memory" and sb.record.gpu_indices and not caps.gpu_checkpoint:
-            raise StateError(f"sandbox {sb.record.id} has GPUs and runsc {caps.version} cannot put GPU "
-                             "memory into its checkpoints (builds with --cuda-checkpoint-path can); use --kind state")
-        if sb.record.state != pb.RUNNING:
-            raise lifecycle.refuse(sb.record.id, "snapshot", self.state_name(sb),
-                                   "only a running kernel can be snapshotted")
-        if sb.snapshotting:
-            raise lifecycle.refuse(sb.record.id, "snapshot", "snapshotting", "wait for that one")
-        sb.snapshotting = True
-        try:
-            if kind == "state":
-                self.progress(sb, "snapshot", "saving the kernel's variables", 0.2)
-                snap = await self._take_state(sb, req.name)
-            else:
-                assert runtime is not None  # memory snapshots were refused above without it
-                self.progress(sb, "snapshot", "checkpointing the sandbox's memory", 0.2)
-                snap = await self._take_memory(sb, runtime, req.name)
-        finally:
-            sb.snapshotting = False
-        self.progress(sb, "snapshot", f"snapshot {snap.id} written ({format_bytes(snap.size)})", 1.0)
-        return snap
+        return await self.snapshotter.save_state(sb, inside, into_store)
 
     # --- hibernation ----------------------------------------------------------------------------
     async def hibernate(self, sandbox_id: str) -> pb.Sandbox:

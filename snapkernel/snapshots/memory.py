@@ -1,7 +1,7 @@
 """Memory snapshots: the exact image of a gvisor sandbox (`runsc checkpoint`), taken live, plus its
 workspace files and OCI spec, so `runsc restore` can resume it in a new sandbox with every variable.
 
-The layout of one in the store; the backend takes it (`SandboxManager._take_memory`: it drives the runtime).
+The layout of one in the store; the backend takes it (`backend/snapshotting.py`: it drives the runtime).
 
 GPU memory (the CUDA checkpoint step before `runsc checkpoint`) is the hibernation issue's work.
 """
