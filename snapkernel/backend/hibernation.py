@@ -57,8 +57,6 @@ class SandboxHost(Protocol):
 
     def state_name(self, sb: LiveSandbox) -> str: ...
 
-    def to_clients(self, sb: LiveSandbox, frame: pb.KernelFrame) -> None: ...
-
     def send_to_agent(self, sb: LiveSandbox, msg: pb.AgentMessage, internal: bool = False) -> None: ...
 
     def sandbox_env(self, sb: LiveSandbox, kernel: pb.KernelConfig) -> dict[str, str]: ...
@@ -380,12 +378,12 @@ class Hibernator:
             for msg_type, content in out:
                 parts = session.serialize(session.msg(msg_type, content, parent=parent),
                                           ident=f"kernel.{r.id}.{msg_type}".encode())
-                self.m.to_clients(sb, pb.KernelFrame(channel=pb.IOPUB, parts=parts))
+                sb.to_clients(pb.KernelFrame(channel=pb.IOPUB, parts=parts))
             if fail:
                 reply = session.msg("execute_reply", {"status": "error", "ename": "KernelWakeError",
                                                       "evalue": text.strip(), "traceback": [text],
                                                       "execution_count": None}, parent=parent)
-                self.m.to_clients(sb, pb.KernelFrame(channel=pb.SHELL,
+                sb.to_clients(pb.KernelFrame(channel=pb.SHELL,
                                                      parts=session.serialize(reply, ident=idents)))
         if fail:
             sb.held.clear()

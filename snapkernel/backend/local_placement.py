@@ -41,16 +41,16 @@ class _LocalAttachment:
     def __init__(self, manager: SandboxManager, sb: LiveSandbox) -> None:
         self.manager, self.sb = manager, sb
         self.outgoing: asyncio.Queue[pb.KernelFrame | None] = asyncio.Queue()
-        manager.attach(sb, self.outgoing)
+        sb.attach(self.outgoing)
 
     def send(self, frame: pb.KernelFrame) -> None:
         self.manager.send_to_agent(self.sb, pb.AgentMessage(frame=frame))
 
     def delivered(self, seq: int) -> None:
-        self.manager.delivered(self.sb, seq)
+        self.sb.delivered(seq)
 
     def close(self, unsent: list[pb.KernelFrame]) -> None:
-        self.manager.detach(self.sb, self.outgoing, unsent)
+        self.sb.detach(self.outgoing, unsent)
         if not self.sb.attached:
             self.sb.detached_at = time.time()
 

@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from snapkernel.backend.agent_link import AgentLink
 from snapkernel.backend.sandbox_db import SandboxRecord
-from snapkernel.protocol.spec import ParsedSpec
+from snapkernel.protocol.spec import ParsedSpec, format_bytes
 from snapkernel.protocol.v1 import backend_pb2 as pb
 from snapkernel.snapshots import cuda
+
+log = logging.getLogger(__name__)
+
+MAX_UNATTACHED_OUTPUT = 20000  # kernel frames held for a sandbox while no client is attached
+MAX_UNATTACHED_BYTES = 256 * 1024 * 1024
 
 
 @dataclass
@@ -45,6 +51,67 @@ class LiveSandbox:
     suspended: cuda.Suspended | None = None
     refused_at: float = -1.0  # `last_activity` when it last could not hibernate: not again until used
     told_waiting: bool = False
+
+    # --- kernel output and its delivery to clients ---------------------------------------------
+    def to_clients(self, frame: pb.KernelFrame) -> None:
+        """To every attached client; while none is, held (bounded) for the next one to attach."""
+        if self.attached:
+            for q in self.attached:
+                q.put_nowait(frame)
+            return
+        self.unattached.append(frame)
+        self.unattached_bytes += frame.ByteSize()
+        while len(self.unattached) > MAX_UNATTACHED_OUTPUT or self.unattached_bytes > MAX_UNATTACHED_BYTES:
+            old = self.unattached.popleft()
+            self.unattached_bytes -= old.ByteSize()
+            self.delivered(old.seq)
+            self.dropped_output += 1
+            if self.dropped_output == 1:
+                log.warning("sandbox_id=%s no client attached: kernel output beyond %s messages or %s is dropped, "
+                            "oldest first, until one attaches", self.record.id, MAX_UNATTACHED_OUTPUT,
+                            format_bytes(MAX_UNATTACHED_BYTES))
+
+    def attach(self, queue: asyncio.Queue[pb.KernelFrame | None]) -> None:
+        """A client attaches: it gets the output held for none first, in order."""
+        if self.dropped_output:
+            log.warning("sandbox_id=%s a client attached; %s kernel output messages were dropped while none was",
+                        self.record.id, self.dropped_output)
+            self.dropped_output = 0
+        while self.unattached:
+            queue.put_nowait(self.unattached.popleft())
+        self.unattached_bytes = 0
+        self.attached.add(queue)
+
+    def detach(self, queue: asyncio.Queue[pb.KernelFrame | None],
+               unsent: list[pb.KernelFrame]) -> None:
+        """A client left; `unsent` are the frames it did not get (or may not have): held again if none is left."""
+        self.attached.discard(queue)
+        while not queue.empty():
+            frame = queue.get_nowait()
+            if frame is not None:
+                unsent.append(frame)
+        if self.attached or self.deleting or self.record.ended:
+            for frame in unsent:
+                self.delivered(frame.seq)
+            return
+        for frame in reversed(unsent):
+            if frame.seq and frame.seq not in self.undelivered:
+                continue  # another client wrote it
+            self.unattached.appendleft(frame)
+            self.unattached_bytes += frame.ByteSize()
+
+    def delivered(self, seq: int) -> None:
+        """Output `seq` is written to a client (or given up): the shim may forget it."""
+        if seq and self.undelivered.pop(seq, 0) is None:
+            self.ack()
+
+    def ack(self) -> None:
+        """Tell the shim which output it may forget: all up to the first that no client has yet."""
+        if self.link is not None:
+            if self.deleting or self.record.ended:  # nobody will want its output now
+                self.undelivered.clear()
+            first = next(iter(self.undelivered), None)
+            self.link.ack(self.last_seq if first is None else first - 1)
 
 
 @dataclass

@@ -45,8 +45,6 @@ from snapkernel.snapshots.store import Snapshot, SnapshotStore
 log = logging.getLogger(__name__)
 
 MAX_PENDING_FRAMES = 1000  # frames held for a sandbox whose agent is not connected yet
-MAX_UNATTACHED_OUTPUT = 20000  # kernel frames held for a sandbox while no client is attached
-MAX_UNATTACHED_BYTES = 256 * 1024 * 1024
 
 
 class SandboxManager:
@@ -122,65 +120,6 @@ class SandboxManager:
 
     def state_name(self, sb: LiveSandbox) -> str:
         return STATE_NAMES[sb.record.state]
-
-    def to_clients(self, sb: LiveSandbox, frame: pb.KernelFrame) -> None:
-        """To every attached client; while none is, held (bounded) for the next one to attach."""
-        if sb.attached:
-            for q in sb.attached:
-                q.put_nowait(frame)
-            return
-        sb.unattached.append(frame)
-        sb.unattached_bytes += frame.ByteSize()
-        while len(sb.unattached) > MAX_UNATTACHED_OUTPUT or sb.unattached_bytes > MAX_UNATTACHED_BYTES:
-            old = sb.unattached.popleft()
-            sb.unattached_bytes -= old.ByteSize()
-            self.delivered(sb, old.seq)
-            sb.dropped_output += 1
-            if sb.dropped_output == 1:
-                log.warning("sandbox_id=%s no client attached: kernel output beyond %s messages or %s is dropped, "
-                            "oldest first, until one attaches", sb.record.id, MAX_UNATTACHED_OUTPUT,
-                            format_bytes(MAX_UNATTACHED_BYTES))
-
-    def attach(self, sb: LiveSandbox, queue: asyncio.Queue[pb.KernelFrame | None]) -> None:
-        """A client attaches: it gets the output held for none first, in order."""
-        if sb.dropped_output:
-            log.warning("sandbox_id=%s a client attached; %s kernel output messages were dropped while none was",
-                        sb.record.id, sb.dropped_output)
-            sb.dropped_output = 0
-        while sb.unattached:
-            queue.put_nowait(sb.unattached.popleft())
-        sb.unattached_bytes = 0
-        sb.attached.add(queue)
-
-    def detach(self, sb: LiveSandbox, queue: asyncio.Queue[pb.KernelFrame | None],
-               unsent: list[pb.KernelFrame]) -> None:
-        """A client left; `unsent` are the frames it did not get (or may not have): held again if none is left."""
-        sb.attached.discard(queue)
-        while not queue.empty():
-            frame = queue.get_nowait()
-            if frame is not None:
-                unsent.append(frame)
-        if sb.attached or sb.deleting or sb.record.ended:
-            for frame in unsent:
-                self.delivered(sb, frame.seq)
-            return
-        for frame in reversed(unsent):
-            if frame.seq and frame.seq not in sb.undelivered:
-                continue  # another client wrote it
-            sb.unattached.appendleft(frame)
-            sb.unattached_bytes += frame.ByteSize()
-
-    def delivered(self, sb: LiveSandbox, seq: int) -> None:
-        """Output `seq` is written to a client (or given up): the shim may forget it."""
-        if seq and sb.undelivered.pop(seq, 0) is None:
-            self._ack(sb)
-
-    def _ack(self, sb: LiveSandbox) -> None:
-        if sb.link is not None:
-            if sb.deleting or sb.record.ended:  # nobody will want its output now
-                sb.undelivered.clear()
-            first = next(iter(sb.undelivered), None)
-            sb.link.ack(sb.last_seq if first is None else first - 1)
 
     # --- create ---------------------------------------------------------------------------------
     async def create(self, req: pb.CreateSandboxRequest) -> pb.Sandbox:
@@ -298,14 +237,14 @@ class SandboxManager:
         """A message of the agent link. The shim sends again what was not acknowledged when a link breaks:
         what this backend has had already is not handled twice."""
         if seq <= sb.last_seq:
-            self._ack(sb)
+            sb.ack()
             return
         sb.last_seq = seq
         if msg.WhichOneof("kind") == "frame":
             msg.frame.seq = seq
             sb.undelivered[seq] = None  # acknowledged once a client has it
         self._on_agent_message(sb, msg)
-        self._ack(sb)
+        sb.ack()
 
     def _on_agent_message(self, sb: LiveSandbox, msg: pb.AgentMessage) -> None:
         kind = msg.WhichOneof("kind")
@@ -317,7 +256,7 @@ class SandboxManager:
             r.last_activity = time.time()
             if msg.frame.channel == pb.IOPUB:
                 _track_busy(sb, msg.frame)
-            self.to_clients(sb, msg.frame)
+            sb.to_clients(msg.frame)
         elif kind == "hello":
             self.progress(sb, "kernel", f"agent up (python {msg.hello.python}); kernel starting", 0.6)
         elif kind == "kernel_started":
@@ -396,7 +335,7 @@ class SandboxManager:
         if sb.deleting:
             raise lifecycle.refuse(sandbox_id, "delete", "being deleted already")
         sb.deleting = True
-        self._ack(sb)
+        sb.ack()
         r = sb.record
         if sb.waking is not None:
             sb.waking.cancel()
