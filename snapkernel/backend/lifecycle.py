@@ -8,6 +8,7 @@ and read the same everywhere: `sandbox sb-…: cannot hibernate while snapshotti
 from __future__ import annotations
 
 from snapkernel.errors import StateError
+from snapkernel.protocol.states import STATE_NAMES
 from snapkernel.protocol.v1 import backend_pb2 as pb
 
 _ENDINGS = frozenset({pb.EXITED, pb.LOST, pb.FAILED})  # how a live sandbox can end without being deleted
@@ -31,10 +32,6 @@ MOVES: dict[int, frozenset[int]] = {
 }
 
 
-def state_name(state: int) -> str:
-    return pb.SandboxState.Name(state).lower()  # type: ignore[arg-type]
-
-
 def allowed(current: int, new: int) -> bool:
     return new == current or new in MOVES[current]
 
@@ -42,7 +39,7 @@ def allowed(current: int, new: int) -> bool:
 def check_move(sandbox_id: str, current: int, new: int) -> None:
     """Refuse a state change the lifecycle does not have (a bug in the backend, never a user's doing)."""
     if not allowed(current, new):
-        raise StateError(f"sandbox {sandbox_id}: cannot become {state_name(new)} while {state_name(current)}")
+        raise StateError(f"sandbox {sandbox_id}: cannot become {STATE_NAMES[new]} while {STATE_NAMES[current]}")
 
 
 def refuse(sandbox_id: str, action: str, why: str, advice: str = "") -> StateError:

@@ -96,10 +96,6 @@ class SandboxDB:
 
         self.writer.submit(self.conn.execute, sql, values).add_done_callback(done)
 
-    def flush(self) -> None:
-        """Wait for the writes so far."""
-        self.writer.submit(lambda: None).result()
-
     def load(self) -> list[SandboxRecord]:
         rows = self.writer.submit(
             lambda: self.conn.execute(f"SELECT {','.join(_COLUMNS)} FROM sandboxes ORDER BY created").fetchall()

@@ -249,13 +249,14 @@ class GvisorRuntime(SandboxRuntime):
                 mounts.append({"destination": secret, "type": "tmpfs", "source": "tmpfs"})
         mounts.append(bind(workspace, "rw"))
         user = self.user_for(spec)
+        tasks = self.tasks_for(spec)
         resources: dict[str, Any] = {
             "memory": {"limit": spec.memory},
             "cpu": {"quota": int(spec.cpu * 100000), "period": 100000},
-            "pids": {"limit": self.tasks_for(spec) * HOST_TASKS_PER_PROCESS + HOST_TASKS_BASE},
+            "pids": {"limit": tasks * HOST_TASKS_PER_PROCESS + HOST_TASKS_BASE},
         }
         # Started as root only to set the Sentry-enforced pids limit, then the agent becomes `user` for good.
-        env = {**env, "SNAPKERNEL_RUN_AS": f"{user.uid}:{user.gid}", "SNAPKERNEL_PIDS_LIMIT": str(self.tasks_for(spec))}
+        env = {**env, "SNAPKERNEL_RUN_AS": f"{user.uid}:{user.gid}", "SNAPKERNEL_PIDS_LIMIT": str(tasks)}
         setid_only = ["CAP_SETUID", "CAP_SETGID"]
         return {
             "ociVersion": "1.0.0",
