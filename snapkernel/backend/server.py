@@ -69,12 +69,13 @@ class BackendApp(Application):
                                             "directories and the agent's Python (e.g. a shared dataset "
                                             "directory). An admin's setting: notebook users cannot add any."
                             ).tag(config=True)
-    pids_limit = Int(DEFAULT_PIDS_LIMIT, help="Processes and threads one sandbox may hold at once; past it `fork` "
-                                              "fails with EAGAIN in the kernel (a fork bomb stops there). gvisor "
-                                              "sandboxes get at most one per 32 MiB of memory (a forked process "
-                                              "costs gVisor far more memory than Linux), enforced by gVisor's "
-                                              "Sentry; process sandboxes get it through their cgroup v2 group "
-                                              "where they have one. 64 to 65536.").tag(config=True)
+    pids_limit = Int(DEFAULT_PIDS_LIMIT, help="Processes one sandbox may hold at once; past it `fork` fails with "
+                                              "EAGAIN in the kernel (a fork bomb stops there). gvisor sandboxes "
+                                              "get fewer when small: 16 + one per 64 MiB of memory past 384 MiB "
+                                              "(a forked process costs gVisor far more memory than Linux), "
+                                              "enforced by gVisor's Sentry; process sandboxes get it (threads "
+                                              "counted too) through their cgroup v2 group where they have one. "
+                                              "64 to 65536.").tag(config=True)
     cpu_overcommit = Float(4.0, help="CPU overcommit: sandboxes may be given up to this many times the host's "
                                      "cores in total (each is still limited to the cores it asked for). Default 4: "
                                      "notebooks idle most of the time, so 8 one-core kernels start on a 2-core host; "

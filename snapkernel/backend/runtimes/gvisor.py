@@ -47,11 +47,15 @@ log = logging.getLogger(__name__)
 # a backstop well above the per-sandbox limit the Sentry enforces (see snapkernel.agent.sandbox_user).
 HOST_TASKS_PER_PROCESS = 8
 HOST_TASKS_BASE = 1024
-# A forked process costs the sandbox far more Sentry memory than under Linux (a sleeping child of an ipykernel
-# about 25 MiB: copy-on-write breaks copy large units), so a fork bomb reaches the memory limit, which kills
-# the whole sandbox, long before a pids limit of 1024: the limit is at most one task per 32 MiB of memory.
-MEMORY_PER_TASK = 32 << 20
-MIN_TASKS = 64
+# gVisor's pids controller counts a sandbox's processes (threads hardly: 20 more threads in a kernel left
+# pids.current at 15, its value at start). A forked process costs the Sentry far more memory than Linux (a
+# sleeping child of an ipykernel 30-45 MiB: copy-on-write breaks copy 2 MiB units), and reaching the memory
+# limit kills the whole sandbox. At 128 tasks a 4Gi sandbox's fork bomb peaked at 85% of its memory (and was
+# killed on CI); at 64, 512Mi and 1Gi sandboxes were killed. So the limit is BASE_TASKS plus one process per
+# MEMORY_PER_TASK past KERNEL_MEMORY: a bomb then peaks near 50% (4Gi) and 65% (512Mi).
+BASE_TASKS = 16
+KERNEL_MEMORY = 384 << 20
+MEMORY_PER_TASK = 64 << 20
 # The first runsc build that checkpoints a live ipykernel (Debian trixie's 0.0~20240729.0).
 SNAPSHOT_MIN_VERSION = 20240729
 _VERSION_RE = re.compile(r"runsc version (?:release-)?(?:0\.0~)?(\d{8})")
@@ -181,8 +185,8 @@ class GvisorRuntime(SandboxRuntime):
                   f"checkpoint flags: {', '.join(sorted(f.checkpoint_flags)) or 'none'}; "
                   f"GPUs (nvproxy): {('no: ' + gpu) if gpu else 'yes'}; root filesystem: minimal (system directories "
                   f"and Python read-only{', ' + ', '.join(self.ro_paths) if self.ro_paths else ''}); kernels run as "
-                  f"uid {self.user.uid}; at most {self.pids_limit} processes and threads each "
-                  f"(one per {MEMORY_PER_TASK >> 20} MiB of memory below that)")
+                  f"uid {self.user.uid}; at most {self.pids_limit} processes each (fewer in small sandboxes: "
+                  f"{BASE_TASKS} + one per {MEMORY_PER_TASK >> 20} MiB of memory past {KERNEL_MEMORY >> 20} MiB)")
         return RuntimeInfo(self.name, True, f.version, detail)
 
     def check(self, spec: ParsedSpec) -> None:
@@ -283,7 +287,7 @@ class GvisorRuntime(SandboxRuntime):
 
     def tasks_for(self, spec: ParsedSpec) -> int:
         """The sandbox's pids limit: `pids_limit`, lowered for small memory limits (see MEMORY_PER_TASK)."""
-        return max(MIN_TASKS, min(self.pids_limit, spec.memory // MEMORY_PER_TASK))
+        return min(self.pids_limit, BASE_TASKS + max(0, spec.memory - KERNEL_MEMORY) // MEMORY_PER_TASK)
 
     def platform_for(self, gpus: bool) -> str:
         """The configured platform, or by default: ptrace for CPU sandboxes (with this runsc, systrap keeps

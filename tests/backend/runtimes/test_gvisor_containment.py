@@ -22,6 +22,10 @@ from tests.kernel_provisioner.kernel_helpers import run, running_kernel, value, 
 pytestmark = [pytest.mark.gvisor, pytest.mark.parametrize("backend", ["gvisor"], indirect=True)]
 
 
+FORK_BOMB = ("import os, time\nkids = 0\nwhile True:\n    if os.fork() == 0:\n        time.sleep(600)\n"
+             "        os._exit(0)\n    kids += 1\n")
+
+
 def gvisor_kernel(kernelspec_dir: Path, name: str, **config: str | bool) -> str:
     return write_kernelspec(kernelspec_dir, name, {"runtime": "gvisor", **config})
 
@@ -86,6 +90,15 @@ def test_memory_hog_gets_a_memory_error_and_the_kernel_lives(backend: Backend, k
         assert km.is_alive() and value(c, "'still here'") == "'still here'"
 
 
+def test_a_small_sandboxs_fork_bomb_stops_before_its_memory_limit(backend: Backend, kernelspec_dir: Path) -> None:
+    """At 512Mi, 64 sleeping children of a kernel were enough for the memory limit to kill the whole sandbox."""
+    with running_kernel(gvisor_kernel(kernelspec_dir, "snapkernel-test-gvisor-512m", memory="512Mi")) as (km, c):
+        assert value(c, "int(open('/sys/fs/cgroup/pids/pids.max').read())") == "18"
+        content, _ = run(c, FORK_BOMB, timeout=120)
+        assert content["status"] == "error" and content["ename"] == "BlockingIOError", content
+        assert km.is_alive()
+
+
 def test_fork_bomb_stops_in_its_cell_and_a_restart_clears_it(kc: BlockingKernelClient, backend: Backend,
                                                               kernelspec_dir: Path) -> None:
     """The Sentry enforces the sandbox's pids limit: `fork` fails in the cell, the user cannot lift the limit,
@@ -95,15 +108,13 @@ def test_fork_bomb_stops_in_its_cell_and_a_restart_clears_it(kc: BlockingKernelC
     def tasks(c: BlockingKernelClient) -> int:
         return int(value(c, "int(open('/sys/fs/cgroup/pids/pids.current').read())"))
 
-    bomb = ("import os, time\nkids = 0\nwhile True:\n    if os.fork() == 0:\n        time.sleep(600)\n"
-            "        os._exit(0)\n    kids += 1\n")
     with running_kernel(gvisor_kernel(kernelspec_dir, "snapkernel-test-gvisor")) as (km, c):
         run(c, "import os")
         limit = int(value(c, "int(open('/sys/fs/cgroup/pids/pids.max').read())"))
-        assert limit == 128  # the default 4Gi: one task per 32 MiB
+        assert limit == 74  # the default 4Gi: 16 + one per 64 MiB past 384 MiB
         content, _ = run(c, "open('/sys/fs/cgroup/pids/pids.max', 'w').write('100000')")
         assert content["status"] == "error" and content["ename"] == "PermissionError", content
-        content, outputs = run(c, bomb, timeout=120)
+        content, outputs = run(c, FORK_BOMB, timeout=120)
         assert content["status"] == "error" and content["ename"] == "BlockingIOError", content
         assert any(m["msg_type"] == "error" for m in outputs)  # shown in the notebook
         # (Until a restart the kernel may itself be short of a thread for its next cell: not asserted on.)
