@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("resume", help="start a kernel from a snapshot and keep it until Ctrl-C")
     s.add_argument("snapshot", metavar="SNAPSHOT")
-    s.add_argument("--runtime", choices=["gvisor", "process"], help="for state snapshots: where to resume")
+    s.add_argument("--runtime", help="for state snapshots: where to resume (a runtime `snapkernel status` lists)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_resume)
 

@@ -43,3 +43,16 @@ def test_cli_client_commands_load_no_daemon_module(tmp_path: Path) -> None:
             "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
             "        main(argv)")
     assert loaded_after(code, SNAPKERNEL_BACKEND=f"unix://{tmp_path}/none.sock", SNAPKERNEL_TOKEN="t") == []
+
+
+def test_no_import_cycles_in_the_package_not_even_for_type_checking() -> None:
+    import grimp
+
+    graph = grimp.build_graph("snapkernel", exclude_type_checking_imports=False, cache_dir=None)
+    cycles = []
+    for module in sorted(graph.modules):
+        for imported in graph.find_modules_directly_imported_by(module):
+            chain = graph.find_shortest_chain(importer=imported, imported=module)
+            if chain:  # module -> imported -> ... -> module
+                cycles.append((module, *chain))
+    assert cycles == []

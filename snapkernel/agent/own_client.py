@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-DELIM = b"<IDS|MSG>"
+from snapkernel.protocol.wire import DELIM
 
 
 @dataclass

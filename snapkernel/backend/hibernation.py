@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from jupyter_client.session import Session
 
 from snapkernel.backend import lifecycle
+from snapkernel.backend.lifecycle import Activity
 from snapkernel.errors import SnapkernelError, StateError
 from snapkernel.protocol.states import ASLEEP
 from snapkernel.protocol.v1 import backend_pb2 as pb
@@ -108,7 +109,7 @@ class Hibernator:
             now = time.time()
             for sb in list(self.m.live.values()):
                 r = sb.record
-                if (r.state == pb.RUNNING and r.hibernate_after > 0 and not sb.busy and not sb.snapshotting
+                if (r.state == pb.RUNNING and r.hibernate_after > 0 and not sb.busy and sb.activity is None
                         and not sb.held and now - r.last_activity >= r.hibernate_after
                         and sb.refused_at != r.last_activity):
                     self.m.spawn(self._hibernate_quietly(sb))
@@ -124,39 +125,36 @@ class Hibernator:
         r = sb.record
         if r.state != pb.RUNNING:
             raise lifecycle.refuse(r.id, "hibernate", self.m.state_name(sb), "only a running kernel can hibernate")
-        if sb.busy or sb.snapshotting:
-            what = "a snapshot" if sb.snapshotting else "a cell"
-            raise lifecycle.refuse(r.id, "hibernate", f"busy ({what} is running)", "try again when it is idle")
-        method = self.method(sb)
-        sb.snapshotting = True
-        r.hibernation = method
-        self.m.set_state(sb, pb.HIBERNATING, f"hibernating ({reason}) by {method}",
-                          pb.Progress(step="hibernate", message=f"hibernating by {method}", fraction=0.1))
-        started = time.perf_counter()
-        try:
-            if method == "memory":
-                await self._to_image(sb)
-            elif method == "suspend":
-                await self._suspend(sb)
-            else:
-                await self._to_state(sb)
-        except Exception as e:
-            sb.refused_at = r.last_activity  # not again until the kernel has been used
-            r.hibernation = ""
-            why = str(e) if isinstance(e, SnapkernelError) else f"{type(e).__name__}: {e}"
-            self.m.set_state(sb, pb.RUNNING, f"could not hibernate, so it stays awake: {why}")
-            runtime = self.m.runtimes[r.runtime]
-            if runtime.is_alive(r):
-                self._deliver_held(sb)
-            else:  # it died on the way (a checkpoint that failed half-way)
-                await self.m.ended_on_its_own(sb, runtime)
-                self._tell_notebook(sb, f"snapkernel: this kernel's sandbox ended while hibernating: {why}\n"
-                                        "Restart the kernel.", fail=True)
-            if isinstance(e, SnapkernelError):
-                raise
-            raise StateError(f"sandbox {r.id} could not hibernate: {why}") from e
-        finally:
-            sb.snapshotting = False
+        if sb.busy:
+            raise lifecycle.refuse(r.id, "hibernate", "busy (a cell is running)", "try again when it is idle")
+        with sb.doing(Activity.HIBERNATING, "hibernate", "try again when it is idle"):
+            method = self.method(sb)
+            r.hibernation = method
+            self.m.set_state(sb, pb.HIBERNATING, f"hibernating ({reason}) by {method}",
+                             pb.Progress(step="hibernate", message=f"hibernating by {method}", fraction=0.1))
+            started = time.perf_counter()
+            try:
+                if method == "memory":
+                    await self._to_image(sb)
+                elif method == "suspend":
+                    await self._suspend(sb)
+                else:
+                    await self._to_state(sb)
+            except Exception as e:
+                sb.refused_at = r.last_activity  # not again until the kernel has been used
+                r.hibernation = ""
+                why = str(e) if isinstance(e, SnapkernelError) else f"{type(e).__name__}: {e}"
+                self.m.set_state(sb, pb.RUNNING, f"could not hibernate, so it stays awake: {why}")
+                runtime = self.m.runtimes[r.runtime]
+                if runtime.is_alive(r):
+                    self._deliver_held(sb)
+                else:  # it died on the way (a checkpoint that failed half-way)
+                    await self.m.ended_on_its_own(sb, runtime)
+                    self._tell_notebook(sb, f"snapkernel: this kernel's sandbox ended while hibernating: {why}\n"
+                                            "Restart the kernel.", fail=True)
+                if isinstance(e, SnapkernelError):
+                    raise
+                raise StateError(f"sandbox {r.id} could not hibernate: {why}") from e
         took = time.perf_counter() - started
         self.m.set_state(sb, pb.HIBERNATED, f"hibernated by {method} in {took:.1f}s; the next message wakes it",
                           pb.Progress(step="hibernate", message=f"hibernated in {took:.1f}s", fraction=1.0))

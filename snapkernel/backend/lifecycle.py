@@ -7,6 +7,8 @@ and read the same everywhere: `sandbox sb-…: cannot hibernate while snapshotti
 
 from __future__ import annotations
 
+import enum
+
 from snapkernel.errors import StateError
 from snapkernel.protocol.states import STATE_NAMES
 from snapkernel.protocol.v1 import backend_pb2 as pb
@@ -30,6 +32,14 @@ MOVES: dict[int, frozenset[int]] = {
     **{ended: frozenset({pb.STOPPING, pb.DELETED}) for ended in _ENDINGS},
     pb.DELETED: frozenset(),
 }
+
+
+class Activity(enum.Enum):
+    """What a sandbox is doing besides being in its state, one at a time: another is refused while one runs
+    (`cannot hibernate while snapshotting`), except that deleting takes over from any."""
+    SNAPSHOTTING = "snapshotting"
+    HIBERNATING = "hibernating"
+    DELETING = "deleting"
 
 
 def allowed(current: int, new: int) -> bool:

@@ -155,14 +155,18 @@ class LocalPlacement(Placement):
         return snapshot_info(await self.manager.snapshot(request))
 
     async def get_snapshot(self, snapshot_id: str) -> pb.SnapshotInfo:
-        snap = self.manager.snapshots.get(snapshot_id)
-        info = snapshot_info(snap)
-        if snap.kind == "memory":
-            info.kernel_key = memory.kernel_key(self.manager.snapshots.path(snap.id))
-        return info
+        def read() -> pb.SnapshotInfo:  # the catalog's SQLite and the image's files: off the event loop
+            snap = self.manager.snapshots.get(snapshot_id)
+            info = snapshot_info(snap)
+            if snap.kind == "memory":
+                info.kernel_key = memory.kernel_key(self.manager.snapshots.path(snap.id))
+            return info
+
+        return await asyncio.to_thread(read)
 
     async def list_snapshots(self, notebook_path: str) -> list[pb.SnapshotInfo]:
-        return [snapshot_info(s) for s in self.manager.snapshots.list(notebook_path or None)]
+        snaps = await asyncio.to_thread(self.manager.snapshots.list, notebook_path or None)
+        return [snapshot_info(s) for s in snaps]
 
     async def delete_snapshot(self, snapshot_id: str) -> None:
         await asyncio.to_thread(self.manager.snapshots.delete, snapshot_id)

@@ -54,7 +54,7 @@ class OrphanReaper:
 
     def orphans(self, now: float) -> list[LiveSandbox]:
         return [sb for sb in self.m.live.values()
-                if sb.record.state in _REAPABLE and not sb.attached and not sb.deleting and not sb.snapshotting
+                if sb.record.state in _REAPABLE and not sb.attached and sb.activity is None
                 and not sb.busy  # like Jupyter's own culler: a running cell is left to finish
                 and not is_worker(sb.record.spec) and now - sb.detached_at >= self.timeout]
 

@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from snapkernel.backend import lifecycle
 from snapkernel.backend.agent_link import AgentLink
+from snapkernel.backend.lifecycle import Activity
 from snapkernel.backend.sandbox_db import SandboxRecord
+from snapkernel.errors import SandboxFailedError
 from snapkernel.protocol.spec import ParsedSpec, format_bytes
 from snapkernel.protocol.v1 import backend_pb2 as pb
 from snapkernel.snapshots import cuda
@@ -37,8 +42,7 @@ class LiveSandbox:
     unattached_bytes: int = 0
     dropped_output: int = 0
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
-    deleting: bool = False
-    snapshotting: bool = False
+    activity: Activity | None = None  # a snapshot, hibernation or deletion under way (see `doing`)
     code_results: dict[str, asyncio.Future[pb.CodeResult]] = field(default_factory=dict)
     restore_state: str | None = None  # a state dir in the workspace to load once the kernel runs
     restore_source: Path | None = None  # where to copy that dir from first (a snapshot in the store)
@@ -51,6 +55,28 @@ class LiveSandbox:
     suspended: cuda.Suspended | None = None
     refused_at: float = -1.0  # `last_activity` when it last could not hibernate: not again until used
     told_waiting: bool = False
+
+    @property
+    def deleting(self) -> bool:
+        return self.activity is Activity.DELETING
+
+    @contextlib.contextmanager
+    def doing(self, activity: Activity, action: str, advice: str = "") -> Iterator[None]:
+        """Run `activity` (refused, naming `action`, while another is under way), then be free again."""
+        if self.activity is not None:
+            raise lifecycle.refuse(self.record.id, action, self.activity.value, advice)
+        self.activity = activity
+        try:
+            yield
+        finally:
+            if self.activity is activity:  # not if a deletion took over
+                self.activity = None
+
+    def fail_code_results(self, why: str) -> None:
+        """The backend's code waiting in this sandbox's kernel will not finish: fail it now, not at its timeout."""
+        for future in self.code_results.values():
+            if not future.done():
+                future.set_exception(SandboxFailedError(why))
 
     # --- kernel output and its delivery to clients ---------------------------------------------
     def to_clients(self, frame: pb.KernelFrame) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 from snapkernel.backend import lifecycle
 from snapkernel.backend.agent_link import AgentLink
+from snapkernel.backend.agent_messages import AgentMessages
 from snapkernel.backend.hibernation import Hibernator
 from snapkernel.backend.runtimes.base import EXIT_FILE, LINK_SOCKET, LOG_FILE, SandboxRuntime
 from snapkernel.backend.sandbox import Defaults, LiveSandbox
@@ -44,17 +45,15 @@ from snapkernel.snapshots.store import Snapshot, SnapshotStore
 
 log = logging.getLogger(__name__)
 
-MAX_PENDING_FRAMES = 1000  # frames held for a sandbox whose agent is not connected yet
-
-
 class SandboxManager:
     def __init__(self, state_dir: Path, runtimes: dict[str, SandboxRuntime], scheduler: Scheduler,
-                 defaults: Defaults) -> None:
+                 defaults: Defaults, known_runtimes: Sequence[str] = ()) -> None:
         self.state_dir = state_dir
         self.sandbox_root = state_dir / "sandboxes"
         self.sandbox_root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.db = SandboxDB(state_dir / "backend.db")
         self.runtimes = runtimes
+        self.known_runtimes = tuple(known_runtimes) or tuple(runtimes)  # with those that do not work here
         self.scheduler = scheduler
         self.defaults = defaults
         self.live: dict[str, LiveSandbox] = {}
@@ -63,6 +62,7 @@ class SandboxManager:
         self._tasks: set[asyncio.Task[None]] = set()
         self.hibernator = Hibernator(self)
         self.snapshotter = Snapshotter(self)
+        self.messages = AgentMessages(self)
         # Agent messages of other parts of the backend (fan-out), by oneof name.
         self.handlers: dict[str, Callable[[LiveSandbox, pb.AgentMessage], None]] = {}
 
@@ -125,6 +125,9 @@ class SandboxManager:
     async def create(self, req: pb.CreateSandboxRequest) -> pb.Sandbox:
         spec = self._parse(req.spec)
         runtime = self.runtimes.get(spec.runtime)
+        if spec.runtime not in self.known_runtimes:
+            raise InvalidSpecError(f"runtime {spec.runtime!r} is not known: use one of "
+                                   f"{', '.join(self.known_runtimes)}")
         if runtime is None:
             raise RuntimeUnavailableError(
                 f"runtime {spec.runtime!r} is not available on this backend; available: "
@@ -225,7 +228,7 @@ class SandboxManager:
     async def connect(self, sb: LiveSandbox, runtime: SandboxRuntime, timeout: float) -> None:
         r = sb.record
         link = AgentLink(r.id, str(Path(r.dir) / LINK_SOCKET),
-                         lambda msg, seq: self._on_numbered(sb, msg, seq), lambda: self._on_link_closed(sb))
+                         lambda msg, seq: self.messages.on_numbered(sb, msg, seq), lambda: self._on_link_closed(sb))
         await link.connect(timeout, lambda: runtime.is_alive(r))
         sb.link = link
         for msg in sb.pending:
@@ -233,55 +236,6 @@ class SandboxManager:
         sb.pending.clear()
 
     # --- agent events ---------------------------------------------------------------------------
-    def _on_numbered(self, sb: LiveSandbox, msg: pb.AgentMessage, seq: int) -> None:
-        """A message of the agent link. The shim sends again what was not acknowledged when a link breaks:
-        what this backend has had already is not handled twice."""
-        if seq <= sb.last_seq:
-            sb.ack()
-            return
-        sb.last_seq = seq
-        if msg.WhichOneof("kind") == "frame":
-            msg.frame.seq = seq
-            sb.undelivered[seq] = None  # acknowledged once a client has it
-        self._on_agent_message(sb, msg)
-        sb.ack()
-
-    def _on_agent_message(self, sb: LiveSandbox, msg: pb.AgentMessage) -> None:
-        kind = msg.WhichOneof("kind")
-        r = sb.record
-        handler = self.handlers.get(kind or "")
-        if handler is not None:
-            handler(sb, msg)
-        elif kind == "frame":
-            r.last_activity = time.time()
-            if msg.frame.channel == pb.IOPUB:
-                _track_busy(sb, msg.frame)
-            sb.to_clients(msg.frame)
-        elif kind == "hello":
-            self.progress(sb, "kernel", f"agent up (python {msg.hello.python}); kernel starting", 0.6)
-        elif kind == "kernel_started":
-            r.kernel_generation = msg.kernel_started.generation
-            r.exit_code = 0
-            sb.busy = False
-            if sb.restore_state is not None:
-                self.spawn(self.snapshotter.load_state(sb))
-                return
-            self.set_state(sb, pb.RUNNING, "", pb.Progress(step="kernel", message="kernel running",
-                                                            fraction=1.0))
-        elif kind == "kernel_request":
-            self.spawn(self.snapshotter.on_kernel_request(sb, msg.kernel_request))
-        elif kind == "code_result":
-            future = sb.code_results.pop(msg.code_result.id, None)
-            if future is not None and not future.done():
-                future.set_result(msg.code_result)
-        elif kind == "kernel_exited":
-            if msg.kernel_exited.generation == r.kernel_generation and not sb.deleting:
-                r.exit_code = msg.kernel_exited.code
-                _fail_code_results(sb, f"the kernel exited with code {r.exit_code}")
-                self.set_state(sb, pb.KERNEL_EXITED, f"kernel exited with code {r.exit_code}")
-        elif kind == "error":
-            log.warning("sandbox_id=%s agent: %s", r.id, msg.error)
-
     async def _on_link_closed(self, sb: LiveSandbox) -> None:
         sb.link = None
         if sb.deleting or sb.record.ended:
@@ -290,7 +244,7 @@ class SandboxManager:
             if sb.record.state == pb.WAKING:
                 sb.state_error = f"the sandbox ended while waking{_log_tail(Path(sb.record.dir) / LOG_FILE)}"
                 sb.restore_state = None
-                _fail_code_results(sb, sb.state_error)
+                sb.fail_code_results(sb.state_error)
                 self.notify(sb)
             return
         runtime = self.runtimes.get(sb.record.runtime)
@@ -333,8 +287,8 @@ class SandboxManager:
     async def delete(self, sandbox_id: str) -> None:
         sb = self.get(sandbox_id)
         if sb.deleting:
-            raise lifecycle.refuse(sandbox_id, "delete", "being deleted already")
-        sb.deleting = True
+            raise lifecycle.refuse(sandbox_id, "delete", "deleting already")
+        sb.activity = lifecycle.Activity.DELETING  # takes over from a snapshot or hibernation under way
         sb.ack()
         r = sb.record
         if sb.waking is not None:
@@ -358,28 +312,7 @@ class SandboxManager:
         await asyncio.to_thread(shutil.rmtree, r.dir, True)
 
     def send_to_agent(self, sb: LiveSandbox, msg: pb.AgentMessage, internal: bool = False) -> None:
-        """Send to the sandbox's agent. While it hibernates, messages other than the backend's own
-        (`internal`) are held, and the first of them wakes it."""
-        if sb.record.ended or sb.deleting:
-            raise lifecycle.refuse(sb.record.id, "take kernel messages", self.state_name(sb), "start a new kernel")
-        if not internal:
-            if sb.record.state in ASLEEP:
-                if len(sb.held) >= MAX_PENDING_FRAMES:
-                    raise lifecycle.refuse(sb.record.id, "hold more messages",
-                                           f"{self.state_name(sb)} with {MAX_PENDING_FRAMES} held already",
-                                           "wait for it to wake")
-                sb.held.append(msg)
-                log.info("sandbox_id=%s %s holds %s%s", sb.record.id, self.state_name(sb), _describe(msg),
-                         "; it wakes" if sb.record.state == pb.HIBERNATED and sb.waking is None else "")
-                self.hibernator.wake_soon(sb)
-                return
-            sb.record.last_activity = time.time()
-        if sb.link is None:
-            if len(sb.pending) >= MAX_PENDING_FRAMES:
-                raise lifecycle.refuse(sb.record.id, "queue more messages", "not connected with its queue full")
-            sb.pending.append(msg)
-            return
-        sb.link.send(msg)
+        self.messages.send(sb, msg, internal)
 
     async def restart_kernel(self, sandbox_id: str, timeout: float) -> pb.Sandbox:
         sb = self.get(sandbox_id)
@@ -411,18 +344,7 @@ class SandboxManager:
 
     # --- snapshots ------------------------------------------------------------------------------
     async def run_in_kernel(self, sb: LiveSandbox, code: str, timeout: float) -> pb.CodeResult:
-        """Run `code` in the sandbox's kernel as the agent's own client (its output is not the notebook's)."""
-        request_id = secrets.token_hex(8)
-        future: asyncio.Future[pb.CodeResult] = asyncio.get_running_loop().create_future()
-        sb.code_results[request_id] = future
-        self.send_to_agent(sb, pb.AgentMessage(run_code=pb.RunCode(id=request_id, code=code)), internal=True)
-        try:
-            return await asyncio.wait_for(future, timeout)
-        except TimeoutError as e:
-            raise TimeoutError_(f"sandbox {sb.record.id}: the kernel did not finish within {timeout:g}s "
-                                "(is a cell still running? state snapshots wait for the kernel to be idle)") from e
-        finally:
-            sb.code_results.pop(request_id, None)
+        return await self.messages.run_code(sb, code, timeout)
 
     async def snapshot(self, req: pb.CreateSnapshotRequest) -> Snapshot:
         return await self.snapshotter.snapshot(req)
@@ -488,41 +410,6 @@ class SandboxManager:
             task.cancel()
         self.db.close()
         self.snapshots.close()
-
-
-def _fail_code_results(sb: LiveSandbox, why: str) -> None:
-    """The backend's own code waiting in this sandbox's kernel will not finish: fail it now, not at its timeout."""
-    for future in sb.code_results.values():
-        if not future.done():
-            future.set_exception(SandboxFailedError(why))
-
-
-def _wire_parts(parts: Sequence[bytes]) -> Sequence[bytes]:
-    """A kernel frame's Jupyter message parts (signature, header, parent, metadata, content), after its
-    routing identities and delimiter; empty when the frame is not a whole message."""
-    for i in range(min(len(parts), 4)):
-        if parts[i] == b"<IDS|MSG>":
-            return parts[i + 1:] if len(parts) > i + 5 else []
-    return []
-
-
-def _describe(msg: pb.AgentMessage) -> str:
-    """What a message to the agent is, for logs: a kernel message's channel and type."""
-    if msg.WhichOneof("kind") != "frame":
-        return str(msg.WhichOneof("kind"))
-    header = (_wire_parts(msg.frame.parts) or [b"", b"{}"])[1]
-    try:
-        msg_type = json.loads(header).get("msg_type", "?")
-    except ValueError:
-        msg_type = "?"
-    return f"{pb.Channel.Name(msg.frame.channel).lower()} {msg_type}"
-
-
-def _track_busy(sb: LiveSandbox, frame: pb.KernelFrame) -> None:
-    """Follow the kernel's `status` messages on iopub: a busy kernel is never idle enough to hibernate."""
-    wire = _wire_parts(frame.parts)
-    if wire and (b'"msg_type": "status"' in wire[1] or b'"msg_type":"status"' in wire[1]):
-        sb.busy = b'"busy"' in wire[4]
 
 
 def _log_tail(path: Path, lines: int = 8) -> str:

@@ -37,7 +37,7 @@ from snapkernel.errors import InvalidSpecError, SnapkernelError
 from snapkernel.host.gpus import inventory
 from snapkernel.host.resources import HostResources
 from snapkernel.protocol.connection import GRPC_OPTIONS, default_state_dir, grpc_target
-from snapkernel.protocol.spec import RUNTIMES, parse_disk, parse_memory
+from snapkernel.protocol.spec import check_runtime_name, parse_disk, parse_memory
 from snapkernel.protocol.v1 import backend_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,8 @@ class BackendApp(Application):
                           "Default: unix socket `backend.sock` in the state dir.").tag(config=True)
     state_dir = Unicode(help="Where sandboxes, the database and the token live "
                              "(default $SNAPKERNEL_STATE_DIR or ~/.local/state/snapkernel).").tag(config=True)
-    runtime = Unicode("", help=f"Default runtime for sandboxes that do not name one: {', '.join(RUNTIMES)}. "
+    runtime = Unicode("", help=f"Default runtime for sandboxes that do not name one: {', '.join(BUILTIN_RUNTIMES)} "
+                               "or one a plug-in adds. "
                                "Default: gvisor where runsc works, else process (and it says so).").tag(config=True)
     runsc = Unicode("", help="Path of the runsc binary (default: `runsc` on PATH).").tag(config=True)
     platform = Unicode("", help="gVisor platform: systrap, ptrace or kvm. Default: ptrace for CPU sandboxes (an idle "
@@ -71,7 +72,7 @@ class BackendApp(Application):
                             ).tag(config=True)
     pids_limit = Int(DEFAULT_PIDS_LIMIT, help="Processes one sandbox may hold at once; past it `fork` fails with "
                                               "EAGAIN in the kernel (a fork bomb stops there). gvisor sandboxes "
-                                              "get fewer when small: 16 + one per 64 MiB of memory past 384 MiB "
+                                              "get fewer when small: 16 + one per 64 MiB of memory past 640 MiB "
                                               "(a forked process costs gVisor far more memory than Linux), "
                                               "enforced by gVisor's Sentry; process sandboxes get it (threads "
                                               "counted too) through their cgroup v2 group where they have one. "
@@ -153,9 +154,7 @@ class BackendApp(Application):
 
     @validate("runtime")
     def _check_runtime(self, proposal: dict[str, Any]) -> str:
-        if proposal["value"] and proposal["value"] not in RUNTIMES:
-            raise InvalidSpecError(f"runtime {proposal['value']!r} is not known: use one of {', '.join(RUNTIMES)}")
-        return str(proposal["value"])
+        return check_runtime_name(proposal["value"]) if proposal["value"] else ""
 
     def build_runtimes(self, state: Path, driver: str) -> tuple[dict[str, SandboxRuntime], list[RuntimeInfo]]:
         """The runtimes that work here, and a line for each that does not. They are the entry points of the
@@ -169,7 +168,8 @@ class BackendApp(Application):
                         RUNTIME_GROUP)
             found = {n: EntryPoint(n, v, RUNTIME_GROUP) for n, v in BUILTIN_RUNTIMES.items()}
         # The known runtimes first, in their usual order (listings and messages name them so), then others.
-        order = sorted(found, key=lambda n: (RUNTIMES.index(n) if n in RUNTIMES else len(RUNTIMES), n))
+        builtin = list(BUILTIN_RUNTIMES)
+        order = sorted(found, key=lambda n: (builtin.index(n) if n in builtin else len(builtin), n))
         runtimes: dict[str, SandboxRuntime] = {}
         missing: list[RuntimeInfo] = []
         for name in order:
@@ -192,10 +192,10 @@ class BackendApp(Application):
         token = ensure_token(state / "token")
         gpus, driver, why = await asyncio.to_thread(inventory)
         log.info("GPUs: %s", ", ".join(f"{g.index}:{g.name}" for g in gpus) or why)
-        runtimes, missing = self.build_runtimes(state, driver)
+        runtimes, missing = await asyncio.to_thread(self.build_runtimes, state, driver)  # runs runsc to probe it
         default_runtime = self.runtime or ("gvisor" if "gvisor" in runtimes else "process")
         if default_runtime not in runtimes:
-            why_not = next((m.detail for m in missing if m.name == default_runtime), "")
+            why_not = next((m.detail for m in missing if m.name == default_runtime), "no such runtime")
             raise InvalidSpecError(f"runtime {default_runtime!r} is not available here ({why_not}); "
                                    f"use one of {', '.join(runtimes)}")
         if default_runtime == "process":
@@ -211,7 +211,8 @@ class BackendApp(Application):
             disk=parse_disk(self.default_disk),
             start_timeout=self.start_timeout, hibernate_after_gpu=self.hibernate_after_gpu,
             hibernate_after_cpu=self.hibernate_after_cpu, gpu_offload=self.gpu_offload,
-            wake_timeout=self.wake_timeout))
+            wake_timeout=self.wake_timeout),
+            known_runtimes=[*runtimes, *(m.name for m in missing)])
 
         def infos() -> list[RuntimeInfo]:
             quota = manager.workspaces.describe()

@@ -17,6 +17,7 @@ from snapkernel.errors import InvalidSpecError, SnapkernelError, abort
 from snapkernel.protocol.spec import check_sandbox_id
 from snapkernel.protocol.v1 import backend_pb2 as pb
 from snapkernel.protocol.v1 import backend_pb2_grpc as pb_grpc
+from snapkernel.protocol.wire import DELIM
 
 log = logging.getLogger(__name__)
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -50,7 +51,7 @@ def check_client_frame(frame: pb.KernelFrame) -> None:
             f"malformed frame: channel {frame.channel} cannot be sent to a kernel; "
             "use SHELL, CONTROL or STDIN"
         )
-    if len(frame.parts) < 6 or b"<IDS|MSG>" not in frame.parts[1:3]:
+    if len(frame.parts) < 6 or DELIM not in frame.parts[1:3]:
         raise InvalidSpecError(
             f"malformed frame on channel {pb.Channel.Name(frame.channel)}: expected the client identity, "
             "'<IDS|MSG>', signature, header, parent header, metadata and content parts; got "

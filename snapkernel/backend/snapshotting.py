@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from google.protobuf.json_format import MessageToDict
 
 from snapkernel.backend import lifecycle
+from snapkernel.backend.lifecycle import Activity
 from snapkernel.backend.runtimes.base import RuntimeCapabilities, SandboxRuntime
 from snapkernel.backend.sandbox import LiveSandbox
 from snapkernel.backend.workspace import WORKSPACE
@@ -177,10 +178,7 @@ class Snapshotter:
         if sb.record.state != pb.RUNNING:
             raise lifecycle.refuse(sb.record.id, "snapshot", self.m.state_name(sb),
                                    "only a running kernel can be snapshotted")
-        if sb.snapshotting:
-            raise lifecycle.refuse(sb.record.id, "snapshot", "snapshotting", "wait for that one")
-        sb.snapshotting = True
-        try:
+        with sb.doing(Activity.SNAPSHOTTING, "snapshot", "wait for that one to finish"):
             if kind == "state":
                 self.m.progress(sb, "snapshot", "saving the kernel's variables", 0.2)
                 snap = await self._take_state(sb, req.name)
@@ -188,7 +186,5 @@ class Snapshotter:
                 assert runtime is not None  # memory snapshots were refused above without it
                 self.m.progress(sb, "snapshot", "checkpointing the sandbox's memory", 0.2)
                 snap = await self._take_memory(sb, runtime, req.name)
-        finally:
-            sb.snapshotting = False
         self.m.progress(sb, "snapshot", f"snapshot {snap.id} written ({format_bytes(snap.size)})", 1.0)
         return snap

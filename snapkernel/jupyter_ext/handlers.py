@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import tornado.web
 from google.protobuf.descriptor import FieldDescriptor
@@ -24,10 +24,17 @@ from snapkernel.client import BackendClient
 from snapkernel.errors import InvalidSpecError, SnapkernelError
 from snapkernel.kernel_provisioner.kernelspec import installed
 
-if TYPE_CHECKING:
-    from snapkernel.jupyter_ext.app import SnapKernelApp
-
 T = TypeVar("T")
+
+
+class ExtensionSettings(Protocol):
+    """What handlers use of the server extension (app.py, which imports them)."""
+
+    def backend(self) -> BackendClient: ...
+
+    def prices(self) -> dict[str, Any]: ...
+
+
 _INT64 = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
           FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64}
 
@@ -58,8 +65,8 @@ class SnapKernelHandler(ExtensionHandlerMixin, APIHandler):  # type: ignore[misc
     auth_resource = "snapkernel"
 
     @property
-    def app(self) -> SnapKernelApp:
-        return cast("SnapKernelApp", self.extensionapp)
+    def app(self) -> ExtensionSettings:
+        return cast(ExtensionSettings, self.extensionapp)
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]

@@ -17,7 +17,9 @@ from typing import Any
 from snapkernel.errors import InvalidSpecError
 from snapkernel.protocol.v1 import backend_pb2 as pb
 
-RUNTIMES = ("process", "gvisor")
+# Runtimes are plug-ins (the backend's `snapkernel.runtimes` entry points): here a name's form is checked,
+# and the backend says whether it has that runtime.
+_RUNTIME_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 _GPU_RE = re.compile(r"^(?P<model>[A-Za-z][A-Za-z0-9_-]*)(?::(?P<count>\d+))?$")
 _MEM_RE = re.compile(r"^(?P<num>\d+(?:\.\d+)?)\s*(?P<unit>[KMGTPE]i?|[kmgtpe]i?|B)?$")
 _UNITS = {
@@ -128,6 +130,13 @@ def check_snapshot_name(name: str) -> str:
     return name
 
 
+def check_runtime_name(name: str) -> str:
+    if not _RUNTIME_NAME.fullmatch(name):
+        raise InvalidSpecError(f"runtime {name!r} is not a runtime's name: use gvisor, process or one a plug-in "
+                               "adds (lowercase letters, digits, '-' and '_')")
+    return name
+
+
 def check_sandbox_id(value: str) -> str:
     if not _SANDBOX_ID_RE.match(value or ""):
         raise InvalidSpecError(
@@ -168,9 +177,7 @@ def check_image(image: str) -> str:
 def parse_spec(spec: pb.SandboxSpec, *, default_runtime: str, default_cpu: float,
                default_memory: int, default_disk: int) -> ParsedSpec:
     """Check every field of a request's spec; the first bad value raises `InvalidSpecError`."""
-    runtime = spec.runtime or default_runtime
-    if runtime not in RUNTIMES:
-        raise InvalidSpecError(f"runtime {runtime!r} is not known: use one of {', '.join(RUNTIMES)}")
+    runtime = check_runtime_name(spec.runtime or default_runtime)
     # Absent: the backend's default. Present, 0 included: checked (0 used to become the default unseen).
     cpu = check_cpu(spec.cpu) if spec.HasField("cpu") else default_cpu
     hibernate = spec.hibernate_after if spec.HasField("hibernate_after") else None
@@ -246,6 +253,6 @@ def spec_from_config(config: Mapping[str, Any]) -> pb.SandboxSpec:
         parse_memory(spec.memory)
     if spec.disk:
         parse_disk(spec.disk)
-    if spec.runtime and spec.runtime not in RUNTIMES:
-        raise InvalidSpecError(f"runtime {spec.runtime!r} is not known: use one of {', '.join(RUNTIMES)}")
+    if spec.runtime:
+        check_runtime_name(spec.runtime)
     return spec

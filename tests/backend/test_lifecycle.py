@@ -8,7 +8,11 @@ import itertools
 import pytest
 
 from snapkernel.backend import lifecycle
+from snapkernel.backend.lifecycle import Activity
+from snapkernel.backend.sandbox import LiveSandbox
+from snapkernel.backend.sandbox_db import SandboxRecord
 from snapkernel.errors import StateError
+from snapkernel.protocol.spec import ParsedSpec
 from snapkernel.protocol.v1 import backend_pb2 as pb
 
 STATES = [s for s in pb.SandboxState.values() if s != pb.SANDBOX_STATE_UNSPECIFIED]
@@ -57,3 +61,32 @@ def test_a_refused_request_reads_the_same_everywhere() -> None:
     err = lifecycle.refuse("sb-000000000000", "hibernate", "snapshotting", "try again when it is idle")
     assert isinstance(err, StateError) and err.reason == "wrong_state"
     assert str(err) == "sandbox sb-000000000000: cannot hibernate while snapshotting; try again when it is idle"
+
+
+def _sandbox() -> LiveSandbox:
+    record = SandboxRecord(id="sb-000000000000", kernel_id="k", runtime="process", spec=pb.SandboxSpec(), dir="/x")
+    spec = ParsedSpec(gpu=None, cpu=1.0, memory=1 << 30, disk=1 << 30, runtime="process", image="", restore_from="",
+                      hibernate_after=None, network=False)
+    return LiveSandbox(record, spec)
+
+
+def test_one_activity_at_a_time_and_a_deletion_takes_over() -> None:
+    sb = _sandbox()
+    with sb.doing(Activity.SNAPSHOTTING, "snapshot"):
+        with pytest.raises(StateError) as refused, sb.doing(Activity.HIBERNATING, "hibernate", "try again later"):
+            pass
+        assert str(refused.value) == "sandbox sb-000000000000: cannot hibernate while snapshotting; try again later"
+        assert sb.activity is Activity.SNAPSHOTTING  # the refused one changed nothing
+    assert sb.activity is None
+    with sb.doing(Activity.HIBERNATING, "hibernate"):
+        sb.activity = Activity.DELETING  # what SandboxManager.delete does
+    assert sb.deleting  # the hibernation's end leaves the deletion in place
+    with pytest.raises(StateError, match="cannot snapshot while deleting"), sb.doing(Activity.SNAPSHOTTING, "snapshot"):
+        pass
+
+
+def test_an_activity_that_fails_frees_the_sandbox() -> None:
+    sb = _sandbox()
+    with pytest.raises(OSError), sb.doing(Activity.SNAPSHOTTING, "snapshot"):
+        raise OSError("disk full")
+    assert sb.activity is None

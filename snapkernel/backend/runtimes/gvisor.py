@@ -47,14 +47,14 @@ log = logging.getLogger(__name__)
 # a backstop well above the per-sandbox limit the Sentry enforces (see snapkernel.agent.sandbox_user).
 HOST_TASKS_PER_PROCESS = 8
 HOST_TASKS_BASE = 1024
-# gVisor's pids controller counts a sandbox's processes (threads hardly: 20 more threads in a kernel left
-# pids.current at 15, its value at start). A forked process costs the Sentry far more memory than Linux (a
-# sleeping child of an ipykernel 30-45 MiB: copy-on-write breaks copy 2 MiB units), and reaching the memory
-# limit kills the whole sandbox. At 128 tasks a 4Gi sandbox's fork bomb peaked at 85% of its memory (and was
-# killed on CI); at 64, 512Mi and 1Gi sandboxes were killed. So the limit is BASE_TASKS plus one process per
-# MEMORY_PER_TASK past KERNEL_MEMORY: a bomb then peaks near 50% (4Gi) and 65% (512Mi).
+# A forked process costs the Sentry far more memory than Linux: a sleeping child of an ipykernel 27-30 MiB
+# (measured at 512Mi, 1Gi and 4Gi; copy-on-write breaks copy 2 MiB units), and reaching the memory limit kills
+# the whole sandbox. At 128 tasks a 4Gi sandbox's fork bomb peaked at 85% of its memory (and was killed on CI);
+# at 64, 512Mi and 1Gi sandboxes were killed. How many of its tasks a bomb gets varies (pids.current is 9-15
+# at start), so the limit is BASE_TASKS, which could all be forks and are paid for by KERNEL_MEMORY (with the
+# kernel's own ~75 MiB), plus one per MEMORY_PER_TASK (about twice a child's cost) of the rest.
 BASE_TASKS = 16
-KERNEL_MEMORY = 384 << 20
+KERNEL_MEMORY = 640 << 20
 MEMORY_PER_TASK = 64 << 20
 # The first runsc build that checkpoints a live ipykernel (Debian trixie's 0.0~20240729.0).
 SNAPSHOT_MIN_VERSION = 20240729

@@ -91,9 +91,9 @@ def test_memory_hog_gets_a_memory_error_and_the_kernel_lives(backend: Backend, k
 
 
 def test_a_small_sandboxs_fork_bomb_stops_before_its_memory_limit(backend: Backend, kernelspec_dir: Path) -> None:
-    """At 512Mi, 64 sleeping children of a kernel were enough for the memory limit to kill the whole sandbox."""
-    with running_kernel(gvisor_kernel(kernelspec_dir, "snapkernel-test-gvisor-512m", memory="512Mi")) as (km, c):
-        assert value(c, "int(open('/sys/fs/cgroup/pids/pids.max').read())") == "18"
+    """At 1Gi, 64 sleeping children of a kernel were enough for the memory limit to kill the whole sandbox."""
+    with running_kernel(gvisor_kernel(kernelspec_dir, "snapkernel-test-gvisor-1g", memory="1Gi")) as (km, c):
+        assert value(c, "int(open('/sys/fs/cgroup/pids/pids.max').read())") == "22"
         content, _ = run(c, FORK_BOMB, timeout=120)
         assert content["status"] == "error" and content["ename"] == "BlockingIOError", content
         assert km.is_alive()
@@ -111,7 +111,7 @@ def test_fork_bomb_stops_in_its_cell_and_a_restart_clears_it(kc: BlockingKernelC
     with running_kernel(gvisor_kernel(kernelspec_dir, "snapkernel-test-gvisor")) as (km, c):
         run(c, "import os")
         limit = int(value(c, "int(open('/sys/fs/cgroup/pids/pids.max').read())"))
-        assert limit == 74  # the default 4Gi: 16 + one per 64 MiB past 384 MiB
+        assert limit == 70  # the default 4Gi: 16 + one per 64 MiB past 640 MiB
         content, _ = run(c, "open('/sys/fs/cgroup/pids/pids.max', 'w').write('100000')")
         assert content["status"] == "error" and content["ename"] == "PermissionError", content
         content, outputs = run(c, FORK_BOMB, timeout=120)
