@@ -73,7 +73,19 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"{format_bytes(cap.memory_allocated)}/{format_bytes(cap.memory_total)} ({memory_policy}), GPUs "
           f"{cap.gpus_allocated}/{cap.gpus_total} (never shared)")
     print(f"sandboxes: {status.sandboxes}")
+    print("templates (new kernels of their class restore one):" + ("" if status.templates else " none"))
+    now = time.time()
+    for t in status.templates:
+        age = f", built {_age(now - t.created)} ago" if t.created and t.state == "ready" else ""
+        print(f"  {t.key}  {t.spec}: {t.state}{age}, {format_bytes(t.size)}, {t.used} kernels from it")
     return 0
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.0f} s"
 
 
 def cmd_sandboxes_list(args: argparse.Namespace) -> int:

@@ -31,6 +31,8 @@ _MAX_CLIENTS = 64  # clients (identities) kept connected at once; the least rece
 _KILL_GRACE = 3.0
 REQUEST_MARK = b"snapkernel_request"
 STDIN_CONNECT_TIMEOUT_MS = 2000
+# Run in the kernel by its agent (not the notebook's history); names nothing in the user's namespace.
+IDENTITY_CODE = "__import__('os').environ.update({env!r}); get_ipython().kernel.session.key = {key!r}"
 # The loop sleeps until a message or SIGCHLD (the kernel's exit) wakes it; this is only a safety net. Under
 # gVisor every wake-up of an idle sandbox costs CPU, so it must be rare (it used to be 200 ms).
 IDLE_POLL_MS = 10_000
@@ -190,6 +192,8 @@ class KernelBridge:
             self.running = False
         elif kind == "run_code":
             self._run_code(msg.run_code)
+        elif kind == "identity":
+            self._take_identity(msg.identity)
         elif kind == "fanout":
             self.relay.deliver(msg.fanout)
         else:
@@ -215,16 +219,26 @@ class KernelBridge:
             for request in self.requests.pop(parent.get("msg_id", ""), []):
                 self.send(pb.AgentMessage(kernel_request=request))
 
-    def _run_code(self, req: pb.RunCode) -> None:
+    def _run_code(self, req: pb.RunCode) -> bool:
+        """Send `req` to the kernel as this agent's own client (False, answered at once, with no kernel)."""
         if self.kernel is None or self.kernel.poll() is not None:
             self.send(pb.AgentMessage(code_result=pb.CodeResult(id=req.id, ok=False, error="no kernel running")))
-            return
+            return False
         if self.own_shell is None:
             self.own_shell = self.ctx.socket(zmq.DEALER)
             self.own_shell.linger = 0
             self.own_shell.connect(self.addresses["shell"])
             self.poller.register(self.own_shell, zmq.POLLIN)
         self.own_shell.send_multipart(self.own.execute_request(req.id, req.code))
+        return True
+
+    def _take_identity(self, identity: pb.Identity) -> None:
+        """A restored kernel becomes this sandbox's: its session key and environment, then this agent's (the
+        request is signed with the old key; the kernel verifies each later message after the change)."""
+        key, env = bytes(identity.key), dict(identity.env)
+        if self._run_code(pb.RunCode(id=identity.id, code=IDENTITY_CODE.format(key=key, env=env))):
+            self.key = self.own.key = key
+        os.environ.update(env)  # a restarted kernel gets it too
 
     def _error(self, text: str) -> None:
         log.warning("%s", text)

@@ -11,7 +11,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
 
 from snapkernel.backend import lifecycle
-from snapkernel.errors import TimeoutError_
+from snapkernel.errors import SandboxFailedError, TimeoutError_
 from snapkernel.protocol import wire
 from snapkernel.protocol.states import ASLEEP
 from snapkernel.protocol.v1 import backend_pb2 as pb
@@ -126,10 +126,25 @@ class AgentMessages:
 
     async def run_code(self, sb: LiveSandbox, code: str, timeout: float) -> pb.CodeResult:
         """Run `code` in the sandbox's kernel as the agent's own client (its output is not the notebook's)."""
+        return await self._ask(sb, lambda rid: pb.AgentMessage(run_code=pb.RunCode(id=rid, code=code)), timeout)
+
+    async def give_identity(self, sb: LiveSandbox, env: dict[str, str], timeout: float) -> None:
+        """Make a kernel restored from a memory image this sandbox's: it signs with the sandbox's session key
+        from now on and sees `env` (see `Identity`)."""
+        key = sb.record.kernel.key
+        result = await self._ask(
+            sb, lambda rid: pb.AgentMessage(identity=pb.Identity(id=rid, key=key, env=env)), timeout)
+        if not result.ok:
+            raise SandboxFailedError(f"sandbox {sb.record.id}: the restored kernel did not take its session key: "
+                                     f"{result.error}")
+
+    async def _ask(self, sb: LiveSandbox, message: Callable[[str], pb.AgentMessage],
+                   timeout: float) -> pb.CodeResult:
+        """Send the agent `message(request id)` and wait for the `code_result` that answers it."""
         request_id = secrets.token_hex(8)
         future: asyncio.Future[pb.CodeResult] = asyncio.get_running_loop().create_future()
         sb.code_results[request_id] = future
-        self.send(sb, pb.AgentMessage(run_code=pb.RunCode(id=request_id, code=code)), internal=True)
+        self.send(sb, message(request_id), internal=True)
         try:
             return await asyncio.wait_for(future, timeout)
         except TimeoutError as e:

@@ -40,6 +40,8 @@ class Activity(enum.Enum):
     SNAPSHOTTING = "snapshotting"
     HIBERNATING = "hibernating"
     DELETING = "deleting"
+    RESTORING = "restoring"  # from a memory image, until it has its identity (sandboxes.py)
+    TEMPLATING = "becoming a template"  # its image is taken and it stops (templates.py)
 
 
 def allowed(current: int, new: int) -> bool:

@@ -83,6 +83,7 @@ class LocalPlacement(Placement):
         removed = 0
         if remove_leftovers:
             removed = await remove_all(self.manager, "left by an earlier run that did not stop cleanly")
+        await self.manager.start_templates()
         self.manager.hibernator.start()
         self.orphans.start()
         await self.fanout.start()
@@ -183,6 +184,7 @@ class LocalPlacement(Placement):
             sandboxes=len(self.manager.list(include_ended=False)),
             gpu_detail=why,
             driver_version=driver,
+            templates=self.manager.templates.list(),
         )
 
     def open_map(self, send: Callable[[pb.MapResponse], None]) -> MapJob:

@@ -152,3 +152,5 @@ class Defaults:
     hibernate_after_cpu: float = 0.0
     gpu_offload: bool = True
     wake_timeout: float = 600.0
+    templates: bool = False  # new kernels restore a template of their class (templates.py)
+    template_preimport: tuple[str, ...] = ()

@@ -23,11 +23,13 @@ from snapkernel.backend import lifecycle
 from snapkernel.backend.agent_link import AgentLink
 from snapkernel.backend.agent_messages import AgentMessages
 from snapkernel.backend.hibernation import Hibernator
+from snapkernel.backend.lifecycle import Activity
 from snapkernel.backend.runtimes.base import EXIT_FILE, LINK_SOCKET, LOG_FILE, SandboxRuntime
 from snapkernel.backend.sandbox import Defaults, LiveSandbox
 from snapkernel.backend.sandbox_db import SandboxDB, SandboxRecord
 from snapkernel.backend.scheduler import Scheduler
 from snapkernel.backend.snapshotting import Snapshotter
+from snapkernel.backend.templates import KERNEL_ID_PREFIX, Templates
 from snapkernel.backend.workspace import WORKSPACE, Workspaces
 from snapkernel.errors import (
     InvalidSpecError,
@@ -44,6 +46,8 @@ from snapkernel.snapshots import memory
 from snapkernel.snapshots.store import Snapshot, SnapshotStore
 
 log = logging.getLogger(__name__)
+
+IDENTITY_ENV = ("SNAPKERNEL_SANDBOX_ID", "SNAPKERNEL_KERNEL_KEY")
 
 class SandboxManager:
     def __init__(self, state_dir: Path, runtimes: dict[str, SandboxRuntime], scheduler: Scheduler,
@@ -63,6 +67,8 @@ class SandboxManager:
         self.hibernator = Hibernator(self)
         self.snapshotter = Snapshotter(self)
         self.messages = AgentMessages(self)
+        self.templates = Templates(state_dir / "templates", self, list(defaults.template_preimport),
+                                   enabled=defaults.templates)
         # Agent messages of other parts of the backend (fan-out), by oneof name.
         self.handlers: dict[str, Callable[[LiveSandbox, pb.AgentMessage], None]] = {}
 
@@ -147,6 +153,9 @@ class SandboxManager:
                 f"signature scheme {req.kernel.signature_scheme!r} is not supported: use hmac-sha256"
             )
         runtime.check(spec)
+        template = None if spec.restore_from else self.templates.take(spec, runtime)
+        if template is not None:
+            restore = template[1]
         self.workspaces.check(spec.disk, req.spec.disk or format_bytes(spec.disk))
         state = self.state_dir.resolve()
         if spec.mount_dir and (Path(spec.mount_dir) == state or state in Path(spec.mount_dir).parents):
@@ -166,7 +175,7 @@ class SandboxManager:
             sb.restore_state, sb.restore_source = f".snapkernel-restore-{secrets.token_hex(4)}", restore_source
         self.live[sandbox_id] = sb
         self.set_state(sb, pb.PENDING, "")
-        self.spawn(self._start(sb, runtime, req.kernel, restore))
+        self.spawn(self._start(sb, runtime, req.kernel, restore, template[0] if template else ""))
         return record.to_pb()
 
     def sandbox_env(self, sb: LiveSandbox, kernel: pb.KernelConfig) -> dict[str, str]:
@@ -192,32 +201,67 @@ class SandboxManager:
         env.update(sb.spec.env)
         return env
 
+    def identity_env(self, sb: LiveSandbox, kernel: pb.KernelConfig) -> dict[str, str]:
+        """What of `sandbox_env` names this sandbox: a kernel restored from another's image is given it."""
+        env = self.sandbox_env(sb, kernel)
+        return {name: env[name] for name in IDENTITY_ENV} | sb.spec.env
+
     async def _start(self, sb: LiveSandbox, runtime: SandboxRuntime, kernel: pb.KernelConfig,
-                     restore: Path | None) -> None:
+                     restore: Path | None, template: str = "") -> None:
+        """Boot the sandbox, or restore it from a memory snapshot or the template `template`."""
         r = sb.record
         try:
-            workspace = await asyncio.to_thread(self.prepare_workspace, sb)
-            if restore is not None:
-                self.progress(sb, "restore", f"restoring snapshot {sb.spec.restore_from}", 0.1)
-                await memory.restore_workspace(restore, workspace)
-                await asyncio.to_thread(self.workspaces.give, workspace, runtime.owner(sb.spec))
-            else:
+            if restore is None:
+                await asyncio.to_thread(self.prepare_workspace, sb)
                 self.progress(sb, "sandbox", f"starting a {r.runtime} sandbox", 0.1)
-            r.limits = await runtime.launch(r, sb.spec, self.sandbox_env(sb, kernel), restore)
-            self.set_state(sb, pb.STARTING, "", pb.Progress(step="agent", message="agent starting",
-                                                              fraction=0.4))
-            await self.connect(sb, runtime, self.defaults.start_timeout)
-            if restore is not None:  # a resumed agent does not start over: its kernel runs already
-                r.kernel_generation = max(r.kernel_generation, 1)
-                self.set_state(sb, pb.RUNNING, "", pb.Progress(step="restore", message="kernel resumed",
-                                                                fraction=1.0))
+                await self._launch(sb, runtime, kernel, None)
+            else:
+                with sb.doing(Activity.RESTORING, "restore"):
+                    await self._restore(sb, runtime, kernel, restore, template)
         except Exception as e:
+            if template and not sb.deleting:  # a kernel never fails because of a template: it boots instead
+                self.templates.failed(template, f"restoring it failed: {e}")
+                await self._undo_start(sb, runtime)
+                await self._start(sb, runtime, kernel, None)
+                return
             log.exception("sandbox_id=%s failed to start", r.id)
             why = str(e) if isinstance(e, SnapkernelError) else f"{type(e).__name__}: {e}"
             with contextlib.suppress(Exception):
                 await runtime.stop(r)
             self._release(sb)
             self.set_state(sb, pb.FAILED, f"sandbox failed to start: {why}")
+
+    async def _restore(self, sb: LiveSandbox, runtime: SandboxRuntime, kernel: pb.KernelConfig, image: Path,
+                       template: str) -> None:
+        r = sb.record
+        started = time.perf_counter()
+        workspace = await asyncio.to_thread(self.prepare_workspace, sb)
+        what = f"template {template}" if template else f"snapshot {sb.spec.restore_from}"
+        self.progress(sb, "restore", f"restoring {what}", 0.1)
+        await memory.restore_workspace(image, workspace)
+        await asyncio.to_thread(self.workspaces.give, workspace, runtime.owner(sb.spec))
+        await self._launch(sb, runtime, kernel, image)
+        r.kernel_generation = max(r.kernel_generation, 1)  # a resumed agent does not start over: its kernel runs
+        await self.messages.give_identity(sb, self.identity_env(sb, kernel), self.defaults.start_timeout)
+        self.set_state(sb, pb.RUNNING, "", pb.Progress(step="restore", message="kernel resumed", fraction=1.0))
+        log.info("sandbox_id=%s restored from %s in %.2fs", r.id, what, time.perf_counter() - started)
+
+    async def _launch(self, sb: LiveSandbox, runtime: SandboxRuntime, kernel: pb.KernelConfig,
+                      image: Path | None) -> None:
+        sb.record.limits = await runtime.launch(sb.record, sb.spec, self.sandbox_env(sb, kernel), image)
+        self.set_state(sb, pb.STARTING, "", pb.Progress(step="agent", message="agent starting", fraction=0.4))
+        await self.connect(sb, runtime, self.defaults.start_timeout)
+
+    async def _undo_start(self, sb: LiveSandbox, runtime: SandboxRuntime) -> None:
+        """What a failed restore left, so that the sandbox can boot in its place."""
+        if sb.link is not None:
+            await sb.link.detach()  # not reported as the sandbox's end
+            sb.link = None
+        with contextlib.suppress(Exception):
+            await runtime.stop(sb.record)
+        sb.last_seq = 0
+        sb.undelivered.clear()
+        sb.fail_code_results("the restore failed")
 
     def prepare_workspace(self, sb: LiveSandbox) -> Path:
         """The sandbox's workspace, mounted with its quota and owned by the user its kernel runs as."""
@@ -238,7 +282,10 @@ class SandboxManager:
     # --- agent events ---------------------------------------------------------------------------
     async def _on_link_closed(self, sb: LiveSandbox) -> None:
         sb.link = None
-        if sb.deleting or sb.record.ended:
+        if sb.deleting or sb.record.ended or sb.activity is Activity.TEMPLATING:
+            return
+        if sb.activity is Activity.RESTORING:  # `_start` says why it failed, and may boot instead
+            sb.fail_code_results(f"the restored sandbox ended{_log_tail(Path(sb.record.dir) / LOG_FILE, 2)}")
             return
         if sb.record.state in ASLEEP:  # stopped on purpose; or, while waking, the new sandbox died
             if sb.record.state == pb.WAKING:
@@ -282,7 +329,8 @@ class SandboxManager:
 
     # --- requests -------------------------------------------------------------------------------
     def list(self, include_ended: bool) -> list[pb.Sandbox]:
-        return [sb.record.to_pb() for sb in self.live.values() if include_ended or not sb.record.ended]
+        return [sb.record.to_pb() for sb in self.live.values() if (include_ended or not sb.record.ended)
+                and not sb.record.kernel_id.startswith(KERNEL_ID_PREFIX)]
 
     async def delete(self, sandbox_id: str) -> None:
         sb = self.get(sandbox_id)
@@ -367,9 +415,13 @@ class SandboxManager:
             spec = self._parse(record.spec)
             sb = LiveSandbox(record, spec)
             self.live[record.id] = sb
+            runtime = self.runtimes.get(record.runtime)
+            if record.kernel_id.startswith(KERNEL_ID_PREFIX):  # a template's, half built: built again instead
+                with contextlib.suppress(SnapkernelError):
+                    await self.delete(record.id)
+                continue
             if record.ended:
                 continue
-            runtime = self.runtimes.get(record.runtime)
             alive = runtime is not None and runtime.is_alive(record)
             if record.state in ASLEEP and record.hibernation in ("memory", "state") and not alive:
                 # Its image or variables are on disk: it stays hibernated, holding nothing.
@@ -396,9 +448,21 @@ class SandboxManager:
             self.scheduler.claim(record.id, spec.cpu, spec.memory, record.gpu_indices)
             await self.ended_on_its_own(sb, runtime)
 
+    async def start_templates(self) -> None:
+        """Load the templates an earlier backend built, and build the default spec's if it has none."""
+        if not self.defaults.templates:
+            return
+        await asyncio.to_thread(self.templates.load)
+        spec = self._parse(pb.SandboxSpec())
+        runtime = self.runtimes.get(spec.runtime)
+        if runtime is not None:
+            self.templates.ensure(spec, runtime)
+
     async def close(self) -> None:
-        """Backend stopping: detach from sandboxes, leave them running for the next backend."""
+        """Backend stopping: detach from sandboxes, leave them running for the next backend (not templates'
+        half built: the next backend would only remove them)."""
         await self.hibernator.stop()
+        await self.templates.stop()
         for sb in self.live.values():
             if sb.link is not None:
                 await sb.link.detach()

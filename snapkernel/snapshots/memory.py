@@ -19,8 +19,10 @@ WORKSPACE = "workspace"  # the sandbox's workspace files as they were
 
 def kernel_key(snapshot_dir: Path) -> bytes:
     """The Jupyter session key the snapshotted kernel signs with (a resumed kernel keeps it)."""
-    oci = json.loads((snapshot_dir / "sandbox.json").read_text())["oci"]
-    for entry in oci["process"]["env"]:
+    saved = json.loads((snapshot_dir / "sandbox.json").read_text())
+    if "kernel_key" in saved:
+        return str(saved["kernel_key"]).encode()
+    for entry in saved["oci"]["process"]["env"]:  # images saved before the key was
         name, _, value = entry.partition("=")
         if name == "SNAPKERNEL_KERNEL_KEY":
             return str(value).encode()

@@ -331,6 +331,7 @@ class GvisorRuntime(SandboxRuntime):
         oci = json.loads((Path(record.dir) / "bundle" / "config.json").read_text())
         (snapshot_dir / "sandbox.json").write_text(json.dumps({
             "oci": oci, "workspace": str(Path(record.dir) / "workspace"),
+            "kernel_key": record.kernel.key.decode(),  # not the OCI spec's where it was restored and rekeyed
             "network": record.spec.network, "gpus": bool(record.gpu_indices),
             "rootfs": oci["root"]["path"] == str(Path(record.dir) / ROOTFS),
         }))

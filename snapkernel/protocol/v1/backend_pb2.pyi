@@ -1064,6 +1064,7 @@ class Status(_message.Message):
     SANDBOXES_FIELD_NUMBER: _builtins.int
     GPU_DETAIL_FIELD_NUMBER: _builtins.int
     DRIVER_VERSION_FIELD_NUMBER: _builtins.int
+    TEMPLATES_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     default_runtime: _builtins.str
     sandboxes: _builtins.int
@@ -1076,6 +1077,8 @@ class Status(_message.Message):
     def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___Gpu]: ...
     @_builtins.property
     def capacity(self) -> Global___Capacity: ...
+    @_builtins.property
+    def templates(self) -> _containers.RepeatedCompositeFieldContainer[Global___Template]: ...
     def __init__(
         self,
         *,
@@ -1087,14 +1090,57 @@ class Status(_message.Message):
         sandboxes: _builtins.int = ...,
         gpu_detail: _builtins.str = ...,
         driver_version: _builtins.str = ...,
+        templates: _abc.Iterable[Global___Template] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "default_runtime", b"default_runtime", "driver_version", b"driver_version", "gpu_detail", b"gpu_detail", "gpus", b"gpus", "runtimes", b"runtimes", "sandboxes", b"sandboxes", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "default_runtime", b"default_runtime", "driver_version", b"driver_version", "gpu_detail", b"gpu_detail", "gpus", b"gpus", "runtimes", b"runtimes", "sandboxes", b"sandboxes", "templates", b"templates", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Status: _TypeAlias = Status  # noqa: Y015
+
+@_typing.final
+class Template(_message.Message):
+    """A memory image of a freshly booted sandbox of one class of spec: new kernels of that class restore it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    SPEC_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    USED_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """of the class, the runtime's version, snapkernel's, Python's and the pre-imports"""
+    spec: _builtins.str
+    """the class, for people: "cpu 1, memory 4Gi, disk 10Gi" """
+    state: _builtins.str
+    """"ready", "building", "failed: why" """
+    created: _builtins.float
+    """unix time it was built"""
+    size: _builtins.int
+    """bytes on disk"""
+    used: _builtins.int
+    """kernels restored from it since the backend started"""
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        spec: _builtins.str = ...,
+        state: _builtins.str = ...,
+        created: _builtins.float = ...,
+        size: _builtins.int = ...,
+        used: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "key", b"key", "size", b"size", "spec", b"spec", "state", b"state", "used", b"used"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Template: _TypeAlias = Template  # noqa: Y015
 
 @_typing.final
 class AgentMessage(_message.Message):
@@ -1115,6 +1161,7 @@ class AgentMessage(_message.Message):
     RUN_CODE_FIELD_NUMBER: _builtins.int
     CODE_RESULT_FIELD_NUMBER: _builtins.int
     KERNEL_REQUEST_FIELD_NUMBER: _builtins.int
+    IDENTITY_FIELD_NUMBER: _builtins.int
     FANOUT_FIELD_NUMBER: _builtins.int
     WORKER_HELLO_FIELD_NUMBER: _builtins.int
     WORKER_FUNCTION_FIELD_NUMBER: _builtins.int
@@ -1154,6 +1201,10 @@ class AgentMessage(_message.Message):
         """agent -> backend: asked for by code in the kernel (%snapshot)"""
 
     @_builtins.property
+    def identity(self) -> Global___Identity:
+        """backend -> agent: a restored kernel becomes this sandbox's (a code_result)"""
+
+    @_builtins.property
     def fanout(self) -> Global___FanoutFrame:
         """both ways: a Map stream of code in the kernel, relayed by its agent"""
 
@@ -1187,6 +1238,7 @@ class AgentMessage(_message.Message):
         run_code: Global___RunCode | None = ...,
         code_result: Global___CodeResult | None = ...,
         kernel_request: Global___KernelRequest | None = ...,
+        identity: Global___Identity | None = ...,
         fanout: Global___FanoutFrame | None = ...,
         worker_hello: Global___WorkerHello | None = ...,
         worker_function: Global___WorkerFunction | None = ...,
@@ -1194,11 +1246,11 @@ class AgentMessage(_message.Message):
         worker_results: Global___WorkerResults | None = ...,
         worker_cancel: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["code_result", b"code_result", "error", b"error", "fanout", b"fanout", "frame", b"frame", "hello", b"hello", "kernel_exited", b"kernel_exited", "kernel_request", b"kernel_request", "kernel_started", b"kernel_started", "kind", b"kind", "restart", b"restart", "run_code", b"run_code", "shutdown", b"shutdown", "signal", b"signal", "worker_cancel", b"worker_cancel", "worker_function", b"worker_function", "worker_hello", b"worker_hello", "worker_results", b"worker_results", "worker_tasks", b"worker_tasks"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["code_result", b"code_result", "error", b"error", "fanout", b"fanout", "frame", b"frame", "hello", b"hello", "identity", b"identity", "kernel_exited", b"kernel_exited", "kernel_request", b"kernel_request", "kernel_started", b"kernel_started", "kind", b"kind", "restart", b"restart", "run_code", b"run_code", "shutdown", b"shutdown", "signal", b"signal", "worker_cancel", b"worker_cancel", "worker_function", b"worker_function", "worker_hello", b"worker_hello", "worker_results", b"worker_results", "worker_tasks", b"worker_tasks"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code_result", b"code_result", "error", b"error", "fanout", b"fanout", "frame", b"frame", "hello", b"hello", "kernel_exited", b"kernel_exited", "kernel_request", b"kernel_request", "kernel_started", b"kernel_started", "kind", b"kind", "restart", b"restart", "run_code", b"run_code", "shutdown", b"shutdown", "signal", b"signal", "worker_cancel", b"worker_cancel", "worker_function", b"worker_function", "worker_hello", b"worker_hello", "worker_results", b"worker_results", "worker_tasks", b"worker_tasks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code_result", b"code_result", "error", b"error", "fanout", b"fanout", "frame", b"frame", "hello", b"hello", "identity", b"identity", "kernel_exited", b"kernel_exited", "kernel_request", b"kernel_request", "kernel_started", b"kernel_started", "kind", b"kind", "restart", b"restart", "run_code", b"run_code", "shutdown", b"shutdown", "signal", b"signal", "worker_cancel", b"worker_cancel", "worker_function", b"worker_function", "worker_hello", b"worker_hello", "worker_results", b"worker_results", "worker_tasks", b"worker_tasks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["frame", "hello", "kernel_started", "kernel_exited", "signal", "restart", "shutdown", "error", "run_code", "code_result", "kernel_request", "fanout", "worker_hello", "worker_function", "worker_tasks", "worker_results", "worker_cancel"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["frame", "hello", "kernel_started", "kernel_exited", "signal", "restart", "shutdown", "error", "run_code", "code_result", "kernel_request", "identity", "fanout", "worker_hello", "worker_function", "worker_tasks", "worker_results", "worker_cancel"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -1251,6 +1303,57 @@ class RunCode(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RunCode: _TypeAlias = RunCode  # noqa: Y015
+
+@_typing.final
+class Identity(_message.Message):
+    """A kernel restored from a memory image (a template, a snapshot) signs with the key and sees the environment
+    of the kernel it was; this makes it the new sandbox's: its Jupyter session key (the agent's own client's
+    too) and the variables that name the sandbox. Answered by a `code_result` with the same id.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class EnvEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ID_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    ENV_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    key: _builtins.bytes
+    @_builtins.property
+    def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        key: _builtins.bytes = ...,
+        env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["env", b"env", "id", b"id", "key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Identity: _TypeAlias = Identity  # noqa: Y015
 
 @_typing.final
 class CodeResult(_message.Message):

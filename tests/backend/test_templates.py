@@ -1,0 +1,160 @@
+"""Template snapshots on a real gvisor backend: kernels restore a memory image of a freshly booted sandbox,
+each with its own identity; a damaged template is rebuilt and never fails a kernel."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from jupyter_client.blocking.client import BlockingKernelClient
+
+from tests.conftest import Backend, backend_of_its_own
+from tests.kernel_provisioner.kernel_helpers import run, running_kernel, value, write_kernelspec
+
+pytestmark = pytest.mark.gvisor
+
+
+def templates(backend: Backend) -> list[dict[str, object]]:
+    from google.protobuf.json_format import MessageToDict
+
+    from snapkernel.client import BackendClient
+
+    async def status() -> list[dict[str, object]]:
+        client = BackendClient(backend.address, backend.token)
+        try:
+            return [MessageToDict(t, preserving_proto_field_name=True) for t in (await client.status()).templates]
+        finally:
+            await client.close()
+
+    return asyncio.run(status())
+
+
+def wait_ready(backend: Backend, timeout: float = 90) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready = [t for t in templates(backend) if t["state"] == "ready"]
+        if ready:
+            return ready[0]
+        time.sleep(0.5)
+    raise AssertionError(f"no template ready after {timeout:g}s: {templates(backend)}; log:\n{backend.read_log()}")
+
+
+@pytest.fixture
+def tbackend(monkeypatch: pytest.MonkeyPatch, kernelspec_dir: Path) -> Iterator[Backend]:
+    """A gvisor backend with templates on: the default spec's is built at start."""
+    write_kernelspec(kernelspec_dir, "snapkernel-test-template", {"runtime": "gvisor"})
+    with backend_of_its_own("gvisor", monkeypatch, args=["--BackendApp.templates=True"]) as b:
+        yield b
+
+
+def full_log(backend: Backend) -> str:
+    return (backend.state_dir / "backend.log").read_text(errors="replace")
+
+
+def sandbox_id(c: BlockingKernelClient) -> str:
+    return value(c, "__import__('os').environ['SNAPKERNEL_SANDBOX_ID']").strip("'")
+
+
+def test_kernels_restore_the_template_each_with_its_own_identity(tbackend: Backend) -> None:
+    template = wait_ready(tbackend)
+    assert template["spec"] == "cpu 1, memory 4Gi, disk 10Gi" and int(str(template["size"])) > 1 << 20
+    with running_kernel("snapkernel-test-template") as (km1, c1), \
+            running_kernel("snapkernel-test-template") as (km2, c2):
+        assert km1.session.key != km2.session.key
+        run(c1, "secret = 'only in the first'")
+        ids = {sandbox_id(c1), sandbox_id(c2)}
+        assert len(ids) == 2 and all(i.startswith("sb-") for i in ids)
+        assert value(c2, "'secret' in globals()") == "False"
+        # Each kernel signs with its own key, its agent's too: the kernel's own environment says it.
+        assert value(c1, "__import__('os').environ['SNAPKERNEL_KERNEL_KEY']") == repr(km1.session.key.decode())
+        assert value(c1, "get_ipython().kernel.session.key") == repr(km1.session.key)
+        # A message signed with the other kernel's key is dropped by this one.
+        forged = km2.client()
+        forged.session.key = km1.session.key
+        forged.start_channels()
+        try:
+            with pytest.raises(TimeoutError):
+                forged.execute_interactive("1", timeout=5)
+        finally:
+            forged.stop_channels()
+        assert value(c2, "'still answers'") == "'still answers'"
+        # A restart in place keeps the kernel's own key.
+        km1.restart_kernel()
+        c1.wait_for_ready(timeout=60)
+        assert value(c1, "1 + 1") == "2"
+    log = full_log(tbackend)
+    assert log.count(f"restored from template {template['key']}") == 2, log
+    assert [t["used"] for t in templates(tbackend)] == ["2"]
+
+
+def test_a_template_being_built_is_never_listed_nor_left_after_a_stop(tbackend: Backend) -> None:
+    from snapkernel.client import BackendClient
+    from tests.conftest import sandbox_processes
+
+    async def listed() -> list[str]:
+        client = BackendClient(tbackend.address, tbackend.token)
+        try:
+            return [s.id for s in await client.list_sandboxes(include_ended=True)]
+        finally:
+            await client.close()
+
+    assert [t["state"] for t in templates(tbackend)] == ["building"]  # at start, the default spec's
+    assert asyncio.run(listed()) == []
+    tbackend.stop()  # half-way through the build
+    assert sandbox_processes(str(tbackend.state_dir)) == []
+    tbackend.start()
+    wait_ready(tbackend)
+    tbackend.restart()
+    assert wait_ready(tbackend, timeout=10)["state"] == "ready"  # loaded and checked, not built again
+    assert full_log(tbackend).count(" ready (cpu 1, memory 4Gi") == 1
+    assert asyncio.run(listed()) == []
+
+
+def test_a_damaged_template_is_rebuilt_and_the_kernel_starts_anyway(tbackend: Backend) -> None:
+    key = str(wait_ready(tbackend)["key"])
+    checkpoint = tbackend.state_dir / "templates" / key / "image" / "checkpoint.img"
+    # A flipped byte, its file's size and time kept: only the restore can tell.
+    stat = checkpoint.stat()
+    with checkpoint.open("r+b") as f:
+        first = f.read(1)
+        f.seek(0)
+        f.write(bytes([first[0] ^ 0xFF]))
+    os.utime(checkpoint, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with running_kernel("snapkernel-test-template") as (_km, c):
+        assert value(c, "6 * 7") == "42"
+    log = full_log(tbackend)
+    assert f"template {key} dropped: restoring it failed" in log, log
+    assert wait_ready(tbackend)["key"] == key  # built again, for the next kernel
+    # Changed on disk while the backend is down: its SHA-256 no longer matches, so the next start removes it.
+    tbackend.stop()
+    pages = tbackend.state_dir / "templates" / key / "image" / "pages.img"
+    with pages.open("r+b") as f:
+        f.seek(pages.stat().st_size // 2)
+        f.write(b"\0" * 16 + b"corrupt")
+    tbackend.start()
+    assert f"template {key} removed: image/pages.img does not match its SHA-256" in full_log(tbackend)
+    assert wait_ready(tbackend)["key"] == key
+    with running_kernel("snapkernel-test-template") as (_km, c):
+        assert value(c, "6 * 7") == "42"
+
+
+def test_other_specs_boot_and_get_a_template_of_their_own(tbackend: Backend, kernelspec_dir: Path) -> None:
+    wait_ready(tbackend)
+    write_kernelspec(kernelspec_dir, "snapkernel-test-template-2g", {"runtime": "gvisor", "memory": "2Gi"})
+    write_kernelspec(kernelspec_dir, "snapkernel-test-template-env", {"runtime": "gvisor", "env": {"A": "b"}})
+    with running_kernel("snapkernel-test-template-2g") as (_km, c):
+        assert value(c, "1") == "1"  # booted: its class had no template yet
+    deadline = time.monotonic() + 90
+    while len([t for t in templates(tbackend) if t["state"] == "ready"]) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert sorted(str(t["spec"]) for t in templates(tbackend)) == ["cpu 1, memory 2Gi, disk 10Gi",
+                                                                   "cpu 1, memory 4Gi, disk 10Gi"]
+    with running_kernel("snapkernel-test-template-2g") as (_km, c):
+        assert value(c, "int(open('/sys/fs/cgroup/pids/pids.max').read())") == "38"  # its class's own limit
+    with running_kernel("snapkernel-test-template-env") as (_km, c):  # variables of its own: it boots
+        assert value(c, "__import__('os').environ['A']") == "'b'"
+    assert full_log(tbackend).count("restored from template") == 1
