@@ -84,6 +84,7 @@ class LocalPlacement(Placement):
         if remove_leftovers:
             removed = await remove_all(self.manager, "left by an earlier run that did not stop cleanly")
         await self.manager.start_templates()
+        self.manager.pool.start()
         self.manager.hibernator.start()
         self.orphans.start()
         await self.fanout.start()

@@ -56,7 +56,7 @@ class OrphanReaper:
         return [sb for sb in self.m.live.values()
                 if sb.record.state in _REAPABLE and not sb.attached and sb.activity is None
                 and not sb.busy  # like Jupyter's own culler: a running cell is left to finish
-                and not is_worker(sb.record.spec) and now - sb.detached_at >= self.timeout]
+                and not is_worker(sb.record.spec) and not sb.internal and now - sb.detached_at >= self.timeout]
 
     async def _watch(self) -> None:
         while True:

@@ -23,6 +23,9 @@ from snapkernel.snapshots import cuda
 
 log = logging.getLogger(__name__)
 
+# The kernel ids of the backend's own sandboxes (templates.py, warm_pool.py): never listed, never reaped.
+TEMPLATE_KERNEL_ID = "template:"
+POOL_KERNEL_ID = "pool:"
 MAX_UNATTACHED_OUTPUT = 20000  # kernel frames held for a sandbox while no client is attached
 MAX_UNATTACHED_BYTES = 256 * 1024 * 1024
 
@@ -55,6 +58,11 @@ class LiveSandbox:
     suspended: cuda.Suspended | None = None
     refused_at: float = -1.0  # `last_activity` when it last could not hibernate: not again until used
     told_waiting: bool = False
+
+    @property
+    def internal(self) -> bool:
+        """A template's or the warm pool's: nobody's kernel (yet)."""
+        return self.record.kernel_id.startswith((TEMPLATE_KERNEL_ID, POOL_KERNEL_ID))
 
     @property
     def deleting(self) -> bool:
@@ -154,3 +162,4 @@ class Defaults:
     wake_timeout: float = 600.0
     templates: bool = False  # new kernels restore a template of their class (templates.py)
     template_preimport: tuple[str, ...] = ()
+    warm_pool: int = 0  # running sandboxes of the default spec waiting for a kernel request (warm_pool.py)

@@ -25,14 +25,16 @@ from snapkernel.backend.agent_messages import AgentMessages
 from snapkernel.backend.hibernation import Hibernator
 from snapkernel.backend.lifecycle import Activity
 from snapkernel.backend.runtimes.base import EXIT_FILE, LINK_SOCKET, LOG_FILE, SandboxRuntime
-from snapkernel.backend.sandbox import Defaults, LiveSandbox
+from snapkernel.backend.sandbox import POOL_KERNEL_ID, TEMPLATE_KERNEL_ID, Defaults, LiveSandbox
 from snapkernel.backend.sandbox_db import SandboxDB, SandboxRecord
 from snapkernel.backend.scheduler import Scheduler
 from snapkernel.backend.snapshotting import Snapshotter
-from snapkernel.backend.templates import KERNEL_ID_PREFIX, Templates
+from snapkernel.backend.templates import Templates, eligible
+from snapkernel.backend.warm_pool import WarmPool
 from snapkernel.backend.workspace import WORKSPACE, Workspaces
 from snapkernel.errors import (
     InvalidSpecError,
+    NoCapacityError,
     NotFoundError,
     RuntimeUnavailableError,
     SandboxFailedError,
@@ -69,6 +71,7 @@ class SandboxManager:
         self.messages = AgentMessages(self)
         self.templates = Templates(state_dir / "templates", self, list(defaults.template_preimport),
                                    enabled=defaults.templates)
+        self.pool = WarmPool(self, defaults.warm_pool if defaults.templates else 0)
         # Agent messages of other parts of the backend (fan-out), by oneof name.
         self.handlers: dict[str, Callable[[LiveSandbox, pb.AgentMessage], None]] = {}
 
@@ -153,7 +156,14 @@ class SandboxManager:
                 f"signature scheme {req.kernel.signature_scheme!r} is not supported: use hmac-sha256"
             )
         runtime.check(spec)
-        template = None if spec.restore_from else self.templates.take(spec, runtime)
+        # A template's own sandbox boots; the pool's restores the template; a kernel takes from the pool first.
+        building = req.kernel_id.startswith(TEMPLATE_KERNEL_ID)
+        if not building and not req.kernel_id.startswith(POOL_KERNEL_ID) and eligible(spec, runtime):
+            handed = await self.pool.hand_out(self.templates.key(spec, runtime), req, spec,
+                                              self._hibernate_after(spec))
+            if handed is not None:
+                return handed
+        template = None if building else self.templates.take(spec, runtime)
         if template is not None:
             restore = template[1]
         self.workspaces.check(spec.disk, req.spec.disk or format_bytes(spec.disk))
@@ -162,13 +172,20 @@ class SandboxManager:
             raise InvalidSpecError(f"mount_dir {spec.mount_dir!r} is inside the backend's state dir: mount a "
                                    "notebook directory elsewhere")
         sandbox_id = f"sb-{secrets.token_hex(6)}"
-        gpus = self.scheduler.allocate(sandbox_id, spec)
+        try:
+            gpus = self.scheduler.allocate(sandbox_id, spec)
+        except NoCapacityError:
+            leaving = None if req.kernel_id.startswith(POOL_KERNEL_ID) else self.pool.give_room()
+            if leaving is None:
+                raise
+            self._release(leaving)  # its room goes to this request at once: nothing can come in between
+            self.spawn(self.delete(leaving.record.id))
+            gpus = self.scheduler.allocate(sandbox_id, spec)
         record = SandboxRecord(
             id=sandbox_id, kernel_id=req.kernel_id, runtime=spec.runtime, spec=req.spec,
             dir=str(self.sandbox_root / sandbox_id), gpu_indices=gpus, created=time.time(),
             notebook_path=req.notebook_path, kernel=req.kernel, last_activity=time.time(),
-            hibernate_after=spec.hibernate_after if spec.hibernate_after is not None
-            else self.defaults.hibernate_after_gpu if spec.gpu else self.defaults.hibernate_after_cpu,
+            hibernate_after=self._hibernate_after(spec),
         )
         sb = LiveSandbox(record, spec)
         if restore_source is not None:
@@ -177,6 +194,18 @@ class SandboxManager:
         self.set_state(sb, pb.PENDING, "")
         self.spawn(self._start(sb, runtime, req.kernel, restore, template[0] if template else ""))
         return record.to_pb()
+
+    def _hibernate_after(self, spec: ParsedSpec) -> float:
+        if spec.hibernate_after is not None:
+            return spec.hibernate_after
+        return self.defaults.hibernate_after_gpu if spec.gpu else self.defaults.hibernate_after_cpu
+
+    def default_spec(self) -> tuple[ParsedSpec, str] | None:
+        """The default spec and its template's key, once that template is ready (what the warm pool holds)."""
+        spec = self._parse(pb.SandboxSpec())
+        runtime = self.runtimes.get(spec.runtime)
+        template = self.templates.ensure(spec, runtime) if runtime is not None else None
+        return (spec, template.key) if template is not None and template.state == "ready" else None
 
     def sandbox_env(self, sb: LiveSandbox, kernel: pb.KernelConfig) -> dict[str, str]:
         r = sb.record
@@ -215,6 +244,8 @@ class SandboxManager:
                 await asyncio.to_thread(self.prepare_workspace, sb)
                 self.progress(sb, "sandbox", f"starting a {r.runtime} sandbox", 0.1)
                 await self._launch(sb, runtime, kernel, None)
+                if not sb.internal:  # booted: the next kernel of its class restores a template of it
+                    self.templates.ensure(sb.spec, runtime)
             else:
                 with sb.doing(Activity.RESTORING, "restore"):
                     await self._restore(sb, runtime, kernel, restore, template)
@@ -330,7 +361,7 @@ class SandboxManager:
     # --- requests -------------------------------------------------------------------------------
     def list(self, include_ended: bool) -> list[pb.Sandbox]:
         return [sb.record.to_pb() for sb in self.live.values() if (include_ended or not sb.record.ended)
-                and not sb.record.kernel_id.startswith(KERNEL_ID_PREFIX)]
+                and not sb.internal]
 
     async def delete(self, sandbox_id: str) -> None:
         sb = self.get(sandbox_id)
@@ -416,7 +447,7 @@ class SandboxManager:
             sb = LiveSandbox(record, spec)
             self.live[record.id] = sb
             runtime = self.runtimes.get(record.runtime)
-            if record.kernel_id.startswith(KERNEL_ID_PREFIX):  # a template's, half built: built again instead
+            if sb.internal:  # a template's half built, or the pool's: made again instead
                 with contextlib.suppress(SnapkernelError):
                     await self.delete(record.id)
                 continue
@@ -462,6 +493,7 @@ class SandboxManager:
         """Backend stopping: detach from sandboxes, leave them running for the next backend (not templates'
         half built: the next backend would only remove them)."""
         await self.hibernator.stop()
+        await self.pool.stop()
         await self.templates.stop()
         for sb in self.live.values():
             if sb.link is not None:

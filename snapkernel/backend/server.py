@@ -102,6 +102,11 @@ class BackendApp(Application):
     templates = Bool(True, help="New gvisor kernels restore a template (a memory image of a freshly booted "
                                 "sandbox of their class of spec, built in the background) instead of booting: "
                                 "about half a second instead of two. Off: every kernel boots.").tag(config=True)
+    warm_pool = Int(1, help="Sandboxes of the default spec kept running, restored from its template, for the next "
+                            "kernel requests: each is handed out in milliseconds and the pool refills in the "
+                            "background. They count against capacity (the pool fills only where there is room, "
+                            "and gives its room first to a request that needs it). 0 to 16; needs templates."
+                    ).tag(config=True)
     template_preimport = List(Unicode(), help="Modules templates import before their image is taken, so "
                                               "kernels start with them loaded (e.g. numpy pandas).").tag(config=True)
     fanout_idle_timeout = Float(300.0, help="Seconds a warm fan-out worker may sit idle before it is stopped "
@@ -157,6 +162,12 @@ class BackendApp(Application):
         if not 64 <= value <= 65536:
             raise InvalidSpecError(f"pids_limit {value} is not valid: use 64 to 65536 processes and threads")
         return value
+
+    @validate("warm_pool")
+    def _check_warm_pool(self, proposal: dict[str, Any]) -> int:
+        if not 0 <= int(proposal["value"]) <= 16:
+            raise InvalidSpecError(f"warm_pool {proposal['value']} is not valid: use 0 to 16 sandboxes")
+        return int(proposal["value"])
 
     @validate("template_preimport")
     def _check_preimport(self, proposal: dict[str, Any]) -> list[str]:
@@ -226,7 +237,7 @@ class BackendApp(Application):
             start_timeout=self.start_timeout, hibernate_after_gpu=self.hibernate_after_gpu,
             hibernate_after_cpu=self.hibernate_after_cpu, gpu_offload=self.gpu_offload,
             wake_timeout=self.wake_timeout, templates=self.templates,
-            template_preimport=tuple(self.template_preimport)),
+            template_preimport=tuple(self.template_preimport), warm_pool=self.warm_pool),
             known_runtimes=[*runtimes, *(m.name for m in missing)])
 
         def infos() -> list[RuntimeInfo]:

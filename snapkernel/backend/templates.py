@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING, Protocol
 
 import snapkernel
 from snapkernel.backend.lifecycle import Activity
+from snapkernel.backend.sandbox import TEMPLATE_KERNEL_ID
 from snapkernel.errors import SnapkernelError
-from snapkernel.protocol.spec import ParsedSpec, format_bytes
+from snapkernel.protocol.spec import ParsedSpec, format_bytes, parse_disk, parse_memory
 from snapkernel.protocol.v1 import backend_pb2 as pb
 from snapkernel.snapshots import memory
 
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-KERNEL_ID_PREFIX = "template:"  # a template's own sandbox while it is built (never listed, removed at start)
 MANIFEST = "template.json"
 MAX_TEMPLATES = 4  # classes kept; the least recently used goes first
 BUILD_TIMEOUT = 120.0
@@ -72,7 +72,9 @@ class Template:
 
     def to_pb(self) -> pb.Template:
         s = self.spec
-        summary = f"cpu {s.cpu:g}, memory {s.memory}, disk {s.disk}" + (f", image {s.image}" if s.image else "")
+        summary = (f"cpu {s.cpu:g}, memory {format_bytes(parse_memory(s.memory))}, "
+                   f"disk {format_bytes(parse_disk(s.disk))}"
+                   + (f", image {s.image}" if s.image else ""))
         return pb.Template(key=self.key, spec=summary, state=self.state, created=self.created, size=self.size,
                            used=self.used)
 
@@ -108,15 +110,16 @@ class Templates:
         key = self.key(spec, runtime)
         t = self.templates.get(key)
         if t is None or (t.state.startswith("failed") and time.time() - t.created > RETRY_AFTER):
-            self.build_soon(key, pb.SandboxSpec(runtime=spec.runtime, cpu=spec.cpu, memory=format_bytes(spec.memory),
-                                                disk=format_bytes(spec.disk), image=spec.image, network=spec.network,
+            self.build_soon(key, pb.SandboxSpec(runtime=spec.runtime, cpu=spec.cpu, memory=str(spec.memory),
+                                                disk=str(spec.disk), image=spec.image, network=spec.network,
                                                 hibernate_after=0))
         return self.templates[key]
 
     def take(self, spec: ParsedSpec, runtime: SandboxRuntime) -> tuple[str, Path] | None:
-        """The ready template for `spec` (its key and directory), if there is one; else a build for its class
-        starts, for the next kernel of it."""
-        t = self.ensure(spec, runtime)
+        """The ready template for `spec` (its key and directory), if there is one (`ensure` builds one)."""
+        if not self.enabled or not eligible(spec, runtime):
+            return None
+        t = self.templates.get(self.key(spec, runtime))
         if t is None or t.state != "ready":
             return None
         key = t.key
@@ -180,7 +183,7 @@ class Templates:
         partial = self.root / f"{key}.partial"
         try:
             sandbox = await self.host.create(pb.CreateSandboxRequest(
-                kernel_id=KERNEL_ID_PREFIX + key, spec=spec,
+                kernel_id=TEMPLATE_KERNEL_ID + key, spec=spec,
                 kernel=pb.KernelConfig(key=secrets.token_hex(32).encode(), signature_scheme="hmac-sha256")))
             sandbox_id = sandbox.id
             sb = self.host.get(sandbox_id)

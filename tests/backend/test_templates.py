@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
 
-from tests.conftest import Backend, backend_of_its_own
+from tests.conftest import Backend, backend_of_its_own, sandbox_processes
 from tests.kernel_provisioner.kernel_helpers import run, running_kernel, value, write_kernelspec
 
 pytestmark = pytest.mark.gvisor
@@ -47,7 +48,8 @@ def wait_ready(backend: Backend, timeout: float = 90) -> dict[str, object]:
 def tbackend(monkeypatch: pytest.MonkeyPatch, kernelspec_dir: Path) -> Iterator[Backend]:
     """A gvisor backend with templates on: the default spec's is built at start."""
     write_kernelspec(kernelspec_dir, "snapkernel-test-template", {"runtime": "gvisor"})
-    with backend_of_its_own("gvisor", monkeypatch, args=["--BackendApp.templates=True"]) as b:
+    with backend_of_its_own("gvisor", monkeypatch, args=["--BackendApp.templates=True",
+                                                         "--BackendApp.warm_pool=0"]) as b:
         yield b
 
 
@@ -93,7 +95,6 @@ def test_kernels_restore_the_template_each_with_its_own_identity(tbackend: Backe
 
 def test_a_template_being_built_is_never_listed_nor_left_after_a_stop(tbackend: Backend) -> None:
     from snapkernel.client import BackendClient
-    from tests.conftest import sandbox_processes
 
     async def listed() -> list[str]:
         client = BackendClient(tbackend.address, tbackend.token)
@@ -158,3 +159,64 @@ def test_other_specs_boot_and_get_a_template_of_their_own(tbackend: Backend, ker
     with running_kernel("snapkernel-test-template-env") as (_km, c):  # variables of its own: it boots
         assert value(c, "__import__('os').environ['A']") == "'b'"
     assert full_log(tbackend).count("restored from template") == 1
+
+
+@pytest.fixture
+def pbackend(monkeypatch: pytest.MonkeyPatch, kernelspec_dir: Path) -> Iterator[Backend]:
+    """A gvisor backend with a warm pool of one sandbox of the default spec."""
+    write_kernelspec(kernelspec_dir, "snapkernel-test-template", {"runtime": "gvisor"})
+    with backend_of_its_own("gvisor", monkeypatch, args=["--BackendApp.templates=True",
+                                                         "--BackendApp.warm_pool=1",
+                                                         "--BackendApp.memory_overcommit=1"]) as b:
+        yield b
+
+
+def pooled(backend: Backend, count: int = 1, timeout: float = 120) -> list[str]:
+    """The sandboxes that have waited in the pool, once `count` of them have."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ids = re.findall(r"sandbox_id=(sb-\w+) waits in the warm pool", full_log(backend))
+        if len(ids) >= count:
+            return ids
+        time.sleep(0.3)
+    raise AssertionError(f"the pool did not fill {count} times: {full_log(backend)[-3000:]}")
+
+
+def test_the_warm_pool_hands_each_sandbox_out_once_and_refills(pbackend: Backend) -> None:
+    first = pooled(pbackend)[0]
+    with running_kernel("snapkernel-test-template") as (km1, c1), \
+            running_kernel("snapkernel-test-template") as (km2, c2):
+        assert sandbox_id(c1) == first  # from the pool
+        assert sandbox_id(c2) != first  # the pool had one: this one restored the template
+        for km, c in ((km1, c1), (km2, c2)):
+            assert value(c, "get_ipython().kernel.session.key") == repr(km.session.key)
+        assert value(c1, "'pool' in globals()") == "False" and value(c1, "1 + 1") == "2"
+        second = pooled(pbackend, 2)[1]  # refilled in the background
+        assert second not in (first, sandbox_id(c2))
+    assert "from the warm pool" in full_log(pbackend)
+    pbackend.stop()
+    assert sandbox_processes(str(pbackend.state_dir)) == []  # the pool's too
+
+
+def test_the_warm_pool_gives_its_room_to_a_request_that_needs_it(pbackend: Backend,
+                                                                  kernelspec_dir: Path) -> None:
+    from snapkernel.client import BackendClient
+
+    async def capacity() -> tuple[int, int]:
+        client = BackendClient(pbackend.address, pbackend.token)
+        try:
+            cap = (await client.status()).capacity
+            return cap.memory_total, cap.memory_allocated
+        finally:
+            await client.close()
+
+    pooled(pbackend)
+    total, allocated = asyncio.run(capacity())
+    assert allocated == 4 << 30  # the pool's sandbox counts
+    big = (total - (2 << 30)) >> 20  # fits only once the pool's sandbox is gone
+    write_kernelspec(kernelspec_dir, "snapkernel-test-big", {"runtime": "gvisor", "memory": f"{big}Mi"})
+    with running_kernel("snapkernel-test-big") as (_km, c):
+        assert value(c, "1") == "1"
+        assert asyncio.run(capacity())[1] == big << 20
+    assert "removed from the warm pool: a request needs its room" in full_log(pbackend)
+    pooled(pbackend, 2)  # and it fills again once there is room

@@ -1,0 +1,157 @@
+"""The warm pool: sandboxes restored from the default spec's template, running, waiting for a kernel request.
+
+A request of that class gets one in milliseconds: it is given the request's identity (session key, kernel id)
+and becomes the request's sandbox; the pool refills in the background. Pool sandboxes count against capacity
+like any other, so the pool fills only where there is room, and one is removed first when a request needs
+its room. They are never listed, never hibernate, and go when the backend stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from typing import TYPE_CHECKING, Protocol
+
+from snapkernel.backend.sandbox import POOL_KERNEL_ID, LiveSandbox
+from snapkernel.errors import NoCapacityError, SnapkernelError
+from snapkernel.protocol.v1 import backend_pb2 as pb
+
+if TYPE_CHECKING:
+    from snapkernel.backend.agent_messages import AgentMessages
+    from snapkernel.backend.sandbox import Defaults
+    from snapkernel.protocol.spec import ParsedSpec
+
+log = logging.getLogger(__name__)
+
+LEAVING = POOL_KERNEL_ID + "leaving"  # a pool sandbox that gave its room, until it is removed
+FILL_INTERVAL = 2.0  # seconds between looks at whether the pool is short (a hand-out looks at once)
+
+
+class PoolHost(Protocol):
+    """What the pool uses of the sandbox manager (sandboxes.py), and all it uses."""
+
+    live: dict[str, LiveSandbox]
+    messages: AgentMessages
+    defaults: Defaults
+
+    def default_spec(self) -> tuple[ParsedSpec, str] | None: ...
+
+    def identity_env(self, sb: LiveSandbox, kernel: pb.KernelConfig) -> dict[str, str]: ...
+
+    def set_state(self, sb: LiveSandbox, state: int, message: str | None = None,
+                  progress: pb.Progress | None = None) -> None: ...
+
+    async def create(self, req: pb.CreateSandboxRequest) -> pb.Sandbox: ...
+
+    async def delete(self, sandbox_id: str) -> None: ...
+
+
+class WarmPool:
+    def __init__(self, host: PoolHost, size: int) -> None:
+        self.host = host
+        self.size = size
+        self.key = ""  # the template class it holds sandboxes of
+        self.handed_out = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self.size > 0:
+            self._task = asyncio.ensure_future(self._fill_loop())
+
+    async def stop(self) -> None:
+        """Stop filling and remove every pool sandbox: none is anybody's kernel."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for sb in self.members():
+            with contextlib.suppress(SnapkernelError):
+                await self.host.delete(sb.record.id)
+
+    def members(self) -> list[LiveSandbox]:
+        return [sb for sb in self.host.live.values()
+                if sb.record.kernel_id.startswith(POOL_KERNEL_ID) and not sb.deleting and not sb.record.ended]
+
+    async def hand_out(self, key: str, req: pb.CreateSandboxRequest, spec: ParsedSpec,
+                       hibernate_after: float) -> pb.Sandbox | None:
+        """A running pool sandbox of the template class `key`, made the sandbox of request `req`; None when
+        the pool has none ready (or the one it had did not take its identity: then it is removed)."""
+        sb = next((sb for sb in self.members()
+                   if sb.record.kernel_id == POOL_KERNEL_ID + key and sb.record.state == pb.RUNNING), None)
+        if sb is None:
+            return None
+        r = sb.record
+        r.kernel_id = req.kernel_id  # out of the pool: never handed out twice
+        self._wake.set()
+        r.spec, r.kernel, r.notebook_path, r.hibernate_after = req.spec, req.kernel, req.notebook_path, hibernate_after
+        r.created = r.last_activity = time.time()
+        sb.spec = spec
+        sb.unattached.clear()  # the pool's own kernel output: nobody's
+        sb.unattached_bytes = 0
+        try:
+            await self.host.messages.give_identity(sb, self.host.identity_env(sb, req.kernel),
+                                                   self.host.defaults.start_timeout)
+        except SnapkernelError as e:
+            log.warning("sandbox_id=%s removed from the warm pool: %s", r.id, e)
+            with contextlib.suppress(SnapkernelError):
+                await self.host.delete(r.id)
+            return None
+        self.handed_out += 1
+        self.host.set_state(sb, pb.RUNNING, "from the warm pool")
+        return r.to_pb()
+
+    def give_room(self) -> LiveSandbox | None:
+        """A pool sandbox whose room a request needs, out of the pool (not counted as missing, so nothing
+        refills in its place before the request has its room); the caller takes its claim and removes it."""
+        members = [sb for sb in self.members() if sb.record.kernel_id != LEAVING]
+        if not members:
+            return None
+        sb = members[0]
+        sb.record.kernel_id = LEAVING
+        log.info("sandbox_id=%s removed from the warm pool: a request needs its room", sb.record.id)
+        return sb
+
+    async def _fill_loop(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                await self._fill()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("warm pool: filling failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), FILL_INTERVAL)
+
+    async def _fill(self) -> None:
+        default = self.host.default_spec()  # only once its template is ready: pool sandboxes restore it
+        if default is None or len(self.members()) >= self.size:
+            return
+        spec, self.key = default
+        started = time.perf_counter()
+        request = pb.CreateSandboxRequest(
+            kernel_id=POOL_KERNEL_ID + self.key, spec=pb.SandboxSpec(runtime=spec.runtime, hibernate_after=0),
+            kernel=pb.KernelConfig(key=secrets.token_hex(32).encode(), signature_scheme="hmac-sha256"))
+        try:
+            sandbox = await self.host.create(request)
+        except NoCapacityError as e:
+            log.debug("warm pool: no room for another sandbox: %s", e)
+            return
+        sb = self.host.live[sandbox.id]
+        try:
+            async with sb.changed:
+                await asyncio.wait_for(sb.changed.wait_for(lambda: sb.record.state not in (pb.PENDING, pb.STARTING)),
+                                       self.host.defaults.start_timeout)
+        except TimeoutError:
+            pass
+        if sb.record.state != pb.RUNNING:
+            log.warning("warm pool: sandbox %s did not start: %s", sandbox.id, sb.record.message)
+            with contextlib.suppress(SnapkernelError):
+                await self.host.delete(sandbox.id)
+            return
+        log.info("sandbox_id=%s waits in the warm pool (ready in %.2fs)", sandbox.id, time.perf_counter() - started)
+        self._wake.set()  # look again at once: it may still be short
