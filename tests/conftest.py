@@ -141,8 +141,15 @@ RUNTIMES = [pytest.param("process"), pytest.param("gvisor", marks=pytest.mark.gv
 @pytest.fixture(scope="session", params=RUNTIMES)
 def backend(request: pytest.FixtureRequest, kernelspec_dir: Path) -> Iterator[Backend]:
     """One backend per runtime for the session; its address and token are in the environment."""
+    with serving_backend(request.param) as b:
+        yield b
+
+
+@contextlib.contextmanager
+def serving_backend(runtime: str, args: list[str] | None = None) -> Iterator[Backend]:
+    """A backend in a temporary state dir, its address and token in the environment until it stops."""
     with tempfile.TemporaryDirectory(prefix="snapkernel-test-") as tmp:
-        b = Backend(Path(tmp), runtime=request.param)
+        b = Backend(Path(tmp), runtime=runtime, args=args)
         b.start()
         saved = {k: os.environ.get(k) for k in b.env()}
         os.environ.update(b.env())

@@ -128,10 +128,15 @@ class AgentMessages:
         """Run `code` in the sandbox's kernel as the agent's own client (its output is not the notebook's)."""
         return await self._ask(sb, lambda rid: pb.AgentMessage(run_code=pb.RunCode(id=rid, code=code)), timeout)
 
-    async def give_identity(self, sb: LiveSandbox, env: dict[str, str], timeout: float) -> None:
+    async def give_identity(self, sb: LiveSandbox, env: dict[str, str], timeout: float | None) -> None:
         """Make a kernel restored from a memory image this sandbox's: it signs with the sandbox's session key
-        from now on and sees `env` (see `Identity`)."""
+        from now on and sees `env` (see `Identity`). With no `timeout`, only sent: the kernel takes it when it
+        is next idle (a resumed snapshot keeps its key; a --clone's kernel stays in its cell for good)."""
         key = sb.record.kernel.key
+        if timeout is None:
+            self.send(sb, pb.AgentMessage(identity=pb.Identity(id=secrets.token_hex(8), key=key, env=env)),
+                      internal=True)
+            return
         result = await self._ask(
             sb, lambda rid: pb.AgentMessage(identity=pb.Identity(id=rid, key=key, env=env)), timeout)
         if not result.ok:

@@ -60,8 +60,6 @@ class SandboxHost(Protocol):
 
     def send_to_agent(self, sb: LiveSandbox, msg: pb.AgentMessage, internal: bool = False) -> None: ...
 
-    def sandbox_env(self, sb: LiveSandbox, kernel: pb.KernelConfig) -> dict[str, str]: ...
-
     def prepare_workspace(self, sb: LiveSandbox) -> Path: ...
 
     async def connect(self, sb: LiveSandbox, runtime: SandboxRuntime, timeout: float) -> None: ...
@@ -337,7 +335,7 @@ class Hibernator:
             await asyncio.to_thread(shutil.rmtree, Path(r.dir) / IMAGE_DIR, True)
             return
         sb.restore_state = STATE_DIR
-        r.limits = await runtime.launch(r, sb.spec, self.m.sandbox_env(sb, r.kernel))
+        r.limits = await runtime.launch(r, sb.spec, sb.env(r.kernel))
         await self.m.connect(sb, runtime, self.m.defaults.start_timeout)
         async with sb.changed:  # the new kernel starts, then loads the variables (see SandboxManager)
             await asyncio.wait_for(sb.changed.wait_for(lambda: sb.restore_state is None or r.ended),

@@ -7,6 +7,8 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,6 +18,7 @@ from snapkernel.backend import lifecycle
 from snapkernel.backend.agent_link import AgentLink
 from snapkernel.backend.lifecycle import Activity
 from snapkernel.backend.sandbox_db import SandboxRecord
+from snapkernel.backend.workspace import WORKSPACE
 from snapkernel.errors import SandboxFailedError
 from snapkernel.protocol.spec import ParsedSpec, format_bytes
 from snapkernel.protocol.v1 import backend_pb2 as pb
@@ -26,6 +29,7 @@ log = logging.getLogger(__name__)
 # The kernel ids of the backend's own sandboxes (templates.py, warm_pool.py): never listed, never reaped.
 TEMPLATE_KERNEL_ID = "template:"
 POOL_KERNEL_ID = "pool:"
+IDENTITY_ENV = ("SNAPKERNEL_SANDBOX_ID",)  # the key goes to the agent only (its kernel's environment never has it)
 MAX_UNATTACHED_OUTPUT = 20000  # kernel frames held for a sandbox while no client is attached
 MAX_UNATTACHED_BYTES = 256 * 1024 * 1024
 
@@ -79,6 +83,35 @@ class LiveSandbox:
         finally:
             if self.activity is activity:  # not if a deletion took over
                 self.activity = None
+
+    def env(self, kernel: pb.KernelConfig) -> dict[str, str]:
+        """The environment its agent and kernel start with."""
+        r = self.record
+        # The agent's interpreter first, as in an activated virtualenv: `!pip` in a cell is the kernel's pip.
+        bin_dir = os.path.dirname(sys.executable)
+        path = [p for p in os.environ.get("PATH", "/usr/bin:/bin").split(":") if p and p != bin_dir]
+        env = {
+            "PATH": ":".join([bin_dir, *path]),
+            "LANG": os.environ.get("LANG", "C.UTF-8"),
+            "HOME": str(Path(r.dir) / WORKSPACE),
+            "SNAPKERNEL_SANDBOX_ID": r.id,
+            "SNAPKERNEL_KERNEL_KEY": kernel.key.decode(),
+            "SNAPKERNEL_SIGNATURE_SCHEME": kernel.signature_scheme or "hmac-sha256",
+            "PYTHONUNBUFFERED": "1",
+            "MALLOC_ARENA_MAX": "2",  # keeps the address space small under a memory (RLIMIT_AS) limit
+            # Only the GPUs given to this sandbox are visible; none at all without a GPU request.
+            "CUDA_VISIBLE_DEVICES": ",".join(map(str, r.gpu_indices)),
+            "NVIDIA_VISIBLE_DEVICES": ",".join(map(str, r.gpu_indices)) or "none",
+        }
+        if "PYTHONPATH" in os.environ:  # the agent runs on this interpreter and needs the same packages
+            env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+        env.update(self.spec.env)
+        return env
+
+    def identity_env(self, kernel: pb.KernelConfig) -> dict[str, str]:
+        """What of `env` names this sandbox: a kernel restored from another's image is given it."""
+        env = self.env(kernel)
+        return {name: env[name] for name in IDENTITY_ENV} | self.spec.env
 
     def fail_code_results(self, why: str) -> None:
         """The backend's code waiting in this sandbox's kernel will not finish: fail it now, not at its timeout."""

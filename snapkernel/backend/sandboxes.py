@@ -1,7 +1,7 @@
-"""The sandbox lifecycle: create, watch, attach, signal, restart, delete, re-adopt after a restart.
-
-State changes are saved to SQLite and pushed to watchers; kernel frames flow between Attach streams and
-the sandbox's agent link.
+"""The sandbox manager: create, find, signal, restart, delete and re-adopt sandboxes, and their state changes
+(checked by lifecycle.py, saved to SQLite, pushed to watchers). Its parts, each through a narrow protocol:
+starting.py (boot or restore), agent_messages.py (to and from agents), snapshotting.py, hibernation.py,
+templates.py and warm_pool.py.
 """
 
 from __future__ import annotations
@@ -10,10 +10,8 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import secrets
 import shutil
-import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
@@ -29,9 +27,10 @@ from snapkernel.backend.sandbox import POOL_KERNEL_ID, TEMPLATE_KERNEL_ID, Defau
 from snapkernel.backend.sandbox_db import SandboxDB, SandboxRecord
 from snapkernel.backend.scheduler import Scheduler
 from snapkernel.backend.snapshotting import Snapshotter
+from snapkernel.backend.starting import Starter
 from snapkernel.backend.templates import Templates, eligible
 from snapkernel.backend.warm_pool import WarmPool
-from snapkernel.backend.workspace import WORKSPACE, Workspaces
+from snapkernel.backend.workspace import Workspaces
 from snapkernel.errors import (
     InvalidSpecError,
     NoCapacityError,
@@ -44,12 +43,10 @@ from snapkernel.errors import (
 from snapkernel.protocol.spec import ParsedSpec, check_sandbox_id, format_bytes, parse_spec
 from snapkernel.protocol.states import ASLEEP, STATE_NAMES
 from snapkernel.protocol.v1 import backend_pb2 as pb
-from snapkernel.snapshots import memory
 from snapkernel.snapshots.store import Snapshot, SnapshotStore
 
 log = logging.getLogger(__name__)
 
-IDENTITY_ENV = ("SNAPKERNEL_SANDBOX_ID", "SNAPKERNEL_KERNEL_KEY")
 
 class SandboxManager:
     def __init__(self, state_dir: Path, runtimes: dict[str, SandboxRuntime], scheduler: Scheduler,
@@ -69,6 +66,7 @@ class SandboxManager:
         self.hibernator = Hibernator(self)
         self.snapshotter = Snapshotter(self)
         self.messages = AgentMessages(self)
+        self.starter = Starter(self)
         self.templates = Templates(state_dir / "templates", self, list(defaults.template_preimport),
                                    enabled=defaults.templates)
         self.pool = WarmPool(self, defaults.warm_pool if defaults.templates else 0)
@@ -124,7 +122,7 @@ class SandboxManager:
         self.notify(sb, pb.Progress(step=step, message=message, fraction=fraction))
         log.info("sandbox_id=%s %s: %s", sb.record.id, step, message)
 
-    def _release(self, sb: LiveSandbox) -> None:
+    def release(self, sb: LiveSandbox) -> None:
         self.scheduler.release(sb.record.id)
 
     def state_name(self, sb: LiveSandbox) -> str:
@@ -178,7 +176,7 @@ class SandboxManager:
             leaving = None if req.kernel_id.startswith(POOL_KERNEL_ID) else self.pool.give_room()
             if leaving is None:
                 raise
-            self._release(leaving)  # its room goes to this request at once: nothing can come in between
+            self.release(leaving)  # its room goes to this request at once: nothing can come in between
             self.spawn(self.delete(leaving.record.id))
             gpus = self.scheduler.allocate(sandbox_id, spec)
         record = SandboxRecord(
@@ -192,7 +190,7 @@ class SandboxManager:
             sb.restore_state, sb.restore_source = f".snapkernel-restore-{secrets.token_hex(4)}", restore_source
         self.live[sandbox_id] = sb
         self.set_state(sb, pb.PENDING, "")
-        self.spawn(self._start(sb, runtime, req.kernel, restore, template[0] if template else ""))
+        self.spawn(self.starter.start(sb, runtime, req.kernel, restore, template[0] if template else ""))
         return record.to_pb()
 
     def _hibernate_after(self, spec: ParsedSpec) -> float:
@@ -206,93 +204,6 @@ class SandboxManager:
         runtime = self.runtimes.get(spec.runtime)
         template = self.templates.ensure(spec, runtime) if runtime is not None else None
         return (spec, template.key) if template is not None and template.state == "ready" else None
-
-    def sandbox_env(self, sb: LiveSandbox, kernel: pb.KernelConfig) -> dict[str, str]:
-        r = sb.record
-        # The agent's interpreter first, as in an activated virtualenv: `!pip` in a cell is the kernel's pip.
-        bin_dir = os.path.dirname(sys.executable)
-        path = [p for p in os.environ.get("PATH", "/usr/bin:/bin").split(":") if p and p != bin_dir]
-        env = {
-            "PATH": ":".join([bin_dir, *path]),
-            "LANG": os.environ.get("LANG", "C.UTF-8"),
-            "HOME": str(Path(r.dir) / WORKSPACE),
-            "SNAPKERNEL_SANDBOX_ID": r.id,
-            "SNAPKERNEL_KERNEL_KEY": kernel.key.decode(),
-            "SNAPKERNEL_SIGNATURE_SCHEME": kernel.signature_scheme or "hmac-sha256",
-            "PYTHONUNBUFFERED": "1",
-            "MALLOC_ARENA_MAX": "2",  # keeps the address space small under a memory (RLIMIT_AS) limit
-            # Only the GPUs given to this sandbox are visible; none at all without a GPU request.
-            "CUDA_VISIBLE_DEVICES": ",".join(map(str, r.gpu_indices)),
-            "NVIDIA_VISIBLE_DEVICES": ",".join(map(str, r.gpu_indices)) or "none",
-        }
-        if "PYTHONPATH" in os.environ:  # the agent runs on this interpreter and needs the same packages
-            env["PYTHONPATH"] = os.environ["PYTHONPATH"]
-        env.update(sb.spec.env)
-        return env
-
-    def identity_env(self, sb: LiveSandbox, kernel: pb.KernelConfig) -> dict[str, str]:
-        """What of `sandbox_env` names this sandbox: a kernel restored from another's image is given it."""
-        env = self.sandbox_env(sb, kernel)
-        return {name: env[name] for name in IDENTITY_ENV} | sb.spec.env
-
-    async def _start(self, sb: LiveSandbox, runtime: SandboxRuntime, kernel: pb.KernelConfig,
-                     restore: Path | None, template: str = "") -> None:
-        """Boot the sandbox, or restore it from a memory snapshot or the template `template`."""
-        r = sb.record
-        try:
-            if restore is None:
-                await asyncio.to_thread(self.prepare_workspace, sb)
-                self.progress(sb, "sandbox", f"starting a {r.runtime} sandbox", 0.1)
-                await self._launch(sb, runtime, kernel, None)
-                if not sb.internal:  # booted: the next kernel of its class restores a template of it
-                    self.templates.ensure(sb.spec, runtime)
-            else:
-                with sb.doing(Activity.RESTORING, "restore"):
-                    await self._restore(sb, runtime, kernel, restore, template)
-        except Exception as e:
-            if template and not sb.deleting:  # a kernel never fails because of a template: it boots instead
-                self.templates.failed(template, f"restoring it failed: {e}")
-                await self._undo_start(sb, runtime)
-                await self._start(sb, runtime, kernel, None)
-                return
-            log.exception("sandbox_id=%s failed to start", r.id)
-            why = str(e) if isinstance(e, SnapkernelError) else f"{type(e).__name__}: {e}"
-            with contextlib.suppress(Exception):
-                await runtime.stop(r)
-            self._release(sb)
-            self.set_state(sb, pb.FAILED, f"sandbox failed to start: {why}")
-
-    async def _restore(self, sb: LiveSandbox, runtime: SandboxRuntime, kernel: pb.KernelConfig, image: Path,
-                       template: str) -> None:
-        r = sb.record
-        started = time.perf_counter()
-        workspace = await asyncio.to_thread(self.prepare_workspace, sb)
-        what = f"template {template}" if template else f"snapshot {sb.spec.restore_from}"
-        self.progress(sb, "restore", f"restoring {what}", 0.1)
-        await memory.restore_workspace(image, workspace)
-        await asyncio.to_thread(self.workspaces.give, workspace, runtime.owner(sb.spec))
-        await self._launch(sb, runtime, kernel, image)
-        r.kernel_generation = max(r.kernel_generation, 1)  # a resumed agent does not start over: its kernel runs
-        await self.messages.give_identity(sb, self.identity_env(sb, kernel), self.defaults.start_timeout)
-        self.set_state(sb, pb.RUNNING, "", pb.Progress(step="restore", message="kernel resumed", fraction=1.0))
-        log.info("sandbox_id=%s restored from %s in %.2fs", r.id, what, time.perf_counter() - started)
-
-    async def _launch(self, sb: LiveSandbox, runtime: SandboxRuntime, kernel: pb.KernelConfig,
-                      image: Path | None) -> None:
-        sb.record.limits = await runtime.launch(sb.record, sb.spec, self.sandbox_env(sb, kernel), image)
-        self.set_state(sb, pb.STARTING, "", pb.Progress(step="agent", message="agent starting", fraction=0.4))
-        await self.connect(sb, runtime, self.defaults.start_timeout)
-
-    async def _undo_start(self, sb: LiveSandbox, runtime: SandboxRuntime) -> None:
-        """What a failed restore left, so that the sandbox can boot in its place."""
-        if sb.link is not None:
-            await sb.link.detach()  # not reported as the sandbox's end
-            sb.link = None
-        with contextlib.suppress(Exception):
-            await runtime.stop(sb.record)
-        sb.last_seq = 0
-        sb.undelivered.clear()
-        sb.fail_code_results("the restore failed")
 
     def prepare_workspace(self, sb: LiveSandbox) -> Path:
         """The sandbox's workspace, mounted with its quota and owned by the user its kernel runs as."""
@@ -341,7 +252,7 @@ class SandboxManager:
         """The sandbox ended on its own: read its exit status, release what it held."""
         r = sb.record
         code = _read_exit_code(Path(r.dir) / EXIT_FILE)
-        self._release(sb)
+        self.release(sb)
         if runtime is not None:
             await asyncio.to_thread(runtime.cleanup, r)
         tail = _log_tail(Path(r.dir) / LOG_FILE)
@@ -375,7 +286,7 @@ class SandboxManager:
         runtime = self.runtimes.get(r.runtime)
         if not r.ended:
             self.set_state(sb, pb.STOPPING, "deleting")
-            self._release(sb)
+            self.release(sb)
         if runtime is not None:
             await runtime.stop(r)  # also when it ended: nothing of it may be left running
         if sb.link is not None:
@@ -473,7 +384,7 @@ class SandboxManager:
                     continue
                 except SnapkernelError as e:
                     log.warning("sandbox_id=%s could not be re-adopted: %s", record.id, e)
-                    self._release(sb)
+                    self.release(sb)
                     self.set_state(sb, pb.LOST, f"could not reconnect after a backend restart: {e}")
                     continue
             self.scheduler.claim(record.id, spec.cpu, spec.memory, record.gpu_indices)

@@ -39,8 +39,6 @@ class PoolHost(Protocol):
 
     def default_spec(self) -> tuple[ParsedSpec, str] | None: ...
 
-    def identity_env(self, sb: LiveSandbox, kernel: pb.KernelConfig) -> dict[str, str]: ...
-
     def set_state(self, sb: LiveSandbox, state: int, message: str | None = None,
                   progress: pb.Progress | None = None) -> None: ...
 
@@ -93,7 +91,7 @@ class WarmPool:
         sb.unattached.clear()  # the pool's own kernel output: nobody's
         sb.unattached_bytes = 0
         try:
-            await self.host.messages.give_identity(sb, self.host.identity_env(sb, req.kernel),
+            await self.host.messages.give_identity(sb, sb.identity_env(req.kernel),
                                                    self.host.defaults.start_timeout)
         except SnapkernelError as e:
             log.warning("sandbox_id=%s removed from the warm pool: %s", r.id, e)

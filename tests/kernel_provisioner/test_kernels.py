@@ -116,7 +116,9 @@ def test_two_kernels_stay_separate(backend: Backend) -> None:
         run(c2, "import os\nwho = 'two'")
         assert value(c1, "who") == "'one'" and value(c2, "who") == "'two'"
         assert value(c1, "os.environ['SNAPKERNEL_SANDBOX_ID']") != value(c2, "os.environ['SNAPKERNEL_SANDBOX_ID']")
-        assert value(c1, "os.getcwd()") != value(c2, "os.getcwd()")
+        # Each has a workspace of its own (kernels restored from one template see it at the same path).
+        run(c1, "open('mine.txt', 'w').write('one')")
+        assert value(c2, "os.path.exists('mine.txt')") == "False"
 
 
 def test_kernel_does_not_see_the_backend_token(backend: Backend) -> None:

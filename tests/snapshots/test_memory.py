@@ -48,6 +48,9 @@ def test_live_snapshot_resumes_with_every_variable(backend: Backend, kernelspec_
         assert value(kc, "int(state['arr'].sum())") == "45"
         assert value(kc, "open('notes.txt').read()") == "'kept'"
         assert value(kc, "1 + 1") == "2"
+        # Resumed, it is the new sandbox's: its environment names this sandbox, not the one snapshotted.
+        resumed = value(kc, "os.environ['SNAPKERNEL_SANDBOX_ID']").strip("'")
+        assert resumed != sandbox and resumed in [s.id for s in backend_call(backend, lambda c: c.list_sandboxes())]
 
 
 @on_gvisor
