@@ -3,8 +3,8 @@ started, its first cell and the pre-imports run), so that a new kernel of that c
 it, with its own identity (`AgentMessages.give_identity`), instead of a boot.
 
 A template is built in the background: at start-up for the default spec, and after a kernel of another class
-booted cold. Its key covers everything that makes an image unusable elsewhere (the runtime's version,
-snapkernel's, Python's, the image, the limits, the pre-imports), so a change builds a new one. Its files are
+booted cold. Its key covers everything that makes an image unusable elsewhere (the runtime's version and
+settings, snapkernel's, Python's, the limits, the pre-imports), so a change builds a new one. Its files are
 checked against their SHA-256 when the backend loads it, and by size and time before each use; a template
 whose check or restore fails is dropped and built again, and the kernel boots meanwhile: a kernel never fails
 because of a template.
@@ -73,18 +73,18 @@ class Template:
     def to_pb(self) -> pb.Template:
         s = self.spec
         summary = (f"cpu {s.cpu:g}, memory {format_bytes(parse_memory(s.memory))}, "
-                   f"disk {format_bytes(parse_disk(s.disk))}"
-                   + (f", image {s.image}" if s.image else ""))
+                   f"disk {format_bytes(parse_disk(s.disk))}" + (", network" if s.network else ""))
         return pb.Template(key=self.key, spec=summary, state=self.state, created=self.created, size=self.size,
                            used=self.used)
 
 
 def eligible(spec: ParsedSpec, runtime: SandboxRuntime) -> bool:
     """Whether a kernel of this spec can start from a template: a memory image of a live kernel, restored
-    with the same mounts and environment (no GPU, no notebook directory, no variables of its own)."""
+    with the same mounts and environment (no GPU, no notebook directory, no variables of its own, and the
+    minimal root: an image directory's content could change under a template's key)."""
     caps = runtime.capabilities
     return (caps.memory_snapshots and caps.live_checkpoint and spec.gpu is None and not spec.mount_dir
-            and not spec.env and not spec.restore_from)
+            and not spec.env and not spec.restore_from and not spec.image)
 
 
 class Templates:
@@ -98,8 +98,8 @@ class Templates:
 
     # --- which template a spec gets -------------------------------------------------------------
     def key(self, spec: ParsedSpec, runtime: SandboxRuntime) -> str:
-        parts = [runtime.name, runtime.capabilities.version, snapkernel.__version__, sys.version, spec.image,
-                 repr(spec.cpu), str(spec.memory), str(spec.disk), str(spec.network), *self.preimport]
+        parts = [runtime.name, runtime.image_settings(), snapkernel.__version__, sys.version, repr(spec.cpu),
+                 str(spec.memory), str(spec.disk), str(spec.network), *self.preimport]
         return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
     def ensure(self, spec: ParsedSpec, runtime: SandboxRuntime) -> Template | None:
@@ -111,8 +111,7 @@ class Templates:
         t = self.templates.get(key)
         if t is None or (t.state.startswith("failed") and time.time() - t.created > RETRY_AFTER):
             self.build_soon(key, pb.SandboxSpec(runtime=spec.runtime, cpu=spec.cpu, memory=str(spec.memory),
-                                                disk=str(spec.disk), image=spec.image, network=spec.network,
-                                                hibernate_after=0))
+                                                disk=str(spec.disk), network=spec.network, hibernate_after=0))
         return self.templates[key]
 
     def take(self, spec: ParsedSpec, runtime: SandboxRuntime) -> tuple[str, Path] | None:

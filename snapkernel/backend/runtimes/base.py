@@ -125,6 +125,11 @@ class SandboxRuntime(ABC):
     def probe(self) -> RuntimeInfo:
         """Whether this runtime works on this host, its version, and what it supports."""
 
+    def image_settings(self) -> str:
+        """What of this runtime's settings its memory images carry (its mounts, user, limits): a template taken
+        under other settings is not used (templates.py)."""
+        return self.capabilities.version
+
     def check(self, spec: ParsedSpec) -> None:  # noqa: B027 - most runtimes run any spec
         """Refuse at once a spec this runtime cannot run here (raises a `SnapkernelError`)."""
 

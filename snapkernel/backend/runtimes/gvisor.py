@@ -161,6 +161,10 @@ class GvisorRuntime(SandboxRuntime):
             raise RuntimeUnusable(runtime.probe())
         return runtime
 
+    def image_settings(self) -> str:
+        return (f"{self.features.version} {self.platform_for(False)} uid={self.user.uid}:{self.user.gid} "
+                f"pids={self.pids_limit} ro={','.join(self.ro_paths)}")
+
     @property
     def available(self) -> bool:
         return not self.features.error
