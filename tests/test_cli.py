@@ -6,6 +6,9 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from tests.conftest import Backend
 from tests.kernel_provisioner.kernel_helpers import running_kernel, value
@@ -59,3 +62,15 @@ def test_kernels_install_and_list(backend: Backend, tmp_path: object) -> None:
     listed = json.loads(cli("kernels", "list", "--json").stdout)
     spec = next(k for k in listed if k["id"] == "snapkernel-python")
     assert spec["config"] == {}
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ("--BackendApp.warm_pool=99", "warm_pool 99 is not valid: use 0 to 16 sandboxes"),
+    ('--BackendApp.template_preimport=["numpy; import os"]', "'numpy; import os' is not a module name"),
+    ("--BackendApp.pids_limit=5", "pids_limit 5 is not valid: use 64 to 65536"),
+    ("--BackendApp.runtime=Docker", "runtime 'Docker' is not a runtime's name"),
+])
+def test_a_bad_backend_setting_is_named_without_a_traceback(setting: str, message: str, tmp_path: Path) -> None:
+    out = cli("backend", "--state-dir", str(tmp_path), setting, check=False)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr

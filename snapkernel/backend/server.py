@@ -334,4 +334,8 @@ def stop_on_eof(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    BackendApp.launch_instance(argv=argv)
+    try:
+        BackendApp.launch_instance(argv=argv)
+    except SnapkernelError as e:  # a bad setting, refused while the configuration loads
+        print(f"snapkernel backend: {e}", file=sys.stderr)
+        sys.exit(2)
