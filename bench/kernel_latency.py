@@ -9,9 +9,11 @@ For each kernel kind (see `KINDS`) this measures, in one run:
   for that request (iopub) have arrived, as a real frontend waits for both (p50 / p99, milliseconds).
 
 It starts its own backend (`snapkernel backend --listen unix://TMP/backend.sock --state-dir TMP
---runtime process`), installs the kernelspecs into a temporary prefix that goes first on
-JUPYTER_PATH, and compares every snapkernel kind with the local ipykernel against the issue's
-targets: round-trip p50 at most 2x local, start at most 0.5 s above local. It prints a table and
+--runtime gvisor`, or `process` where runsc is missing), installs the kernelspecs into a temporary prefix
+that goes first on JUPYTER_PATH, and compares every snapkernel kind with the local ipykernel against the
+issue's targets: round-trip p50 at most 2x local, start at most 0.5 s above local. gvisor kernels are
+measured three ways: the default spec's, served by the warm pool; another class's, restored from its
+template; and booted (a kernel with variables of its own starts from no template). It prints a table and
 writes the same as JSON (default `bench/results/kernel_latency.json`).
 
 Run it from the repository root:
@@ -65,16 +67,19 @@ class KernelKind:
     kernel_name: str
     provisioner_config: dict[str, Any] | None = None
     baseline: bool = False
-    from_template: bool = False  # measured once its class's template is built (one unmeasured start first)
+    templates: int = 0  # measured once this many templates are ready (after one unmeasured start)
 
 
 KINDS: list[KernelKind] = [
     KernelKind("local ipykernel", "python3", baseline=True),
-    KernelKind("snapkernel (process)", "snapkernel-python", {"runtime": "process"}),
+    KernelKind("snapkernel (process)", "snapkernel-bench-process", {"runtime": "process"}),
 ]
-if shutil.which("runsc"):  # gVisor where runsc is installed (`make install` as root)
-    KINDS.append(KernelKind("snapkernel (gvisor, template)", "snapkernel-bench-gvisor", {"runtime": "gvisor"},
-                            from_template=True))
+GVISOR = bool(shutil.which("runsc"))  # where runsc is installed (`make install` as root)
+if GVISOR:
+    # The backend's default spec (gvisor) has the warm pool; another class has a template but no pool.
+    KINDS.append(KernelKind("snapkernel (gvisor, warm pool)", "snapkernel-python", {}, templates=1))
+    KINDS.append(KernelKind("snapkernel (gvisor, template)", "snapkernel-bench-gvisor-2g",
+                            {"runtime": "gvisor", "memory": "2Gi"}, templates=2))
     # Variables of its own keep a kernel off templates: it boots, as every gvisor kernel did before them.
     KINDS.append(KernelKind("snapkernel (gvisor, booted)", "snapkernel-bench-gvisor-boot",
                             {"runtime": "gvisor", "env": {"SNAPKERNEL_BENCH": "boot"}}))
@@ -180,8 +185,8 @@ def install_kernelspecs(prefix: Path, kinds: list[KernelKind]) -> None:
                 "display_name": f"{kind.label} (bench)", "language": "python",
                 "metadata": {"debugger": False},
             }
-        elif kind.kernel_name in stock and kind.provisioner_config == {"runtime": "process"}:
-            continue  # the stock spec; the backend's default runtime is process
+        elif kind.kernel_name in stock:
+            continue  # the stock spec, on the backend's default runtime
         else:
             spec = kernel_json(f"{kind.label} (bench)", kind.provisioner_config)
         with tempfile.TemporaryDirectory() as tmp:
@@ -210,14 +215,14 @@ def start_kernel(kind: KernelKind, timeout: float) -> tuple[KernelManager, Block
     return km, kc, time.perf_counter() - t0
 
 
-def wait_for_template(timeout: float) -> None:
+def wait_for_templates(count: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         out = subprocess.run([*SNAPKERNEL, "status", "--json"], capture_output=True, text=True, timeout=60, check=True)
-        if any(t["state"] == "ready" for t in json.loads(out.stdout).get("templates", [])):
+        if sum(t["state"] == "ready" for t in json.loads(out.stdout).get("templates", [])) >= count:
             return
         time.sleep(0.5)
-    raise RuntimeError(f"no template ready after {timeout:g}s")
+    raise RuntimeError(f"fewer than {count} templates ready after {timeout:g}s")
 
 
 def stop_kernel(km: KernelManager, kc: BlockingKernelClient | None) -> None:
@@ -250,9 +255,10 @@ def execute_rtt(kc: BlockingKernelClient, code: str, timeout: float) -> float:
 def measure(kind: KernelKind, starts: int, executions: int, warmup: int, timeout: float) -> KindResult:
     result = KindResult(kind.label, kind.kernel_name)
     try:
-        if kind.from_template:
+        if kind.templates:
             stop_kernel(*start_kernel(kind, timeout)[:2])
-            wait_for_template(timeout)
+            wait_for_templates(kind.templates, timeout)
+            time.sleep(2)  # and the warm pool refilled
         for i in range(starts):
             km, kc, seconds = start_kernel(kind, timeout)
             result.starts_s.append(seconds)
@@ -333,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--starts and --executions must be at least 1")
 
     tmp = Path(tempfile.mkdtemp(prefix="snapkernel-bench-"))
-    backend = Backend(tmp)
+    backend = Backend(tmp, runtime="gvisor" if GVISOR else "process")
     failed = True
     try:
         backend.start()

@@ -85,7 +85,7 @@ class OrphanReaper:
 
 async def remove_all(manager: SandboxManager, why: str, timeout: float = 60.0) -> int:
     """Remove every sandbox of this backend, asleep and ended ones too (snapshots in the store stay); returns
-    how many. For a backend whose kernels cannot outlive it (`snapkernel lab`'s)."""
+    how many were kernels. For a backend whose kernels cannot outlive it (`snapkernel lab`'s)."""
     sandboxes = [sb for sb in manager.live.values() if not sb.deleting]
     if not sandboxes:
         return 0
@@ -103,4 +103,4 @@ async def remove_all(manager: SandboxManager, why: str, timeout: float = 60.0) -
     except TimeoutError:
         log.error("removing %d sandboxes took over %gs; the next start removes what is left", len(sandboxes),
                   timeout)
-    return len(sandboxes)
+    return sum(1 for sb in sandboxes if not sb.internal)  # the pool's and templates' are nobody's kernels
