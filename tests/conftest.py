@@ -153,15 +153,17 @@ def serving_backend(runtime: str, args: list[str] | None = None) -> Iterator[Bac
         b.start()
         saved = {k: os.environ.get(k) for k in b.env()}
         os.environ.update(b.env())
-        yield b
-        b.stop()
-        b.report()
-        _cleanup_sandboxes(b)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        try:
+            yield b
+        finally:  # also when the code using it raises: no backend or sandbox outlives the tests
+            b.stop()
+            b.report()
+            _cleanup_sandboxes(b)
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 @contextlib.contextmanager
@@ -173,10 +175,12 @@ def backend_of_its_own(runtime: str, monkeypatch: pytest.MonkeyPatch, prefix: st
         b.start()
         for k, v in b.env().items():
             monkeypatch.setenv(k, v)
-        yield b
-        b.stop()
-        b.report()
-        _cleanup_sandboxes(b)
+        try:
+            yield b
+        finally:
+            b.stop()
+            b.report()
+            _cleanup_sandboxes(b)
 
 
 @pytest.fixture(params=RUNTIMES)
