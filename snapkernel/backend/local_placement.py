@@ -91,6 +91,7 @@ class LocalPlacement(Placement):
         return removed
 
     async def stop(self, remove_sandboxes: bool = False) -> int:
+        await self.manager.pool.stop()  # first: it would refill with the room the kernels' removal frees
         await self.orphans.stop()
         await self.fanout.close()
         removed = 0

@@ -161,9 +161,6 @@ class SandboxManager:
                                               self._hibernate_after(spec))
             if handed is not None:
                 return handed
-        template = None if building else self.templates.take(spec, runtime)
-        if template is not None:
-            restore = template[1]
         self.workspaces.check(spec.disk, req.spec.disk or format_bytes(spec.disk))
         state = self.state_dir.resolve()
         if spec.mount_dir and (Path(spec.mount_dir) == state or state in Path(spec.mount_dir).parents):
@@ -179,6 +176,9 @@ class SandboxManager:
             self.release(leaving)  # its room goes to this request at once: nothing can come in between
             self.spawn(self.delete(leaving.record.id))
             gpus = self.scheduler.allocate(sandbox_id, spec)
+        template = None if building else self.templates.take(spec, runtime)  # counted as used from here on
+        if template is not None:
+            restore = template[1]
         record = SandboxRecord(
             id=sandbox_id, kernel_id=req.kernel_id, runtime=spec.runtime, spec=req.spec,
             dir=str(self.sandbox_root / sandbox_id), gpu_indices=gpus, created=time.time(),
