@@ -73,6 +73,9 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"{format_bytes(cap.memory_allocated)}/{format_bytes(cap.memory_total)} ({memory_policy}), GPUs "
           f"{cap.gpus_allocated}/{cap.gpus_total} (never shared)")
     print(f"sandboxes: {status.sandboxes}")
+    pool = status.warm_pool
+    print(f"warm pool: {pool.ready} of {pool.size} ready, {pool.handed_out} handed out" if pool.size
+          else "warm pool: off")
     print("templates (new kernels of their class restore one):" + ("" if status.templates else " none"))
     now = time.time()
     for t in status.templates:

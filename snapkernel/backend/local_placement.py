@@ -187,6 +187,7 @@ class LocalPlacement(Placement):
             gpu_detail=why,
             driver_version=driver,
             templates=self.manager.templates.list(),
+            warm_pool=self.manager.pool.to_pb(),
         )
 
     def open_map(self, send: Callable[[pb.MapResponse], None]) -> MapJob:

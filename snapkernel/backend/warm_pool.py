@@ -56,6 +56,10 @@ class WarmPool:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
+    def to_pb(self) -> pb.WarmPool:
+        ready = sum(sb.record.state == pb.RUNNING and sb.record.kernel_id != LEAVING for sb in self.members())
+        return pb.WarmPool(size=self.size, ready=ready, handed_out=self.handed_out)
+
     def start(self) -> None:
         if self.size > 0:
             self._task = asyncio.ensure_future(self._fill_loop())

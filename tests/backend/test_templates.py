@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -194,6 +196,9 @@ def test_the_warm_pool_hands_each_sandbox_out_once_and_refills(pbackend: Backend
         second = pooled(pbackend, 2)[1]  # refilled in the background
         assert second not in (first, sandbox_id(c2))
     assert "from the warm pool" in full_log(pbackend)
+    out = subprocess.run([sys.executable, "-m", "snapkernel.cli", "status"], capture_output=True, text=True,
+                         check=True, env={**os.environ, **pbackend.env()}).stdout
+    assert re.search(r"warm pool: [01] of 1 ready, 1 handed out", out), out
     pbackend.stop()
     assert sandbox_processes(str(pbackend.state_dir)) == []  # the pool's too
 

@@ -1065,6 +1065,7 @@ class Status(_message.Message):
     GPU_DETAIL_FIELD_NUMBER: _builtins.int
     DRIVER_VERSION_FIELD_NUMBER: _builtins.int
     TEMPLATES_FIELD_NUMBER: _builtins.int
+    WARM_POOL_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     default_runtime: _builtins.str
     sandboxes: _builtins.int
@@ -1079,6 +1080,8 @@ class Status(_message.Message):
     def capacity(self) -> Global___Capacity: ...
     @_builtins.property
     def templates(self) -> _containers.RepeatedCompositeFieldContainer[Global___Template]: ...
+    @_builtins.property
+    def warm_pool(self) -> Global___WarmPool: ...
     def __init__(
         self,
         *,
@@ -1091,14 +1094,45 @@ class Status(_message.Message):
         gpu_detail: _builtins.str = ...,
         driver_version: _builtins.str = ...,
         templates: _abc.Iterable[Global___Template] | None = ...,
+        warm_pool: Global___WarmPool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "warm_pool", b"warm_pool"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "default_runtime", b"default_runtime", "driver_version", b"driver_version", "gpu_detail", b"gpu_detail", "gpus", b"gpus", "runtimes", b"runtimes", "sandboxes", b"sandboxes", "templates", b"templates", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "default_runtime", b"default_runtime", "driver_version", b"driver_version", "gpu_detail", b"gpu_detail", "gpus", b"gpus", "runtimes", b"runtimes", "sandboxes", b"sandboxes", "templates", b"templates", "version", b"version", "warm_pool", b"warm_pool"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Status: _TypeAlias = Status  # noqa: Y015
+
+@_typing.final
+class WarmPool(_message.Message):
+    """Running sandboxes of the default spec waiting for kernel requests (--BackendApp.warm_pool)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIZE_FIELD_NUMBER: _builtins.int
+    READY_FIELD_NUMBER: _builtins.int
+    HANDED_OUT_FIELD_NUMBER: _builtins.int
+    size: _builtins.int
+    """how many it keeps, room allowing"""
+    ready: _builtins.int
+    """waiting now"""
+    handed_out: _builtins.int
+    """since the backend started"""
+    def __init__(
+        self,
+        *,
+        size: _builtins.int = ...,
+        ready: _builtins.int = ...,
+        handed_out: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handed_out", b"handed_out", "ready", b"ready", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WarmPool: _TypeAlias = WarmPool  # noqa: Y015
 
 @_typing.final
 class Template(_message.Message):
