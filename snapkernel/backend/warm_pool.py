@@ -90,7 +90,7 @@ class WarmPool:
         r.kernel_id = req.kernel_id  # out of the pool: never handed out twice
         self._wake.set()
         r.spec, r.kernel, r.notebook_path, r.hibernate_after = req.spec, req.kernel, req.notebook_path, hibernate_after
-        r.created = r.last_activity = time.time()
+        r.created = r.last_activity = sb.detached_at = time.time()  # not an orphan: its client comes now
         sb.spec = spec
         sb.unattached.clear()  # the pool's own kernel output: nobody's
         sb.unattached_bytes = 0
