@@ -32,6 +32,7 @@ from snapkernel.errors import SnapkernelError
 from snapkernel.protocol.spec import ParsedSpec, format_bytes, parse_disk, parse_memory
 from snapkernel.protocol.v1 import backend_pb2 as pb
 from snapkernel.snapshots import memory
+from snapkernel.snapshots.store import sha256_file
 
 if TYPE_CHECKING:
     from snapkernel.backend.runtimes.base import SandboxRuntime
@@ -159,7 +160,7 @@ class Templates:
                 spec.ParseFromString(bytes.fromhex(manifest["spec"]))
                 t = Template(d.name, spec, "ready", manifest["created"], manifest["size"])
                 for name, digest in manifest["sha256"].items():
-                    if _sha256(d / name) != digest:
+                    if sha256_file(d / name) != digest:
                         raise ValueError(f"{name} does not match its SHA-256")
                 t.files = _stats(d)
                 self.templates[t.key] = t
@@ -225,7 +226,7 @@ class Templates:
 
     def _seal(self, d: Path, t: Template) -> None:
         """Write the manifest: the spec, and the SHA-256 of every file, checked when a backend loads it."""
-        digests = {str(p.relative_to(d)): _sha256(p) for p in sorted(d.rglob("*")) if p.is_file()}
+        digests = {str(p.relative_to(d)): sha256_file(p) for p in sorted(d.rglob("*")) if p.is_file()}
         t.created = time.time()
         t.size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
         (d / MANIFEST).write_text(json.dumps({"spec": t.spec.SerializeToString().hex(), "created": t.created,
@@ -243,14 +244,6 @@ class Templates:
             return _stats(self.root / t.key) == t.files
         except OSError:
             return False
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _stats(d: Path) -> dict[str, list[int]]:

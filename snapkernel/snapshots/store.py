@@ -78,7 +78,7 @@ class Snapshot:
         return sum(f.size for f in self.files)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(4 * 1024 * 1024):
@@ -181,7 +181,7 @@ class SnapshotStore:
 
     def commit(self, meta: Snapshot, partial: Path) -> None:
         """Hash and fsync the files, move the directory into place, record it (slow: call off the loop)."""
-        meta.files = [SnapshotFile(p.relative_to(partial).as_posix(), p.stat().st_size, _sha256(p))
+        meta.files = [SnapshotFile(p.relative_to(partial).as_posix(), p.stat().st_size, sha256_file(p))
                       for p in _data_files(partial)]
         meta.created = time.time()
         meta.format = FORMAT
@@ -294,7 +294,7 @@ class SnapshotStore:
             if not path.is_file():
                 raise SnapshotCorruptError(f"snapshot {snapshot_id} is missing its file {f.name}; it will not be "
                                            "restored")
-            actual = _sha256(path)
+            actual = sha256_file(path)
             if actual != f.sha256:
                 raise SnapshotCorruptError(
                     f"snapshot {snapshot_id}: file {f.name} fails its checksum (sha256 {actual[:12]}…, recorded "
