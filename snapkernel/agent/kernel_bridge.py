@@ -21,6 +21,7 @@ import zmq
 from snapkernel.agent.fanout_relay import FanoutRelay
 from snapkernel.agent.kernel_process import KernelProcess
 from snapkernel.agent.own_client import OwnClient
+from snapkernel.protocol import hops
 from snapkernel.protocol.frames import FrameBuffer, decode, encode
 from snapkernel.protocol.v1 import backend_pb2 as pb
 
@@ -75,6 +76,8 @@ class KernelBridge:
         while data:
             n = os.write(self.out_fd, data)
             data = data[n:]
+        if hops.ENABLED:
+            hops.mark("agent_out")
 
     # --- the kernel -----------------------------------------------------------------------------
     def start_kernel(self, launched: KernelProcess | None = None) -> None:
@@ -179,6 +182,8 @@ class KernelBridge:
                 return
             sock = self._client_sockets(frame.parts[0])[frame.channel]
             sock.send_multipart(list(frame.parts[1:]), copy=False)
+            if hops.ENABLED:
+                hops.mark("kernel_in")
         elif kind == "signal":
             if self.kernel is not None and self.kernel.poll() is None:
                 try:
@@ -285,10 +290,14 @@ class KernelBridge:
                         log.info("link closed; stopping")
                         self.running = False
                         break
+                    if hops.ENABLED:
+                        hops.mark("agent_in")
                     for body in frames.feed(data):
                         self.handle(decode(body))
                 elif sock is self.iopub and self.iopub is not None:
                     parts = self.iopub.recv_multipart()
+                    if hops.ENABLED:
+                        hops.mark("kernel_out")
                     if self.own.pending and self.own.owns(parts):
                         self.own.on_iopub(parts)  # the agent's own request: not the notebook's business
                     elif self._kernel_request(parts):
@@ -312,6 +321,8 @@ class KernelBridge:
                 else:
                     channel, ident = self.routes[sock]
                     parts = sock.recv_multipart()
+                    if hops.ENABLED:
+                        hops.mark("kernel_out")
                     self.send(pb.AgentMessage(frame=pb.KernelFrame(channel=channel, parts=[ident, *parts])))
         self.stop_kernel()
         return 0

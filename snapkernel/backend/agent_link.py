@@ -12,6 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from snapkernel.errors import SandboxFailedError
+from snapkernel.protocol import hops
 from snapkernel.protocol.frames import HEADER, SEQ, decode, encode, read_numbered
 from snapkernel.protocol.v1 import backend_pb2 as pb
 
@@ -52,6 +53,8 @@ class AgentLink:
         try:
             while (got := await read_numbered(reader)) is not None:
                 seq, frame = got
+                if hops.ENABLED:
+                    hops.mark("link_in")
                 self.on_message(decode(frame[HEADER.size:]), seq)
         except (ConnectionError, asyncio.IncompleteReadError) as e:
             log.info("sandbox_id=%s agent link broke: %s", self.sandbox_id, e)
@@ -65,6 +68,8 @@ class AgentLink:
         if self.writer is None or self.writer.is_closing():
             raise SandboxFailedError(f"sandbox {self.sandbox_id}: the agent link is closed")
         self.writer.write(SEQ.pack(0) + encode(msg))
+        if hops.ENABLED:
+            hops.mark("link_out")
 
     def ack(self, seq: int) -> None:
         """Every frame up to `seq` is handed on: the shim may forget them (sent once the loop is free)."""

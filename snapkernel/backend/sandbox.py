@@ -20,6 +20,7 @@ from snapkernel.backend.lifecycle import Activity
 from snapkernel.backend.sandbox_db import SandboxRecord
 from snapkernel.backend.workspace import WORKSPACE
 from snapkernel.errors import SandboxFailedError
+from snapkernel.protocol import hops
 from snapkernel.protocol.spec import ParsedSpec, format_bytes
 from snapkernel.protocol.v1 import backend_pb2 as pb
 from snapkernel.snapshots import cuda
@@ -105,6 +106,8 @@ class LiveSandbox:
         }
         if "PYTHONPATH" in os.environ:  # the agent runs on this interpreter and needs the same packages
             env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+        if hops.ENABLED:  # profiling the message path (bench/message_path.py): the agent marks its hops too
+            env[hops.ENV] = "1"
         env.update(self.spec.env)
         return env
 

@@ -14,6 +14,7 @@ import grpc
 from snapkernel import __version__
 from snapkernel.backend.placement import Placement
 from snapkernel.errors import InvalidSpecError, SnapkernelError, abort
+from snapkernel.protocol import hops
 from snapkernel.protocol.spec import check_sandbox_id
 from snapkernel.protocol.v1 import backend_pb2 as pb
 from snapkernel.protocol.v1 import backend_pb2_grpc as pb_grpc
@@ -149,6 +150,8 @@ class BackendService(pb_grpc.BackendServicer):
                 while (req := await context.read()) is not _EOF:
                     if req.WhichOneof("kind") != "frame":
                         raise InvalidSpecError("Attach: only frames may follow `open`")
+                    if hops.ENABLED:
+                        hops.mark("backend_in")
                     check_client_frame(req.frame)
                     attachment.send(req.frame)
             except SnapkernelError as e:
@@ -161,6 +164,8 @@ class BackendService(pb_grpc.BackendServicer):
         try:
             while (frame := await attachment.outgoing.get()) is not None:
                 unsent.append(frame)  # until written: a client that breaks off may not have it
+                if hops.ENABLED:
+                    hops.mark("backend_out")
                 await context.write(pb.AttachResponse(frame=frame))
                 unsent.pop()
                 attachment.delivered(frame.seq)

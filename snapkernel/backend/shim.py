@@ -24,6 +24,7 @@ import sys
 import time
 from typing import Any
 
+from snapkernel.protocol import hops
 from snapkernel.protocol.frames import SEQ, read_frame, read_from_backend
 
 
@@ -196,6 +197,8 @@ class Shim:
                           "back until it reconnects, and the kernel may drop output meanwhile", file=sys.stderr)
                 await asyncio.sleep(0.1)
             self.told_full = False
+            if hops.ENABLED:
+                hops.mark("shim_out")
             self.outbox.add(frame)
 
     async def _send(self, writer: asyncio.StreamWriter) -> None:
@@ -236,6 +239,8 @@ class Shim:
                 if frame is None:
                     self.outbox.ack(seq)
                     continue
+                if hops.ENABLED:
+                    hops.mark("shim_in")
                 stdin.write(frame)
                 await stdin.drain()
         except (ConnectionError, asyncio.IncompleteReadError, ValueError):

@@ -22,6 +22,7 @@ import zmq.asyncio
 
 from snapkernel.client import BackendClient
 from snapkernel.errors import NotFoundError, SnapkernelError, UnauthenticatedError, from_grpc
+from snapkernel.protocol import hops
 from snapkernel.protocol.states import ENDED
 from snapkernel.protocol.v1 import backend_pb2 as pb
 
@@ -106,6 +107,8 @@ class KernelRelay:
         channel = CHANNELS[name]
         while True:
             parts = await sock.recv_multipart()
+            if hops.ENABLED:
+                hops.mark("relay_in")
             if len(self.outgoing) >= MAX_QUEUED:
                 log.warning("sandbox_id=%s relay queue full; dropping a %s message", self.sandbox_id, name)
                 continue
@@ -121,6 +124,8 @@ class KernelRelay:
 
     # --- backend → client -----------------------------------------------------------------------
     def _deliver(self, frame: pb.KernelFrame) -> None:
+        if hops.ENABLED:
+            hops.mark("relay_out")
         if frame.channel == pb.IOPUB:
             self.sockets["iopub"].send_multipart(list(frame.parts), copy=False)
             return

@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Self
 
 from snapkernel.backend.sandbox_db import SandboxRecord
 from snapkernel.errors import StateError
+from snapkernel.protocol import hops
 from snapkernel.protocol.spec import ParsedSpec
 
 LINK_SOCKET = "link.sock"
@@ -165,11 +166,12 @@ class SandboxRuntime(ABC):
             "--sandbox-id", record.id,
             "--", *plan.argv,
         ]
+        shim_env = {**plan.env, hops.ENV: "1"} if hops.ENABLED else plan.env  # profiling: the shim marks too
         # A plain Popen, not asyncio's: asyncio kills the children it still tracks when its loop closes,
         # and sandboxes must outlive the backend.
         with open(sandbox_dir / LOG_FILE, "ab") as log:
             proc = subprocess.Popen(
-                argv, cwd=plan.cwd or sandbox_dir / "workspace", env=plan.env, stdin=subprocess.DEVNULL,
+                argv, cwd=plan.cwd or sandbox_dir / "workspace", env=shim_env, stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
             )
         self._children[record.id] = proc
