@@ -26,7 +26,7 @@ SEND_TIMEOUT = 10.0
 class FanoutRelay:
     def __init__(self, path: str, send: Callable[[pb.AgentMessage], None], poller: Any) -> None:
         self.send = send
-        self.poller = poller  # a zmq.Poller: the relay registers and unregisters its own fds
+        self.poller = poller  # the agent's select.poll: the relay registers and unregisters its own fds
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
@@ -37,7 +37,7 @@ class FanoutRelay:
             os.umask(old)
         self.listener.listen(16)
         self.listener.setblocking(False)
-        poller.register(self.listener.fileno(), 1)  # zmq.POLLIN
+        poller.register(self.listener.fileno(), 1)  # POLLIN
         self.conns: dict[int, tuple[socket.socket, int, FrameBuffer]] = {}  # fd -> (conn, stream, frames)
         self.streams: dict[int, socket.socket] = {}
         self.next_stream = 1

@@ -1,8 +1,10 @@
 """The kernel bridge: one ipykernel on loopback ZMQ, its channels carried as frames on stdin/stdout.
 
-Single-threaded: one zmq.Poller watches stdin and every kernel socket. Shell, control and stdin traffic of
-each Jupyter client gets its own DEALER sockets carrying that client's identity, so the kernel routes its
-replies (and `input()` requests) back to the right client exactly as if the client were connected directly.
+Single-threaded: one poll loop watches stdin and every connection to the kernel, which the agent speaks ZMTP
+on itself (zmtp.py: no libzmq I/O thread between them). Shell, control and stdin traffic of each Jupyter client
+gets its own DEALER connections carrying that client's identity, so the kernel routes its replies (and
+`input()` requests) back to the right client exactly as if the client were connected directly. What goes to
+the backend in one pass of the loop goes in one write.
 """
 
 from __future__ import annotations
@@ -10,17 +12,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
+import time
 from collections import OrderedDict
-from typing import Any
-
-import zmq
 
 from snapkernel.agent.fanout_relay import FanoutRelay
 from snapkernel.agent.kernel_process import KernelProcess
 from snapkernel.agent.own_client import OwnClient
+from snapkernel.agent.zmtp import Peer, ZmtpError
 from snapkernel.protocol import hops
 from snapkernel.protocol.frames import FrameBuffer, decode, encode
 from snapkernel.protocol.v1 import backend_pb2 as pb
@@ -38,6 +40,8 @@ IDENTITY_CODE = "__import__('os').environ.update({env!r}); get_ipython().kernel.
 # gVisor every wake-up of an idle sandbox costs CPU, so it must be rare (it used to be 200 ms).
 IDLE_POLL_MS = 10_000
 FALLBACK_POLL_MS = 200  # where no SIGCHLD watch could be set up (not the main thread)
+CONNECT_RETRY_MS = 10  # while the kernel has not bound a socket the agent connects to yet
+READ_EVENTS = select.POLLIN | select.POLLHUP | select.POLLERR
 
 
 def _socket_identity(ident: bytes) -> bytes:
@@ -51,20 +55,22 @@ class KernelBridge:
         self.signature_scheme = signature_scheme
         self.in_fd = in_fd
         self.out_fd = out_fd
-        self.ctx = zmq.Context()
-        self.poller = zmq.Poller()
+        self.poller = select.poll()
         self.kernel: subprocess.Popen[bytes] | None = None
         self.generation = 0
-        self.addresses: dict[str, str] = {}
-        self.iopub: zmq.Socket[Any] | None = None
-        # (channel, ident) -> DEALER socket; socket -> (channel, ident) for the way back
-        self.clients: OrderedDict[bytes, dict[pb.Channel.ValueType, zmq.Socket[Any]]] = OrderedDict()
-        self.routes: dict[zmq.Socket[Any], tuple[pb.Channel.ValueType, bytes]] = {}
+        self.addresses: dict[str, str] = {}  # channel -> unix socket path
+        self.iopub: Peer | None = None
+        # ident -> {channel: DEALER connection}; a connection -> (channel, ident) for the way back
+        self.clients: OrderedDict[bytes, dict[pb.Channel.ValueType, Peer]] = OrderedDict()
+        self.routes: dict[Peer, tuple[pb.Channel.ValueType, bytes]] = {}
+        self.peers: dict[int, Peer] = {}  # fd -> connection, once connected
+        self.connecting: list[Peer] = []  # not connected yet: retried on every pass of the loop
+        self.out = bytearray()  # frames for the backend, written at the end of the loop's pass
         self.exit_reported = True
         self.running = True
         self.own = OwnClient(key)
         self.requests: dict[str, list[pb.KernelRequest]] = {}  # cell msg_id -> requests to send when it ends
-        self.own_shell: zmq.Socket[Any] | None = None
+        self.own_shell: Peer | None = None
         self.runtime_dir = runtime_dir
         self.child_fd: int | None = None  # readable after a SIGCHLD (see `_watch_children`)
         self.relay = FanoutRelay(os.environ.get("SNAPKERNEL_FANOUT_SOCKET") or os.path.join(runtime_dir, "fanout.sock"),
@@ -72,12 +78,69 @@ class KernelBridge:
 
     # --- the link -------------------------------------------------------------------------------
     def send(self, msg: pb.AgentMessage) -> None:
-        data = memoryview(encode(msg))
+        """Queue a frame for the backend: the loop writes everything queued at once before it waits again."""
+        self.out += encode(msg)
+
+    def flush(self) -> None:
+        data = memoryview(self.out)
         while data:
-            n = os.write(self.out_fd, data)
+            try:
+                n = os.write(self.out_fd, data)
+            except BlockingIOError:  # the shim is slow to read: wait for the pipe (rare, output floods)
+                select.select([], [self.out_fd], [])
+                continue
             data = data[n:]
+        del data
+        self.out.clear()
         if hops.ENABLED:
             hops.mark("agent_out")
+
+    # --- connections to the kernel --------------------------------------------------------------
+    def _open(self, channel: str, socket_type: bytes, identity: bytes = b"") -> Peer:
+        peer = Peer(self.addresses[channel], socket_type, identity)
+        if peer.connect():
+            self._watch(peer)
+        else:
+            self.connecting.append(peer)
+        return peer
+
+    def _watch(self, peer: Peer) -> None:
+        """Poll a connected peer for input, and for room to write while it has bytes waiting."""
+        if peer.sock is None:
+            self._forget(peer)
+            return
+        self.peers[peer.fileno()] = peer
+        self.poller.register(peer.fileno(), READ_EVENTS | (select.POLLOUT if peer.wants_write else 0))
+
+    def _forget(self, peer: Peer) -> None:
+        for fd, p in list(self.peers.items()):
+            if p is peer:
+                del self.peers[fd]
+                self.poller.unregister(fd)
+        if peer in self.connecting:
+            self.connecting.remove(peer)
+        peer.close()
+
+    def _retry_connects(self) -> None:
+        for peer in list(self.connecting):
+            if peer.connect():
+                self.connecting.remove(peer)
+                self._watch(peer)
+
+    def _wait_ready(self, peer: Peer, timeout_ms: int) -> bool:
+        """Block until `peer`'s handshake is done (its READY came), reading nothing else meanwhile."""
+        self.flush()
+        deadline = time.monotonic() + timeout_ms / 1000
+        while not peer.ready and not peer.closed and time.monotonic() < deadline:
+            if peer.sock is None:
+                self._retry_connects()
+                time.sleep(CONNECT_RETRY_MS / 1000)
+                continue
+            if select.select([peer.sock], [], [], max(deadline - time.monotonic(), 0))[0]:
+                if peer.receive() is None:
+                    break
+                self._watch(peer)
+        return peer.ready
 
     # --- the kernel -----------------------------------------------------------------------------
     def start_kernel(self, launched: KernelProcess | None = None) -> None:
@@ -85,11 +148,7 @@ class KernelBridge:
         self.generation += 1
         kp = launched or KernelProcess.launch(self.key, self.signature_scheme, self.runtime_dir, self.generation)
         self.kernel, self.addresses = kp.proc, kp.addresses
-        self.iopub = self.ctx.socket(zmq.SUB)
-        self.iopub.setsockopt(zmq.SUBSCRIBE, b"")
-        self.iopub.linger = 0
-        self.iopub.connect(self.addresses["iopub"])
-        self.poller.register(self.iopub, zmq.POLLIN)
+        self.iopub = self._open("iopub", b"SUB")
         self.exit_reported = False
         log.info("kernel started pid=%s generation=%s", self.kernel.pid, self.generation)
         self.send(pb.AgentMessage(kernel_started=pb.KernelStarted(pid=self.kernel.pid,
@@ -108,22 +167,19 @@ class KernelBridge:
         if os.getpid() == 1:
             _kill_leftovers()
         self.relay.close_all()
-        for sock in list(self.routes):
-            self.poller.unregister(sock)
-            sock.close(0)
+        for peer in list(self.routes):
+            self._forget(peer)
         self.routes.clear()
         self.clients.clear()
         if self.own_shell is not None:
-            self.poller.unregister(self.own_shell)
-            self.own_shell.close(0)
+            self._forget(self.own_shell)
             self.own_shell = None
         for pending in self.own.pending.values():
             self.send(pb.AgentMessage(code_result=pb.CodeResult(id=pending.request_id, ok=False,
                                                                 error="the kernel stopped")))
         self.own.pending.clear()
         if self.iopub is not None:
-            self.poller.unregister(self.iopub)
-            self.iopub.close(0)
+            self._forget(self.iopub)
             self.iopub = None
 
     def _report_exit(self) -> None:
@@ -137,35 +193,25 @@ class KernelBridge:
         self.send(pb.AgentMessage(kernel_exited=pb.KernelExited(code=code, generation=self.generation)))
 
     # --- client sockets -------------------------------------------------------------------------
-    def _client_sockets(self, ident: bytes) -> dict[pb.Channel.ValueType, zmq.Socket[Any]]:
+    def _client_sockets(self, ident: bytes) -> dict[pb.Channel.ValueType, Peer]:
         socks = self.clients.get(ident)
         if socks is not None:
             self.clients.move_to_end(ident)
             return socks
         if len(self.clients) >= _MAX_CLIENTS:
             _, old = self.clients.popitem(last=False)
-            for s in old.values():
-                self.poller.unregister(s)
-                del self.routes[s]
-                s.close(0)
+            for peer in old.values():
+                del self.routes[peer]
+                self._forget(peer)
         socks = {}
         for channel in (pb.STDIN, pb.CONTROL, pb.SHELL):
-            s = self.ctx.socket(zmq.DEALER)
-            s.setsockopt(zmq.IDENTITY, _socket_identity(ident))
-            s.linger = 0
-            if channel == pb.STDIN:
-                monitor = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
-            s.connect(self.addresses[_CHANNEL_NAMES[channel]])
-            if channel == pb.STDIN:
-                # The kernel's stdin ROUTER drops an input_request for an identity it has not seen yet,
-                # so the shell request may only go out once this client's stdin socket is connected.
-                if not monitor.poll(STDIN_CONNECT_TIMEOUT_MS):
-                    log.warning("stdin socket of a new client not connected after %s ms", STDIN_CONNECT_TIMEOUT_MS)
-                s.disable_monitor()
-                monitor.close(0)
-            self.poller.register(s, zmq.POLLIN)
-            self.routes[s] = (channel, ident)
-            socks[channel] = s
+            peer = self._open(_CHANNEL_NAMES[channel], b"DEALER", _socket_identity(ident))
+            # The kernel's stdin ROUTER drops an input_request for an identity it has not seen yet,
+            # so the shell request may only go out once this client's stdin connection is up.
+            if channel == pb.STDIN and not self._wait_ready(peer, STDIN_CONNECT_TIMEOUT_MS):
+                log.warning("stdin socket of a new client not connected after %s ms", STDIN_CONNECT_TIMEOUT_MS)
+            self.routes[peer] = (channel, ident)
+            socks[channel] = peer
         self.clients[ident] = socks
         return socks
 
@@ -180,8 +226,10 @@ class KernelBridge:
             if self.kernel is None or self.kernel.poll() is not None:
                 self._error("dropped a kernel message: the kernel is not running (restart it)")
                 return
-            sock = self._client_sockets(frame.parts[0])[frame.channel]
-            sock.send_multipart(list(frame.parts[1:]), copy=False)
+            peer = self._client_sockets(frame.parts[0])[frame.channel]
+            peer.send(list(frame.parts[1:]))
+            if peer.sock is not None:
+                self._watch(peer)
             if hops.ENABLED:
                 hops.mark("kernel_in")
         elif kind == "signal":
@@ -230,11 +278,10 @@ class KernelBridge:
             self.send(pb.AgentMessage(code_result=pb.CodeResult(id=req.id, ok=False, error="no kernel running")))
             return False
         if self.own_shell is None:
-            self.own_shell = self.ctx.socket(zmq.DEALER)
-            self.own_shell.linger = 0
-            self.own_shell.connect(self.addresses["shell"])
-            self.poller.register(self.own_shell, zmq.POLLIN)
-        self.own_shell.send_multipart(self.own.execute_request(req.id, req.code))
+            self.own_shell = self._open("shell", b"DEALER")
+        self.own_shell.send(self.own.execute_request(req.id, req.code))
+        if self.own_shell.sock is not None:
+            self._watch(self.own_shell)
         return True
 
     def _take_identity(self, identity: pb.Identity) -> None:
@@ -262,7 +309,7 @@ class KernelBridge:
             os.close(w)
             return FALLBACK_POLL_MS
         self.child_fd = r
-        self.poller.register(r, zmq.POLLIN)
+        self.poller.register(r, select.POLLIN)
         return IDLE_POLL_MS
 
     def _drain_child_fd(self) -> None:
@@ -273,59 +320,97 @@ class KernelBridge:
 
     def run(self, launched: KernelProcess | None = None) -> int:
         os.set_blocking(self.in_fd, False)
-        self.poller.register(self.in_fd, zmq.POLLIN)
-        timeout = self._watch_children()
+        self.poller.register(self.in_fd, select.POLLIN)
+        idle_ms = self._watch_children()
         self.send(pb.AgentMessage(hello=pb.AgentHello(python=sys.version.split()[0], pid=os.getpid())))
         self.start_kernel(launched)
         frames = FrameBuffer()
+        check_exit = True  # also catches a kernel that ended before the SIGCHLD watch was set up
         while self.running:
-            self._report_exit()  # also catches a kernel that ended before the SIGCHLD watch was set up
-            for sock, _ in self.poller.poll(timeout):
-                if sock == self.in_fd:
-                    try:
-                        data = os.read(self.in_fd, 1 << 20)
-                    except BlockingIOError:
-                        continue
-                    if not data:
-                        log.info("link closed; stopping")
-                        self.running = False
+            if check_exit or self.child_fd is None:
+                self._report_exit()
+            self._retry_connects()
+            self.flush()
+            events = self.poller.poll(CONNECT_RETRY_MS if self.connecting else idle_ms)
+            check_exit = not events
+            for fd, event in events:
+                if fd == self.in_fd:
+                    if not self._from_backend(frames):
                         break
-                    if hops.ENABLED:
-                        hops.mark("agent_in")
-                    for body in frames.feed(data):
-                        self.handle(decode(body))
-                elif sock is self.iopub and self.iopub is not None:
-                    parts = self.iopub.recv_multipart()
-                    if hops.ENABLED:
-                        hops.mark("kernel_out")
-                    if self.own.pending and self.own.owns(parts):
-                        self.own.on_iopub(parts)  # the agent's own request: not the notebook's business
-                    elif self._kernel_request(parts):
-                        pass
-                    else:
-                        if self.requests:
-                            self._release_requests(parts)
-                        self.send(pb.AgentMessage(frame=pb.KernelFrame(channel=pb.IOPUB, parts=parts)))
-                elif sock == self.child_fd:
+                elif fd == self.child_fd:
+                    check_exit = True
                     self._drain_child_fd()
                     if os.getpid() == 1:
                         _reap_orphans(self.kernel.pid if self.kernel is not None else 0)
-                elif isinstance(sock, int):  # the fan-out relay's (maybe closed earlier in this batch)
-                    self.relay.on_readable(sock)
-                elif sock is self.own_shell and self.own_shell is not None:
-                    result = self.own.on_reply(self.own_shell.recv_multipart())
-                    if result is not None:
-                        rid, ok, output, error = result
-                        self.send(pb.AgentMessage(code_result=pb.CodeResult(id=rid, ok=ok, output=output,
-                                                                            error=error)))
-                else:
-                    channel, ident = self.routes[sock]
-                    parts = sock.recv_multipart()
-                    if hops.ENABLED:
-                        hops.mark("kernel_out")
-                    self.send(pb.AgentMessage(frame=pb.KernelFrame(channel=channel, parts=[ident, *parts])))
+                elif (peer := self.peers.get(fd)) is not None:
+                    self._from_kernel(peer, event)
+                else:  # the fan-out relay's (maybe closed earlier in this batch)
+                    self.relay.on_readable(fd)
         self.stop_kernel()
+        self.flush()
         return 0
+
+    def _from_backend(self, frames: FrameBuffer) -> bool:
+        try:
+            data = os.read(self.in_fd, 1 << 20)
+        except BlockingIOError:
+            return True
+        if not data:
+            log.info("link closed; stopping")
+            self.running = False
+            return False
+        if hops.ENABLED:
+            hops.mark("agent_in")
+        for body in frames.feed(data):
+            self.handle(decode(body))
+        return True
+
+    def _from_kernel(self, peer: Peer, event: int) -> None:
+        if event & select.POLLOUT:
+            peer.flush()
+        if event & READ_EVENTS:
+            try:
+                messages = peer.receive()
+            except ZmtpError as e:
+                log.warning("%s; dropping the connection", e)
+                messages = None
+            if messages is None:  # the kernel closed it: it is ending, or the connection broke
+                self._lost(peer)
+                return
+            for parts in messages:
+                self._kernel_message(peer, parts)
+        self._watch(peer)
+
+    def _lost(self, peer: Peer) -> None:
+        self._forget(peer)
+        if peer in self.routes:  # the client's next message connects it again
+            _, ident = self.routes[peer]
+            for other in self.clients.pop(ident, {}).values():
+                self.routes.pop(other, None)
+                self._forget(other)
+        elif peer is self.own_shell:
+            self.own_shell = None
+        elif peer is self.iopub:
+            self.iopub = self._open("iopub", b"SUB") if self.kernel is not None and self.kernel.poll() is None else None
+
+    def _kernel_message(self, peer: Peer, parts: list[bytes]) -> None:
+        if hops.ENABLED:
+            hops.mark("kernel_out")
+        if peer is self.iopub:
+            if self.own.pending and self.own.owns(parts):
+                self.own.on_iopub(parts)  # the agent's own request: not the notebook's business
+            elif not self._kernel_request(parts):
+                if self.requests:
+                    self._release_requests(parts)
+                self.send(pb.AgentMessage(frame=pb.KernelFrame(channel=pb.IOPUB, parts=parts)))
+        elif peer is self.own_shell:
+            result = self.own.on_reply(parts)
+            if result is not None:
+                rid, ok, output, error = result
+                self.send(pb.AgentMessage(code_result=pb.CodeResult(id=rid, ok=ok, output=output, error=error)))
+        elif peer in self.routes:
+            channel, ident = self.routes[peer]
+            self.send(pb.AgentMessage(frame=pb.KernelFrame(channel=channel, parts=[ident, *parts])))
 
 
 # As a gvisor sandbox's PID 1 the agent is the init of everything its kernel starts (not so under the

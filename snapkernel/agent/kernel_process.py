@@ -15,7 +15,7 @@ CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 @dataclass
 class KernelProcess:
     proc: subprocess.Popen[bytes]
-    addresses: dict[str, str]  # channel -> ZMQ address
+    addresses: dict[str, str]  # channel -> the unix socket it is bound to
     generation: int
 
     @classmethod
@@ -39,7 +39,7 @@ class KernelProcess:
         proc = subprocess.Popen([sys.executable, "-m", "ipykernel_launcher", "-f", path,
                                  "--IPKernelApp.extra_extensions=snapkernel"],
                                 stdin=subprocess.DEVNULL, stdout=2, stderr=2, env=env)
-        return cls(proc, {name: f"ipc://{base}-{port}" for name, port in ports.items()}, generation)
+        return cls(proc, {name: f"{base}-{port}" for name, port in ports.items()}, generation)
 
 
 def _make_user_site() -> None:
