@@ -227,7 +227,12 @@ class Hibernator:
         r = sb.record
         offloaded = False
         if self.m.defaults.gpu_offload:
-            result = await self._offload(sb, "offload")
+            try:
+                result = await self._offload(sb, "offload")
+            except SnapkernelError:
+                with contextlib.suppress(SnapkernelError):  # what it had moved goes back (nothing, usually)
+                    await self._offload(sb, "reload")
+                raise
             offloaded = result.get("bytes", 0) > 0
             if "staging_bytes" in result:
                 sb.offload_staging = int(result["staging_bytes"])

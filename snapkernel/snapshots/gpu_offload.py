@@ -85,20 +85,26 @@ def _torch() -> Any:
     return torch
 
 
-def _scan(torch: Any) -> tuple[list[Any], bool]:
-    """The distinct non-empty CUDA storages of all live tensors (by device, then address), and whether
-    any CUDA graph is alive."""
+def _scan(torch: Any) -> tuple[list[Any], int, bool]:
+    """The distinct non-empty CUDA storages of all live tensors that can move (by device, then address);
+    how many cannot; and whether any CUDA graph is alive. A storage torch cannot resize (memory it did not
+    allocate, e.g. taken from another library through DLPack) stays in place for the driver's checkpoint,
+    and so does any other storage at its address (moving that one would pull the memory from under it)."""
     seen: dict[int, Any] = {}
+    fixed: set[int] = set()
     graphs = False
     for obj in gc.get_objects():
         if isinstance(obj, torch.Tensor):
             if obj.is_cuda:
                 storage = obj.untyped_storage()
-                if storage.nbytes() and storage.data_ptr() not in seen:
-                    seen[storage.data_ptr()] = storage
+                if storage.nbytes():
+                    seen.setdefault(storage.data_ptr(), storage)
+                    if not getattr(storage, "resizable", lambda: True)():
+                        fixed.add(storage.data_ptr())
         elif isinstance(obj, torch.cuda.CUDAGraph):
             graphs = True
-    return sorted(seen.values(), key=lambda s: (s.device.index, s.data_ptr())), graphs
+    movable = [s for ptr, s in seen.items() if ptr not in fixed]
+    return sorted(movable, key=lambda s: (s.device.index, s.data_ptr())), len(fixed), graphs
 
 
 def _staging_buffers(torch: Any, buffers: int, buffer_bytes: int) -> float:
@@ -192,17 +198,18 @@ def offload(buffers: int = DEFAULT_BUFFERS, buffer_bytes: int = DEFAULT_BUFFER_B
     """Copy every CUDA storage to host memory through `buffers` pinned staging buffers of `buffer_bytes`
     and free it on the GPU. Returns what it moved: `bytes`, `seconds` (the whole call), `storages`, and
     `gib_s`, `copy_seconds` (the copies alone), `batches`, `staging_bytes`, `staging_seconds` (allocating
-    the staging buffers: the first offload only), `threads` (torch's CPU threads for the copies)."""
+    the staging buffers: the first offload only), `threads` (torch's CPU threads for the copies) and
+    `left_in_place` (storages that cannot be resized, left to the driver's checkpoint)."""
     check_staging(buffers, buffer_bytes)
     torch = sys.modules.get("torch")
     if torch is None or not torch.cuda.is_initialized():
         return {"bytes": 0, "seconds": 0.0, "storages": 0}
     started = time.perf_counter()
-    storages, graphs = _scan(torch)
+    storages, fixed, graphs = _scan(torch)
     if graphs:
         return {"bytes": 0, "seconds": 0.0, "storages": 0, "skipped": "the kernel holds CUDA graphs"}
     if not storages:
-        return {"bytes": 0, "seconds": time.perf_counter() - started, "storages": 0}
+        return {"bytes": 0, "seconds": time.perf_counter() - started, "storages": 0, "left_in_place": fixed}
     devices = sorted({s.device.index for s in storages})
     for d in devices:  # every stream's work on these tensors is done before the side streams read them
         torch.cuda.synchronize(d)
@@ -220,16 +227,17 @@ def offload(buffers: int = DEFAULT_BUFFERS, buffer_bytes: int = DEFAULT_BUFFER_B
         parked.close()
         raise
     copy_s = time.perf_counter() - copy_started
+    _offloaded.append(parked)  # first: should a resize fail, `reload` still puts every storage back
     for storage in storages:
         storage.resize_(0)
-    _offloaded.append(parked)
     del storages, parked
     gc.collect()
     torch.cuda.empty_cache()
     seconds = time.perf_counter() - started
     return {"bytes": plan.nbytes, "seconds": seconds, "storages": len(plan.sizes),
             "gib_s": _took(plan.nbytes, seconds), "copy_seconds": copy_s, "batches": len(plan.batches),
-            "staging_bytes": buffers * buffer_bytes, "staging_seconds": staging_s, "threads": threads}
+            "staging_bytes": buffers * buffer_bytes, "staging_seconds": staging_s, "threads": threads,
+            "left_in_place": fixed}
 
 
 def reload() -> dict[str, Any]:
@@ -254,8 +262,9 @@ def reload() -> dict[str, Any]:
                        streams=_side_streams(torch, devices))
         del views
         _offloaded.remove(parked)  # only now: a reload that failed half-way can be tried again
-        _spent.append(parked)
         moved, storages, batches = moved + plan.nbytes, storages + len(plan.sizes), batches + len(plan.batches)
+        parked.storages = []  # the kernel's again: not kept alive by the copy waiting for `release`
+        _spent.append(parked)
     seconds = time.perf_counter() - started
     return {"bytes": moved, "seconds": seconds, "storages": storages, "gib_s": _took(moved, seconds),
             "batches": batches}

@@ -2,7 +2,8 @@
 
 The `gpu` tests run torch on a real GPU, in this process (the module works on the process it runs in, as in a
 kernel); the others check, on any machine, what the module does where torch or CUDA is missing and the
-cell the backend sends."""
+cell the backend sends. Only that last test needs the daemon's dependencies: the file also runs where only
+torch is installed (`pytest --noconftest`, as bench/gpu_check.sh does on a GPU machine)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,7 @@ from typing import Any
 
 import pytest
 
-from snapkernel.backend.hibernation import offload_code
-from snapkernel.backend.sandbox import Defaults
-from snapkernel.snapshots import gpu_offload
+from snapkernel.snapshots import gpu_offload  # light: it runs in kernels (the daemon's modules are imported below)
 
 ROOT = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
@@ -47,6 +46,10 @@ def test_without_torch_there_is_nothing_to_move_and_the_cells_say_so() -> None:
 
 
 def test_the_backends_cells_run_in_a_kernel_without_torch() -> None:
+    pytest.importorskip("jupyter_client", reason="the daemon's dependencies are not installed here")
+    from snapkernel.backend.hibernation import offload_code
+    from snapkernel.backend.sandbox import Defaults
+
     defaults = Defaults(runtime="process", cpu=1.0, memory=1 << 30, start_timeout=10.0,
                         gpu_offload_buffers=2, gpu_offload_buffer_bytes=8 * MiB)
     code = offload_code("offload", defaults)
@@ -153,6 +156,24 @@ def test_empty_and_host_tensors_are_left_alone_and_small_pages_work(torch: Any) 
     assert empty.numel() == 0 and torch.equal(host, torch.arange(10))
     gpu_offload.reload()
     assert torch.equal(raw(t), before) and empty.untyped_storage().nbytes() == 0
+    gpu_offload.release()
+
+
+@pytest.mark.gpu
+def test_memory_torch_did_not_allocate_stays_in_place(torch: Any) -> None:
+    x = random_tensor(torch, torch.float32, 1 << 20)
+    shared = torch.from_dlpack(x)  # another library's view of the same memory (cupy, jax, ... through DLPack)
+    if shared.untyped_storage().resizable():
+        pytest.skip("this torch hands back a resizable storage through DLPack")
+    alone = torch.from_dlpack(random_tensor(torch, torch.int8, 12345))  # its only tensor is the DLPack one
+    moved = random_tensor(torch, torch.int64, 999)
+    before = [raw(t) for t in (x, alone, moved)]
+    out = gpu_offload.offload(buffers=2, buffer_bytes=MiB)
+    assert out["left_in_place"] >= 2 and moved.untyped_storage().nbytes() == 0
+    assert torch.equal(raw(x), before[0]) and torch.equal(raw(shared), before[0])  # still on the GPU, readable
+    assert torch.equal(raw(alone), before[1])
+    gpu_offload.reload()
+    assert all(torch.equal(raw(t), b) for t, b in zip((x, alone, moved), before, strict=True))
     gpu_offload.release()
 
 
