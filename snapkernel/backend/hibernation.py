@@ -250,7 +250,18 @@ class Hibernator:
         self.m.scheduler.release_gpus(r.id)
 
     async def _offload(self, sb: LiveSandbox, action: str) -> dict[str, int | float]:
-        result = await self.m.run_in_kernel(sb, offload_code(action, self.m.defaults), self.m.defaults.wake_timeout)
+        """Run an action of gpu_offload.py in the kernel. Its copies run on torch's CPU threads, so the kernel's
+        CPU quota is lifted meanwhile (it runs nothing else: its messages are held)."""
+        runtime = self.m.runtimes[sb.record.runtime]
+        lift = action in ("offload", "reload")
+        if lift:
+            runtime.set_cpu_limit(sb.record, None)
+        try:
+            result = await self.m.run_in_kernel(sb, offload_code(action, self.m.defaults),
+                                                self.m.defaults.wake_timeout)
+        finally:
+            if lift:
+                runtime.set_cpu_limit(sb.record, sb.spec.cpu)
         if not result.ok:
             raise StateError(f"moving the kernel's tensors ({action}) failed: {result.error}")
         out: dict[str, int | float] = json.loads(result.output.strip().splitlines()[-1])

@@ -53,6 +53,7 @@ from snapkernel.snapshots.staging import (
 )
 
 GiB = 1024**3
+MAX_THREADS = 32  # more threads than this add nothing to a memory-bound copy
 
 
 class _Parked:
@@ -139,9 +140,11 @@ def _bytes_of(torch: Any, storage: Any) -> Any:
 
 @contextlib.contextmanager
 def _all_threads(torch: Any) -> Iterator[int]:
-    """torch's CPU copies on every core this process may use (the kernel is idle meanwhile), then back."""
+    """torch's CPU copies on every core this process may use, up to `MAX_THREADS` (the kernel is idle
+    meanwhile, and the backend lifts its CPU quota), then back."""
     before = torch.get_num_threads()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = min(cores, MAX_THREADS)
     if cores > before:
         torch.set_num_threads(cores)
     try:
