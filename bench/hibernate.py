@@ -49,7 +49,10 @@ OFFLOADED = re.compile(r"offloaded (\d+) bytes of tensors in ([\d.]+)s \(([\d.]+
 def capture_in_kernel(gib: float, before: bool, specs: Path) -> dict[str, Any]:
     """bench/gpu_copy.py's measurements, run inside a GPU kernel (its source is sent as the cell)."""
     source = Path(gpu_copy.__file__).read_text()
+    # The copies run on torch's CPU threads: a real offload gets every core (the backend lifts the kernel's CPU
+    # quota), a cell only those of its spec, so this kernel asks for them.
     k = Kernel(kernelspec(specs, "bench-copy", {"gpu": "any:1", "runtime": "process",
+                                                "cpu": min(16, os.cpu_count() or 1),
                                                 "memory": f"{int(gib * 2) + 12}Gi"}))  # the copies, both ways
     try:
         cell = (f"_ns = {{'__name__': 'gpu_copy'}}\nexec({source!r}, _ns)\nimport json as _json\n"
