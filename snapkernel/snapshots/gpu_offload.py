@@ -6,8 +6,9 @@ checkpoint, each CUDA storage is copied out and shrunk to nothing (`resize_(0)`,
 parameters), which leaves the driver only the context and caches to move; on waking each storage is
 grown back and refilled. Storages keep their identity, so every tensor and view over them stays valid.
 Raw pointers captured elsewhere would go stale: when the kernel holds CUDA graphs, `offload` leaves
-everything in place and the driver moves it all. (Other libraries' zero-copy views of torch memory, e.g.
-through DLPack, are not detected; `SandboxManager`'s `gpu_offload` setting turns this path off.)
+everything in place and the driver moves it all. Storages torch cannot resize (memory it took from another
+library through DLPack) stay in place too. (Torch memory that another library holds a zero-copy view of,
+e.g. exported through DLPack, is not detected; the backend's `gpu_offload` setting turns this path off.)
 
 How the bytes travel (the plan is `staging.py`'s): pinning GiBs of host memory on every suspend
 (cudaHostAlloc, or cudaHostRegister: both fault in, pin and map every page) runs at about 2 GiB/s and
@@ -16,8 +17,11 @@ offload (the *arena*, with transparent huge pages asked for, so that faulting it
 faults and freeing it is one munmap). The GPU cannot copy into pageable memory at full speed, so the
 bytes go through a few pinned *staging buffers* (`DEFAULT_BUFFERS` of `DEFAULT_BUFFER_BYTES`, allocated
 on the first offload and kept for the kernel's life): the GPU copies a batch into one buffer on a side
-stream while the CPU copies the batch before it out of another into the arena, on all of torch's threads.
-Waking runs the other way.
+stream while the CPU copies the batch before it out of another into the arena, on torch's threads, one
+per core (the backend lifts the kernel's CPU quota meanwhile). Waking runs the other way. Why not pin the
+arena itself in chunks (cudaHostRegister) and skip the CPU copy: registering costs what cudaHostAlloc
+costs per byte (the kernel pins and maps every page, on one thread), then unregistering again; faulting
+in pageable memory and copying into it run on every core.
 
 Only ever called in a kernel that has torch's CUDA initialized (the backend runs it through
 `hibernation.OFFLOAD_CODE`); elsewhere `offload` finds nothing to move and says so.
