@@ -1,14 +1,11 @@
 #!/usr/bin/env bash
-# Run HERE, on a machine that reaches PyPI, before a device session: downloads into .whl/ (ignored through
-# .git/info/exclude) the wheels that the snapkernel stack needs on the GPU machine's Python 3.12 (its image has
-# torch, cupy and pytest but not Jupyter's packages): the daemon, the kernel (ipykernel), the benches and the
+# Run HERE, on a machine that reaches PyPI, before a device session: downloads into .whl/ (git-ignored) the
+# wheels that the snapkernel stack needs on the GPU machine's Python 3.12 (its image has torch, cupy and pytest
+# but not Jupyter's packages): the daemon, the kernel (ipykernel), the benches and the
 # test fixtures (pytest-jupyter), at the versions constraints.txt pins. About 30 MB; a device run carries
 # them with `carry: [".whl"]` and bench/gpu_check.sh installs them there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exclude="$(git rev-parse --git-path info/exclude)"
-mkdir -p "$(dirname "$exclude")"
-grep -qx '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >>"$exclude"
 PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}"
 rm -rf .whl && mkdir .whl
 "$PY" -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
