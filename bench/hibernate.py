@@ -4,14 +4,18 @@ In one run:
 - a CPU kernel holding `--cpu-gib` GiB (default 1) on each runtime here (`process`: state snapshot;
   `gvisor`: runsc memory image): seconds to hibernate, and from sending the next cell to its output
   (target: at most 1.5 s to wake);
-- on a machine with an NVIDIA GPU: pinned device-to-host and host-to-device copy bandwidth beside the
-  suspend and resume GiB/s of each path (`pinned`: torch tensors through pinned host buffers, then the
-  driver's checkpoint for the rest; `driver`: the CUDA driver's checkpoint moves everything), and end to
-  end for a GPU kernel holding `--gpu-gib` GiB of GPU memory (default 16) and `--host-gib` GiB of host
-  memory (default 4): from the first message to the output (target: at most 5 s).
+- on a machine with an NVIDIA GPU, in a GPU kernel: pinned device-to-host and host-to-device copy
+  bandwidth, and the tensor offload's own capture bandwidth (bench/gpu_copy.py, `--capture-gib` GiB,
+  default `--gpu-gib`: through the staging buffers, and the way before them, a pinned copy per storage)
+  as a ratio to the pinned device-to-host copy (target: at least 0.5);
+- then the suspend and resume GiB/s of each path (`pinned`: torch tensors through the staging buffers,
+  then the driver's checkpoint for the rest; `driver`: the CUDA driver's checkpoint moves everything),
+  end to end for a GPU kernel holding `--gpu-gib` GiB of GPU memory (default 16) and `--host-gib` GiB of
+  host memory (default 4): from the first message to the output (target: at most 5 s), with the offload's
+  GiB/s in the real path as the backend logged it.
 Prints tables and writes JSON (default bench/results/hibernate.json).
 
-    .venv/bin/python bench/hibernate.py [--cpu-gib 1] [--gpu-gib 16] [--host-gib 4]
+    .venv/bin/python bench/hibernate.py [--cpu-gib 1] [--gpu-gib 16] [--host-gib 4] [--parts cpu gpu]
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import ast
 import asyncio
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -29,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_copy
 from kernel_latency import Backend
 from snapshots import Kernel, kernelspec, run_cell
 
@@ -37,16 +43,24 @@ from snapkernel.host.gpus import inventory
 from snapkernel.kernel_provisioner.kernelspec import install
 
 GiB = 1024**3
-COPY_BANDWIDTH = """
-import time, torch
-x = torch.empty({n} << 28, device='cuda').uniform_()
-pinned = torch.empty(x.shape, pin_memory=True)
-pinned.copy_(x); torch.cuda.synchronize()
-t = time.perf_counter(); pinned.copy_(x); torch.cuda.synchronize(); d2h = {n} / (time.perf_counter() - t)
-t = time.perf_counter(); x.copy_(pinned); torch.cuda.synchronize(); h2d = {n} / (time.perf_counter() - t)
-del x, pinned; torch.cuda.empty_cache()
-(round(d2h, 2), round(h2d, 2))
-"""
+OFFLOADED = re.compile(r"offloaded (\d+) bytes of tensors in ([\d.]+)s \(([\d.]+) GiB/s")
+
+
+def capture_in_kernel(gib: float, before: bool, specs: Path) -> dict[str, Any]:
+    """bench/gpu_copy.py's measurements, run inside a GPU kernel (its source is sent as the cell)."""
+    source = Path(gpu_copy.__file__).read_text()
+    # The copies run on torch's CPU threads: a real offload gets every core (the backend lifts the kernel's CPU
+    # quota), a cell only those of its spec, so this kernel asks for them.
+    k = Kernel(kernelspec(specs, "bench-copy", {"gpu": "any:1", "runtime": "process",
+                                                "cpu": min(16, os.cpu_count() or 1),
+                                                "memory": f"{int(gib * 2) + 12}Gi"}))  # the copies, both ways
+    try:
+        cell = (f"_ns = {{'__name__': 'gpu_copy'}}\nexec({source!r}, _ns)\nimport json as _json\n"
+                f"_json.dumps(_ns['measure'](gib={gib}, before={before}))")
+        out: dict[str, Any] = json.loads(ast.literal_eval(run_cell(k.kc, cell, timeout=600)))
+        return out
+    finally:
+        k.stop()
 
 
 def call(method: str, sandbox: str) -> Any:
@@ -102,6 +116,10 @@ def gpu_kernel(path: str, gpu_gib: float, host_gib: float, specs: Path, state_di
         out = sleep_and_wake(k, "(float(w[::65536].double().sum()), float(host[::4096].sum()))")
         out.update(path=path, gpu_gib=gpu_gib, host_gib=host_gib, suspend_gib_s=gpu_gib / out["hibernate_s"],
                    resume_gib_s=gpu_gib / out["wake_to_output_s"])
+        logged = OFFLOADED.findall((state_dir / "backend.log").read_text(errors="replace"))
+        if logged:  # the offload inside the suspend, as the backend logged it
+            nbytes, seconds, gib_s = logged[-1]
+            out.update(offload_bytes=int(nbytes), offload_s=float(seconds), offload_gib_s=float(gib_s))
         return out
     except Exception:
         for log in state_dir.glob("sandboxes/*/sandbox.log"):
@@ -118,6 +136,10 @@ def main() -> int:
     parser.add_argument("--host-gib", type=float, default=4.0)
     parser.add_argument("--paths", nargs="+", choices=["pinned", "driver"], default=["pinned", "driver"])
     parser.add_argument("--parts", nargs="+", choices=["cpu", "gpu"], default=["cpu", "gpu"])
+    parser.add_argument("--capture-gib", type=float, default=None,
+                        help="GiB of tensors for the capture bandwidth (default: --gpu-gib)")
+    parser.add_argument("--no-before", action="store_true",
+                        help="capture: skip the way before the staging buffers (a pinned copy per storage)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "hibernate.json")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="snapkernel-bench-hib-"))
@@ -126,7 +148,7 @@ def main() -> int:
     os.environ["JUPYTER_PATH"] = str(specs)
     runtimes = ["process", *(["gvisor"] if shutil.which("runsc") else [])] if "cpu" in args.parts else []
     gpus = inventory()[0] if "gpu" in args.parts else []
-    result: dict[str, Any] = {"cpu": [], "gpu": [], "copy": None}
+    result: dict[str, Any] = {"cpu": [], "gpu": [], "copy": None, "capture": None}
     for runtime in runtimes:
         backend = Backend(tmp / f"state-{runtime}", runtime=runtime)
         backend.state_dir.mkdir()
@@ -143,12 +165,11 @@ def main() -> int:
             backend.state_dir.mkdir()
             try:
                 backend.start()
-                if result["copy"] is None:
-                    k = Kernel(kernelspec(specs, "bench-copy", {"gpu": "any:1", "runtime": "process",
-                                                                "memory": "16Gi"}))  # room for 4 GiB pinned
-                    d2h, h2d = ast.literal_eval(run_cell(k.kc, COPY_BANDWIDTH.format(n=4)))
-                    result["copy"] = {"d2h_pinned_gib_s": d2h, "h2d_pinned_gib_s": h2d}
-                    k.stop()
+                if result["capture"] is None:
+                    say("copy bandwidth and the offload's capture bandwidth, in a GPU kernel")
+                    capture = capture_in_kernel(args.capture_gib or args.gpu_gib, not args.no_before, specs)
+                    result["capture"] = capture
+                    result["copy"] = {k: capture[k] for k in ("d2h_pinned_gib_s", "h2d_pinned_gib_s")}
                 result["gpu"].append(gpu_kernel(path, args.gpu_gib, args.host_gib, specs, backend.state_dir))
             except Exception:
                 say(f"failed; backend log:\n{backend.log_path.read_text()[-4000:]}")
@@ -165,15 +186,17 @@ def main() -> int:
     if not gpus:
         print("\nGPU: skipped (no NVIDIA GPU here)")
     else:
-        c = result["copy"]
-        print(f"\npinned copy: device→host {c['d2h_pinned_gib_s']:.1f} GiB/s, host→device {c['h2d_pinned_gib_s']:.1f} "
-              f"GiB/s ({gpus[0].name})")
+        print("\n" + gpu_copy.table(result["capture"]))
+        d2h = result["copy"]["d2h_pinned_gib_s"]
         header = (f"{'path':>7} {'GPU':>7} {'host':>6} {'suspend s':>10} {'GiB/s':>7} {'first msg→output s':>19} "
-                  f"{'GiB/s':>7} {'target':>7}")
-        print(header + "\n" + "-" * len(header))
+                  f"{'GiB/s':>7} {'target':>7} {'offload GiB/s':>14} {'/D2H':>5}")
+        print("\n" + header + "\n" + "-" * len(header))
         for r in result["gpu"]:
+            offload = (f"{r['offload_gib_s']:>14.1f} {r['offload_gib_s'] / d2h:>5.2f}" if "offload_gib_s" in r
+                       else f"{'-':>14} {'-':>5}")
             print(f"{r['path']:>7} {r['gpu_gib']:>3g} GiB {r['host_gib']:>2g} GiB {r['hibernate_s']:>10.2f} "
-                  f"{r['suspend_gib_s']:>7.2f} {r['wake_to_output_s']:>19.2f} {r['resume_gib_s']:>7.2f} {'≤ 5':>7}")
+                  f"{r['suspend_gib_s']:>7.2f} {r['wake_to_output_s']:>19.2f} {r['resume_gib_s']:>7.2f} {'≤ 5':>7} "
+                  f"{offload}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(f"\nwrote {args.out}")

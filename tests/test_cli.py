@@ -69,6 +69,9 @@ def test_kernels_install_and_list(backend: Backend, tmp_path: object) -> None:
     ('--BackendApp.template_preimport=["numpy; import os"]', "'numpy; import os' is not a module name"),
     ("--BackendApp.pids_limit=5", "pids_limit 5 is not valid: use 64 to 65536"),
     ("--BackendApp.runtime=Docker", "runtime 'Docker' is not a runtime's name"),
+    ("--BackendApp.gpu_offload_buffers=0", "gpu_offload_buffers: 0 staging buffers is not valid: use 1 to 16"),
+    ("--BackendApp.gpu_offload_buffer_size=1000", "a staging buffer of 1000 bytes is not valid: use 1 MiB to 1 GiB"),
+    ("--BackendApp.gpu_offload_buffer_size=lots", "gpu_offload_buffer_size size 'lots' is not valid"),
 ])
 def test_a_bad_backend_setting_is_named_without_a_traceback(setting: str, message: str, tmp_path: Path) -> None:
     out = cli("backend", "--state-dir", str(tmp_path), setting, check=False)

@@ -75,7 +75,19 @@ log = logging.getLogger(__name__)
 IDLE_CHECK_INTERVAL = 1.0  # seconds between looks for idle kernels
 IMAGE_DIR = "hibernation"  # in the sandbox's directory: the memory image while hibernated
 STATE_DIR = ".snapkernel-hibernation"  # in the workspace: the variables while hibernated
-OFFLOAD_CODE = "__import__('snapkernel.snapshots.gpu_offload', fromlist=['run']).run({action!r})"
+OFFLOAD_CODE = "__import__('snapkernel.snapshots.gpu_offload', fromlist=['run']).run({action!r}, **{options!r})"
+
+
+def offload_code(action: str, defaults: Defaults) -> str:
+    """The cell that moves the kernel's tensors (`action`: offload, reload or release; gpu_offload.py)."""
+    options = ({"buffers": defaults.gpu_offload_buffers, "buffer_bytes": defaults.gpu_offload_buffer_bytes}
+               if action == "offload" else {})
+    return OFFLOAD_CODE.format(action=action, options=options)
+
+
+def staging_bytes(defaults: Defaults) -> int:
+    """Host memory the offload's pinned staging buffers hold in a kernel that has hibernated once."""
+    return defaults.gpu_offload_buffers * defaults.gpu_offload_buffer_bytes if defaults.gpu_offload else 0
 
 
 class Hibernator:
@@ -193,19 +205,21 @@ class Hibernator:
     async def _suspend(self, sb: LiveSandbox) -> None:
         r = sb.record
         driver = await asyncio.to_thread(cuda.CudaDriver.load)
-        # The GPU memory lands in the kernel's host memory: make room for it under its limit, and count it.
-        # Measured before the tensors move out: waking needs room on the GPU for all of it again.
+        # The GPU memory lands in the kernel's host memory: make room for it under its limit, and count it
+        # (with the offload's staging buffers). Measured before the tensors move out: waking needs room on the
+        # GPU for all of it again.
         runtime = self.m.runtimes[r.runtime]
         pids = await asyncio.to_thread(cuda.cuda_processes, driver, r.pid)
         held = await asyncio.to_thread(cuda.gpu_memory_of, pids, r.gpu_indices)
-        parked = sb.spec.memory + sum(held.values()) + cuda.RESTORE_MARGIN
+        awake = sb.spec.memory + sb.offload_staging
+        parked = sb.spec.memory + sum(held.values()) + staging_bytes(self.m.defaults) + cuda.RESTORE_MARGIN
         runtime.set_memory_limit(r, parked)
         self.m.scheduler.resize(r.id, parked)
         try:
             await self._move_out(sb, driver, pids, held)
         except BaseException:
-            runtime.set_memory_limit(r, sb.spec.memory)
-            self.m.scheduler.resize(r.id, sb.spec.memory)
+            runtime.set_memory_limit(r, awake)
+            self.m.scheduler.resize(r.id, awake)
             raise
 
     async def _move_out(self, sb: LiveSandbox, driver: cuda.CudaDriver, pids: list[int],
@@ -213,10 +227,18 @@ class Hibernator:
         r = sb.record
         offloaded = False
         if self.m.defaults.gpu_offload:
-            result = await self._offload(sb, "offload")
+            try:
+                result = await self._offload(sb, "offload")
+            except SnapkernelError:
+                with contextlib.suppress(SnapkernelError):  # what it had moved goes back (nothing, usually)
+                    await self._offload(sb, "reload")
+                raise
             offloaded = result.get("bytes", 0) > 0
-            log.info("sandbox_id=%s offloaded %s bytes of tensors in %.2fs", r.id, result.get("bytes"),
-                     result.get("seconds", 0.0))
+            if "staging_bytes" in result:
+                sb.offload_staging = int(result["staging_bytes"])
+            log.info("sandbox_id=%s offloaded %s bytes of tensors in %.2fs (%.1f GiB/s, %s storages, %s staging "
+                     "bytes)", r.id, result.get("bytes"), result.get("seconds", 0.0), result.get("gib_s", 0.0),
+                     result.get("storages", 0), result.get("staging_bytes", 0))
         try:
             sb.suspended = await asyncio.to_thread(cuda.suspend, driver, pids, held)
         except SnapkernelError:
@@ -228,7 +250,18 @@ class Hibernator:
         self.m.scheduler.release_gpus(r.id)
 
     async def _offload(self, sb: LiveSandbox, action: str) -> dict[str, int | float]:
-        result = await self.m.run_in_kernel(sb, OFFLOAD_CODE.format(action=action), self.m.defaults.wake_timeout)
+        """Run an action of gpu_offload.py in the kernel. Its copies run on torch's CPU threads, so the kernel's
+        CPU quota is lifted meanwhile (it runs nothing else: its messages are held)."""
+        runtime = self.m.runtimes[sb.record.runtime]
+        lift = action in ("offload", "reload")
+        if lift:
+            runtime.set_cpu_limit(sb.record, None)
+        try:
+            result = await self.m.run_in_kernel(sb, offload_code(action, self.m.defaults),
+                                                self.m.defaults.wake_timeout)
+        finally:
+            if lift:
+                runtime.set_cpu_limit(sb.record, sb.spec.cpu)
         if not result.ok:
             raise StateError(f"moving the kernel's tensors ({action}) failed: {result.error}")
         out: dict[str, int | float] = json.loads(result.output.strip().splitlines()[-1])
@@ -302,18 +335,25 @@ class Hibernator:
             self.m.defaults.wake_timeout)
         await asyncio.to_thread(cuda.resume, driver, suspended, r.gpu_indices)
         sb.suspended = None
-        await self._offload(sb, "reload")
+        result = await self._offload(sb, "reload")
+        if result.get("bytes"):
+            log.info("sandbox_id=%s reloaded %s bytes of tensors in %.2fs (%.1f GiB/s)", r.id, result["bytes"],
+                     result.get("seconds", 0.0), result.get("gib_s", 0.0))
         self.m.spawn(self._after_resume(sb))
 
     async def _after_resume(self, sb: LiveSandbox) -> None:
-        """Once the waiting cells are on their way: free the pinned copies, and the limit shrinks back."""
+        """Once the waiting cells are on their way: free the host copies, and the limit shrinks back (to the
+        kernel's memory and the staging buffers it keeps for the next time)."""
         r = sb.record
         try:
-            await self._offload(sb, "release")
+            result = await self._offload(sb, "release")
+            if "staging_bytes" in result:
+                sb.offload_staging = int(result["staging_bytes"])
         except SnapkernelError as e:
-            log.warning("sandbox_id=%s pinned copies not freed: %s", r.id, e)
-        self.m.runtimes[r.runtime].set_memory_limit(r, sb.spec.memory)
-        self.m.scheduler.resize(r.id, sb.spec.memory)
+            log.warning("sandbox_id=%s host copies of its tensors not freed: %s", r.id, e)
+        awake = sb.spec.memory + sb.offload_staging
+        self.m.runtimes[r.runtime].set_memory_limit(r, awake)
+        self.m.scheduler.resize(r.id, awake)
 
     async def _relaunch(self, sb: LiveSandbox, method: str) -> None:
         r = sb.record

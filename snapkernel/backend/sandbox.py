@@ -24,6 +24,7 @@ from snapkernel.protocol import hops
 from snapkernel.protocol.spec import ParsedSpec, format_bytes
 from snapkernel.protocol.v1 import backend_pb2 as pb
 from snapkernel.snapshots import cuda
+from snapkernel.snapshots.staging import DEFAULT_BUFFER_BYTES, DEFAULT_BUFFERS
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class LiveSandbox:
     held: list[pb.AgentMessage] = field(default_factory=list)  # kernel messages waiting for it to wake
     waking: asyncio.Future[None] | None = None
     suspended: cuda.Suspended | None = None
+    offload_staging: int = 0  # bytes of pinned staging buffers its kernel keeps (gpu_offload.py), once it has any
     refused_at: float = -1.0  # `last_activity` when it last could not hibernate: not again until used
     told_waiting: bool = False
 
@@ -195,6 +197,8 @@ class Defaults:
     hibernate_after_gpu: float = 600.0
     hibernate_after_cpu: float = 0.0
     gpu_offload: bool = True
+    gpu_offload_buffers: int = DEFAULT_BUFFERS  # the offload's pinned staging buffers in the kernel (staging.py)
+    gpu_offload_buffer_bytes: int = DEFAULT_BUFFER_BYTES
     wake_timeout: float = 600.0
     templates: bool = False  # new kernels restore a template of their class (templates.py)
     template_preimport: tuple[str, ...] = ()

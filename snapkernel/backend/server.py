@@ -38,8 +38,9 @@ from snapkernel.errors import InvalidSpecError, SnapkernelError
 from snapkernel.host.gpus import inventory
 from snapkernel.host.resources import HostResources
 from snapkernel.protocol.connection import GRPC_OPTIONS, default_state_dir, grpc_target
-from snapkernel.protocol.spec import check_runtime_name, parse_disk, parse_memory
+from snapkernel.protocol.spec import check_runtime_name, parse_disk, parse_memory, parse_size
 from snapkernel.protocol.v1 import backend_pb2_grpc as pb_grpc
+from snapkernel.snapshots.staging import DEFAULT_BUFFER_BYTES, DEFAULT_BUFFERS, check_staging
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,14 @@ class BackendApp(Application):
                                   "pinned host buffers (fast) before the CUDA driver's checkpoint moves the rest. "
                                   "Off: the driver moves everything (slower; for code that keeps raw GPU pointers)."
                        ).tag(config=True)
+    gpu_offload_buffers = Int(DEFAULT_BUFFERS, help="The GPU offload's pinned staging buffers: how many (1 to 16; "
+                                                    "2 or more overlap the GPU's copies with the CPU's). A kernel "
+                                                    "allocates them on its first hibernation and keeps them; they "
+                                                    "count against its memory limit on top of its `memory`."
+                              ).tag(config=True)
+    gpu_offload_buffer_size = Unicode("64Mi", help="The size of each GPU offload staging buffer, e.g. '64Mi' or "
+                                                   "'256Mi' (1Mi to 1Gi, a multiple of 256 bytes; a power of two "
+                                                   "wastes nothing in torch's pinned allocator).").tag(config=True)
     wake_timeout = Float(600.0, help="Seconds a waking kernel may wait for its GPU and take to come back.").tag(
         config=True)
     templates = Bool(True, help="New gvisor kernels restore a template (a memory image of a freshly booted "
@@ -169,6 +178,22 @@ class BackendApp(Application):
             raise InvalidSpecError(f"warm_pool {proposal['value']} is not valid: use 0 to 16 sandboxes")
         return int(proposal["value"])
 
+    @validate("gpu_offload_buffers")
+    def _check_offload_buffers(self, proposal: dict[str, Any]) -> int:
+        try:
+            check_staging(int(proposal["value"]), DEFAULT_BUFFER_BYTES)
+        except ValueError as e:
+            raise InvalidSpecError(f"gpu_offload_buffers: {e}") from e
+        return int(proposal["value"])
+
+    @validate("gpu_offload_buffer_size")
+    def _check_offload_buffer_size(self, proposal: dict[str, Any]) -> str:
+        try:
+            check_staging(DEFAULT_BUFFERS, parse_size(proposal["value"], "gpu_offload_buffer_size", 0, "'64Mi'"))
+        except ValueError as e:
+            raise InvalidSpecError(f"gpu_offload_buffer_size {proposal['value']!r}: {e}") from e
+        return str(proposal["value"])
+
     @validate("template_preimport")
     def _check_preimport(self, proposal: dict[str, Any]) -> list[str]:
         for name in proposal["value"]:
@@ -236,6 +261,8 @@ class BackendApp(Application):
             disk=parse_disk(self.default_disk),
             start_timeout=self.start_timeout, hibernate_after_gpu=self.hibernate_after_gpu,
             hibernate_after_cpu=self.hibernate_after_cpu, gpu_offload=self.gpu_offload,
+            gpu_offload_buffers=self.gpu_offload_buffers,
+            gpu_offload_buffer_bytes=parse_size(self.gpu_offload_buffer_size, "gpu_offload_buffer_size", 0, "'64Mi'"),
             wake_timeout=self.wake_timeout, templates=self.templates,
             template_preimport=tuple(self.template_preimport), warm_pool=self.warm_pool),
             known_runtimes=[*runtimes, *(m.name for m in missing)])

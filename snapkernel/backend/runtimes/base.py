@@ -233,5 +233,9 @@ class SandboxRuntime(ABC):
     def set_memory_limit(self, record: SandboxRecord, nbytes: int) -> None:  # noqa: B027 - where it has one
         """Change a running sandbox's memory limit (a suspended GPU kernel keeps its GPU memory in host memory)."""
 
+    def set_cpu_limit(self, record: SandboxRecord, cores: float | None) -> None:  # noqa: B027 - where it has one
+        """Change a running sandbox's CPU limit; None lifts it (for the second a hibernating GPU kernel copies
+        its tensors out or back: it runs nothing else meanwhile, and the copies need many cores)."""
+
     def cleanup(self, record: SandboxRecord) -> None:  # noqa: B027 - most runtimes hold nothing
         """Release what the runtime holds for a stopped sandbox (cgroups, mounts)."""

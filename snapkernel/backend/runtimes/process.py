@@ -118,6 +118,15 @@ class ProcessRuntime(SandboxRuntime):
             nbytes = used + (64 << 20)
         (group / "memory.max").write_text(str(nbytes))
 
+    def set_cpu_limit(self, record: SandboxRecord, cores: float | None) -> None:
+        """The cgroup's CPU quota (with rlimits the sandbox keeps its cores: the copies run on those)."""
+        if self.cgroup_base is None or not (group := self.cgroup_base / record.id).is_dir():
+            return
+        try:
+            (group / "cpu.max").write_text("max 100000" if cores is None else f"{int(cores * 100000)} 100000")
+        except OSError as e:
+            log.warning("sandbox_id=%s CPU limit not set to %s: %s", record.id, cores or "none", e)
+
     def cleanup(self, record: SandboxRecord) -> None:
         self._core_use.subtract(self._cores.pop(record.id, []))
         if self.cgroup_base is not None:

@@ -111,3 +111,20 @@ def test_an_uninstalled_tree_falls_back_to_the_built_in_runtimes(tmp_path: Path,
     monkeypatch.setattr(server, "entry_points", lambda group: [])
     runtimes, missing = BackendApp(runsc=str(tmp_path / "no-runsc")).build_runtimes(tmp_path, "")
     assert list(runtimes) == ["process"] and [m.name for m in missing] == ["gvisor"]
+
+
+def test_the_process_runtime_lifts_a_cpu_quota_and_puts_it_back(tmp_path: Path) -> None:
+    """While a hibernating GPU kernel copies its tensors (hibernation.py), its cgroup's quota is lifted."""
+    runtime = ProcessRuntime()
+    runtime.cgroup_base = tmp_path  # a plain directory in place of the cgroup tree: what it writes is read back
+    record = SandboxRecord(id="sb-000000000001", kernel_id="k", runtime="process", spec=pb.SandboxSpec(),
+                           dir=str(tmp_path))
+    (tmp_path / record.id).mkdir()
+    runtime.set_cpu_limit(record, None)
+    assert (tmp_path / record.id / "cpu.max").read_text() == "max 100000"
+    runtime.set_cpu_limit(record, 1.5)
+    assert (tmp_path / record.id / "cpu.max").read_text() == "150000 100000"
+    gone = SandboxRecord(id="sb-000000000002", kernel_id="k", runtime="process", spec=pb.SandboxSpec(),
+                         dir=str(tmp_path))
+    runtime.set_cpu_limit(gone, None)  # no cgroup (rlimits, or already removed): nothing to change
+    assert not (tmp_path / gone.id).exists()
