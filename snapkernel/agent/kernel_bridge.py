@@ -82,6 +82,8 @@ class KernelBridge:
         self.out += encode(msg)
 
     def flush(self) -> None:
+        if not self.out:
+            return
         data = memoryview(self.out)
         while data:
             try:
