@@ -142,8 +142,9 @@ class SandboxManager:
             )
         restore: Path | None = None
         restore_source: Path | None = None
+        snap: Snapshot | None = None
         if spec.restore_from:
-            snap = await asyncio.to_thread(self.snapshots.verify, spec.restore_from, spec.runtime,
+            snap = await asyncio.to_thread(self.snapshots.check, spec.restore_from, spec.runtime,
                                            runtime.capabilities.version)
             if snap.kind == "memory":
                 restore = self.snapshots.path(snap.id)
@@ -191,6 +192,14 @@ class SandboxManager:
         self.live[sandbox_id] = sb
         self.set_state(sb, pb.PENDING, "")
         self.spawn(self.starter.start(sb, runtime, req.kernel, restore, template[0] if template else ""))
+        if snap is not None:
+            # The snapshot's checksums are read while it restores (one after the other they were most of a
+            # resume: the image read twice); should one fail, the sandbox goes and the request fails with it.
+            try:
+                await asyncio.to_thread(self.snapshots.check_files, snap)
+            except SnapkernelError:
+                await self.delete(sandbox_id)
+                raise
         return record.to_pb()
 
     def _hibernate_after(self, spec: ParsedSpec) -> float:

@@ -71,6 +71,8 @@ def test_corrupt_snapshot_is_refused_and_kept(backend: Backend, kernelspec_dir: 
         backend_call(backend, lambda c: c.create_sandbox(pb.CreateSandboxRequest(
             spec=pb.SandboxSpec(restore_from=snap.id), kernel=pb.KernelConfig(key=b"k"))))
     assert snap.id in [s.id for s in backend_call(backend, lambda c: c.list_snapshots())]
+    # The checksums are read while the image restores: the sandbox that had begun to restore is gone.
+    assert [s.id for s in backend_call(backend, lambda c: c.list_sandboxes()) if s.spec.restore_from == snap.id] == []
 
 
 @pytest.mark.parametrize("backend", ["process"], indirect=True)
