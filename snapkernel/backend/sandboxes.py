@@ -171,7 +171,8 @@ class SandboxManager:
         try:
             gpus = self.scheduler.allocate(sandbox_id, spec)
         except NoCapacityError:
-            leaving = None if req.kernel_id.startswith(POOL_KERNEL_ID) else self.pool.give_room()
+            leaving = None if req.kernel_id.startswith(POOL_KERNEL_ID) else self.pool.give_room(
+                lambda sb: self.scheduler.fits_without(sandbox_id, spec, sb.record.id))
             if leaving is None:
                 raise
             self.release(leaving)  # its room goes to this request at once: nothing can come in between

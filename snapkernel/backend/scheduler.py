@@ -82,6 +82,24 @@ class Scheduler:
         return self.line[: self.line.index(sandbox_id)] if sandbox_id in self.line else list(self.line)
 
     def allocate(self, sandbox_id: str, spec: ParsedSpec) -> list[int]:
+        indices = self._fit(sandbox_id, spec)
+        self.claim(sandbox_id, spec.cpu, spec.memory, indices)
+        return indices
+
+    def fits_without(self, sandbox_id: str, spec: ParsedSpec, other: str) -> bool:
+        """Whether `spec` would be allocated once sandbox `other` gave its claim back (nothing changes here)."""
+        held = self.claims.pop(other, None)
+        try:
+            self._fit(sandbox_id, spec)
+            return True
+        except NoCapacityError:
+            return False
+        finally:
+            if held is not None:
+                self.claims[other] = held
+
+    def _fit(self, sandbox_id: str, spec: ParsedSpec) -> list[int]:
+        """The GPUs `spec` would get; NoCapacityError saying what is short."""
         if spec.cpu > self.cpu_total:
             raise NoCapacityError(f"cpu {spec.cpu:g} is more than this host's {self.cpu_total:g} cores")
         if spec.memory > self.memory_total:
@@ -102,9 +120,7 @@ class Scheduler:
                 f"are given out and the limit is {format_bytes(self.memory_limit)} (this host's "
                 f"{format_bytes(self.memory_total)}, {policy}); stop a kernel or ask for less"
             )
-        indices = self._pick_gpus(sandbox_id, spec.gpu) if spec.gpu else []
-        self.claim(sandbox_id, spec.cpu, spec.memory, indices)
-        return indices
+        return self._pick_gpus(sandbox_id, spec.gpu) if spec.gpu else []
 
     def claim(self, sandbox_id: str, cpu: float, memory: int, gpu_indices: list[int]) -> None:
         """Record an allocation (also used when re-adopting sandboxes after a restart)."""

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from snapkernel.backend.sandbox import POOL_KERNEL_ID, LiveSandbox
@@ -106,13 +107,13 @@ class WarmPool:
         self.host.set_state(sb, pb.RUNNING, "from the warm pool")
         return r.to_pb()
 
-    def give_room(self) -> LiveSandbox | None:
-        """A pool sandbox whose room a request needs, out of the pool (not counted as missing, so nothing
-        refills in its place before the request has its room); the caller takes its claim and removes it."""
-        members = [sb for sb in self.members() if sb.record.kernel_id != LEAVING]
-        if not members:
+    def give_room(self, enough: Callable[[LiveSandbox], bool]) -> LiveSandbox | None:
+        """A pool sandbox whose room a request needs (`enough` says whether its room is enough: a request
+        short of GPUs gains nothing), out of the pool (not counted as missing, so nothing refills in its
+        place before the request has its room); the caller takes its claim and removes it."""
+        sb = next((sb for sb in self.members() if sb.record.kernel_id != LEAVING and enough(sb)), None)
+        if sb is None:
             return None
-        sb = members[0]
         sb.record.kernel_id = LEAVING
         log.info("sandbox_id=%s removed from the warm pool: a request needs its room", sb.record.id)
         return sb

@@ -110,3 +110,14 @@ def test_a_suspended_kernel_wakes_only_on_its_own_gpus_and_waits_its_turn() -> N
 
     asyncio.run(scenario())
     assert s.gpu_owner == {0: "sb-sleeper"} and heard and "position 1 of 1" in heard[0]
+
+
+def test_freeing_a_sandbox_is_only_worth_it_when_the_request_would_then_fit() -> None:
+    """What the warm pool asks before it gives a pool sandbox's room to a request (nothing changes meanwhile)."""
+    s = Scheduler(HostResources(2, 4 * GIB, H100S[:1]), 1.0, 1.0)
+    s.allocate("sb-pool", spec(cpu=1, memory=2 * GIB))  # a warm pool sandbox: no GPU
+    s.allocate("sb-gpu", spec(cpu=1, memory=GIB, gpu="H100"))
+    assert s.fits_without("sb-new", spec(cpu=1, memory=2 * GIB), "sb-pool")
+    assert not s.fits_without("sb-new", spec(cpu=1, memory=GIB, gpu="H100"), "sb-pool")  # short of a GPU
+    assert not s.fits_without("sb-new", spec(cpu=1, memory=4 * GIB), "sb-pool")  # short even then
+    assert (s.cpu_allocated, s.memory_allocated) == (2, 3 * GIB)  # the pool sandbox still holds its claim
