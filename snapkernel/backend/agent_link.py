@@ -11,6 +11,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
+from snapkernel.backend.tasks import stop_task
 from snapkernel.errors import SandboxFailedError
 from snapkernel.protocol import hops
 from snapkernel.protocol.frames import HEADER, SEQ, decode, encode, read_numbered
@@ -91,11 +92,8 @@ class AgentLink:
 
     async def detach(self) -> None:
         """Close without reporting (backend shutting down: the sandbox keeps running)."""
-        if self._task is not None:
-            self.on_closed = _nothing
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        self.on_closed = _nothing
+        await stop_task(self._task)
         self.close()
 
 

@@ -29,6 +29,7 @@ from jupyter_client.session import Session
 
 from snapkernel.backend import lifecycle
 from snapkernel.backend.lifecycle import Activity
+from snapkernel.backend.tasks import stop_task
 from snapkernel.errors import SnapkernelError, StateError
 from snapkernel.protocol.states import ASLEEP
 from snapkernel.protocol.v1 import backend_pb2 as pb
@@ -108,10 +109,7 @@ class Hibernator:
         self._watch = asyncio.create_task(self._idle_watch())
 
     async def stop(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
+        await stop_task(self._watch)
 
     async def _idle_watch(self) -> None:
         while True:

@@ -11,11 +11,11 @@ and a client that comes back wakes it), otherwise removed. Fan-out workers are o
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING
 
+from snapkernel.backend.tasks import stop_task
 from snapkernel.backend.workers import is_worker
 from snapkernel.errors import SnapkernelError
 from snapkernel.protocol.v1 import backend_pb2 as pb
@@ -47,10 +47,7 @@ class OrphanReaper:
             self._task = asyncio.create_task(self._watch())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
 
     def orphans(self, now: float) -> list[LiveSandbox]:
         return [sb for sb in self.m.live.values()

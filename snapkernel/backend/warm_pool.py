@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from snapkernel.backend.sandbox import POOL_KERNEL_ID, LiveSandbox
+from snapkernel.backend.tasks import stop_task
 from snapkernel.errors import NoCapacityError, SnapkernelError
 from snapkernel.protocol.v1 import backend_pb2 as pb
 
@@ -67,10 +68,7 @@ class WarmPool:
 
     async def stop(self) -> None:
         """Stop filling and remove every pool sandbox: none is anybody's kernel."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
         for sb in self.members():
             with contextlib.suppress(SnapkernelError):
                 await self.host.delete(sb.record.id)
