@@ -33,6 +33,7 @@ READY_TIMEOUT = 60.0  # the backend's start, removing what an earlier lab left i
 LAB_STOP_TIMEOUT = 20.0  # seconds JupyterLab may take to shut its kernels down and exit, then it is killed
 BACKEND_STOP_TIMEOUT = 60.0  # seconds the backend may take to remove what is left, then it is killed
 FORWARD_GRACE = 0.5  # seconds JupyterLab has to show it got a SIGTERM of its own (see LabStopper)
+SIGINT_GRACE = 2.0  # the same for a SIGINT without a tty
 CONFIRM_WINDOW = 5.0  # jupyter_server stops at once on a second Ctrl-C within this many seconds
 READY_LINE = b"snapkernel backend serving on "
 LAB_BACKEND_ARGS = ["--BackendApp.remove_leftovers=True", "--BackendApp.remove_on_stop=True",
@@ -122,7 +123,9 @@ class LabStopper:
       jupyter_server's info file (`jpserver-PID.json`), the first thing its clean stop removes: if it is
       still there after a moment, JupyterLab gets SIGTERM from us (twice would run its shutdown twice).
     - SIGINT: a terminal's Ctrl-C reaches JupyterLab too, which asks for confirmation on a tty and stops on
-      a second Ctrl-C (or at once without a tty); it decides, so nothing is forwarded.
+      a second Ctrl-C (or at once without a tty); it decides. Only without a tty, where it is not stopping
+      SIGINT_GRACE seconds after (started with SIGINT ignored, as a script's background job is), it gets
+      SIGTERM, as above.
     Once JupyterLab is stopping it has LAB_STOP_TIMEOUT seconds to exit before it is killed.
     """
 
@@ -155,6 +158,8 @@ class LabStopper:
         now = time.monotonic()
         if not self.tty or now - self.last_sigint <= CONFIRM_WINDOW:
             self._arm()
+            if not self.tty and self.forward_at is None:
+                self.forward_at = now + SIGINT_GRACE
         self.last_sigint = now
 
     def wait(self) -> int:

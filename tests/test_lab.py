@@ -91,22 +91,29 @@ def _cmd(proc: Path) -> bytes:
 # Make stdin (the pty) the controlling terminal of this new session, then become `python ARGS...`.
 _WITH_TTY = ("import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
              "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
+# A script's background job (`make run &` in a script): no terminal, and SIGINT ignored, across the exec.
+_IN_BACKGROUND = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                  "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
 
 
 class Lab:
     """`snapkernel lab` on a pty of its own (its controlling terminal, as in a terminal emulator), in its own
     session and process group, with a private state dir."""
 
-    def __init__(self, tmp: Path, state: Path) -> None:
+    def __init__(self, tmp: Path, state: Path, background: bool = False) -> None:
         self.state, self.port, self.token = state, _free_port(), "t0k"
         self.base = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("SNAPKERNEL_")}
         env.update(SNAPKERNEL_STATE_DIR=str(state), TERM="dumb")
         self.master, slave = os.openpty()
+        # `background`: as a script's background job (so JupyterLab ignores SIGINT too); its output still goes
+        # to the pty, to be read.
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _WITH_TTY, "-m", "snapkernel.cli", "lab", "--no-browser", f"--port={self.port}",
-             f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={tmp}"],
-            env=env, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+            [sys.executable, "-c", _IN_BACKGROUND if background else _WITH_TTY, "-m", "snapkernel.cli", "lab",
+             "--no-browser", f"--port={self.port}", f"--IdentityProvider.token={self.token}",
+             f"--ServerApp.root_dir={tmp}"],
+            env=env, stdin=subprocess.DEVNULL if background else slave, stdout=slave, stderr=slave,
+            start_new_session=True,
         )
         os.close(slave)
         self.output = b""
@@ -225,6 +232,8 @@ def _stop(lab: Lab, way: str) -> None:
             assert time.monotonic() < deadline, f"JupyterLab did not ask:\n{lab.text}"
             time.sleep(0.05)
         lab.ctrl_c()
+    elif way == "sigint-group":  # `kill -INT` to a lab started as a script's background job (see Lab)
+        os.killpg(pgid, signal.SIGINT)
     elif way == "sigterm-group":
         os.killpg(pgid, signal.SIGTERM)
     elif way == "sigterm-lab":
@@ -236,10 +245,10 @@ def _stop(lab: Lab, way: str) -> None:
         os.close(lab.master)
 
 
-@pytest.mark.parametrize("way", ["ctrl-c", "sigterm-group", "sigterm-lab", "hangup", "sigkill-lab"])
+@pytest.mark.parametrize("way", ["ctrl-c", "sigint-group", "sigterm-group", "sigterm-lab", "hangup", "sigkill-lab"])
 def test_stopping_lab_leaves_nothing_behind(tmp_path: Path, way: str) -> None:
     state = tmp_path / "state"
-    lab = Lab(tmp_path, state)
+    lab = Lab(tmp_path, state, background=way == "sigint-group")
     try:
         lab.wait_up()
         sandboxes = [lab.start_kernel(), lab.start_kernel()]
