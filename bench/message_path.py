@@ -45,7 +45,7 @@ WAY_IN = [("client → relay (ZMQ)", "client_send", "relay_in"),
           ("backend → shim (unix socket)", "link_out", "shim_in"),
           ("shim → agent (stdio)", "shim_in", "agent_in"),
           ("agent → kernel (ZMQ)", "agent_in", "kernel_in")]
-KERNEL = [("kernel: request to idle", "kernel_in", "kernel_idle")]
+KERNEL = [("request to idle", "kernel_in", "kernel_idle")]
 WAY_BACK = [("kernel → agent (ZMQ)", "kernel_idle", "kernel_out"),
             ("agent", "kernel_out", "agent_out"),
             ("agent → shim (stdio)", "agent_out", "shim_out"),
