@@ -1,5 +1,6 @@
 """Starting a sandbox: a boot, or a restore of a memory snapshot or a template (templates.py) that then gets
-its own identity; a template whose restore fails leaves nothing behind and the sandbox boots instead."""
+its own identity (a restored fan-out worker then says hello again, as its new sandbox); a template whose restore
+fails leaves nothing behind and the sandbox boots instead."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from snapkernel.backend.lifecycle import Activity
+from snapkernel.backend.templates import WORKER, mode
 from snapkernel.errors import SnapkernelError
 from snapkernel.protocol.v1 import backend_pb2 as pb
 from snapkernel.snapshots import memory
@@ -58,14 +60,14 @@ class Starter:
                 await asyncio.to_thread(self.m.prepare_workspace, sb)
                 self.m.progress(sb, "sandbox", f"starting a {r.runtime} sandbox", 0.1)
                 await self._launch(sb, runtime, kernel, None)
-                if not sb.internal:  # booted: the next kernel of its class restores a template of it
+                if not sb.internal:  # booted: the next kernel (or worker) of its class restores a template of it
                     self.m.templates.ensure(sb.spec, runtime)
             else:
                 with sb.doing(Activity.RESTORING, "restore"):
                     await self._restore(sb, runtime, kernel, restore, template)
         except Exception as e:
-            if template and not sb.deleting:  # a kernel never fails because of a template: it boots instead
-                self.m.templates.failed(template, f"restoring it failed: {e}")
+            if template and not sb.deleting:  # never fails because of a template: it boots instead
+                self.m.templates.failed(template, f"restoring it failed: {e}", taken=r.created)
                 await self._undo_start(sb, runtime)
                 await self.start(sb, runtime, kernel, None)
                 return
@@ -81,7 +83,8 @@ class Starter:
         r = sb.record
         started = time.perf_counter()
         workspace = await asyncio.to_thread(self.m.prepare_workspace, sb)
-        what = f"template {template}" if template else f"snapshot {sb.spec.restore_from}"
+        what = (f"{'worker ' if mode(sb.spec) == WORKER else ''}template {template}" if template
+                else f"snapshot {sb.spec.restore_from}")
         self.m.progress(sb, "restore", f"restoring {what}", 0.1)
         await memory.restore_workspace(image, workspace)
         await asyncio.to_thread(self.m.workspaces.give, workspace, runtime.owner(sb.spec))
