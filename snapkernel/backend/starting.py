@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -25,6 +27,8 @@ if TYPE_CHECKING:
     from snapkernel.backend.workspace import Workspaces
 
 log = logging.getLogger(__name__)
+
+SLOT_WAIT = 2.0  # seconds a template's restore waits for a free slot at most (then it goes ahead anyway)
 
 
 class StartHost(Protocol):
@@ -50,6 +54,10 @@ class StartHost(Protocol):
 class Starter:
     def __init__(self, host: StartHost) -> None:
         self.m = host
+        # Template restores run at most one per core at once, the others wait their turn (briefly: SLOT_WAIT). A
+        # restore is a burst of CPU: side by side on too few cores, four workers' restores each take twice as
+        # long, and a cold fan-out waits for the first of them; in turn, the first come sooner and all as soon.
+        self.restore_slots = asyncio.Semaphore(max(1, len(os.sched_getaffinity(0))))
 
     async def start(self, sb: LiveSandbox, runtime: SandboxRuntime, kernel: pb.KernelConfig,
                     restore: Path | None, template: str = "") -> None:
@@ -63,8 +71,9 @@ class Starter:
                 if not sb.internal:  # booted: the next kernel (or worker) of its class restores a template of it
                     self.m.templates.ensure(sb.spec, runtime)
             else:
-                with sb.doing(Activity.RESTORING, "restore"):
-                    await self._restore(sb, runtime, kernel, restore, template)
+                async with self._slot(bool(template)):
+                    with sb.doing(Activity.RESTORING, "restore"):
+                        await self._restore(sb, runtime, kernel, restore, template)
         except Exception as e:
             if template and not sb.deleting:  # never fails because of a template: it boots instead
                 self.m.templates.failed(template, f"restoring it failed: {e}", taken=r.created)
@@ -77,6 +86,20 @@ class Starter:
                 await runtime.stop(r)
             self.m.release(sb)
             self.m.set_state(sb, pb.FAILED, f"sandbox failed to start: {why}")
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, wanted: bool) -> AsyncIterator[None]:
+        """A restore slot, if `wanted` and one comes free within SLOT_WAIT seconds (a restore that hangs holds up
+        the others no longer than that)."""
+        held = False
+        if wanted:
+            with contextlib.suppress(TimeoutError):
+                held = await asyncio.wait_for(self.restore_slots.acquire(), SLOT_WAIT)
+        try:
+            yield
+        finally:
+            if held:
+                self.restore_slots.release()
 
     async def _restore(self, sb: LiveSandbox, runtime: SandboxRuntime, kernel: pb.KernelConfig, image: Path,
                        template: str) -> None:
