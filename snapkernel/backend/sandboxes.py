@@ -282,6 +282,8 @@ class SandboxManager:
             raise lifecycle.refuse(sandbox_id, "delete", "deleting already")
         sb.activity = lifecycle.Activity.DELETING  # takes over from a snapshot or hibernation under way
         sb.ack()
+        # What waits on its kernel (a restore's identity, a snapshot's state) ends now, not at its timeout.
+        sb.fail_code_results(f"sandbox {sandbox_id} was deleted")
         r = sb.record
         if sb.waking is not None:
             sb.waking.cancel()

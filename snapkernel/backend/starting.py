@@ -80,8 +80,11 @@ class Starter:
                 await self._undo_start(sb, runtime)
                 await self.start(sb, runtime, kernel, None)
                 return
-            log.exception("sandbox_id=%s failed to start", r.id)
             why = str(e) if isinstance(e, SnapkernelError) else f"{type(e).__name__}: {e}"
+            if sb.deleting:  # deleted while it started: its start was cut short, nothing went wrong
+                log.info("sandbox_id=%s deleted while starting (%s)", r.id, why)
+            else:
+                log.exception("sandbox_id=%s failed to start", r.id)
             with contextlib.suppress(Exception):
                 await runtime.stop(r)
             self.m.release(sb)
