@@ -76,11 +76,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     pool = status.warm_pool
     print(f"warm pool: {pool.ready} of {pool.size} ready, {pool.handed_out} handed out" if pool.size
           else "warm pool: off")
-    print("templates (new kernels of their class restore one):" + ("" if status.templates else " none"))
+    print("templates (new kernels and fan-out workers of their class restore one):"
+          + ("" if status.templates else " none"))
     now = time.time()
     for t in status.templates:
         age = f", built {_age(now - t.created)} ago" if t.created and t.state == "ready" else ""
-        print(f"  {t.key}  {t.spec}: {t.state}{age}, {format_bytes(t.size)}, {t.used} kernels from it")
+        what = "workers" if t.mode == "worker" else "kernels"
+        print(f"  {t.key}  {t.spec}: {t.state}{age}, {format_bytes(t.size)}, {t.used} {what} from it")
     return 0
 
 

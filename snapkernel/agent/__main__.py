@@ -1,15 +1,14 @@
 """`python -m snapkernel.agent`: the sandbox's entry point.
 
 The kernel is launched before anything heavy is imported, so its start-up overlaps the agent's.
-With SNAPKERNEL_AGENT_MODE=worker it runs fan-out calls instead (snapkernel.agent.worker).
+With SNAPKERNEL_AGENT_MODE=worker it runs fan-out calls instead (snapkernel.agent.worker), importing only
+what a worker needs: a cold fan-out waits for its first worker's hello.
 """
 
 import os
 import signal
 import sys
-import tempfile
 
-from snapkernel.agent.kernel_process import KernelProcess
 from snapkernel.agent.sandbox_user import become_sandbox_user
 
 become_sandbox_user()
@@ -18,6 +17,10 @@ if os.environ.get("SNAPKERNEL_AGENT_MODE") == "worker":
     from snapkernel.agent.worker import main as worker_main
 
     sys.exit(worker_main())
+
+import tempfile  # noqa: E402 - a worker does without these
+
+from snapkernel.agent.kernel_process import KernelProcess  # noqa: E402
 
 signal.signal(signal.SIGINT, signal.SIG_IGN)  # interrupts are for the kernel, not the agent
 key = os.environ.pop("SNAPKERNEL_KERNEL_KEY", "").encode()

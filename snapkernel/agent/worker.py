@@ -6,6 +6,10 @@ batch, not per call. Asking for more work is implicit: the backend keeps a bound
 flight per worker and sends more as results come back (workers pull). A cancel interrupts the running item
 with SIGINT aimed at the main thread; an item's timeout is a SIGALRM timer.
 
+A worker restored from a template (backend/templates.py) was another sandbox when its image was taken: the
+backend's `Identity` makes it this sandbox's (its environment), and it says hello again as this sandbox; the
+backend leases it only then. The backend may run its own code here too (`RunCode`: a template's pre-imports).
+
 The user's code may print: fd 1 is pointed at the sandbox log, and frames go to a private copy of it.
 """
 
@@ -60,7 +64,8 @@ class Worker:
         self.in_fd = in_fd
         self.out_fd = out_fd
         self.write_lock = threading.Lock()
-        self.tasks: queue.SimpleQueue[pb.WorkerTasks | int] = queue.SimpleQueue()  # int: a cancel marker
+        # int: a cancel marker; RunCode: the backend's own code, run between items
+        self.tasks: queue.SimpleQueue[pb.WorkerTasks | pb.RunCode | int] = queue.SimpleQueue()
         self.functions: dict[str, Callable[..., Any] | bytes] = {}  # by hash, in the order received
         self.cancelled: set[int] = set()
         self.current_job = 0
@@ -103,11 +108,37 @@ class Worker:
             if self.in_item and self.current_job == job:
                 signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
             self.tasks.put(job)
+        elif kind == "identity":
+            self.take_identity(msg.identity)
+        elif kind == "run_code":
+            self.tasks.put(msg.run_code)
         elif kind == "shutdown":
             self.running = False
             self.tasks.put(0)
         else:
             log.warning("worker: ignored command %r", kind)
+
+    def hello(self) -> None:
+        self.send(pb.AgentMessage(worker_hello=pb.WorkerHello(
+            python=sys.version.split()[0], cloudpickle=cloudpickle.__version__, pid=os.getpid(),
+            sandbox_id=self.sandbox_id)))
+
+    def take_identity(self, identity: pb.Identity) -> None:
+        """Restored from a template: become this sandbox (its environment names it), then say so."""
+        os.environ.update(identity.env)
+        self.sandbox_id = os.environ.get("SNAPKERNEL_SANDBOX_ID", "")
+        self.send(pb.AgentMessage(code_result=pb.CodeResult(id=identity.id, ok=True)))
+        self.hello()
+
+    def run_code(self, req: pb.RunCode) -> None:
+        """The backend's own code (a template's pre-imports), in a namespace of its own; answered with a
+        `code_result`."""
+        try:
+            exec(compile(req.code, "<snapkernel>", "exec"), {"__name__": "__snapkernel__"})
+            result = pb.CodeResult(id=req.id, ok=True)
+        except Exception as e:  # its failure is the backend's to report, never the worker's end
+            result = pb.CodeResult(id=req.id, ok=False, error=f"{type(e).__name__}: {e}")
+        self.send(pb.AgentMessage(code_result=result))
 
     # --- running items --------------------------------------------------------------------------
     def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
@@ -128,13 +159,15 @@ class Worker:
         signal.signal(signal.SIGINT, self._on_sigint)
         signal.signal(signal.SIGALRM, self._on_alarm)
         self.send(pb.AgentMessage(hello=pb.AgentHello(python=sys.version.split()[0], pid=os.getpid())))
-        self.send(pb.AgentMessage(worker_hello=pb.WorkerHello(
-            python=sys.version.split()[0], cloudpickle=cloudpickle.__version__, pid=os.getpid())))
+        self.hello()
         # The worker loop is this sandbox's "kernel": the sandbox shows as running.
         self.send(pb.AgentMessage(kernel_started=pb.KernelStarted(pid=os.getpid(), generation=1)))
         threading.Thread(target=self.read_loop, name="worker-link", daemon=True).start()
         while self.running:
             task = self.tasks.get()
+            if isinstance(task, pb.RunCode):
+                self.run_code(task)
+                continue
             if isinstance(task, int):
                 if task:  # a cancel marker: everything of that job before it is dropped
                     self.send(pb.AgentMessage(worker_results=pb.WorkerResults(job=task, cancelled=True)))

@@ -60,6 +60,7 @@ class FanoutManager:
 
     async def start(self) -> None:
         await self.pools.remove_leftovers()
+        self.pools.build_default_template()
         self._reaper = asyncio.ensure_future(self.pools.reap())
 
     def cached_function(self, digest: str) -> bytes | None:

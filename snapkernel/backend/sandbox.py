@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 # The kernel ids of the backend's own sandboxes (templates.py, warm_pool.py): never listed, never reaped.
 TEMPLATE_KERNEL_ID = "template:"
 POOL_KERNEL_ID = "pool:"
+# What the sandbox's agent runs (agent/__main__.py): a kernel where unset, "worker" for a fan-out worker, "clone"
+# for a --clone worker (a kernel restored from its kernel's snapshot).
+MODE_ENV = "SNAPKERNEL_AGENT_MODE"
 IDENTITY_ENV = ("SNAPKERNEL_SANDBOX_ID",)  # the key goes to the agent only (its kernel's environment never has it)
 MAX_UNATTACHED_OUTPUT = 20000  # kernel frames held for a sandbox while no client is attached
 MAX_UNATTACHED_BYTES = 256 * 1024 * 1024

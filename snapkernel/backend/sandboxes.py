@@ -28,7 +28,7 @@ from snapkernel.backend.sandbox_db import SandboxDB, SandboxRecord
 from snapkernel.backend.scheduler import Scheduler
 from snapkernel.backend.snapshotting import Snapshotter
 from snapkernel.backend.starting import Starter
-from snapkernel.backend.templates import Templates, eligible
+from snapkernel.backend.templates import KERNEL, Templates, eligible, mode
 from snapkernel.backend.warm_pool import WarmPool
 from snapkernel.backend.workspace import Workspaces
 from snapkernel.errors import (
@@ -155,9 +155,11 @@ class SandboxManager:
                 f"signature scheme {req.kernel.signature_scheme!r} is not supported: use hmac-sha256"
             )
         runtime.check(spec)
-        # A template's own sandbox boots; the pool's restores the template; a kernel takes from the pool first.
+        # A template's own sandbox boots; the pool's restores the template; a kernel takes from the pool first
+        # (it holds kernels only: a fan-out worker restores its class's template).
         building = req.kernel_id.startswith(TEMPLATE_KERNEL_ID)
-        if not building and not req.kernel_id.startswith(POOL_KERNEL_ID) and eligible(spec, runtime):
+        if (not building and not req.kernel_id.startswith(POOL_KERNEL_ID) and eligible(spec, runtime)
+                and mode(spec) == KERNEL):
             handed = await self.pool.hand_out(self.templates.key(spec, runtime), req, spec,
                                               self._hibernate_after(spec))
             if handed is not None:
@@ -290,6 +292,8 @@ class SandboxManager:
             raise lifecycle.refuse(sandbox_id, "delete", "deleting already")
         sb.activity = lifecycle.Activity.DELETING  # takes over from a snapshot or hibernation under way
         sb.ack()
+        # What waits on its kernel (a restore's identity, a snapshot's state) ends now, not at its timeout.
+        sb.fail_code_results(f"sandbox {sandbox_id} was deleted")
         r = sb.record
         if sb.waking is not None:
             sb.waking.cancel()
@@ -405,10 +409,14 @@ class SandboxManager:
         if not self.defaults.templates:
             return
         await asyncio.to_thread(self.templates.load)
-        spec = self._parse(pb.SandboxSpec())
-        runtime = self.runtimes.get(spec.runtime)
+        self.ensure_template(pb.SandboxSpec())
+
+    def ensure_template(self, spec: pb.SandboxSpec) -> None:
+        """Build the template of `spec`'s class in the background, unless it has one (or cannot have one)."""
+        parsed = self._parse(spec)
+        runtime = self.runtimes.get(parsed.runtime)
         if runtime is not None:
-            self.templates.ensure(spec, runtime)
+            self.templates.ensure(parsed, runtime)
 
     async def close(self) -> None:
         """Backend stopping: detach from sandboxes, leave them running for the next backend (not templates'

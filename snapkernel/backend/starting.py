@@ -1,16 +1,20 @@
 """Starting a sandbox: a boot, or a restore of a memory snapshot or a template (templates.py) that then gets
-its own identity; a template whose restore fails leaves nothing behind and the sandbox boots instead."""
+its own identity (a restored fan-out worker then says hello again, as its new sandbox); a template whose restore
+fails leaves nothing behind and the sandbox boots instead."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import os
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from snapkernel.backend.lifecycle import Activity
+from snapkernel.backend.templates import WORKER, mode
 from snapkernel.errors import SnapkernelError
 from snapkernel.protocol.v1 import backend_pb2 as pb
 from snapkernel.snapshots import memory
@@ -23,6 +27,8 @@ if TYPE_CHECKING:
     from snapkernel.backend.workspace import Workspaces
 
 log = logging.getLogger(__name__)
+
+SLOT_WAIT = 2.0  # seconds a template's restore waits for a free slot at most (then it goes ahead anyway)
 
 
 class StartHost(Protocol):
@@ -48,6 +54,10 @@ class StartHost(Protocol):
 class Starter:
     def __init__(self, host: StartHost) -> None:
         self.m = host
+        # Template restores run at most one per core at once, the others wait their turn (briefly: SLOT_WAIT). A
+        # restore is a burst of CPU: side by side on too few cores, four workers' restores each take twice as
+        # long, and a cold fan-out waits for the first of them; in turn, the first come sooner and all as soon.
+        self.restore_slots = asyncio.Semaphore(max(1, len(os.sched_getaffinity(0))))
 
     async def start(self, sb: LiveSandbox, runtime: SandboxRuntime, kernel: pb.KernelConfig,
                     restore: Path | None, template: str = "") -> None:
@@ -58,30 +68,49 @@ class Starter:
                 await asyncio.to_thread(self.m.prepare_workspace, sb)
                 self.m.progress(sb, "sandbox", f"starting a {r.runtime} sandbox", 0.1)
                 await self._launch(sb, runtime, kernel, None)
-                if not sb.internal:  # booted: the next kernel of its class restores a template of it
+                if not sb.internal:  # booted: the next kernel (or worker) of its class restores a template of it
                     self.m.templates.ensure(sb.spec, runtime)
             else:
-                with sb.doing(Activity.RESTORING, "restore"):
-                    await self._restore(sb, runtime, kernel, restore, template)
+                async with self._slot(bool(template)):
+                    with sb.doing(Activity.RESTORING, "restore"):
+                        await self._restore(sb, runtime, kernel, restore, template)
         except Exception as e:
-            if template and not sb.deleting:  # a kernel never fails because of a template: it boots instead
-                self.m.templates.failed(template, f"restoring it failed: {e}")
+            if template and not sb.deleting:  # never fails because of a template: it boots instead
+                self.m.templates.failed(template, f"restoring it failed: {e}", taken=r.created)
                 await self._undo_start(sb, runtime)
                 await self.start(sb, runtime, kernel, None)
                 return
-            log.exception("sandbox_id=%s failed to start", r.id)
             why = str(e) if isinstance(e, SnapkernelError) else f"{type(e).__name__}: {e}"
+            if sb.deleting:  # deleted while it started: its start was cut short, nothing went wrong
+                log.info("sandbox_id=%s deleted while starting (%s)", r.id, why)
+            else:
+                log.exception("sandbox_id=%s failed to start", r.id)
             with contextlib.suppress(Exception):
                 await runtime.stop(r)
             self.m.release(sb)
             self.m.set_state(sb, pb.FAILED, f"sandbox failed to start: {why}")
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, wanted: bool) -> AsyncIterator[None]:
+        """A restore slot, if `wanted` and one comes free within SLOT_WAIT seconds (a restore that hangs holds up
+        the others no longer than that)."""
+        held = False
+        if wanted:
+            with contextlib.suppress(TimeoutError):
+                held = await asyncio.wait_for(self.restore_slots.acquire(), SLOT_WAIT)
+        try:
+            yield
+        finally:
+            if held:
+                self.restore_slots.release()
 
     async def _restore(self, sb: LiveSandbox, runtime: SandboxRuntime, kernel: pb.KernelConfig, image: Path,
                        template: str) -> None:
         r = sb.record
         started = time.perf_counter()
         workspace = await asyncio.to_thread(self.m.prepare_workspace, sb)
-        what = f"template {template}" if template else f"snapshot {sb.spec.restore_from}"
+        what = (f"{'worker ' if mode(sb.spec) == WORKER else ''}template {template}" if template
+                else f"snapshot {sb.spec.restore_from}")
         self.m.progress(sb, "restore", f"restoring {what}", 0.1)
         await memory.restore_workspace(image, workspace)
         await asyncio.to_thread(self.m.workspaces.give, workspace, runtime.owner(sb.spec))

@@ -1,13 +1,15 @@
-"""Template snapshots: for each class of spec, a memory image of a freshly booted sandbox (agent up, ipykernel
-started, its first cell and the pre-imports run), so that a new kernel of that class is a `runsc restore` of
-it, with its own identity (`AgentMessages.give_identity`), instead of a boot.
+"""Template snapshots: for each class of spec, a memory image of a freshly booted sandbox, so that a new sandbox
+of that class is a `runsc restore` of it, with its own identity (`AgentMessages.give_identity`), instead of a
+boot. Two modes: a kernel's (agent up, ipykernel started, its first cell and the pre-imports run) and a fan-out
+worker's (the agent in worker mode, the pre-imports done, waiting for work; once restored it takes its sandbox's
+identity and says hello again, and only then is it leased).
 
-A template is built in the background: at start-up for the default spec, and after a kernel of another class
-booted cold. Its key covers everything that makes an image unusable elsewhere (the runtime's version and
-settings, snapkernel's, Python's, the limits, the pre-imports), so a change builds a new one. Its files are
-checked against their SHA-256 when the backend loads it, and by size and time before each use; a template
-whose check or restore fails is dropped and built again, and the kernel boots meanwhile: a kernel never fails
-because of a template.
+A template is built in the background, one at a time: at start-up for the default kernel spec and then the
+default worker class (workers.py), and after a sandbox of another class booted cold. Its key covers everything
+that makes an image unusable elsewhere (the runtime's version and settings, snapkernel's, Python's, the limits,
+the pre-imports, the mode), so a change builds a new one. Its files are checked against their SHA-256 when the
+backend loads it, and by size and time before each use; a template whose check or restore fails is dropped and
+built again, and the sandbox boots meanwhile: a kernel or worker never fails because of a template.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import snapkernel
 from snapkernel.backend.lifecycle import Activity
-from snapkernel.backend.sandbox import TEMPLATE_KERNEL_ID
+from snapkernel.backend.sandbox import MODE_ENV, TEMPLATE_KERNEL_ID
 from snapkernel.errors import SnapkernelError
 from snapkernel.protocol.spec import ParsedSpec, format_bytes, parse_disk, parse_memory
 from snapkernel.protocol.v1 import backend_pb2 as pb
@@ -44,6 +46,7 @@ MANIFEST = "template.json"
 MAX_TEMPLATES = 4  # classes kept; the least recently used goes first
 BUILD_TIMEOUT = 120.0
 RETRY_AFTER = 60.0  # seconds before a class whose build failed is tried again
+KERNEL, WORKER = "kernel", "worker"  # the modes a template holds (see `mode`)
 
 
 class TemplateHost(Protocol):
@@ -71,21 +74,34 @@ class Template:
     last_used: float = 0.0
     files: dict[str, list[int]] = field(default_factory=dict)  # name -> [size, mtime_ns] as verified
 
+    @property
+    def mode(self) -> str:
+        return WORKER if self.spec.env.get(MODE_ENV) == WORKER else KERNEL
+
     def to_pb(self) -> pb.Template:
         s = self.spec
-        summary = (f"cpu {s.cpu:g}, memory {format_bytes(parse_memory(s.memory))}, "
-                   f"disk {format_bytes(parse_disk(s.disk))}" + (", network" if s.network else ""))
+        summary = ("fan-out worker, " if self.mode == WORKER else "") + (
+            f"cpu {s.cpu:g}, memory {format_bytes(parse_memory(s.memory))}, "
+            f"disk {format_bytes(parse_disk(s.disk))}" + (", network" if s.network else ""))
         return pb.Template(key=self.key, spec=summary, state=self.state, created=self.created, size=self.size,
-                           used=self.used)
+                           used=self.used, mode=self.mode)
+
+
+def mode(spec: ParsedSpec) -> str:
+    """What a sandbox of this spec runs, as far as templates go: a kernel (no variables of its own), a plain
+    fan-out worker (`worker_spec` of a kernel without variables of its own), or "" (anything else boots)."""
+    if not spec.env:
+        return KERNEL
+    return WORKER if spec.env == {MODE_ENV: WORKER} else ""
 
 
 def eligible(spec: ParsedSpec, runtime: SandboxRuntime) -> bool:
-    """Whether a kernel of this spec can start from a template: a memory image of a live kernel, restored
-    with the same mounts and environment (no GPU, no notebook directory, no variables of its own, and the
-    minimal root: an image directory's content could change under a template's key)."""
+    """Whether a kernel or worker of this spec can start from a template: a memory image of a live sandbox,
+    restored with the same mounts and environment (no GPU, no notebook directory, no variables of its own but
+    a worker's mode, and the minimal root: an image directory's content could change under a template's key)."""
     caps = runtime.capabilities
     return (caps.memory_snapshots and caps.live_checkpoint and spec.gpu is None and not spec.mount_dir
-            and not spec.env and not spec.restore_from and not spec.image)
+            and bool(mode(spec)) and not spec.restore_from and not spec.image)
 
 
 class Templates:
@@ -96,23 +112,27 @@ class Templates:
         self.enabled = enabled
         self.templates: dict[str, Template] = {}
         self._builds: set[asyncio.Task[None]] = set()
+        self._one_at_a_time = asyncio.Semaphore(1)  # builds wait their turn: never more than one boot at once
 
     # --- which template a spec gets -------------------------------------------------------------
     def key(self, spec: ParsedSpec, runtime: SandboxRuntime) -> str:
         parts = [runtime.name, runtime.image_settings(), snapkernel.__version__, sys.version, repr(spec.cpu),
                  str(spec.memory), str(spec.disk), str(spec.network), *self.preimport]
+        if mode(spec) == WORKER:  # kernels' keys as they were before worker templates
+            parts.append("mode=worker")
         return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
     def ensure(self, spec: ParsedSpec, runtime: SandboxRuntime) -> Template | None:
         """The template of `spec`'s class, built in the background if there is none (or it failed a while
-        ago); None where kernels of this spec cannot start from one."""
+        ago); None where sandboxes of this spec cannot start from one."""
         if not self.enabled or not eligible(spec, runtime):
             return None
         key = self.key(spec, runtime)
         t = self.templates.get(key)
         if t is None or (t.state.startswith("failed") and time.time() - t.created > RETRY_AFTER):
             self.build_soon(key, pb.SandboxSpec(runtime=spec.runtime, cpu=spec.cpu, memory=str(spec.memory),
-                                                disk=str(spec.disk), network=spec.network, hibernate_after=0))
+                                                disk=str(spec.disk), network=spec.network, hibernate_after=0,
+                                                env=spec.env))
         return self.templates[key]
 
     def take(self, spec: ParsedSpec, runtime: SandboxRuntime) -> tuple[str, Path] | None:
@@ -130,13 +150,18 @@ class Templates:
         t.last_used = time.time()
         return key, self.root / key
 
-    def failed(self, key: str, why: str) -> None:
-        """A template's check or restore failed: it is dropped and built again."""
+    def failed(self, key: str, why: str, taken: float | None = None) -> None:
+        """A template's check or restore failed: it is dropped and built again. Once only: the other sandboxes
+        that took it (`taken`: when) and restore it at the same time, a fan-out's workers, fail too and find it
+        being built already, or built since."""
+        t = self.templates.get(key)
+        if t is None or t.state != "ready" or (taken is not None and t.created > taken):
+            log.info("template %s: %s (it is built again already)", key, why)
+            return
         log.warning("template %s dropped: %s; building it again", key, why)
         shutil.rmtree(self.root / key, ignore_errors=True)
-        t = self.templates.pop(key, None)
-        if t is not None:
-            self.build_soon(key, t.spec)
+        del self.templates[key]
+        self.build_soon(key, t.spec)
 
     async def stop(self) -> None:
         """Stop the builds under way and remove their sandboxes."""
@@ -177,6 +202,10 @@ class Templates:
         task.add_done_callback(self._builds.discard)
 
     async def _build(self, key: str, spec: pb.SandboxSpec) -> None:
+        async with self._one_at_a_time:
+            await self._build_now(key, spec)
+
+    async def _build_now(self, key: str, spec: pb.SandboxSpec) -> None:
         t = self.templates[key]
         started = time.perf_counter()
         sandbox_id = ""
@@ -192,7 +221,8 @@ class Templates:
                     lambda: sb.record.state == pb.RUNNING or sb.record.ended), BUILD_TIMEOUT)
             if sb.record.state != pb.RUNNING:
                 raise SnapkernelError(f"its sandbox did not start: {sb.record.message}")
-            # One cell first: IPython compiles and imports what a first cell needs, so the user's does not.
+            # One cell first: IPython compiles and imports what a first cell needs, so the user's does not (a
+            # worker runs it as the backend's code, and imports the same modules for the user's functions).
             code = "\n".join(["pass", *(f"import {m}" for m in self.preimport)])
             result = await self.host.run_in_kernel(sb, code, BUILD_TIMEOUT)
             if not result.ok:
@@ -217,7 +247,7 @@ class Templates:
         except Exception as e:
             why = str(e) if isinstance(e, SnapkernelError) else f"{type(e).__name__}: {e}"
             t.state, t.created = f"failed: {why}"[:300], time.time()
-            log.warning("template %s could not be built (kernels of its class boot instead): %s", key, why)
+            log.warning("template %s could not be built (%ss of its class boot instead): %s", key, t.mode, why)
             await asyncio.to_thread(shutil.rmtree, partial, True)
         finally:
             if sandbox_id:

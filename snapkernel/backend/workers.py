@@ -1,5 +1,7 @@
 """Fan-out worker sandboxes: started like kernel sandboxes (same runtime, image and scheduler) with the agent in
-worker mode, kept warm in a pool per (owner, spec) between jobs, and reaped after an idle time.
+worker mode, kept warm in a pool per (owner, spec) between jobs, and reaped after an idle time. Under gvisor a
+new worker restores its class's worker template (templates.py) rather than booting; it is ready once it has said
+hello as its own sandbox.
 
 GPU workers get distinct GPUs because every worker is a sandbox of its own and the scheduler gives GPUs out
 exclusively. A pool owned by a kernel's sandbox goes away with that kernel (restart, exit, deletion).
@@ -19,7 +21,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from snapkernel.backend.sandbox import LiveSandbox
+from snapkernel.backend.sandbox import MODE_ENV, LiveSandbox
 from snapkernel.backend.sandboxes import SandboxManager
 from snapkernel.errors import NoCapacityError, SnapkernelError
 from snapkernel.protocol.states import ENDED
@@ -27,7 +29,6 @@ from snapkernel.protocol.v1 import backend_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-MODE_ENV = "SNAPKERNEL_AGENT_MODE"
 CLIENT_OWNER = "client"  # pools of gRPC callers outside any sandbox
 
 
@@ -132,6 +133,11 @@ class WorkerPools:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def build_default_template(self) -> None:
+        """The template of the workers a kernel of the default spec fans out to, built in the background (after
+        the default kernel's), so that even the first fan-out restores its workers."""
+        self.manager.ensure_template(worker_spec(pb.SandboxSpec(), None))
+
     # --- leasing --------------------------------------------------------------------------------
     async def lease(self, owner: LiveSandbox | None, spec: pb.SandboxSpec, count: int,
                     job: Lessee, clone_stream: int = 0) -> tuple[list[Worker], str]:
@@ -191,6 +197,9 @@ class WorkerPools:
     def on_hello(self, sandbox_id: str, hello: pb.WorkerHello) -> None:
         w = self.workers.get(sandbox_id)
         if w is None:
+            return
+        if hello.sandbox_id and hello.sandbox_id != sandbox_id:  # restored, and not (yet) as this sandbox
+            log.warning("sandbox_id=%s fan-out worker said hello as %s: not ready", sandbox_id, hello.sandbox_id)
             return
         w.hello = hello
         w.idle_since = time.monotonic()
@@ -274,7 +283,7 @@ class WorkerPools:
     async def remove_leftovers(self) -> None:
         """Workers of a previous backend have no job and no pool any more: stop them."""
         for sb in list(self.manager.live.values()):
-            if is_worker(sb.record.spec) and not sb.record.ended:
+            if is_worker(sb.record.spec) and not sb.record.ended and not sb.internal:
                 log.info("sandbox_id=%s stopping a fan-out worker left by a previous backend", sb.record.id)
                 with contextlib.suppress(SnapkernelError):
                     await self.manager.delete(sb.record.id)

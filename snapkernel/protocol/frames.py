@@ -1,15 +1,23 @@
 """Length-prefixed frames of `AgentMessage`s: the agent link on stdio, the shim socket, nothing else.
 
 Each frame is a 4-byte big-endian length followed by one serialized `AgentMessage`.
+
+Light to import: the shim (which relays frames whole) never loads protobuf and a fan-out worker (which reads
+its link with a blocking thread) never loads asyncio: each starts in every new sandbox, and a cold fan-out
+waits for them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import struct
+from typing import TYPE_CHECKING
 
 from snapkernel.errors import InvalidSpecError
-from snapkernel.protocol.v1 import backend_pb2 as pb
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from snapkernel.protocol.v1 import backend_pb2 as pb
 
 HEADER = struct.Struct(">I")
 MAX_FRAME = 512 * 1024 * 1024  # a kernel message larger than this is refused, not buffered
@@ -21,6 +29,8 @@ def encode(msg: pb.AgentMessage) -> bytes:
 
 
 def decode(body: bytes) -> pb.AgentMessage:
+    from snapkernel.protocol.v1 import backend_pb2 as pb
+
     msg = pb.AgentMessage()
     try:
         msg.ParseFromString(body)
@@ -52,9 +62,11 @@ class FrameBuffer:
 
 async def _read_head(reader: asyncio.StreamReader, size: int, broken: str) -> bytes | None:
     """`size` bytes, or None at a clean end of stream; an end inside them raises `broken`."""
+    from asyncio import IncompleteReadError  # loaded already: the reader is asyncio's
+
     try:
         return await reader.readexactly(size)
-    except asyncio.IncompleteReadError as e:
+    except IncompleteReadError as e:
         if e.partial:
             raise InvalidSpecError(broken) from e
         return None

@@ -1,16 +1,23 @@
-"""Which kernels may start from which template, in-process: a template's key changes with everything its
-memory image carries, and kernels that need another environment or mounts boot instead."""
+"""Which kernels and workers may start from which template, in-process: a template's key changes with everything
+its memory image carries (a worker's mode too), and sandboxes that need another environment or mounts boot
+instead; a template that fails is dropped and rebuilt once."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from snapkernel.backend.runtimes.base import RuntimeSettings
 from snapkernel.backend.runtimes.process import ProcessRuntime
-from snapkernel.backend.templates import Templates, eligible
+from snapkernel.backend.templates import Template, Templates, eligible
+from snapkernel.backend.workers import MODE_ENV
+from snapkernel.errors import NoCapacityError
 from snapkernel.protocol.spec import GpuRequest, ParsedSpec
+from snapkernel.protocol.v1 import backend_pb2 as pb
 
 
 def spec(**changes: object) -> ParsedSpec:
@@ -46,3 +53,51 @@ def test_kernels_that_need_their_own_environment_or_mounts_boot(runtime: Process
     for other in (spec(gpu=GpuRequest("H100", 1)), spec(mount_dir="/nb"), spec(env={"A": "b"}),
                   spec(restore_from="snap-1"), spec(image="/images/x")):
         assert not eligible(other, runtime), other
+
+
+def test_plain_workers_have_templates_of_their_own_and_other_modes_boot(tmp_path: Path, runtime: ProcessRuntime,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ProcessRuntime, "capabilities", property(lambda self: type(
+        "Caps", (), {"memory_snapshots": True, "live_checkpoint": True, "version": "1"})()))
+    worker = spec(env={MODE_ENV: "worker"})
+    assert eligible(worker, runtime)
+    for other in (spec(env={MODE_ENV: "worker", "A": "b"}), spec(env={MODE_ENV: "clone"}, restore_from="snap-1"),
+                  spec(env={MODE_ENV: "clone"})):
+        assert not eligible(other, runtime), other  # its kernel's variables; or a --clone, restored from a snapshot
+    templates = Templates(tmp_path, host=None, preimport=[])  # type: ignore[arg-type]
+    assert templates.key(worker, runtime) != templates.key(spec(), runtime)
+    assert templates.key(worker, runtime) != templates.key(spec(cpu=2.0, env={MODE_ENV: "worker"}), runtime)
+    shown = Template("k", pb.SandboxSpec(cpu=1, memory="4Gi", disk="10Gi", env={MODE_ENV: "worker"})).to_pb()
+    assert (shown.spec, shown.mode) == ("fan-out worker, cpu 1, memory 4Gi, disk 10Gi", "worker")
+    shown = Template("k", pb.SandboxSpec(cpu=1, memory="4Gi", disk="10Gi")).to_pb()
+    assert (shown.spec, shown.mode) == ("cpu 1, memory 4Gi, disk 10Gi", "kernel")
+
+
+class RefusingHost:
+    """A host with no room: every build fails at once (these tests count builds, not sandboxes)."""
+
+    def __init__(self) -> None:
+        self.creates = 0
+
+    async def create(self, req: pb.CreateSandboxRequest) -> Any:
+        self.creates += 1
+        raise NoCapacityError("no room")
+
+
+def test_a_template_that_many_restores_fail_at_once_is_rebuilt_once(tmp_path: Path) -> None:
+    host = RefusingHost()
+    templates = Templates(tmp_path, host=host, preimport=[])  # type: ignore[arg-type]
+
+    async def go() -> None:
+        templates.templates["k"] = Template("k", pb.SandboxSpec(env={MODE_ENV: "worker"}), "ready", time.time() - 10)
+        taken = time.time() - 5
+        for _ in range(4):  # the four workers of one fan-out, restoring it at the same time
+            templates.failed("k", "restoring it failed", taken=taken)
+        await asyncio.gather(*templates._builds)
+        assert host.creates == 1
+        # A restore that took the template before it was built again does not drop the new one.
+        templates.templates["k"] = Template("k", pb.SandboxSpec(), "ready", time.time())
+        templates.failed("k", "restoring it failed", taken=taken)
+        assert templates.templates["k"].state == "ready" and not templates._builds
+
+    asyncio.run(go())

@@ -21,7 +21,8 @@ from tests.kernel_provisioner.kernel_helpers import run, running_kernel, value, 
 pytestmark = pytest.mark.gvisor
 
 
-def templates(backend: Backend) -> list[dict[str, object]]:
+def templates(backend: Backend, mode: str | None = "kernel") -> list[dict[str, object]]:
+    """The backend's templates of kernels (or of fan-out workers, or with `mode=None` all), as JSON."""
     from google.protobuf.json_format import MessageToDict
 
     from snapkernel.client import BackendClient
@@ -29,21 +30,23 @@ def templates(backend: Backend) -> list[dict[str, object]]:
     async def status() -> list[dict[str, object]]:
         client = BackendClient(backend.address, backend.token)
         try:
-            return [MessageToDict(t, preserving_proto_field_name=True) for t in (await client.status()).templates]
+            return [MessageToDict(t, preserving_proto_field_name=True) for t in (await client.status()).templates
+                    if mode is None or t.mode == mode]
         finally:
             await client.close()
 
     return asyncio.run(status())
 
 
-def wait_ready(backend: Backend, timeout: float = 90) -> dict[str, object]:
+def wait_ready(backend: Backend, timeout: float = 90, mode: str = "kernel") -> dict[str, object]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        ready = [t for t in templates(backend) if t["state"] == "ready"]
+        ready = [t for t in templates(backend, mode) if t["state"] == "ready"]
         if ready:
             return ready[0]
         time.sleep(0.5)
-    raise AssertionError(f"no template ready after {timeout:g}s: {templates(backend)}; log:\n{backend.read_log()}")
+    raise AssertionError(f"no {mode} template ready after {timeout:g}s: {templates(backend, None)}; log:\n"
+                         f"{backend.read_log()}")
 
 
 @pytest.fixture

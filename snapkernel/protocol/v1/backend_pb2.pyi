@@ -1136,7 +1136,9 @@ Global___WarmPool: _TypeAlias = WarmPool  # noqa: Y015
 
 @_typing.final
 class Template(_message.Message):
-    """A memory image of a freshly booted sandbox of one class of spec: new kernels of that class restore it."""
+    """A memory image of a freshly booted sandbox of one class of spec: new kernels (or fan-out workers) of that
+    class restore it.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1146,6 +1148,7 @@ class Template(_message.Message):
     CREATED_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
     USED_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """of the class, the runtime's version, snapkernel's, Python's and the pre-imports"""
     spec: _builtins.str
@@ -1157,7 +1160,9 @@ class Template(_message.Message):
     size: _builtins.int
     """bytes on disk"""
     used: _builtins.int
-    """kernels restored from it since the backend started"""
+    """sandboxes restored from it since the backend started"""
+    mode: _builtins.str
+    """what it holds: "kernel" (ipykernel up), or "worker" (a fan-out worker waiting for work)"""
     def __init__(
         self,
         *,
@@ -1167,10 +1172,11 @@ class Template(_message.Message):
         created: _builtins.float = ...,
         size: _builtins.int = ...,
         used: _builtins.int = ...,
+        mode: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "key", b"key", "size", b"size", "spec", b"spec", "state", b"state", "used", b"used"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "key", b"key", "mode", b"mode", "size", b"size", "spec", b"spec", "state", b"state", "used", b"used"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1981,24 +1987,32 @@ Global___FanoutFrame: _TypeAlias = FanoutFrame  # noqa: Y015
 
 @_typing.final
 class WorkerHello(_message.Message):
+    """A worker says it is ready: when it starts, and again once a worker restored from a template has taken its
+    sandbox's identity (the pool leases a worker whose hello names another sandbox to no job).
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PYTHON_FIELD_NUMBER: _builtins.int
     CLOUDPICKLE_FIELD_NUMBER: _builtins.int
     PID_FIELD_NUMBER: _builtins.int
+    SANDBOX_ID_FIELD_NUMBER: _builtins.int
     python: _builtins.str
     cloudpickle: _builtins.str
     pid: _builtins.int
+    sandbox_id: _builtins.str
+    """SNAPKERNEL_SANDBOX_ID as the worker sees it ("" from clones)"""
     def __init__(
         self,
         *,
         python: _builtins.str = ...,
         cloudpickle: _builtins.str = ...,
         pid: _builtins.int = ...,
+        sandbox_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cloudpickle", b"cloudpickle", "pid", b"pid", "python", b"python"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cloudpickle", b"cloudpickle", "pid", b"pid", "python", b"python", "sandbox_id", b"sandbox_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
