@@ -72,6 +72,10 @@ def test_kernels_install_and_list(backend: Backend, tmp_path: object) -> None:
     ("--BackendApp.gpu_offload_buffers=0", "gpu_offload_buffers: 0 staging buffers is not valid: use 1 to 16"),
     ("--BackendApp.gpu_offload_buffer_size=1000", "a staging buffer of 1000 bytes is not valid: use 1 MiB to 1 GiB"),
     ("--BackendApp.gpu_offload_buffer_size=lots", "gpu_offload_buffer_size size 'lots' is not valid"),
+    ('--BackendApp.warm_pool_classes={"memory": "8Gi"}', "size None is not valid: use 1 to 16 sandboxes"),
+    ('--BackendApp.warm_pool_classes={"gpu": "any", "size": 1}', "kernels with gpu boot"),
+    ('--BackendApp.warm_pool_classes={"memory": "lots", "size": 1}', "memory size 'lots' is not valid"),
+    ('--BackendApp.warm_pool_classes={"mem": "8Gi", "size": 1}', "unknown snapkernel config key(s) 'mem'"),
 ])
 def test_a_bad_backend_setting_is_named_without_a_traceback(setting: str, message: str, tmp_path: Path) -> None:
     out = cli("backend", "--state-dir", str(tmp_path), setting, check=False)

@@ -206,3 +206,4 @@ class Defaults:
     templates: bool = False  # new kernels restore a template of their class (templates.py)
     template_preimport: tuple[str, ...] = ()
     warm_pool: int = 0  # running sandboxes of the default spec waiting for a kernel request (warm_pool.py)
+    warm_pool_classes: tuple[tuple[pb.SandboxSpec, int], ...] = ()  # other classes' pools: (spec, size)

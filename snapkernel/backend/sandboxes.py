@@ -69,7 +69,8 @@ class SandboxManager:
         self.starter = Starter(self)
         self.templates = Templates(state_dir / "templates", self, list(defaults.template_preimport),
                                    enabled=defaults.templates)
-        self.pool = WarmPool(self, defaults.warm_pool if defaults.templates else 0)
+        self.pool = WarmPool(self, [(pb.SandboxSpec(), defaults.warm_pool), *defaults.warm_pool_classes]
+                             if defaults.templates else [])
         # Agent messages of other parts of the backend (fan-out), by oneof name.
         self.handlers: dict[str, Callable[[LiveSandbox, pb.AgentMessage], None]] = {}
 
@@ -210,12 +211,13 @@ class SandboxManager:
             return spec.hibernate_after
         return self.defaults.hibernate_after_gpu if spec.gpu else self.defaults.hibernate_after_cpu
 
-    def default_spec(self) -> tuple[ParsedSpec, str] | None:
-        """The default spec and its template's key, once that template is ready (what the warm pool holds)."""
-        spec = self._parse(pb.SandboxSpec())
-        runtime = self.runtimes.get(spec.runtime)
-        template = self.templates.ensure(spec, runtime) if runtime is not None else None
-        return (spec, template.key) if template is not None and template.state == "ready" else None
+    def pool_class(self, spec: pb.SandboxSpec) -> tuple[ParsedSpec, str] | None:
+        """A warm pool class's spec and its template's key, once that template is ready (pool sandboxes restore
+        it); None before, or where that class has no template."""
+        parsed = self._parse(spec)
+        runtime = self.runtimes.get(parsed.runtime)
+        template = self.templates.ensure(parsed, runtime) if runtime is not None and mode(parsed) == KERNEL else None
+        return (parsed, template.key) if template is not None and template.state == "ready" else None
 
     def prepare_workspace(self, sb: LiveSandbox) -> Path:
         """The sandbox's workspace, mounted with its quota and owned by the user its kernel runs as."""

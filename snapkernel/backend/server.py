@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from traitlets import Bool, Float, Int, List, Unicode, default, validate
+from traitlets import Bool, Dict, Float, Int, List, Unicode, default, validate
 from traitlets.config import Application
 
 from snapkernel import __version__
@@ -38,7 +38,8 @@ from snapkernel.errors import InvalidSpecError, SnapkernelError
 from snapkernel.host.gpus import inventory
 from snapkernel.host.resources import HostResources
 from snapkernel.protocol.connection import GRPC_OPTIONS, default_state_dir, grpc_target
-from snapkernel.protocol.spec import check_runtime_name, parse_disk, parse_memory, parse_size
+from snapkernel.protocol.spec import check_runtime_name, parse_disk, parse_memory, parse_size, spec_from_config
+from snapkernel.protocol.v1 import backend_pb2 as pb
 from snapkernel.protocol.v1 import backend_pb2_grpc as pb_grpc
 from snapkernel.snapshots.staging import DEFAULT_BUFFER_BYTES, DEFAULT_BUFFERS, check_staging
 
@@ -116,6 +117,12 @@ class BackendApp(Application):
                             "background. They count against capacity (the pool fills only where there is room, "
                             "and gives its room first to a request that needs it). 0 to 16; needs templates."
                     ).tag(config=True)
+    warm_pool_classes = List(Dict(), help="Warm pools for other classes of spec than the default: each a "
+                                          "kernelspec's snapkernel config (cpu, memory, disk, runtime, network) "
+                                          "and `size`, the sandboxes kept ready (1 to 16), e.g. "
+                                          "--BackendApp.warm_pool_classes='{\"memory\": \"8Gi\", \"size\": 1}'. "
+                                          "Kernels with a GPU, an image or variables of their own boot: no pool "
+                                          "for them.").tag(config=True)
     template_preimport = List(Unicode(), help="Modules templates import before their image is taken, so "
                                               "kernels start with them loaded (e.g. numpy pandas).").tag(config=True)
     fanout_idle_timeout = Float(300.0, help="Seconds a warm fan-out worker may sit idle before it is stopped "
@@ -194,6 +201,12 @@ class BackendApp(Application):
             raise InvalidSpecError(f"gpu_offload_buffer_size {proposal['value']!r}: {e}") from e
         return str(proposal["value"])
 
+    @validate("warm_pool_classes")
+    def _check_warm_pool_classes(self, proposal: dict[str, Any]) -> list[dict[str, Any]]:
+        for cls in proposal["value"]:
+            pool_class(cls)
+        return list(proposal["value"])
+
     @validate("template_preimport")
     def _check_preimport(self, proposal: dict[str, Any]) -> list[str]:
         for name in proposal["value"]:
@@ -264,7 +277,8 @@ class BackendApp(Application):
             gpu_offload_buffers=self.gpu_offload_buffers,
             gpu_offload_buffer_bytes=parse_size(self.gpu_offload_buffer_size, "gpu_offload_buffer_size", 0, "'64Mi'"),
             wake_timeout=self.wake_timeout, templates=self.templates,
-            template_preimport=tuple(self.template_preimport), warm_pool=self.warm_pool),
+            template_preimport=tuple(self.template_preimport), warm_pool=self.warm_pool,
+            warm_pool_classes=tuple(pool_class(cls) for cls in self.warm_pool_classes)),
             known_runtimes=[*runtimes, *(m.name for m in missing)])
 
         def infos() -> list[RuntimeInfo]:
@@ -331,6 +345,26 @@ class BackendApp(Application):
         except SnapkernelError as e:
             self.log.error("%s", e)
             self.exit(2)
+
+
+def pool_class(cls: Any) -> tuple[pb.SandboxSpec, int]:
+    """A `warm_pool_classes` entry as (its spec, its size); InvalidSpecError naming the entry otherwise."""
+    if not isinstance(cls, dict):
+        raise InvalidSpecError(f"warm_pool_classes entry {cls!r} is not valid: give a kernelspec's snapkernel "
+                               'config with a size, e.g. {"memory": "8Gi", "size": 1}')
+    config = dict(cls)
+    size = config.pop("size", None)
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 16:
+        raise InvalidSpecError(f"warm_pool_classes entry {cls!r}: size {size!r} is not valid: use 1 to 16 sandboxes")
+    booting = sorted(k for k in ("gpu", "image", "env", "restore_from", "mount_notebook_dir") if config.get(k))
+    if booting:
+        raise InvalidSpecError(f"warm_pool_classes entry {cls!r}: kernels with {', '.join(booting)} boot (they "
+                               "start from no template), so they have no warm pool; use cpu, memory, disk, runtime "
+                               "and network")
+    try:
+        return spec_from_config(config), size
+    except InvalidSpecError as e:
+        raise InvalidSpecError(f"warm_pool_classes entry {cls!r}: {e}") from e
 
 
 def plural(n: int, word: str) -> str:

@@ -95,6 +95,12 @@ def mode(spec: ParsedSpec) -> str:
     return WORKER if spec.env == {MODE_ENV: WORKER} else ""
 
 
+def class_spec(spec: ParsedSpec) -> pb.SandboxSpec:
+    """The request of a sandbox of `spec`'s class, with exact bytes (a template's own, a pool sandbox's)."""
+    return pb.SandboxSpec(runtime=spec.runtime, cpu=spec.cpu, memory=str(spec.memory), disk=str(spec.disk),
+                          network=spec.network, hibernate_after=0, env=spec.env)
+
+
 def eligible(spec: ParsedSpec, runtime: SandboxRuntime) -> bool:
     """Whether a kernel or worker of this spec can start from a template: a memory image of a live sandbox,
     restored with the same mounts and environment (no GPU, no notebook directory, no variables of its own but
@@ -130,9 +136,7 @@ class Templates:
         key = self.key(spec, runtime)
         t = self.templates.get(key)
         if t is None or (t.state.startswith("failed") and time.time() - t.created > RETRY_AFTER):
-            self.build_soon(key, pb.SandboxSpec(runtime=spec.runtime, cpu=spec.cpu, memory=str(spec.memory),
-                                                disk=str(spec.disk), network=spec.network, hibernate_after=0,
-                                                env=spec.env))
+            self.build_soon(key, class_spec(spec))
         return self.templates[key]
 
     def take(self, spec: ParsedSpec, runtime: SandboxRuntime) -> tuple[str, Path] | None:

@@ -1,6 +1,7 @@
-"""The warm pool: sandboxes restored from the default spec's template, running, waiting for a kernel request.
+"""The warm pool: sandboxes restored from a class's template, running, waiting for a kernel request. The default
+spec's class has one (`warm_pool`), other classes where the admin lists them (`warm_pool_classes`).
 
-A request of that class gets one in milliseconds: it is given the request's identity (session key, kernel id)
+A request of a pool's class gets one in milliseconds: it is given the request's identity (session key, kernel id)
 and becomes the request's sandbox; the pool refills in the background. Pool sandboxes count against capacity
 like any other, so the pool fills only where there is room, and one is removed first when a request needs
 its room. They are never listed, never hibernate, and go when the backend stops.
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from snapkernel.backend.sandbox import POOL_KERNEL_ID, LiveSandbox
 from snapkernel.backend.tasks import stop_task
+from snapkernel.backend.templates import class_spec
 from snapkernel.errors import NoCapacityError, SnapkernelError
 from snapkernel.protocol.v1 import backend_pb2 as pb
 
@@ -39,7 +41,7 @@ class PoolHost(Protocol):
     messages: AgentMessages
     defaults: Defaults
 
-    def default_spec(self) -> tuple[ParsedSpec, str] | None: ...
+    def pool_class(self, spec: pb.SandboxSpec) -> tuple[ParsedSpec, str] | None: ...
 
     def set_state(self, sb: LiveSandbox, state: int, message: str | None = None,
                   progress: pb.Progress | None = None) -> None: ...
@@ -50,10 +52,10 @@ class PoolHost(Protocol):
 
 
 class WarmPool:
-    def __init__(self, host: PoolHost, size: int) -> None:
+    def __init__(self, host: PoolHost, classes: list[tuple[pb.SandboxSpec, int]]) -> None:
         self.host = host
-        self.size = size
-        self.key = ""  # the template class it holds sandboxes of
+        self.classes = [(spec, size) for spec, size in classes if size > 0]  # (a class's spec, sandboxes kept)
+        self.size = sum(size for _, size in self.classes)
         self.handed_out = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -63,7 +65,7 @@ class WarmPool:
         return pb.WarmPool(size=self.size, ready=ready, handed_out=self.handed_out)
 
     def start(self) -> None:
-        if self.size > 0:
+        if self.classes:
             self._task = asyncio.ensure_future(self._fill_loop())
 
     async def stop(self) -> None:
@@ -73,9 +75,11 @@ class WarmPool:
             with contextlib.suppress(SnapkernelError):
                 await self.host.delete(sb.record.id)
 
-    def members(self) -> list[LiveSandbox]:
+    def members(self, key: str | None = None) -> list[LiveSandbox]:
+        """The pool's sandboxes (of template class `key` only, if given)."""
+        prefix = POOL_KERNEL_ID + (key or "")
         return [sb for sb in self.host.live.values()
-                if sb.record.kernel_id.startswith(POOL_KERNEL_ID) and not sb.deleting and not sb.record.ended]
+                if sb.record.kernel_id.startswith(prefix) and not sb.deleting and not sb.record.ended]
 
     async def hand_out(self, key: str, req: pb.CreateSandboxRequest, spec: ParsedSpec,
                        hibernate_after: float) -> pb.Sandbox | None:
@@ -129,19 +133,23 @@ class WarmPool:
                 await asyncio.wait_for(self._wake.wait(), FILL_INTERVAL)
 
     async def _fill(self) -> None:
-        default = self.host.default_spec()  # only once its template is ready: pool sandboxes restore it
-        if default is None or len(self.members()) >= self.size:
-            return
-        spec, self.key = default
+        """One more sandbox for the first class that is short of its size (the loop comes back for more)."""
+        for spec, size in self.classes:
+            ready = self.host.pool_class(spec)  # only once its template is ready: pool sandboxes restore it
+            if ready is not None and len(self.members(ready[1])) < size and await self._add(*ready):
+                return
+
+    async def _add(self, spec: ParsedSpec, key: str) -> bool:
+        """A new pool sandbox of this class (False where there is no room for it, or it did not start)."""
         started = time.perf_counter()
         request = pb.CreateSandboxRequest(
-            kernel_id=POOL_KERNEL_ID + self.key, spec=pb.SandboxSpec(runtime=spec.runtime, hibernate_after=0),
+            kernel_id=POOL_KERNEL_ID + key, spec=class_spec(spec),
             kernel=pb.KernelConfig(key=secrets.token_hex(32).encode(), signature_scheme="hmac-sha256"))
         try:
             sandbox = await self.host.create(request)
         except NoCapacityError as e:
             log.debug("warm pool: no room for another sandbox: %s", e)
-            return
+            return False
         sb = self.host.live[sandbox.id]
         try:
             async with sb.changed:
@@ -153,6 +161,7 @@ class WarmPool:
             log.warning("warm pool: sandbox %s did not start: %s", sandbox.id, sb.record.message)
             with contextlib.suppress(SnapkernelError):
                 await self.host.delete(sandbox.id)
-            return
+            return False
         log.info("sandbox_id=%s waits in the warm pool (ready in %.2fs)", sandbox.id, time.perf_counter() - started)
         self._wake.set()  # look again at once: it may still be short
+        return True

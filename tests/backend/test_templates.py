@@ -228,3 +228,23 @@ def test_the_warm_pool_gives_its_room_to_a_request_that_needs_it(pbackend: Backe
         assert asyncio.run(capacity())[1] == big << 20
     assert "removed from the warm pool: a request needs its room" in full_log(pbackend)
     pooled(pbackend, 2)  # and it fills again once there is room
+
+
+def test_a_warm_pool_of_another_class_serves_that_class_only(monkeypatch: pytest.MonkeyPatch,
+                                                             kernelspec_dir: Path) -> None:
+    write_kernelspec(kernelspec_dir, "snapkernel-test-pool-2g", {"runtime": "gvisor", "memory": "2Gi"})
+    write_kernelspec(kernelspec_dir, "snapkernel-test-pool-default", {"runtime": "gvisor"})
+    with backend_of_its_own("gvisor", monkeypatch, args=[
+            "--BackendApp.templates=True", "--BackendApp.warm_pool=0",
+            '--BackendApp.warm_pool_classes={"memory": "2Gi", "size": 1}']) as b:
+        first = pooled(b)[0]
+        with running_kernel("snapkernel-test-pool-default") as (_, c):
+            assert sandbox_id(c) != first  # the default spec has no pool here
+        with running_kernel("snapkernel-test-pool-2g") as (_, c):
+            assert sandbox_id(c) == first  # its class's pool
+            assert value(c, "1 + 1") == "2"
+        out = subprocess.run([sys.executable, "-m", "snapkernel.cli", "status"], capture_output=True, text=True,
+                             check=True, env={**os.environ, **b.env()}).stdout
+        assert re.search(r"warm pool: [01] of 1 ready, 1 handed out", out), out
+        b.stop()
+        assert sandbox_processes(str(b.state_dir)) == []
