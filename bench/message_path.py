@@ -67,7 +67,7 @@ def read_marks(path: Path) -> list[tuple[int, str]]:
 
 def run_kind(kind: kl.KernelKind, state_dir: Path, executions: int, warmup: int, timeout: float, *,
              own_marks: Path) -> dict[str, Any]:
-    """Round trips of one kernel; for a snapkernel kernel also the marks of each (name -> [ns...] per run)."""
+    """Round trips of one kernel (ms); for a snapkernel kernel also each hop's times (ms, one per run)."""
     km, kc, _ = kl.start_kernel(kind, timeout)
     runs: list[dict[str, Any]] = []
     try:
@@ -88,16 +88,14 @@ def run_kind(kind: kl.KernelKind, state_dir: Path, executions: int, warmup: int,
                     idle_date = int(msg["header"]["date"].timestamp() * 1e9)
             runs.append({"client_send": sent, "client_done": time.time_ns(), "kernel_idle": idle_date})
             time.sleep(0.01)  # one request at a time: the marks of one run never mix with the next's
-        sandbox_log = None
+        rtts = [(r["client_done"] - r["client_send"]) / 1e6 for r in runs]
         sandbox_id = getattr(km.provisioner, "sandbox_id", None)
-        if sandbox_id:
-            sandbox_log = state_dir / "sandboxes" / sandbox_id / "sandbox.log"
-            marks = read_marks(sandbox_log) if sandbox_log.exists() else []
-            marks += read_marks(state_dir / "backend.log") + read_marks(own_marks)
-            marks.sort()
-            return {"rtts_ms": [(r["client_done"] - r["client_send"]) / 1e6 for r in runs],
-                    "hops_ms": hop_times(runs, marks)}
-        return {"rtts_ms": [(r["client_done"] - r["client_send"]) / 1e6 for r in runs], "hops_ms": {}}
+        if not sandbox_id:  # the local ipykernel: round trips only
+            return {"rtts_ms": rtts, "hops_ms": {}}
+        sandbox_log = state_dir / "sandboxes" / sandbox_id / "sandbox.log"  # read before the kernel stops
+        marks = read_marks(sandbox_log) if sandbox_log.exists() else []
+        marks += read_marks(state_dir / "backend.log") + read_marks(own_marks)
+        return {"rtts_ms": rtts, "hops_ms": hop_times(runs, sorted(marks))}
     finally:
         kl.stop_kernel(km, kc)
 
