@@ -81,7 +81,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     now = time.time()
     for t in status.templates:
         age = f", built {_age(now - t.created)} ago" if t.created and t.state == "ready" else ""
-        what = "workers" if t.mode == "worker" else "kernels"
+        what = ("worker" if t.mode == "worker" else "kernel") + ("" if t.used == 1 else "s")
         print(f"  {t.key}  {t.spec}: {t.state}{age}, {format_bytes(t.size)}, {t.used} {what} from it")
     return 0
 
