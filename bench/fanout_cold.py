@@ -27,9 +27,7 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +35,9 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kernel_latency as kl  # the bench's backend and percentile
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "bench" / "results" / "fanout_cold.json"
@@ -63,47 +64,28 @@ if shutil.which("runsc"):
                Setup("gvisor, worker template", "gvisor", ("--BackendApp.templates=True",), worker_template=True)]
 
 
-def percentile(values: list[float], q: float) -> float:
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
 def summary(values: list[float]) -> dict[str, float]:
     if not values:
         return {}
-    return {"mean_s": statistics.fmean(values), "p50_s": percentile(values, 50), "min_s": min(values),
+    return {"mean_s": statistics.fmean(values), "p50_s": kl.percentile(values, 50), "min_s": min(values),
             "max_s": max(values)}
 
 
 # --- the backend ------------------------------------------------------------------------------------
-class Backend:
+class Backend(kl.Backend):
+    """kernel_latency's backend with this setup's settings, and what the cold runs ask of it."""
+
     def __init__(self, state_dir: Path, setup: Setup) -> None:
-        self.state_dir = state_dir
+        super().__init__(state_dir, runtime=setup.runtime, extra=(*COMMON_ARGS, *setup.args))
         self.setup = setup
-        self.socket = state_dir / "backend.sock"
-        self.address = f"unix://{self.socket}"
-        self.log_path = state_dir / "backend.log"
-        self.proc: subprocess.Popen[bytes] | None = None
         self.token = ""
 
     def start(self, timeout: float = 30.0) -> None:
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "snapkernel.cli", "backend", "--listen", self.address, "--state-dir",
-                 str(self.state_dir), "--runtime", self.setup.runtime, *COMMON_ARGS, *self.setup.args],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        token = self.state_dir / "token"
-        deadline = time.monotonic() + timeout
-        while not (self.socket.exists() and token.exists() and token.read_text().strip()):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the backend did not start; log: {self.log_path}")
-            time.sleep(0.05)
-        self.token = token.read_text().strip()
-        os.environ["SNAPKERNEL_BACKEND"] = self.address
-        os.environ["SNAPKERNEL_TOKEN"] = self.token
+        super().start(timeout)
+        self.token = os.environ["SNAPKERNEL_TOKEN"]
+
+    def stop(self, timeout: float = 30.0) -> None:
+        super().stop(timeout)
 
     def call(self, fn: Any) -> Any:
         from snapkernel.client import BackendClient
@@ -155,16 +137,6 @@ class Backend:
         """Workers this backend restored from a template so far (its log says so for each)."""
         text = self.log_path.read_text(errors="replace")
         return text.count("restored from worker template")
-
-    def stop(self, timeout: float = 30.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 # --- measurements -----------------------------------------------------------------------------------
