@@ -201,7 +201,7 @@ class SandboxManager:
             # resume: the image read twice); should one fail, the sandbox goes and the request fails with it.
             try:
                 await asyncio.to_thread(self.snapshots.check_files, snap)
-            except SnapkernelError:
+            except (SnapkernelError, asyncio.CancelledError):  # a client that gave up gets no unchecked sandbox
                 await self.delete(sandbox_id)
                 raise
         return record.to_pb()
