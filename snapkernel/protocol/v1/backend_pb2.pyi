@@ -51,6 +51,8 @@ class _SandboxStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SandboxS
     """saved, resources released; the next message wakes it"""
     WAKING: _SandboxState.ValueType  # 12
     """being restored; messages are held"""
+    MOVING: _SandboxState.ValueType  # 13
+    """being moved to other resources (MoveSandbox); messages are held"""
 
 class SandboxState(_SandboxState, metaclass=_SandboxStateEnumTypeWrapper): ...
 
@@ -77,6 +79,8 @@ HIBERNATED: SandboxState.ValueType  # 11
 """saved, resources released; the next message wakes it"""
 WAKING: SandboxState.ValueType  # 12
 """being restored; messages are held"""
+MOVING: SandboxState.ValueType  # 13
+"""being moved to other resources (MoveSandbox); messages are held"""
 Global___SandboxState: _TypeAlias = SandboxState  # noqa: Y015
 
 class _Channel:
@@ -99,6 +103,73 @@ CONTROL: Channel.ValueType  # 2
 STDIN: Channel.ValueType  # 3
 IOPUB: Channel.ValueType  # 4
 Global___Channel: _TypeAlias = Channel  # noqa: Y015
+
+@_typing.final
+class MoveSandboxRequest(_message.Message):
+    """What changes in a move; a field left out keeps the sandbox's current value."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    GPU_FIELD_NUMBER: _builtins.int
+    CPU_FIELD_NUMBER: _builtins.int
+    MEMORY_FIELD_NUMBER: _builtins.int
+    DISK_FIELD_NUMBER: _builtins.int
+    RUNTIME_FIELD_NUMBER: _builtins.int
+    ALLOW_CPU_FALLBACK_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    gpu: _builtins.str
+    """"" = no GPU (see allow_cpu_fallback)"""
+    cpu: _builtins.float
+    memory: _builtins.str
+    disk: _builtins.str
+    """the workspace quota can grow, not shrink"""
+    runtime: _builtins.str
+    allow_cpu_fallback: _builtins.bool
+    """A GPU kernel moving to a spec without a GPU: its GPU tensors go to host memory. Without it such a move is
+    refused, naming the tensors and their size.
+    """
+    timeout: _builtins.float
+    """seconds to wait in line for a GPU; 0 = the backend's wake_timeout"""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        gpu: _builtins.str | None = ...,
+        cpu: _builtins.float | None = ...,
+        memory: _builtins.str | None = ...,
+        disk: _builtins.str | None = ...,
+        runtime: _builtins.str | None = ...,
+        allow_cpu_fallback: _builtins.bool = ...,
+        timeout: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cpu", b"_cpu", "_disk", b"_disk", "_gpu", b"_gpu", "_memory", b"_memory", "_runtime", b"_runtime", "cpu", b"cpu", "disk", b"disk", "gpu", b"gpu", "memory", b"memory", "runtime", b"runtime"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cpu", b"_cpu", "_disk", b"_disk", "_gpu", b"_gpu", "_memory", b"_memory", "_runtime", b"_runtime", "allow_cpu_fallback", b"allow_cpu_fallback", "cpu", b"cpu", "disk", b"disk", "gpu", b"gpu", "id", b"id", "memory", b"memory", "runtime", b"runtime", "timeout", b"timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__cpu: _TypeAlias = _typing.Literal["cpu"]  # noqa: Y015
+    _WhichOneofArgType__cpu: _TypeAlias = _typing.Literal["_cpu", b"_cpu"]  # noqa: Y015
+    _WhichOneofReturnType__disk: _TypeAlias = _typing.Literal["disk"]  # noqa: Y015
+    _WhichOneofArgType__disk: _TypeAlias = _typing.Literal["_disk", b"_disk"]  # noqa: Y015
+    _WhichOneofReturnType__gpu: _TypeAlias = _typing.Literal["gpu"]  # noqa: Y015
+    _WhichOneofArgType__gpu: _TypeAlias = _typing.Literal["_gpu", b"_gpu"]  # noqa: Y015
+    _WhichOneofReturnType__memory: _TypeAlias = _typing.Literal["memory"]  # noqa: Y015
+    _WhichOneofArgType__memory: _TypeAlias = _typing.Literal["_memory", b"_memory"]  # noqa: Y015
+    _WhichOneofReturnType__runtime: _TypeAlias = _typing.Literal["runtime"]  # noqa: Y015
+    _WhichOneofArgType__runtime: _TypeAlias = _typing.Literal["_runtime", b"_runtime"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cpu) -> _WhichOneofReturnType__cpu | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__disk) -> _WhichOneofReturnType__disk | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__gpu) -> _WhichOneofReturnType__gpu | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__memory) -> _WhichOneofReturnType__memory | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__runtime) -> _WhichOneofReturnType__runtime | None: ...
+
+Global___MoveSandboxRequest: _TypeAlias = MoveSandboxRequest  # noqa: Y015
 
 @_typing.final
 class HibernateSandboxRequest(_message.Message):
@@ -1303,20 +1374,26 @@ class KernelRequest(_message.Message):
     ACTION_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
+    MOVE_FIELD_NUMBER: _builtins.int
     action: _builtins.str
-    """"snapshot" """
+    """"snapshot", "move" """
     name: _builtins.str
     kind: _builtins.str
+    @_builtins.property
+    def move(self) -> Global___MoveSandboxRequest:
+        """%move: its id is left empty (the kernel's own sandbox)"""
+
     def __init__(
         self,
         *,
         action: _builtins.str = ...,
         name: _builtins.str = ...,
         kind: _builtins.str = ...,
+        move: Global___MoveSandboxRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["move", b"move"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "kind", b"kind", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "kind", b"kind", "move", b"move", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1376,8 +1453,13 @@ class Identity(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     KEY_FIELD_NUMBER: _builtins.int
     ENV_FIELD_NUMBER: _builtins.int
+    MEMORY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     key: _builtins.bytes
+    memory: _builtins.int
+    """The sandbox's memory limit, where it differs from the image's (a move or resume with more memory): the
+    agent and kernel take it as their address-space limit. 0 = unchanged.
+    """
     @_builtins.property
     def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
@@ -1386,10 +1468,11 @@ class Identity(_message.Message):
         id: _builtins.str = ...,
         key: _builtins.bytes = ...,
         env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        memory: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["env", b"env", "id", b"id", "key", b"key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["env", b"env", "id", b"id", "key", b"key", "memory", b"memory"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -119,6 +119,11 @@ class BackendStub:
                 request_serializer=snapkernel_dot_v1_dot_backend__pb2.MapRequest.SerializeToString,
                 response_deserializer=snapkernel_dot_v1_dot_backend__pb2.MapResponse.FromString,
                 _registered_method=True)
+        self.MoveSandbox = channel.unary_unary(
+                '/snapkernel.v1.Backend/MoveSandbox',
+                request_serializer=snapkernel_dot_v1_dot_backend__pb2.MoveSandboxRequest.SerializeToString,
+                response_deserializer=snapkernel_dot_v1_dot_backend__pb2.Sandbox.FromString,
+                _registered_method=True)
 
 
 class BackendServicer:
@@ -243,6 +248,16 @@ class BackendServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MoveSandbox(self, request, context):
+        """Move a running kernel to other resources (more memory, other CPUs, a GPU or none, another runtime) under
+        the same sandbox id and Jupyter kernel: by its memory image where the new spec can take it, else by its
+        variables (a `state` move). Messages sent meanwhile are held and run after it. Returns once it runs with
+        the new resources; on failure it runs where it was and the error says why. Progress on WatchSandbox.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BackendServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -330,6 +345,11 @@ def add_BackendServicer_to_server(servicer, server):
                     servicer.Map,
                     request_deserializer=snapkernel_dot_v1_dot_backend__pb2.MapRequest.FromString,
                     response_serializer=snapkernel_dot_v1_dot_backend__pb2.MapResponse.SerializeToString,
+            ),
+            'MoveSandbox': grpc.unary_unary_rpc_method_handler(
+                    servicer.MoveSandbox,
+                    request_deserializer=snapkernel_dot_v1_dot_backend__pb2.MoveSandboxRequest.FromString,
+                    response_serializer=snapkernel_dot_v1_dot_backend__pb2.Sandbox.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -791,6 +811,33 @@ class Backend:
             '/snapkernel.v1.Backend/Map',
             snapkernel_dot_v1_dot_backend__pb2.MapRequest.SerializeToString,
             snapkernel_dot_v1_dot_backend__pb2.MapResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MoveSandbox(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snapkernel.v1.Backend/MoveSandbox',
+            snapkernel_dot_v1_dot_backend__pb2.MoveSandboxRequest.SerializeToString,
+            snapkernel_dot_v1_dot_backend__pb2.Sandbox.FromString,
             options,
             channel_credentials,
             insecure,

@@ -72,6 +72,12 @@ class BackendStub:
     results stream back as they finish. Kernels inside sandboxes send the same messages through their
     agent (AgentMessage.fanout) instead.
     """
+    MoveSandbox: _grpc.UnaryUnaryMultiCallable[_backend_pb2.MoveSandboxRequest, _backend_pb2.Sandbox]
+    """Move a running kernel to other resources (more memory, other CPUs, a GPU or none, another runtime) under
+    the same sandbox id and Jupyter kernel: by its memory image where the new spec can take it, else by its
+    variables (a `state` move). Messages sent meanwhile are held and run after it. Returns once it runs with
+    the new resources; on failure it runs where it was and the error says why. Progress on WatchSandbox.
+    """
 
 @_typing.type_check_only
 class BackendAsyncStub(BackendStub):
@@ -113,6 +119,12 @@ class BackendAsyncStub(BackendStub):
     """Fan-out: run one function over many inputs in worker sandboxes. The first request is `start`;
     results stream back as they finish. Kernels inside sandboxes send the same messages through their
     agent (AgentMessage.fanout) instead.
+    """
+    MoveSandbox: _aio.UnaryUnaryMultiCallable[_backend_pb2.MoveSandboxRequest, _backend_pb2.Sandbox]  # type: ignore[assignment]
+    """Move a running kernel to other resources (more memory, other CPUs, a GPU or none, another runtime) under
+    the same sandbox id and Jupyter kernel: by its memory image where the new spec can take it, else by its
+    variables (a `state` move). Messages sent meanwhile are held and run after it. Returns once it runs with
+    the new resources; on failure it runs where it was and the error says why. Progress on WatchSandbox.
     """
 
 class BackendServicer(metaclass=_abc_1.ABCMeta):
@@ -254,6 +266,18 @@ class BackendServicer(metaclass=_abc_1.ABCMeta):
         """Fan-out: run one function over many inputs in worker sandboxes. The first request is `start`;
         results stream back as they finish. Kernels inside sandboxes send the same messages through their
         agent (AgentMessage.fanout) instead.
+        """
+
+    @_abc_1.abstractmethod
+    def MoveSandbox(
+        self,
+        request: _backend_pb2.MoveSandboxRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_backend_pb2.Sandbox, _abc.Awaitable[_backend_pb2.Sandbox]]:
+        """Move a running kernel to other resources (more memory, other CPUs, a GPU or none, another runtime) under
+        the same sandbox id and Jupyter kernel: by its memory image where the new spec can take it, else by its
+        variables (a `state` move). Messages sent meanwhile are held and run after it. Returns once it runs with
+        the new resources; on failure it runs where it was and the error says why. Progress on WatchSandbox.
         """
 
 def add_BackendServicer_to_server(servicer: BackendServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
