@@ -62,9 +62,7 @@ class Snapshotter:
         self.m = manager
 
     async def on_kernel_request(self, sb: LiveSandbox, request: pb.KernelRequest) -> None:
-        if request.action != "snapshot":
-            log.warning("sandbox_id=%s unknown kernel request %r", sb.record.id, request.action)
-            return
+        """`%snapshot` in the kernel."""
         try:
             snap = await self.snapshot(pb.CreateSnapshotRequest(sandbox_id=sb.record.id, kind=request.kind,
                                                                 name=request.name))
@@ -78,7 +76,7 @@ class Snapshotter:
         inside = sb.restore_state
         assert inside is not None
         host = Path(r.dir) / WORKSPACE / inside
-        waking = r.state == pb.WAKING
+        waking = r.state in (pb.WAKING, pb.MOVING)  # the waker (or mover) says how it went
         self.m.progress(sb, "restore", "loading the kernel's variables", 0.8)
         try:
             if sb.restore_source is not None:
@@ -104,7 +102,8 @@ class Snapshotter:
                 self.m.set_state(sb, pb.FAILED, str(e))
             return
         finally:
-            await asyncio.to_thread(shutil.rmtree, host, True)
+            if not sb.relaunching:
+                await asyncio.to_thread(shutil.rmtree, host, True)
             sb.restore_state = sb.restore_source = None
             self.m.notify(sb)
         if not waking:
