@@ -41,6 +41,8 @@ class AgentHost(Protocol):
 
     def progress(self, sb: LiveSandbox, step: str, message: str, fraction: float = -1.0) -> None: ...
 
+    def notify(self, sb: LiveSandbox, progress: pb.Progress | None = None) -> None: ...
+
     def state_name(self, sb: LiveSandbox) -> str: ...
 
     async def on_kernel_request(self, sb: LiveSandbox, request: pb.KernelRequest) -> None: ...
@@ -96,6 +98,11 @@ class AgentMessages:
             if msg.kernel_exited.generation == r.kernel_generation and not sb.deleting:
                 r.exit_code = msg.kernel_exited.code
                 sb.fail_code_results(f"the kernel exited with code {r.exit_code}")
+                if r.state in (pb.WAKING, pb.MOVING):  # the kernel that was to take the saved variables
+                    sb.state_error = f"the new kernel exited with code {r.exit_code} as it started"
+                    sb.restore_state = None
+                    self.m.notify(sb)
+                    return
                 self.m.set_state(sb, pb.KERNEL_EXITED, f"kernel exited with code {r.exit_code}")
         elif kind == "error":
             log.warning("sandbox_id=%s agent: %s", r.id, msg.error)

@@ -57,6 +57,16 @@ class SnapshotHost(Protocol):
     async def run_in_kernel(self, sb: LiveSandbox, code: str, timeout: float) -> pb.CodeResult: ...
 
 
+def _load_report(output: str) -> dict[str, Any]:
+    """What `state.load` printed last: {"restored", "failed", "skipped_at_snapshot"} ({} if it did not come)."""
+    lines = output.strip().splitlines()
+    try:
+        report = json.loads(lines[-1]) if lines else {}
+    except ValueError:
+        return {}
+    return report if isinstance(report, dict) else {}
+
+
 class Snapshotter:
     def __init__(self, manager: SnapshotHost) -> None:
         self.m = manager
@@ -96,6 +106,10 @@ class Snapshotter:
             result = await self.m.run_in_kernel(sb, state.load_code(inside), STATE_TIMEOUT)
             if not result.ok:
                 raise SandboxFailedError(f"loading the saved variables failed: {result.error}")
+            failed = _load_report(result.output).get("failed") if sb.relaunching else None
+            if failed:  # a move goes back rather than lose a variable
+                names = ", ".join(f"{k} ({v})" for k, v in sorted(failed.items())[:5])
+                raise SandboxFailedError(f"these variables could not be loaded in the new sandbox: {names}")
         except SnapkernelError as e:
             sb.state_error = str(e)
             if not waking:
