@@ -2,18 +2,20 @@
 
 Runs inside the kernel (the agent asks it to). Arrays and tensors (numpy, torch, cupy, jax) are written as
 raw `.npy` buffers, in parallel, with the device they lived on; modules are recorded by name and imported
-again; everything else goes through cloudpickle, one file per variable, so one object that cannot be
-saved only costs its own name, reported with the reason.
+again; closed files (left by every `with open(...) as f`) as placeholders; everything else goes through
+cloudpickle, one file per variable, so one object that cannot be saved only costs its own name, reported with
+the reason.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 # The namespace's index. Not `manifest.json`: that name is the store's own record of every snapshot;
 # state snapshots written before then keep their index there (`load` reads either).
@@ -69,6 +71,63 @@ def _namespace() -> dict[str, Any]:
     hidden = set(getattr(ip, "user_ns_hidden", {}))
     ns: dict[str, Any] = ip.user_ns
     return {k: v for k, v in ns.items() if not k.startswith("_") and k not in _SKIP and k not in hidden}
+
+
+class ClosedFile:
+    """What a closed file object is saved and restored as: its name and mode, and a closed file's errors.
+
+    A closed file cannot be pickled, yet every `with open(...) as f` leaves one in the namespace; without a
+    stand-in it would block hibernating or moving the kernel. Module-level, so cloudpickle saves it by
+    reference.
+    """
+
+    closed = True
+
+    def __init__(self, name: str | int | None, mode: str | None) -> None:
+        self.name = name
+        self.mode = mode
+
+    def __repr__(self) -> str:
+        name = "" if self.name is None else f" {self.name!r}"
+        mode = "" if self.mode is None else f", mode {self.mode!r}"
+        return f"<closed file{name}{mode}>"
+
+    def _closed(self, *args: object, **kwargs: object) -> NoReturn:
+        raise ValueError("I/O operation on closed file.")
+
+    read = readline = readlines = write = writelines = seek = tell = truncate = fileno = flush = _closed
+    readable = writable = seekable = isatty = __iter__ = __next__ = __enter__ = _closed
+
+    def close(self) -> None:
+        """Closing a closed file does nothing, as for a real one."""
+
+    def __exit__(self, *exc: object) -> None:  # `with` needs it to reach __enter__'s error
+        self.close()
+
+
+def _file_types() -> tuple[type, ...]:
+    """The file objects saved as `ClosedFile` once closed (compressed ones where their module is loaded)."""
+    found: list[type] = [io.TextIOWrapper, io.BufferedReader, io.BufferedWriter, io.BufferedRandom, io.FileIO]
+    for module, cls in (("gzip", "GzipFile"), ("bz2", "BZ2File"), ("lzma", "LZMAFile")):
+        if module in sys.modules:
+            found.append(getattr(sys.modules[module], cls))
+    return tuple(found)
+
+
+def _file_facts(f: Any) -> tuple[bool, str | int | None, str | None]:
+    """(closed, name, mode) of a file object; name or mode None where it has none (e.g. a BZ2File)."""
+    try:
+        closed = bool(f.closed)
+    except ValueError:  # a TextIOWrapper whose buffer was detached: no file left behind it
+        closed = True
+    try:
+        name = f.name
+    except (AttributeError, ValueError):
+        name = None
+    mode = getattr(f, "mode", None)
+    if isinstance(mode, int):  # GzipFile before Python 3.13: gzip.READ or gzip.WRITE
+        mode = {1: "rb", 2: "wb"}.get(mode)
+    return closed, name if isinstance(name, (str, int)) else None, mode if isinstance(mode, str) else None
 
 
 def _as_array(value: Any) -> tuple[Any, str] | None:
@@ -138,12 +197,25 @@ def _collect() -> tuple[dict[str, Any], list[tuple[str, Any]], list[tuple[str, b
     """The namespace as (manifest, arrays to write, pickles to write), nothing written yet."""
     import cloudpickle
 
-    manifest: dict[str, Any] = {"arrays": {}, "pickles": [], "modules": {}, "skipped": {}}
+    # Closed files are pickles (of `ClosedFile`), named in "closed_files" too; `load` needs no more.
+    manifest: dict[str, Any] = {"arrays": {}, "pickles": [], "modules": {}, "skipped": {}, "closed_files": []}
     arrays: list[tuple[str, Any]] = []
     pickles: list[tuple[str, bytes]] = []
+    file_types = _file_types()
     for name, value in _namespace().items():
         if isinstance(value, types.ModuleType):
             manifest["modules"][name] = value.__name__
+            continue
+        if isinstance(value, file_types):
+            closed, file_name, mode = _file_facts(value)
+            if not closed:
+                what = "" if file_name is None else f" {file_name!r}" + ("" if mode is None else f" (mode {mode!r})")
+                manifest["skipped"][name] = (f"an open file{what}: only closed files are saved (they come back "
+                                             f"closed); close it (`{name}.close()`) and snapshot again")
+                continue
+            pickles.append((name, cloudpickle.dumps(ClosedFile(file_name, mode))))
+            manifest["pickles"].append(name)
+            manifest["closed_files"].append(name)
             continue
         try:
             as_array = _as_array(value)

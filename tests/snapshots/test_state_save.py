@@ -1,8 +1,13 @@
-"""`state.save` itself on a small file system: a short write mid-snapshot is named and leaves nothing."""
+"""`state.save` and `state.load` themselves, in this process: on a small file system (a short write
+mid-snapshot is named and leaves nothing), and in a real IPython shell (closed files, where tensors land,
+what lives on a GPU)."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,3 +41,81 @@ def test_save_refuses_what_the_host_cannot_hold_before_writing(small_fs: Path,  
     assert not (small_fs / "snap").exists()
     report = state.save(str(small_fs / "snap"), host_free=20 * 2**20, copies=2)
     assert report == {"saved": 1, "skipped": {}} and (small_fs / "snap" / "big.npy").is_file()
+
+
+@pytest.fixture
+def shell(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A real IPython shell in this process (what `get_ipython()` returns in a kernel), in `tmp_path`, gone
+    after the test (so no other test finds one)."""
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Config
+
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+    monkeypatch.chdir(tmp_path)
+    config = Config()
+    config.HistoryManager.enabled = False
+    hooks = sys.displayhook, sys.excepthook
+    ip = InteractiveShell.instance(config=config)
+    try:
+        yield ip
+    finally:
+        InteractiveShell.clear_instance()
+        sys.displayhook, sys.excepthook = hooks
+
+
+def cell(ip: Any, code: str) -> None:
+    result = ip.run_cell(code)
+    assert result.success, result.error_in_exec or result.error_before_exec
+
+
+def round_trip(ip: Any, snap: Path) -> dict[str, Any]:
+    """Save the shell's namespace, empty it (as a fresh kernel's), load it back; the load's report."""
+    assert state.save(str(snap))["saved"] > 0
+    ip.reset()
+    return state.load(str(snap))
+
+
+CLOSED_FILE_CALLS: list[Callable[[Any], object]] = [
+    lambda f: f.read(), lambda f: f.readline(), lambda f: f.readlines(), lambda f: f.write("x"),
+    lambda f: f.seek(0), lambda f: f.tell(), lambda f: f.fileno(), lambda f: f.flush(), next,
+    list, lambda f: f.__enter__()]
+
+
+def test_closed_files_come_back_as_closed_placeholders(shell: Any, tmp_path: Path) -> None:
+    cell(shell, "import gzip\n"
+                "with open('notes.txt', 'w') as text:\n    text.write('hi')\n"
+                "with open('notes.txt', 'rb') as raw:\n    raw.read()\n"
+                "with gzip.open('data.gz', 'wb') as packed:\n    packed.write(b'x')\n"
+                "kept = [1, 2]")
+    report = round_trip(shell, tmp_path / "snap")
+    assert report == {"restored": 5, "failed": {}, "skipped_at_snapshot": {}}
+    manifest = json.loads((tmp_path / "snap" / state.MANIFEST).read_text())
+    assert manifest["closed_files"] == ["text", "raw", "packed"]
+    ns = shell.user_ns
+    assert (repr(ns["text"]), repr(ns["raw"]), repr(ns["packed"])) == (
+        "<closed file 'notes.txt', mode 'w'>", "<closed file 'notes.txt', mode 'rb'>",
+        "<closed file 'data.gz', mode 'wb'>")
+    assert ns["text"].closed and ns["raw"].closed and ns["text"].name == "notes.txt" and ns["kept"] == [1, 2]
+    real = open(tmp_path / "notes.txt")  # noqa: SIM115  (closed at once: what the placeholder imitates)
+    real.close()
+    for call in CLOSED_FILE_CALLS:
+        for f in (real, ns["text"]):
+            with pytest.raises(ValueError, match=r"I/O operation on closed file"):
+                call(f)
+    with pytest.raises(ValueError, match=r"I/O operation on closed file"), ns["raw"]:
+        pass
+    ns["text"].close()  # closing again does nothing, as for a real file
+
+
+def test_an_open_file_is_skipped_with_its_reason_and_saved_once_closed(shell: Any, tmp_path: Path) -> None:
+    cell(shell, "log = open('log.bin', 'wb')\nsource = open('log.bin')")
+    try:
+        report = state.save(str(tmp_path / "open"))
+    finally:
+        cell(shell, "log.close()\nsource.close()")
+    assert report["saved"] == 0 and report["skipped"].keys() == {"log", "source"}
+    assert report["skipped"]["log"] == ("an open file 'log.bin' (mode 'wb'): only closed files are saved (they "
+                                        "come back closed); close it (`log.close()`) and snapshot again")
+    assert report["skipped"]["source"].startswith("an open file 'log.bin' (mode 'r'): ")
+    assert round_trip(shell, tmp_path / "closed")["restored"] == 2
+    assert repr(shell.user_ns["log"]) == "<closed file 'log.bin', mode 'wb'>"
