@@ -140,7 +140,7 @@ def _as_array(value: Any) -> tuple[Any, str] | None:
         return value.detach().cpu().numpy(), f"torch:{value.device}:{value.requires_grad}"
     cupy = sys.modules.get("cupy")
     if cupy is not None and isinstance(value, cupy.ndarray):
-        return cupy.asnumpy(value), "cupy"
+        return cupy.asnumpy(value), f"cupy:{value.device.id}"
     jax = sys.modules.get("jax")
     if jax is not None and isinstance(value, jax.Array):
         import numpy
@@ -251,21 +251,40 @@ def _write(base: Path, manifest: dict[str, Any], arrays: list[tuple[str, Any]],
     (base / MANIFEST).write_text(json.dumps(manifest))
 
 
+def _target_device(saved: str, gpu_count: int) -> str:
+    """The device for what was saved on `saved` ("cuda:1", "cpu") in a kernel that sees `gpu_count` GPUs.
+
+    A moved kernel sees its sandbox's GPUs only, numbered from 0, maybe fewer or none: a saved `cuda:N` keeps
+    its index where that GPU exists, goes to cuda:0 where not, and to the CPU where there is no GPU.
+    """
+    kind, _, index = saved.partition(":")
+    if kind != "cuda":
+        return saved
+    if gpu_count < 1:
+        return "cpu"
+    return f"cuda:{int(index) if index.isdigit() and int(index) < gpu_count else 0}"
+
+
 def _on_device(array: Any, origin: str) -> Any:
     if origin.startswith("torch:"):
         import torch
 
-        _, device, grad = origin.split(":", 2) if origin.count(":") >= 2 else (origin, "cpu", "False")
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            device = "cpu"  # portable: a GPU tensor lands on the CPU where no GPU is
-        return torch.from_numpy(array).to(device).requires_grad_(grad == "True")
-    if origin == "cupy":
+        # "torch:cuda:1:False": the device itself holds a colon.
+        device, _, grad = origin.removeprefix("torch:").rpartition(":")
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return torch.from_numpy(array).to(_target_device(device or "cpu", gpus)).requires_grad_(grad == "True")
+    if origin == "cupy" or origin.startswith("cupy:"):  # "cupy": saved before the device was recorded
         try:
             import cupy
 
-            return cupy.asarray(array)
+            device = _target_device(f"cuda:{origin.removeprefix('cupy').lstrip(':') or 0}",
+                                    cupy.cuda.runtime.getDeviceCount())
         except Exception:
+            return array  # no cupy, or no GPU: the array stays a numpy one
+        if device == "cpu":
             return array
+        with cupy.cuda.Device(int(device.removeprefix("cuda:"))):
+            return cupy.asarray(array)
     if origin == "jax":
         import jax.numpy as jnp
 

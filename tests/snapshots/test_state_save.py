@@ -119,3 +119,27 @@ def test_an_open_file_is_skipped_with_its_reason_and_saved_once_closed(shell: An
     assert report["skipped"]["source"].startswith("an open file 'log.bin' (mode 'r'): ")
     assert round_trip(shell, tmp_path / "closed")["restored"] == 2
     assert repr(shell.user_ns["log"]) == "<closed file 'log.bin', mode 'wb'>"
+
+
+@pytest.mark.parametrize(("saved", "gpu_count", "target"), [
+    ("cuda:0", 1, "cuda:0"), ("cuda:1", 2, "cuda:1"), ("cuda:1", 1, "cuda:0"), ("cuda:7", 4, "cuda:0"),
+    ("cuda:1", 0, "cpu"), ("cuda:0", 0, "cpu"), ("cuda", 2, "cuda:0"), ("cpu", 0, "cpu"), ("cpu", 2, "cpu")])
+def test_a_saved_gpu_maps_to_one_the_kernel_has(saved: str, gpu_count: int, target: str) -> None:
+    assert state._target_device(saved, gpu_count) == target
+
+
+def test_a_cuda_tensor_lands_on_the_gpu_this_kernel_has_or_the_cpu(shell: Any, tmp_path: Path) -> None:
+    """A snapshot taken with the tensor on a second GPU, before the manifest named closed files."""
+    torch = pytest.importorskip("torch")
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    np.save(snap / "t.npy", np.arange(6, dtype=np.float32))
+    np.save(snap / "c.npy", np.ones(2, dtype=np.float32))
+    (snap / state.MANIFEST).write_text(json.dumps({
+        "arrays": {"t": "torch:cuda:1:True", "c": "torch:cpu:False"}, "pickles": [], "modules": {},
+        "skipped": {}}))
+    assert state.load(str(snap))["failed"] == {}
+    t, c = shell.user_ns["t"], shell.user_ns["c"]
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    assert str(t.device) == state._target_device("cuda:1", gpus) and t.requires_grad and float(t.detach().sum()) == 15.0
+    assert str(c.device) == "cpu" and not c.requires_grad
