@@ -62,6 +62,12 @@ def load_code(relative: str) -> str:
             f"__import__('os').path.join(__import__('os').environ['HOME'], {relative!r}))")
 
 
+def gpu_variables_code() -> str:
+    """Code for the kernel: print `gpu_variables()` as one JSON line (a move to a CPU-only spec checks it)."""
+    return ("print(__import__('json').dumps(__import__('snapkernel.snapshots.state', "
+            "fromlist=['gpu_variables']).gpu_variables()))")
+
+
 def _namespace() -> dict[str, Any]:
     from IPython import get_ipython
 
@@ -321,3 +327,34 @@ def load(path: str) -> dict[str, Any]:
               "failed": failed, "skipped_at_snapshot": manifest["skipped"]}
     print(json.dumps(report))
     return report
+
+
+def gpu_variables() -> dict[str, int]:
+    """The namespace's variables that live on a GPU, with their bytes there.
+
+    A move to a spec without a GPU brings arrays and tensors back on the CPU, and cannot load a torch module
+    pickled with CUDA tensors: the move asks first. Torch tensors and modules (their CUDA parameters and
+    buffers), cupy arrays and jax arrays, of the frameworks the kernel has imported; a variable that cannot
+    say where it lives is left out.
+    """
+    torch, cupy, jax = (sys.modules.get(m) for m in ("torch", "cupy", "jax"))
+    found: dict[str, int] = {}
+    for name, value in _namespace().items():
+        try:
+            if torch is not None and isinstance(value, torch.Tensor):
+                on_gpu, nbytes = value.is_cuda, value.element_size() * value.nelement()
+            elif torch is not None and isinstance(value, torch.nn.Module):
+                cuda = [t for t in (*value.parameters(), *value.buffers()) if t.is_cuda]
+                on_gpu, nbytes = bool(cuda), sum(t.element_size() * t.nelement() for t in cuda)
+            elif cupy is not None and isinstance(value, cupy.ndarray):
+                on_gpu, nbytes = True, int(value.nbytes)
+            elif jax is not None and isinstance(value, jax.Array):
+                on_gpu = any(d.platform in ("gpu", "cuda", "rocm") for d in value.devices())
+                nbytes = int(value.nbytes)
+            else:
+                continue
+        except Exception:
+            continue
+        if on_gpu:
+            found[name] = nbytes
+    return found

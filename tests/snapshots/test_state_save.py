@@ -143,3 +143,32 @@ def test_a_cuda_tensor_lands_on_the_gpu_this_kernel_has_or_the_cpu(shell: Any, t
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     assert str(t.device) == state._target_device("cuda:1", gpus) and t.requires_grad and float(t.detach().sum()) == 15.0
     assert str(c.device) == "cpu" and not c.requires_grad
+
+
+def test_gpu_variables_of_cpu_data_are_none(shell: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    cell(shell, "import numpy as np\narr = np.ones(4)\nwith open('f.txt', 'w') as f:\n    pass")
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        cell(shell, "import torch\nt = torch.ones(3)\nmodel = torch.nn.Linear(2, 2)")
+    assert state.gpu_variables() == {}
+    capsys.readouterr()
+    cell(shell, state.gpu_variables_code())
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == {}
+
+
+@pytest.mark.gpu
+def test_gpu_variables_names_cuda_tensors_and_modules_with_their_bytes(shell: Any,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch here has no CUDA")
+    cell(shell, "import torch\nt = torch.ones(2, 3, device='cuda')\nmodel = torch.nn.Linear(4, 2).cuda()\n"
+                "host = torch.ones(8)\nhost_model = torch.nn.Linear(4, 2)")
+    expected = {"t": 6 * 4, "model": (4 * 2 + 2) * 4}
+    assert state.gpu_variables() == expected
+    capsys.readouterr()
+    cell(shell, state.gpu_variables_code())
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == expected
