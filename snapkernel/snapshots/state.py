@@ -131,7 +131,7 @@ def _file_facts(f: Any) -> tuple[bool, str | int | None, str | None]:
     except (AttributeError, ValueError):
         name = None
     mode = getattr(f, "mode", None)
-    if isinstance(mode, int):  # GzipFile before Python 3.13: gzip.READ or gzip.WRITE
+    if isinstance(mode, int):  # an older GzipFile: gzip.READ or gzip.WRITE
         mode = {1: "rb", 2: "wb"}.get(mode)
     return closed, name if isinstance(name, (str, int)) else None, mode if isinstance(mode, str) else None
 
