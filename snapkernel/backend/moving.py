@@ -196,14 +196,16 @@ class Mover:
         try:
             self._say(sb, f"starting a {new.runtime} sandbox with {what}", 0.4)
             await self._switch(sb, target, new, old.runtime, runtime)
+            sb.whole_state = True
             await self.h.relaunch(sb, method, memory=new.memory if new.memory != old.spec.memory else 0)
         except Exception as e:
+            sb.whole_state = False  # back where it was, what loads is better than nothing
             why = str(e) if isinstance(e, SnapkernelError) else f"{type(e).__name__}: {e}"
             log.warning("sandbox_id=%s could not move to %s (%s); starting it again where it was", r.id, what, why)
             await self._back(sb, old, method, why)
             raise StateError(f"sandbox {r.id} could not move to {what}, so it runs where it was: {why}") from e
         finally:
-            sb.relaunching = False
+            sb.relaunching = sb.whole_state = False
         await asyncio.to_thread(shutil.rmtree, Path(r.dir) / WORKSPACE / STATE_DIR, True)
         took = time.perf_counter() - started
         r.hibernation = ""

@@ -106,7 +106,7 @@ class Snapshotter:
             result = await self.m.run_in_kernel(sb, state.load_code(inside), STATE_TIMEOUT)
             if not result.ok:
                 raise SandboxFailedError(f"loading the saved variables failed: {result.error}")
-            failed = _load_report(result.output).get("failed") if sb.relaunching else None
+            failed = _load_report(result.output).get("failed") if sb.whole_state else None
             if failed:  # a move goes back rather than lose a variable
                 names = ", ".join(f"{k} ({v})" for k, v in sorted(failed.items())[:5])
                 raise SandboxFailedError(f"these variables could not be loaded in the new sandbox: {names}")
