@@ -21,8 +21,8 @@ from snapkernel.backend.runtimes.gvisor import GvisorRuntime, RunscFeatures
 from snapkernel.backend.runtimes.process import ProcessRuntime
 from snapkernel.backend.sandbox_db import SandboxRecord
 from snapkernel.backend.server import BackendApp
-from snapkernel.protocol.spec import parse_spec
 from snapkernel.errors import StateError
+from snapkernel.protocol.spec import parse_spec
 from snapkernel.protocol.v1 import backend_pb2 as pb
 
 
