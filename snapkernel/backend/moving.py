@@ -262,8 +262,9 @@ class Mover:
 
     @staticmethod
     def _tell(sb: LiveSandbox, text: str) -> None:
-        """Under the cells that waited for the move; else under the next one."""
-        if not cells.tell_waiting(sb, text):
+        """Under the cells that waited for the move; else, after a `%move` (its outcome has no other way to the
+        notebook), under the next one."""
+        if not cells.tell_waiting(sb, text) and sb.holding:
             sb.notice = text
 
     def _say(self, sb: LiveSandbox, message: str, fraction: float = -1.0) -> None:

@@ -146,8 +146,6 @@ def test_a_move_whose_new_sandbox_fails_leaves_the_kernel_where_it_was(backend: 
         sb = get(backend, sandbox)
         assert sb.state == pb.RUNNING and sb.runtime == "process" and sb.spec.memory == "1Gi"
         assert "could not move" in sb.message
-        outputs = run(kc, "x")[1]  # the next cell hears why
-        assert any("could not move" in m["content"].get("text", "") for m in outputs), outputs
         assert value(kc, "(x + 1, int(big.sum()))") == f"(42, {300 * 2**20 // 8})"
 
 
