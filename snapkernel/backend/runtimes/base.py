@@ -208,6 +208,15 @@ class SandboxRuntime(ABC):
         await self.reap(record, timeout=1.0)
         await asyncio.to_thread(self.cleanup, record)
 
+    async def ended(self, record: SandboxRecord, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the sandbox to end on its own; whether it did."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.is_alive(record) and await self.reap(record, timeout=0.01) is None:
+            if loop.time() >= deadline:
+                return False
+        return True
+
     async def reap(self, record: SandboxRecord, timeout: float) -> int | None:
         """Collect the shim's exit status if this backend started it (avoids zombies)."""
         proc = self._children.get(record.id)
