@@ -28,6 +28,7 @@ from snapkernel.backend.lifecycle import Activity
 from snapkernel.backend.workspace import WORKSPACE
 from snapkernel.errors import InvalidSpecError, NoCapacityError, SnapkernelError, StateError
 from snapkernel.host.processes import sample_tree
+from snapkernel.host.resources import host_memory
 from snapkernel.protocol.spec import ParsedSpec, describe_spec, format_bytes
 from snapkernel.protocol.v1 import backend_pb2 as pb
 from snapkernel.snapshots import state
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+MEMORY_IMAGE_MARGIN = 1 << 30  # bytes of the host's memory a move's image in memory leaves free at least
 IDLE_POLL = 0.05  # seconds between looks at a busy kernel the move waits for
 # What a move may change (MoveSandboxRequest's fields).
 OVERRIDES: tuple[Literal["gpu", "cpu", "memory", "disk", "runtime"], ...] = ("gpu", "cpu", "memory", "disk", "runtime")
@@ -118,8 +120,8 @@ class Mover:
             deadline = loop.time() + (req.timeout or self.m.defaults.wake_timeout)
             await self._wait_for_room(sb, new, deadline - loop.time())
             await self._wait_until_idle(sb, deadline - loop.time())
-            await self._check_kernel(sb, new, req.allow_cpu_fallback)
-            return await self._move(sb, target, new, runtime, method)
+            used = await self._check_kernel(sb, new, req.allow_cpu_fallback)
+            return await self._move(sb, target, new, runtime, method, used)
 
     async def on_kernel_request(self, sb: LiveSandbox, request: pb.MoveSandboxRequest) -> None:
         """`%move` in the kernel: the next cell shows how it went (a refusal too: nothing else would)."""
@@ -164,8 +166,9 @@ class Mover:
         if sb.record.state != pb.RUNNING:
             raise lifecycle.refuse(sb.record.id, "move", self.m.state_name(sb), "only a running kernel can move")
 
-    async def _check_kernel(self, sb: LiveSandbox, new: ParsedSpec, allow_cpu_fallback: bool) -> None:
-        """Refuse, naming what is in the way, a move the kernel's memory or GPU tensors do not fit."""
+    async def _check_kernel(self, sb: LiveSandbox, new: ParsedSpec, allow_cpu_fallback: bool) -> int:
+        """Refuse, naming what is in the way, a move the kernel's memory or GPU tensors do not fit; returns the
+        bytes of memory the kernel uses."""
         r = sb.record
         runtime = self.m.runtimes[r.runtime]
         used = await asyncio.to_thread(lambda: runtime.memory_used(r) or sample_tree(r.pid).memory)
@@ -183,9 +186,10 @@ class Mover:
                 raise StateError(f"sandbox {r.id} holds GPU tensors and the new spec has no GPU: {names}. Move "
                                  "with allow_cpu_fallback (`--allow-cpu-fallback`) to put them in host memory, or "
                                  "keep a GPU")
+        return used
 
     async def _move(self, sb: LiveSandbox, target: pb.SandboxSpec, new: ParsedSpec, runtime: SandboxRuntime,
-                    method: str) -> pb.Sandbox:
+                    method: str, used: int) -> pb.Sandbox:
         r = sb.record
         started = time.perf_counter()
         what = describe_spec(new)
@@ -193,7 +197,12 @@ class Mover:
         self.m.set_state(sb, pb.MOVING, f"moving to {what} by {method}: saving the kernel",
                          pb.Progress(step="move", message=f"saving the kernel ({method})", fraction=0.1))
         try:
-            await (self.h.to_image(sb) if method == "memory" else self.h.to_state(sb))
+            if method == "memory":
+                # The image in memory where the host has room for it with some to spare (the new sandbox grows
+                # while it reads it).
+                await self.h.to_image(sb, in_memory=used * 2 + MEMORY_IMAGE_MARGIN < host_memory("MemAvailable"))
+            else:
+                await self.h.to_state(sb)
         except Exception as e:
             raise await self.h.back_to_running(sb, e, "could not move, so it runs where it was") from e
         old = Placed(r.spec, sb.spec, self.m.runtimes[r.runtime])

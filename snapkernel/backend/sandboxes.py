@@ -20,7 +20,7 @@ from typing import Any
 from snapkernel.backend import lifecycle
 from snapkernel.backend.agent_link import AgentLink
 from snapkernel.backend.agent_messages import AgentMessages
-from snapkernel.backend.hibernation import Hibernator
+from snapkernel.backend.hibernation import Hibernator, remove_image
 from snapkernel.backend.lifecycle import Activity
 from snapkernel.backend.moving import Mover
 from snapkernel.backend.runtimes.base import EXIT_FILE, LINK_SOCKET, LOG_FILE, SandboxRuntime
@@ -324,6 +324,7 @@ class SandboxManager:
         self.live.pop(sandbox_id, None)
         self.db.delete(sandbox_id)
         await asyncio.to_thread(self.workspaces.release, Path(r.dir))
+        await asyncio.to_thread(remove_image, r)
         await asyncio.to_thread(shutil.rmtree, r.dir, True)
 
     def send_to_agent(self, sb: LiveSandbox, msg: pb.AgentMessage, internal: bool = False) -> None:

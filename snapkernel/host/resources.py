@@ -21,9 +21,10 @@ class HostResources:
         return cls(float(os.cpu_count() or 1), host_memory(), tuple(gpus))
 
 
-def host_memory() -> int:
+def host_memory(field: str = "MemTotal") -> int:
+    """Bytes of /proc/meminfo's `field` ("MemTotal", "MemAvailable"); 0 where it is not there."""
     with open("/proc/meminfo") as f:
         for line in f:
-            if line.startswith("MemTotal:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     return 0
