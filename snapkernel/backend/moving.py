@@ -121,7 +121,7 @@ class Mover:
             await self._wait_for_room(sb, new, deadline - loop.time())
             await self._wait_until_idle(sb, deadline - loop.time())
             used = await self._check_kernel(sb, new, req.allow_cpu_fallback)
-            return await self._move(sb, target, new, runtime, method, used)
+            return await self._move(sb, target, new, runtime, method=method, used=used)
 
     async def on_kernel_request(self, sb: LiveSandbox, request: pb.MoveSandboxRequest) -> None:
         """`%move` in the kernel: the next cell shows how it went (a refusal too: nothing else would)."""
@@ -189,7 +189,7 @@ class Mover:
         return used
 
     async def _move(self, sb: LiveSandbox, target: pb.SandboxSpec, new: ParsedSpec, runtime: SandboxRuntime,
-                    method: str, used: int) -> pb.Sandbox:
+                    *, method: str, used: int) -> pb.Sandbox:
         r = sb.record
         started = time.perf_counter()
         what = describe_spec(new)
