@@ -1,14 +1,14 @@
 /**
  * The status bar item of the current notebook's snapkernel kernel: runtime, state, GPU utilization
- * and memory, CPU and memory, elapsed time and an estimated cost; notifications when it hibernates
- * or wakes.
+ * and memory, CPU and memory, elapsed time and an estimated cost; notifications when it hibernates,
+ * wakes or has moved. A click changes its resources.
  */
 import { Notification } from '@jupyterlab/apputils';
 import { ServerConnection } from '@jupyterlab/services';
 import { Widget } from '@lumino/widgets';
 
 import { IKernelInfo, IStatus, errorMessage, requestAPI } from './api';
-import { statusParts, transitionMessage } from './format';
+import { currentSpec, resourcesSummary, statusParts, transitionMessage } from './format';
 import { ActiveNotebook } from './notebooks';
 
 const POLL_MS = 3000;
@@ -17,10 +17,12 @@ export class KernelStatusItem extends Widget {
   constructor(
     private readonly settings: ServerConnection.ISettings,
     private readonly notebooks: ActiveNotebook,
-    private readonly status: () => IStatus | null
+    private readonly status: () => IStatus | null,
+    onClick: () => void
   ) {
     super();
     this.addClass('snapkernel-StatusItem');
+    this.node.addEventListener('click', onClick);
     this.notebooks.changed.connect(() => void this.refresh());
     this._timer = window.setInterval(() => void this.refresh(), POLL_MS);
     void this.refresh();
@@ -31,8 +33,11 @@ export class KernelStatusItem extends Widget {
     super.dispose();
   }
 
-  /** Read the current notebook's kernel and redraw; notify on state changes. */
-  async refresh(): Promise<void> {
+  /**
+   * Read the current notebook's kernel and redraw; notify on state changes, unless `notify` is false
+   * (a move this tab asked for tells its own end).
+   */
+  async refresh(notify = true): Promise<void> {
     const kernelId = this.notebooks.kernelId;
     if (kernelId === null || document.hidden) {
       if (kernelId === null) {
@@ -61,15 +66,21 @@ export class KernelStatusItem extends Widget {
       this._render([], '');
       return;
     }
-    const notice = transitionMessage(this._states.get(kernelId), info.state);
+    const notice = transitionMessage(
+      this._states.get(kernelId),
+      info.state,
+      resourcesSummary(currentSpec(info))
+    );
     this._states.set(kernelId, info.state);
-    if (notice !== null) {
+    if (notice !== null && notify) {
       Notification.emit(notice.message, notice.kind, { autoClose: 8000 });
     }
     const tooltip = [
       info.sandbox ? `sandbox ${info.sandbox.id}` : '',
+      info.sandbox?.message ?? '', // while moving: the step it is at
       info.usage?.gpu_detail ?? '',
-      info.usage_error
+      info.usage_error,
+      'Click to change its resources'
     ]
       .filter(Boolean)
       .join('\n');
