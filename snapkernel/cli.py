@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import threading
@@ -138,6 +139,45 @@ def _each(ids: list[str], method: str, as_json: bool) -> int:
     return 0
 
 
+def _spec_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The resources given on the command line (--gpu, --cpu, --memory, --disk, --runtime)."""
+    return {key: getattr(args, key) for key in ("gpu", "cpu", "memory", "disk", "runtime")
+            if getattr(args, key, None) is not None}
+
+
+def cmd_sandboxes_move(args: argparse.Namespace) -> int:
+    """Move a running kernel to other resources, showing the move's steps as it goes."""
+    from snapkernel.protocol.v1 import backend_pb2 as pb
+
+    overrides = _spec_overrides(args)
+    if not overrides:
+        raise SnapkernelError("give the resources to move to: --gpu, --cpu, --memory, --disk or --runtime "
+                              "(e.g. `snapkernel sandboxes move sb-... --memory 8Gi`)")
+    request = pb.MoveSandboxRequest(id=args.id, allow_cpu_fallback=args.allow_cpu_fallback, timeout=args.timeout,
+                                    **overrides)
+
+    async def go(client: Any) -> Any:
+        async def steps() -> None:
+            async for event in client.watch(args.id):
+                if event.progress.step == "move" and not args.json:
+                    print(f"  {event.progress.message}", file=sys.stderr, flush=True)
+
+        watching = asyncio.ensure_future(steps())
+        try:
+            return await client.move_sandbox(request)
+        finally:
+            watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError, SnapkernelError):
+                await watching
+
+    sb = _run(_with_client(go))
+    if args.json:
+        print(json.dumps(_sandbox_dict(sb), indent=1))
+    else:
+        print(f"{sb.id}: {sb.message}")
+    return 0
+
+
 def cmd_sandboxes_hibernate(args: argparse.Namespace) -> int:
     return _each(args.ids, "hibernate_sandbox", args.json)
 
@@ -214,9 +254,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
     from snapkernel.kernel_provisioner.kernelspec import kernel_json
 
-    config: dict[str, Any] = {"restore_from": args.snapshot}
-    if args.runtime:
-        config["runtime"] = args.runtime
+    config: dict[str, Any] = {"restore_from": args.snapshot, **_spec_overrides(args)}
     with tempfile.TemporaryDirectory(prefix="snapkernel-resume-") as tmp:
         spec_dir = Path(tmp) / "kernels" / "snapkernel-resume"
         spec_dir.mkdir(parents=True)
@@ -301,6 +339,15 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("ids", nargs="+", metavar="SANDBOX")
         s.add_argument("--json", action="store_true")
         s.set_defaults(func=func)
+    s = sb.add_parser("move", help="move a running kernel to other resources, its variables intact")
+    s.add_argument("id", metavar="SANDBOX")
+    _resource_args(s, "another runtime (state move)")
+    s.add_argument("--allow-cpu-fallback", action="store_true",
+                   help="a GPU kernel moving to no GPU: put its GPU tensors in host memory")
+    s.add_argument("--timeout", type=float, default=0.0, metavar="SECONDS",
+                   help="how long to wait in line for a GPU (default: the backend's wake_timeout)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_sandboxes_move)
 
     sn = sub.add_parser("snapshots", help="create, list, show or remove snapshots").add_subparsers(
         dest="action", required=True)
@@ -324,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("resume", help="start a kernel from a snapshot and keep it until Ctrl-C")
     s.add_argument("snapshot", metavar="SNAPSHOT")
-    s.add_argument("--runtime", help="for state snapshots: where to resume (a runtime `snapkernel status` lists)")
+    _resource_args(s, "for state snapshots: where to resume (a runtime `snapkernel status` lists)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_resume)
 
@@ -339,6 +386,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_kernels_list)
     return p
+
+
+def _resource_args(s: argparse.ArgumentParser, runtime_help: str) -> None:
+    s.add_argument("--gpu", help='GPUs: "H100", "H100:2", "any:1", or "" for none')
+    s.add_argument("--cpu", type=float, help="cores, e.g. 2 or 0.5")
+    s.add_argument("--memory", help='e.g. "8Gi"')
+    s.add_argument("--disk", help='workspace quota, e.g. "20Gi"')
+    s.add_argument("--runtime", help=runtime_help)
 
 
 def main(argv: list[str] | None = None) -> int:

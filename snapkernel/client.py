@@ -77,6 +77,10 @@ class BackendClient:
                                               timeout=None)
         return result
 
+    async def move_sandbox(self, request: pb.MoveSandboxRequest) -> pb.Sandbox:
+        result: pb.Sandbox = await self._call(self.stub.MoveSandbox, request, timeout=None)
+        return result
+
     async def create_snapshot(self, sandbox_id: str, kind: str = "memory", name: str = "") -> pb.SnapshotInfo:
         result: pb.SnapshotInfo = await self._call(
             self.stub.CreateSnapshot, pb.CreateSnapshotRequest(sandbox_id=sandbox_id, kind=kind, name=name),

@@ -12,12 +12,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import resource
 import select
 import signal
 import subprocess
 import sys
 import time
 from collections import OrderedDict
+
+from google.protobuf import json_format
 
 from snapkernel.agent.fanout_relay import FanoutRelay
 from snapkernel.agent.kernel_process import KernelProcess
@@ -36,6 +39,10 @@ REQUEST_MARK = b"snapkernel_request"
 STDIN_CONNECT_TIMEOUT_MS = 2000
 # Run in the kernel by its agent (not the notebook's history); names nothing in the user's namespace.
 IDENTITY_CODE = "__import__('os').environ.update({env!r}); get_ipython().kernel.session.key = {key!r}"
+# A kernel restored with more (or less) memory than its image had: its address-space limit follows (the soft one:
+# the hard one is unlimited, see GvisorRuntime.rlimits).
+MEMORY_CODE = ("; (lambda r: r.setrlimit(r.RLIMIT_AS, ({memory}, r.getrlimit(r.RLIMIT_AS)[1])))"
+               "(__import__('resource'))")
 # The loop sleeps until a message or SIGCHLD (the kernel's exit) wakes it; this is only a safety net. Under
 # gVisor every wake-up of an idle sandbox costs CPU, so it must be rare (it used to be 200 ms).
 IDLE_POLL_MS = 10_000
@@ -255,7 +262,7 @@ class KernelBridge:
             self._error(f"unknown command {kind!r}")
 
     def _kernel_request(self, parts: list[bytes]) -> bool:
-        """Take a `%snapshot` request off iopub; it is sent once its cell has finished."""
+        """Take a `%snapshot` or `%move` request off iopub; it is sent once its cell has finished."""
         if not any(REQUEST_MARK in p for p in parts[:4]):
             return False
         header, parent, content = OwnClient.decode(parts)
@@ -263,6 +270,12 @@ class KernelBridge:
             return False
         request = pb.KernelRequest(action=str(content.get("action", "")), name=str(content.get("name", "")),
                                    kind=str(content.get("kind", "")))
+        if isinstance(content.get("move"), dict):  # %move's overrides
+            try:
+                json_format.ParseDict(content["move"], request.move)
+            except json_format.ParseError as e:
+                self._error(f"%move request {content['move']!r} not understood: {e}")
+                return True
         self.requests.setdefault(parent.get("msg_id", ""), []).append(request)
         return True
 
@@ -290,7 +303,14 @@ class KernelBridge:
         """A restored kernel becomes this sandbox's: its session key and environment, then this agent's (the
         request is signed with the old key; the kernel verifies each later message after the change)."""
         key, env = bytes(identity.key), dict(identity.env)
-        if self._run_code(pb.RunCode(id=identity.id, code=IDENTITY_CODE.format(key=key, env=env))):
+        code = IDENTITY_CODE.format(key=key, env=env)
+        if identity.memory:
+            code += MEMORY_CODE.format(memory=identity.memory)
+            try:  # a restarted kernel gets it too
+                resource.setrlimit(resource.RLIMIT_AS, (identity.memory, resource.getrlimit(resource.RLIMIT_AS)[1]))
+            except (ValueError, OSError) as e:
+                log.warning("address-space limit not set to %s: %s", identity.memory, e)
+        if self._run_code(pb.RunCode(id=identity.id, code=code)):
             self.key = self.own.key = key
         os.environ.update(env)  # a restarted kernel gets it too
 

@@ -10,10 +10,10 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
 
-from snapkernel.backend import lifecycle
+from snapkernel.backend import cells, lifecycle
 from snapkernel.errors import SandboxFailedError, TimeoutError_
 from snapkernel.protocol import wire
-from snapkernel.protocol.states import ASLEEP
+from snapkernel.protocol.states import HELD
 from snapkernel.protocol.v1 import backend_pb2 as pb
 
 if TYPE_CHECKING:
@@ -41,7 +41,11 @@ class AgentHost(Protocol):
 
     def progress(self, sb: LiveSandbox, step: str, message: str, fraction: float = -1.0) -> None: ...
 
+    def notify(self, sb: LiveSandbox, progress: pb.Progress | None = None) -> None: ...
+
     def state_name(self, sb: LiveSandbox) -> str: ...
+
+    async def on_kernel_request(self, sb: LiveSandbox, request: pb.KernelRequest) -> None: ...
 
 
 class AgentMessages:
@@ -85,7 +89,7 @@ class AgentMessages:
             self.m.set_state(sb, pb.RUNNING, "", pb.Progress(step="kernel", message="kernel running",
                                                               fraction=1.0))
         elif kind == "kernel_request":
-            self.m.spawn(self.m.snapshotter.on_kernel_request(sb, msg.kernel_request))
+            self.m.spawn(self.m.on_kernel_request(sb, msg.kernel_request))
         elif kind == "code_result":
             future = sb.code_results.pop(msg.code_result.id, None)
             if future is not None and not future.done():
@@ -94,6 +98,11 @@ class AgentMessages:
             if msg.kernel_exited.generation == r.kernel_generation and not sb.deleting:
                 r.exit_code = msg.kernel_exited.code
                 sb.fail_code_results(f"the kernel exited with code {r.exit_code}")
+                if r.state in (pb.WAKING, pb.MOVING):  # the kernel that was to take the saved variables
+                    sb.state_error = f"the new kernel exited with code {r.exit_code} as it started"
+                    sb.restore_state = None
+                    self.m.notify(sb)
+                    return
                 self.m.set_state(sb, pb.KERNEL_EXITED, f"kernel exited with code {r.exit_code}")
         elif kind == "error":
             log.warning("sandbox_id=%s agent: %s", r.id, msg.error)
@@ -106,7 +115,9 @@ class AgentMessages:
             raise lifecycle.refuse(sb.record.id, "take kernel messages", self.m.state_name(sb),
                                    "start a new kernel")
         if not internal:
-            if sb.record.state in ASLEEP:
+            if sb.notice and cells.tell_cell(sb, msg, sb.notice):
+                sb.notice = ""
+            if sb.record.state in HELD:
                 if len(sb.held) >= MAX_PENDING_FRAMES:
                     raise lifecycle.refuse(sb.record.id, "hold more messages",
                                            f"{self.m.state_name(sb)} with {MAX_PENDING_FRAMES} held already",
@@ -128,20 +139,22 @@ class AgentMessages:
         """Run `code` in the sandbox's kernel as the agent's own client (its output is not the notebook's)."""
         return await self._ask(sb, lambda rid: pb.AgentMessage(run_code=pb.RunCode(id=rid, code=code)), timeout)
 
-    async def give_identity(self, sb: LiveSandbox, env: dict[str, str], timeout: float | None) -> None:
+    async def give_identity(self, sb: LiveSandbox, env: dict[str, str], timeout: float | None,
+                            memory: int = 0) -> None:
         """Make a kernel restored from a memory image this sandbox's: it signs with the sandbox's session key
-        from now on and sees `env` (see `Identity`). With no `timeout`, only sent: the kernel takes it when it
-        is next idle (a resumed snapshot keeps its key; a --clone's kernel stays in its cell for good)."""
+        from now on and sees `env`, and with `memory` takes that memory limit (see `Identity`). With no
+        `timeout`, only sent: the kernel takes it when it is next idle (a resumed snapshot keeps its key; a
+        --clone's kernel stays in its cell for good)."""
         key = sb.record.kernel.key
         if timeout is None:
-            self.send(sb, pb.AgentMessage(identity=pb.Identity(id=secrets.token_hex(8), key=key, env=env)),
-                      internal=True)
+            self.send(sb, pb.AgentMessage(identity=pb.Identity(id=secrets.token_hex(8), key=key, env=env,
+                                                               memory=memory)), internal=True)
             return
         result = await self._ask(
-            sb, lambda rid: pb.AgentMessage(identity=pb.Identity(id=rid, key=key, env=env)), timeout)
+            sb, lambda rid: pb.AgentMessage(identity=pb.Identity(id=rid, key=key, env=env, memory=memory)), timeout)
         if not result.ok:
-            raise SandboxFailedError(f"sandbox {sb.record.id}: the restored kernel did not take its session key: "
-                                     f"{result.error}")
+            raise SandboxFailedError(f"sandbox {sb.record.id}: the restored kernel did not take its identity "
+                                     f"(session key{', memory limit' if memory else ''}): {result.error}")
 
     async def _ask(self, sb: LiveSandbox, message: Callable[[str], pb.AgentMessage],
                    timeout: float) -> pb.CodeResult:

@@ -25,9 +25,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from jupyter_client.session import Session
-
-from snapkernel.backend import lifecycle
+from snapkernel.backend import cells, lifecycle
 from snapkernel.backend.lifecycle import Activity
 from snapkernel.backend.tasks import stop_task
 from snapkernel.errors import SnapkernelError, StateError
@@ -36,6 +34,7 @@ from snapkernel.protocol.v1 import backend_pb2 as pb
 from snapkernel.snapshots import cuda
 
 if TYPE_CHECKING:
+    from snapkernel.backend.agent_messages import AgentMessages
     from snapkernel.backend.runtimes.base import SandboxRuntime
     from snapkernel.backend.sandbox import Defaults, LiveSandbox
     from snapkernel.backend.scheduler import Scheduler
@@ -46,6 +45,7 @@ class SandboxHost(Protocol):
     between the two, so neither reaches into the other's internals."""
 
     live: dict[str, LiveSandbox]
+    messages: AgentMessages
     runtimes: dict[str, SandboxRuntime]
     scheduler: Scheduler
     defaults: Defaults
@@ -143,26 +143,14 @@ class Hibernator:
             started = time.perf_counter()
             try:
                 if method == "memory":
-                    await self._to_image(sb)
+                    await self.to_image(sb)
                 elif method == "suspend":
                     await self._suspend(sb)
                 else:
-                    await self._to_state(sb)
+                    await self.to_state(sb)
             except Exception as e:
                 sb.refused_at = r.last_activity  # not again until the kernel has been used
-                r.hibernation = ""
-                why = str(e) if isinstance(e, SnapkernelError) else f"{type(e).__name__}: {e}"
-                self.m.set_state(sb, pb.RUNNING, f"could not hibernate, so it stays awake: {why}")
-                runtime = self.m.runtimes[r.runtime]
-                if runtime.is_alive(r):
-                    self._deliver_held(sb)
-                else:  # it died on the way (a checkpoint that failed half-way)
-                    await self.m.ended_on_its_own(sb, runtime)
-                    self._tell_notebook(sb, f"snapkernel: this kernel's sandbox ended while hibernating: {why}\n"
-                                            "Restart the kernel.", fail=True)
-                if isinstance(e, SnapkernelError):
-                    raise
-                raise StateError(f"sandbox {r.id} could not hibernate: {why}") from e
+                raise await self.back_to_running(sb, e, "could not hibernate, so it stays awake") from e
         took = time.perf_counter() - started
         self.m.set_state(sb, pb.HIBERNATED, f"hibernated by {method} in {took:.1f}s; the next message wakes it",
                           pb.Progress(step="hibernate", message=f"hibernated in {took:.1f}s", fraction=1.0))
@@ -170,7 +158,23 @@ class Hibernator:
             self.wake_soon(sb)
         return r.to_pb()
 
-    async def _to_image(self, sb: LiveSandbox) -> None:
+    async def back_to_running(self, sb: LiveSandbox, e: Exception, outcome: str) -> SnapkernelError:
+        """Saving the kernel failed (`e`) before its sandbox stopped: it runs on, and gets the messages held
+        meanwhile; or, had it died on the way, it has ended. Returns the error to raise."""
+        r = sb.record
+        r.hibernation = ""
+        why = str(e) if isinstance(e, SnapkernelError) else f"{type(e).__name__}: {e}"
+        self.m.set_state(sb, pb.RUNNING, f"{outcome}: {why}")
+        runtime = self.m.runtimes[r.runtime]
+        if runtime.is_alive(r):
+            self.deliver_held(sb)
+        else:  # it died on the way (a checkpoint that failed half-way)
+            await self.m.ended_on_its_own(sb, runtime)
+            self.tell_notebook(sb, f"snapkernel: this kernel's sandbox ended while it was being saved: {why}\n"
+                                   "Restart the kernel.", fail=True)
+        return e if isinstance(e, SnapkernelError) else StateError(f"sandbox {r.id} {outcome}: {why}")
+
+    async def to_image(self, sb: LiveSandbox) -> None:
         r = sb.record
         runtime = self.m.runtimes[r.runtime]
         assert runtime.capabilities.checkpoint  # `method` chose "memory"
@@ -185,7 +189,7 @@ class Hibernator:
         runtime.save_bundle(r, target)
         await self._stop_sandbox(sb)
 
-    async def _to_state(self, sb: LiveSandbox) -> None:
+    async def to_state(self, sb: LiveSandbox) -> None:
         report = await self.m.save_state(sb, STATE_DIR)
         if report["skipped"]:
             await asyncio.to_thread(shutil.rmtree, Path(sb.record.dir) / "workspace" / STATE_DIR, True)
@@ -196,7 +200,7 @@ class Hibernator:
     async def _stop_sandbox(self, sb: LiveSandbox) -> None:
         await self.m.runtimes[sb.record.runtime].stop(sb.record)
         if sb.link is not None:
-            sb.link.close()
+            await sb.link.detach()  # stopped on purpose: not reported as its end
             sb.link = None
         self.m.scheduler.release(sb.record.id)
 
@@ -295,16 +299,11 @@ class Hibernator:
             if method == "suspend":
                 await self._resume(sb)
             else:
-                await self._relaunch(sb, method)
+                await self.relaunch(sb, method)
         except Exception as e:
             why = str(e) if isinstance(e, SnapkernelError) else f"{type(e).__name__}: {e}"
             log.exception("sandbox_id=%s could not wake", r.id)
-            self.m.scheduler.release(r.id)
-            with contextlib.suppress(Exception):
-                await self.m.runtimes[r.runtime].stop(r)
-            self.m.set_state(sb, pb.FAILED, f"waking the kernel failed: {why}")
-            self._tell_notebook(sb, f"snapkernel: waking this kernel failed: {why}\n"
-                                    "Restart the kernel (its variables could not be brought back).", fail=True)
+            await self.lost_in_wake(sb, f"waking this kernel failed: {why}")
             return
         finally:
             sb.waking = None
@@ -313,13 +312,23 @@ class Hibernator:
         r.last_activity = time.time()
         self.m.set_state(sb, pb.RUNNING, "", pb.Progress(step="wake", message=f"awake in {took:.2f}s",
                                                           fraction=1.0))
-        self._deliver_held(sb)
+        self.deliver_held(sb)
+
+    async def lost_in_wake(self, sb: LiveSandbox, why: str) -> None:
+        """The kernel could not be started again from what was saved: its sandbox fails, and the cells waiting
+        for it end with `why`."""
+        self.m.scheduler.release(sb.record.id)
+        with contextlib.suppress(Exception):
+            await self.m.runtimes[sb.record.runtime].stop(sb.record)
+        self.m.set_state(sb, pb.FAILED, why)
+        self.tell_notebook(sb, f"snapkernel: {why}\nRestart the kernel (its variables could not be brought back).",
+                           fail=True)
 
     def _waiting(self, sb: LiveSandbox, why: str) -> None:
         self.m.progress(sb, "wake", why)
         if not sb.told_waiting:
             sb.told_waiting = True
-            self._tell_notebook(sb, f"snapkernel: this kernel is hibernated and waits for its GPU to wake: {why}\n")
+            self.tell_notebook(sb, f"snapkernel: this kernel is hibernated and waits for its GPU to wake: {why}\n")
 
     async def _resume(self, sb: LiveSandbox) -> None:
         r = sb.record
@@ -353,7 +362,9 @@ class Hibernator:
         self.m.runtimes[r.runtime].set_memory_limit(r, awake)
         self.m.scheduler.resize(r.id, awake)
 
-    async def _relaunch(self, sb: LiveSandbox, method: str) -> None:
+    async def relaunch(self, sb: LiveSandbox, method: str, memory: int = 0) -> None:
+        """Start the kernel again from its image or variables, with the sandbox's spec (a wake, or a move to
+        another: `memory`, when it differs from the image's, is the restored kernel's new memory limit)."""
         r = sb.record
         if sb.spec.gpu:
             r.gpu_indices = await self.m.scheduler.wait_in_line(
@@ -366,6 +377,9 @@ class Hibernator:
         if method == "memory":
             r.limits = await runtime.launch(r, sb.spec, {}, Path(r.dir) / IMAGE_DIR)
             await self.m.connect(sb, runtime, self.m.defaults.start_timeout)
+            if memory:
+                await self.m.messages.give_identity(sb, sb.identity_env(r.kernel), self.m.defaults.start_timeout,
+                                                    memory)
             # runsc reads the image while it restores: the kernel answering is the sign it is done with it.
             result = await self.m.run_in_kernel(sb, "pass", self.m.defaults.start_timeout)
             if not result.ok:
@@ -382,42 +396,10 @@ class Hibernator:
             raise StateError(sb.state_error)
 
     # --- messages -------------------------------------------------------------------------------
-    def _deliver_held(self, sb: LiveSandbox) -> None:
+    def deliver_held(self, sb: LiveSandbox) -> None:
         held, sb.held = sb.held, []
         for msg in held:
             self.m.send_to_agent(sb, msg)
 
-    def _tell_notebook(self, sb: LiveSandbox, text: str, fail: bool = False) -> None:
-        """Show `text` under the cells waiting for this kernel; with `fail`, end those cells with an error
-        (the kernel that would have run them is gone)."""
-        r = sb.record
-        session = Session(key=r.kernel.key, signature_scheme=r.kernel.signature_scheme or "hmac-sha256",
-                          username="snapkernel")
-        for msg in list(sb.held):
-            frame = msg.frame
-            if msg.WhichOneof("kind") != "frame" or frame.channel != pb.SHELL:
-                continue
-            try:
-                idents, wire = session.feed_identities(list(frame.parts))
-                request = session.deserialize(wire, content=False)
-            except Exception:
-                continue
-            if request["header"].get("msg_type") != "execute_request":
-                continue
-            parent = request["header"]
-            out: list[tuple[str, dict[str, object]]] = [("stream", {"name": "stderr", "text": text})]
-            if fail:
-                out.append(("error", {"ename": "KernelWakeError", "evalue": text.strip(), "traceback": [text]}))
-                out.append(("status", {"execution_state": "idle"}))
-            for msg_type, content in out:
-                parts = session.serialize(session.msg(msg_type, content, parent=parent),
-                                          ident=f"kernel.{r.id}.{msg_type}".encode())
-                sb.to_clients(pb.KernelFrame(channel=pb.IOPUB, parts=parts))
-            if fail:
-                reply = session.msg("execute_reply", {"status": "error", "ename": "KernelWakeError",
-                                                      "evalue": text.strip(), "traceback": [text],
-                                                      "execution_count": None}, parent=parent)
-                sb.to_clients(pb.KernelFrame(channel=pb.SHELL,
-                                                     parts=session.serialize(reply, ident=idents)))
-        if fail:
-            sb.held.clear()
+    def tell_notebook(self, sb: LiveSandbox, text: str, fail: bool = False) -> None:
+        cells.tell_waiting(sb, text, fail)

@@ -20,13 +20,16 @@ MOVES: dict[int, frozenset[int]] = {
     # RUNNING once its kernel runs (or at once, resumed from a memory snapshot); KERNEL_EXITED if it dies first.
     pb.STARTING: frozenset({pb.RUNNING, pb.KERNEL_EXITED, pb.STOPPING, *_ENDINGS}),
     # FAILED: a restored state snapshot that does not load.
-    pb.RUNNING: frozenset({pb.KERNEL_EXITED, pb.HIBERNATING, pb.STOPPING, *_ENDINGS}),
+    pb.RUNNING: frozenset({pb.KERNEL_EXITED, pb.HIBERNATING, pb.MOVING, pb.STOPPING, *_ENDINGS}),
     pb.KERNEL_EXITED: frozenset({pb.RUNNING, pb.STOPPING, *_ENDINGS}),  # RUNNING: restarted
     # RUNNING: it could not hibernate, so it stays awake (or a backend restart found it half-way).
     pb.HIBERNATING: frozenset({pb.HIBERNATED, pb.RUNNING, pb.STOPPING, *_ENDINGS}),
     pb.HIBERNATED: frozenset({pb.WAKING, pb.STOPPING, *_ENDINGS}),
     # HIBERNATED: a backend restart found a suspended one half-way through waking.
     pb.WAKING: frozenset({pb.RUNNING, pb.HIBERNATED, pb.STOPPING, *_ENDINGS}),
+    # RUNNING: moved, or back where it was; HIBERNATED: a backend restart found it stopped half-way, its image or
+    # variables saved.
+    pb.MOVING: frozenset({pb.RUNNING, pb.HIBERNATED, pb.STOPPING, *_ENDINGS}),
     pb.STOPPING: frozenset({pb.DELETED, *_ENDINGS}),
     # An ended sandbox only goes away (deleting one that ended skips STOPPING: nothing is left to stop).
     **{ended: frozenset({pb.STOPPING, pb.DELETED}) for ended in _ENDINGS},
@@ -39,6 +42,7 @@ class Activity(enum.Enum):
     (`cannot hibernate while snapshotting`), except that deleting takes over from any."""
     SNAPSHOTTING = "snapshotting"
     HIBERNATING = "hibernating"
+    MOVING = "moving"
     DELETING = "deleting"
     RESTORING = "restoring"  # from a memory image, until it has its identity (sandboxes.py)
     TEMPLATING = "becoming a template"  # its image is taken and it stops (templates.py)

@@ -144,6 +144,9 @@ class LocalPlacement(Placement):
     async def wake(self, sandbox_id: str) -> pb.Sandbox:
         return await self.manager.wake(sandbox_id)
 
+    async def move(self, request: pb.MoveSandboxRequest) -> pb.Sandbox:
+        return await self.manager.move(request)
+
     async def usage(self, sandbox_id: str) -> pb.SandboxUsage:
         sb = self.manager.get(sandbox_id)
         usage = await asyncio.to_thread(self.sampler.sample, sb.record.to_pb(), sb.spec.cpu, sb.spec.memory)

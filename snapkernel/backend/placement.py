@@ -81,6 +81,9 @@ class Placement(ABC):
     async def wake(self, sandbox_id: str) -> pb.Sandbox: ...
 
     @abstractmethod
+    async def move(self, request: pb.MoveSandboxRequest) -> pb.Sandbox: ...
+
+    @abstractmethod
     async def usage(self, sandbox_id: str) -> pb.SandboxUsage: ...
 
     @abstractmethod

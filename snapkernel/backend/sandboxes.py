@@ -22,6 +22,7 @@ from snapkernel.backend.agent_link import AgentLink
 from snapkernel.backend.agent_messages import AgentMessages
 from snapkernel.backend.hibernation import Hibernator
 from snapkernel.backend.lifecycle import Activity
+from snapkernel.backend.moving import Mover
 from snapkernel.backend.runtimes.base import EXIT_FILE, LINK_SOCKET, LOG_FILE, SandboxRuntime
 from snapkernel.backend.sandbox import POOL_KERNEL_ID, TEMPLATE_KERNEL_ID, Defaults, LiveSandbox
 from snapkernel.backend.sandbox_db import SandboxDB, SandboxRecord
@@ -41,7 +42,7 @@ from snapkernel.errors import (
     TimeoutError_,
 )
 from snapkernel.protocol.spec import ParsedSpec, check_sandbox_id, format_bytes, parse_spec
-from snapkernel.protocol.states import ASLEEP, STATE_NAMES
+from snapkernel.protocol.states import HELD, STATE_NAMES
 from snapkernel.protocol.v1 import backend_pb2 as pb
 from snapkernel.snapshots.store import Snapshot, SnapshotStore
 
@@ -64,6 +65,7 @@ class SandboxManager:
         self.workspaces = Workspaces(state_dir)
         self._tasks: set[asyncio.Task[None]] = set()
         self.hibernator = Hibernator(self)
+        self.mover = Mover(self, self.hibernator)
         self.snapshotter = Snapshotter(self)
         self.messages = AgentMessages(self)
         self.starter = Starter(self)
@@ -80,9 +82,21 @@ class SandboxManager:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _parse(self, spec: pb.SandboxSpec) -> ParsedSpec:
+    def parse(self, spec: pb.SandboxSpec) -> ParsedSpec:
         return parse_spec(spec, default_runtime=self.defaults.runtime, default_cpu=self.defaults.cpu,
                           default_memory=self.defaults.memory, default_disk=self.defaults.disk)
+
+    def runtime_for(self, spec: ParsedSpec) -> SandboxRuntime:
+        runtime = self.runtimes.get(spec.runtime)
+        if spec.runtime not in self.known_runtimes:
+            raise InvalidSpecError(f"runtime {spec.runtime!r} is not known: use one of "
+                                   f"{', '.join(self.known_runtimes)}")
+        if runtime is None:
+            raise RuntimeUnavailableError(
+                f"runtime {spec.runtime!r} is not available on this backend; available: "
+                f"{', '.join(self.runtimes)}"
+            )
+        return runtime
 
     def get(self, sandbox_id: str) -> LiveSandbox:
         check_sandbox_id(sandbox_id)
@@ -131,16 +145,8 @@ class SandboxManager:
 
     # --- create ---------------------------------------------------------------------------------
     async def create(self, req: pb.CreateSandboxRequest) -> pb.Sandbox:
-        spec = self._parse(req.spec)
-        runtime = self.runtimes.get(spec.runtime)
-        if spec.runtime not in self.known_runtimes:
-            raise InvalidSpecError(f"runtime {spec.runtime!r} is not known: use one of "
-                                   f"{', '.join(self.known_runtimes)}")
-        if runtime is None:
-            raise RuntimeUnavailableError(
-                f"runtime {spec.runtime!r} is not available on this backend; available: "
-                f"{', '.join(self.runtimes)}"
-            )
+        spec = self.parse(req.spec)
+        runtime = self.runtime_for(spec)
         restore: Path | None = None
         restore_source: Path | None = None
         snap: Snapshot | None = None
@@ -214,7 +220,7 @@ class SandboxManager:
     def pool_class(self, spec: pb.SandboxSpec) -> tuple[ParsedSpec, str] | None:
         """A warm pool class's spec and its template's key, once that template is ready (pool sandboxes restore
         it); None before, or where that class has no template."""
-        parsed = self._parse(spec)
+        parsed = self.parse(spec)
         runtime = self.runtimes.get(parsed.runtime)
         template = self.templates.ensure(parsed, runtime) if runtime is not None and mode(parsed) == KERNEL else None
         return (parsed, template.key) if template is not None and template.state == "ready" else None
@@ -228,7 +234,8 @@ class SandboxManager:
     async def connect(self, sb: LiveSandbox, runtime: SandboxRuntime, timeout: float) -> None:
         r = sb.record
         link = AgentLink(r.id, str(Path(r.dir) / LINK_SOCKET),
-                         lambda msg, seq: self.messages.on_numbered(sb, msg, seq), lambda: self._on_link_closed(sb))
+                         lambda msg, seq: self.messages.on_numbered(sb, msg, seq),
+                         lambda: self._on_link_closed(sb, link))
         await link.connect(timeout, lambda: runtime.is_alive(r))
         sb.link = link
         for msg in sb.pending:
@@ -236,15 +243,17 @@ class SandboxManager:
         sb.pending.clear()
 
     # --- agent events ---------------------------------------------------------------------------
-    async def _on_link_closed(self, sb: LiveSandbox) -> None:
+    async def _on_link_closed(self, sb: LiveSandbox, link: AgentLink) -> None:
+        if sb.link is not link and sb.link is not None:
+            return  # a sandbox that was stopped on purpose, and another runs now (a wake, a move)
         sb.link = None
         if sb.deleting or sb.record.ended or sb.activity is Activity.TEMPLATING:
             return
         if sb.activity is Activity.RESTORING:  # `_start` says why it failed, and may boot instead
             sb.fail_code_results(f"the restored sandbox ended{_log_tail(Path(sb.record.dir) / LOG_FILE, 2)}")
             return
-        if sb.record.state in ASLEEP:  # stopped on purpose; or, while waking, the new sandbox died
-            if sb.record.state == pb.WAKING:
+        if sb.record.state in HELD:  # stopped on purpose; or, while waking or moving, the new sandbox died
+            if sb.record.state == pb.WAKING or sb.relaunching:
                 sb.state_error = f"the sandbox ended while waking{_log_tail(Path(sb.record.dir) / LOG_FILE)}"
                 sb.restore_state = None
                 sb.fail_code_results(sb.state_error)
@@ -343,7 +352,7 @@ class SandboxManager:
                 "SIGUSR1 (10) or SIGUSR2 (12)"
             )
         sb = self.get(sandbox_id)
-        if sb.record.state in ASLEEP:  # nothing runs in a hibernated kernel: no reason to wake it for this
+        if sb.record.state in HELD:  # nothing runs in a hibernated kernel: no reason to wake it for this
             log.info("sandbox_id=%s signal %s ignored: the kernel is %s", sandbox_id, signum, self.state_name(sb))
             return
         self.send_to_agent(sb, pb.AgentMessage(signal=signum))
@@ -365,12 +374,24 @@ class SandboxManager:
     async def wake(self, sandbox_id: str) -> pb.Sandbox:
         return await self.hibernator.wake(self.get(sandbox_id))
 
+    async def move(self, req: pb.MoveSandboxRequest) -> pb.Sandbox:
+        return await self.mover.move(self.get(req.id), req)
+
+    async def on_kernel_request(self, sb: LiveSandbox, request: pb.KernelRequest) -> None:
+        """`%snapshot` or `%move` in the kernel, once its cell has finished."""
+        if request.action == "move":
+            await self.mover.on_kernel_request(sb, request.move)
+        elif request.action == "snapshot":
+            await self.snapshotter.on_kernel_request(sb, request)
+        else:
+            log.warning("sandbox_id=%s unknown kernel request %r", sb.record.id, request.action)
+
     # --- start-up and shut-down -----------------------------------------------------------------
 
     async def readopt(self) -> None:
         """Take back the sandboxes of a previous backend: reconnect the living, mark the rest."""
         for record in self.db.load():
-            spec = self._parse(record.spec)
+            spec = self.parse(record.spec)
             sb = LiveSandbox(record, spec)
             self.live[record.id] = sb
             runtime = self.runtimes.get(record.runtime)
@@ -381,11 +402,11 @@ class SandboxManager:
             if record.ended:
                 continue
             alive = runtime is not None and runtime.is_alive(record)
-            if record.state in ASLEEP and record.hibernation in ("memory", "state") and not alive:
+            if record.state in HELD and record.hibernation in ("memory", "state") and not alive:
                 # Its image or variables are on disk: it stays hibernated, holding nothing.
                 self.set_state(sb, pb.HIBERNATED, "hibernated (backend restarted); the next message wakes it")
                 continue
-            if record.state in (pb.HIBERNATING, pb.WAKING) and alive:
+            if record.state in (pb.HIBERNATING, pb.WAKING, pb.MOVING) and alive:
                 # Interrupted half-way by the restart. A suspend is undone on the next wake; otherwise it runs.
                 state = pb.HIBERNATED if record.hibernation == "suspend" else pb.RUNNING
                 if state == pb.RUNNING:
@@ -415,7 +436,7 @@ class SandboxManager:
 
     def ensure_template(self, spec: pb.SandboxSpec) -> None:
         """Build the template of `spec`'s class in the background, unless it has one (or cannot have one)."""
-        parsed = self._parse(spec)
+        parsed = self.parse(spec)
         runtime = self.runtimes.get(parsed.runtime)
         if runtime is not None:
             self.templates.ensure(parsed, runtime)

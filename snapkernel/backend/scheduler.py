@@ -88,24 +88,40 @@ class Scheduler:
 
     def fits_without(self, sandbox_id: str, spec: ParsedSpec, other: str) -> bool:
         """Whether `spec` would be allocated once sandbox `other` gave its claim back (nothing changes here)."""
-        held = self.claims.pop(other, None)
         try:
-            self._fit(sandbox_id, spec)
+            self.fit_without(sandbox_id, spec, other)
             return True
         except NoCapacityError:
             return False
+
+    def fit_without(self, sandbox_id: str, spec: ParsedSpec, other: str) -> list[int]:
+        """The GPUs `spec` would get once sandbox `other` gave back its claim and GPUs (a sandbox moving to other
+        resources gives back its own); NoCapacityError saying what is short. Nothing changes here."""
+        held = self.claims.pop(other, None)
+        gpus = {i: owner for i, owner in self.gpu_owner.items() if owner == other}
+        for i in gpus:
+            del self.gpu_owner[i]
+        try:
+            return self._fit(sandbox_id, spec)
         finally:
             if held is not None:
                 self.claims[other] = held
+            self.gpu_owner.update(gpus)
 
-    def _fit(self, sandbox_id: str, spec: ParsedSpec) -> list[int]:
-        """The GPUs `spec` would get; NoCapacityError saying what is short."""
+    def check_host(self, spec: ParsedSpec) -> None:
+        """Refuse a spec this host could never give, however many sandboxes ended (NoCapacityError)."""
         if spec.cpu > self.cpu_total:
             raise NoCapacityError(f"cpu {spec.cpu:g} is more than this host's {self.cpu_total:g} cores")
         if spec.memory > self.memory_total:
             raise NoCapacityError(
                 f"memory {format_bytes(spec.memory)} is more than this host's {format_bytes(self.memory_total)}"
             )
+        if spec.gpu:
+            self._matching(spec.gpu)
+
+    def _fit(self, sandbox_id: str, spec: ParsedSpec) -> list[int]:
+        """The GPUs `spec` would get; NoCapacityError saying what is short."""
+        self.check_host(spec)
         if self.cpu_allocated + spec.cpu > self.cpu_limit + 1e-9:
             raise NoCapacityError(
                 f"no room for {spec.cpu:g} more cores: {self.cpu_allocated:g} are given out and the limit is "

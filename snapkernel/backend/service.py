@@ -122,6 +122,14 @@ class BackendService(pb_grpc.BackendServicer):
         return await self.placement.wake(check_sandbox_id(request.id))
 
     @_translate
+    async def MoveSandbox(self, request: pb.MoveSandboxRequest, context: Ctx) -> pb.Sandbox:
+        check_sandbox_id(request.id)
+        if request.timeout < 0:
+            raise InvalidSpecError(f"timeout {request.timeout:g} is not valid: give seconds above 0, or 0 for the "
+                                   "backend's default")
+        return await self.placement.move(request)
+
+    @_translate
     async def GetSandboxUsage(self, request: pb.GetSandboxUsageRequest, context: Ctx) -> pb.SandboxUsage:
         return await self.placement.usage(check_sandbox_id(request.id))
 

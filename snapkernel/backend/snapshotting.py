@@ -57,14 +57,22 @@ class SnapshotHost(Protocol):
     async def run_in_kernel(self, sb: LiveSandbox, code: str, timeout: float) -> pb.CodeResult: ...
 
 
+def _load_report(output: str) -> dict[str, Any]:
+    """What `state.load` printed last: {"restored", "failed", "skipped_at_snapshot"} ({} if it did not come)."""
+    lines = output.strip().splitlines()
+    try:
+        report = json.loads(lines[-1]) if lines else {}
+    except ValueError:
+        return {}
+    return report if isinstance(report, dict) else {}
+
+
 class Snapshotter:
     def __init__(self, manager: SnapshotHost) -> None:
         self.m = manager
 
     async def on_kernel_request(self, sb: LiveSandbox, request: pb.KernelRequest) -> None:
-        if request.action != "snapshot":
-            log.warning("sandbox_id=%s unknown kernel request %r", sb.record.id, request.action)
-            return
+        """`%snapshot` in the kernel."""
         try:
             snap = await self.snapshot(pb.CreateSnapshotRequest(sandbox_id=sb.record.id, kind=request.kind,
                                                                 name=request.name))
@@ -78,7 +86,7 @@ class Snapshotter:
         inside = sb.restore_state
         assert inside is not None
         host = Path(r.dir) / WORKSPACE / inside
-        waking = r.state == pb.WAKING
+        waking = r.state in (pb.WAKING, pb.MOVING)  # the waker (or mover) says how it went
         self.m.progress(sb, "restore", "loading the kernel's variables", 0.8)
         try:
             if sb.restore_source is not None:
@@ -98,13 +106,18 @@ class Snapshotter:
             result = await self.m.run_in_kernel(sb, state.load_code(inside), STATE_TIMEOUT)
             if not result.ok:
                 raise SandboxFailedError(f"loading the saved variables failed: {result.error}")
+            failed = _load_report(result.output).get("failed") if sb.whole_state else None
+            if failed:  # a move goes back rather than lose a variable
+                names = ", ".join(f"{k} ({v})" for k, v in sorted(failed.items())[:5])
+                raise SandboxFailedError(f"these variables could not be loaded in the new sandbox: {names}")
         except SnapkernelError as e:
             sb.state_error = str(e)
             if not waking:
                 self.m.set_state(sb, pb.FAILED, str(e))
             return
         finally:
-            await asyncio.to_thread(shutil.rmtree, host, True)
+            if not sb.relaunching:
+                await asyncio.to_thread(shutil.rmtree, host, True)
             sb.restore_state = sb.restore_source = None
             self.m.notify(sb)
         if not waking:

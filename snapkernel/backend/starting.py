@@ -117,9 +117,11 @@ class Starter:
         await self._launch(sb, runtime, kernel, image)
         r.kernel_generation = max(r.kernel_generation, 1)  # a resumed agent does not start over: its kernel runs
         # A template's kernel must sign with this sandbox's key before anyone reaches it; a resumed snapshot's
-        # signs with the snapshot's already (its clients were given that key).
+        # signs with the snapshot's already (its clients were given that key). Either takes this sandbox's memory
+        # limit (a snapshot may resume with more than it had; GPU kernels have no address-space limit).
         await self.m.messages.give_identity(sb, sb.identity_env(kernel),
-                                            self.m.defaults.start_timeout if template else None)
+                                            self.m.defaults.start_timeout if template else None,
+                                            sb.spec.memory if sb.spec.gpu is None else 0)
         self.m.set_state(sb, pb.RUNNING, "", pb.Progress(step="restore", message="kernel resumed", fraction=1.0))
         log.info("sandbox_id=%s restored from %s in %.2fs", r.id, what, time.perf_counter() - started)
 

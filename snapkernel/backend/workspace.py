@@ -105,6 +105,22 @@ class Workspaces:
             os.chown(workspace, *owner)
         return workspace
 
+    def grow(self, sandbox_dir: Path, disk: int) -> None:
+        """Give a mounted workspace a larger quota (a kernel moved to more `disk`): its image and file system
+        grow in place, files and all."""
+        workspace, image = sandbox_dir / WORKSPACE, sandbox_dir / IMAGE
+        if not (self.enforced and image.exists() and os.path.ismount(workspace)):
+            return  # a plain directory: no quota to change
+        try:
+            source = subprocess.run(["findmnt", "-n", "-o", "SOURCE", "--mountpoint", str(workspace)],
+                                    capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+            with open(image, "r+b") as f:
+                f.truncate(disk)
+            _run(["losetup", "-c", source])
+            _run(["resize2fs", source])
+        except (OSError, subprocess.SubprocessError) as e:
+            raise SandboxFailedError(f"the workspace could not grow to {format_bytes(disk)}: {e}") from e
+
     @staticmethod
     def give(path: Path, owner: Owner) -> None:
         """Hand what the backend wrote into a workspace (restored files) to the sandbox's user."""

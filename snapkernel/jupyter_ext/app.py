@@ -9,7 +9,7 @@ from traitlets import Dict, Float, Unicode
 
 from snapkernel.client import BackendClient
 from snapkernel.jupyter_ext.handlers import StatusHandler
-from snapkernel.jupyter_ext.kernels import KernelHandler, KernelsHandler
+from snapkernel.jupyter_ext.kernels import KernelHandler, KernelMoveHandler, KernelsHandler
 from snapkernel.jupyter_ext.snapshots import ResumeHandler, SnapshotHandler, SnapshotsHandler
 from snapkernel.protocol.connection import default_address, default_token
 
@@ -41,6 +41,7 @@ class SnapKernelApp(ExtensionApp):  # type: ignore[misc]
             (r"/snapkernel/api/status", StatusHandler),
             (r"/snapkernel/api/kernels", KernelsHandler),
             (rf"/snapkernel/api/kernels/{_KERNEL_ID}", KernelHandler),
+            (rf"/snapkernel/api/kernels/{_KERNEL_ID}/move", KernelMoveHandler),
             (r"/snapkernel/api/snapshots", SnapshotsHandler),
             (rf"/snapkernel/api/snapshots/{_SNAPSHOT_ID}", SnapshotHandler),
             (rf"/snapkernel/api/snapshots/{_SNAPSHOT_ID}/resume", ResumeHandler),

@@ -21,7 +21,7 @@ from jupyter_server.base.handlers import APIHandler
 from jupyter_server.extension.handler import ExtensionHandlerMixin
 
 from snapkernel.client import BackendClient
-from snapkernel.errors import InvalidSpecError, SnapkernelError
+from snapkernel.errors import InvalidSpecError, NotFoundError, SnapkernelError
 from snapkernel.kernel_provisioner.kernelspec import installed
 
 T = TypeVar("T")
@@ -106,6 +106,22 @@ class SnapKernelHandler(ExtensionHandlerMixin, APIHandler):  # type: ignore[misc
                 names = " or ".join(dict.fromkeys(_JSON_NAMES[t] for t in types))
                 raise InvalidSpecError(f"{key} {value!r} is not valid: expected {names}")
         return {k: v for k, v in body.items() if v is not None}
+
+    def sandbox_of(self, kernel_id: str, action: str) -> str:
+        """The sandbox of one of this server's snapkernel kernels (`action`: what only those can be, for the
+        error: "snapshotted", "moved")."""
+        from snapkernel.kernel_provisioner.provisioner import SnapKernelProvisioner
+
+        km: Any = self.kernel_manager
+        if kernel_id not in km:
+            raise NotFoundError(f"no kernel {kernel_id!r} on this server: GET /api/kernels lists them")
+        provisioner = getattr(km.get_kernel(kernel_id), "provisioner", None)
+        if not isinstance(provisioner, SnapKernelProvisioner):
+            raise InvalidSpecError(f"kernel {kernel_id!r} is not a snapkernel kernel: only kernels in sandboxes "
+                                   f"can be {action}")
+        if provisioner.sandbox_id is None:
+            raise NotFoundError(f"kernel {kernel_id!r} has no sandbox yet: wait until it has started")
+        return provisioner.sandbox_id
 
     def check_notebook_path(self, path: str) -> str:
         """An API path (relative to the server's root, '/'-separated) of a notebook that may not exist yet."""

@@ -24,12 +24,15 @@ from snapkernel.jupyter_ext.handlers import SnapKernelHandler, message_dict
 from snapkernel.kernel_provisioner.kernelspec import CPU_KERNEL
 from snapkernel.kernel_provisioner.provisioner import LAUNCH_SPEC, SnapKernelProvisioner
 from snapkernel.protocol.spec import spec_from_config
+from snapkernel.protocol.v1 import backend_pb2 as pb
 
-# The spec keys a client may choose at launch, with their JSON types.
-LAUNCH_KEYS: dict[str, type | tuple[type, ...]] = {
-    "gpu": str, "cpu": (int, float), "memory": (str, int), "disk": (str, int), "runtime": str, "restore_from": str,
-    "hibernate_after": (int, float),
+# The resources of a kernel (at launch, in a move, for a resume), with their JSON types.
+RESOURCE_KEYS: dict[str, type | tuple[type, ...]] = {
+    "gpu": str, "cpu": (int, float), "memory": (str, int), "disk": (str, int), "runtime": str,
 }
+# The spec keys a client may choose at launch.
+LAUNCH_KEYS: dict[str, type | tuple[type, ...]] = {**RESOURCE_KEYS, "restore_from": str,
+                                                   "hibernate_after": (int, float)}
 
 
 async def start_kernel(handler: SnapKernelHandler, kernel_name: str, spec: dict[str, Any],
@@ -101,6 +104,28 @@ class KernelsHandler(SnapKernelHandler):
         result = await start_kernel(self, kernel_name, body, path)
         self.set_status(201)
         self.finish(json.dumps(result, default=json_default))
+
+
+class KernelMoveHandler(SnapKernelHandler):
+    @tornado.web.authenticated
+    @authorized
+    async def post(self, kernel_id: str) -> None:
+        """Move the kernel to other resources (`gpu`, `cpu`, `memory`, `disk`, `runtime`; `allow_cpu_fallback`),
+        its variables intact, under the same kernel id and session. Answers once it runs there."""
+        body = self.json_body({**RESOURCE_KEYS, "allow_cpu_fallback": bool})
+        allow = bool(body.pop("allow_cpu_fallback", False))
+        if not body:
+            raise InvalidSpecError(f"the move changes nothing: give one of {', '.join(RESOURCE_KEYS)}")
+        spec = spec_from_config(body)  # a bad value is named before anything moves
+        request = pb.MoveSandboxRequest(id=self.sandbox_of(kernel_id, "moved"), allow_cpu_fallback=allow)
+        for key in body:  # those given, even "" (gpu: none)
+            setattr(request, key, getattr(spec, key))
+        sandbox_id = request.id
+        self.log.info("snapkernel kernel_id=%s sandbox_id=%s moving to %s", kernel_id, sandbox_id, body)
+        sandbox = await self.backend_call(lambda c: c.move_sandbox(request))
+        km: Any = self.kernel_manager
+        self.finish(json.dumps({"kernel": await ensure_async(km.kernel_model(kernel_id)),
+                                "sandbox": message_dict(sandbox)}, default=json_default))
 
 
 class KernelHandler(SnapKernelHandler):

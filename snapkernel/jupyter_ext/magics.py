@@ -3,6 +3,8 @@
 `%snapshot [--name NAME] [--kind memory|state]` asks the backend, through the sandbox's agent, for a
 snapshot of this kernel as soon as the current cell has finished. The kernel holds no token and no
 network: the request travels as a message on the kernel's iopub channel that the agent takes off it.
+`%move [--gpu G] [--cpu N] [--memory M] [--disk D] [--runtime R] [--allow-cpu-fallback]` travels the same way:
+the kernel moves to those resources once the cell has finished, and the next cell runs there.
 
 `%%fanout --over EXPR --as NAME [...]` runs the cell body once per item of EXPR in worker sandboxes
 (see `snapkernel.fanout`); its flags follow ipyparallel's `%%px` vocabulary where they overlap.
@@ -80,6 +82,44 @@ class SnapKernelMagics(Magics):  # type: ignore[misc]
                             parent=kernel.get_parent("shell"))
         print(f"snapkernel: a {args.kind} snapshot{' ' + repr(args.name) if args.name else ''} will be taken "
               "when this cell finishes (`snapkernel snapshots list` shows it)")
+
+    @line_magic  # type: ignore[misc]
+    def move(self, line: str) -> None:
+        from snapkernel.errors import InvalidSpecError
+        from snapkernel.protocol.spec import check_cpu, parse_disk, parse_gpu, parse_memory
+
+        parser = _Parser(prog="%move", add_help=False)
+        parser.add_argument("--gpu", metavar="SPEC")
+        parser.add_argument("--cpu", type=float, metavar="N")
+        parser.add_argument("--memory", metavar="M")
+        parser.add_argument("--disk", metavar="D")
+        parser.add_argument("--runtime", metavar="NAME")
+        parser.add_argument("--allow-cpu-fallback", action="store_true")
+        parser.add_argument("--timeout", type=float, default=0.0, metavar="S")
+        args = parser.parse_args(shlex.split(line))
+        resources = ("gpu", "cpu", "memory", "disk", "runtime")
+        move = {k: getattr(args, k) for k in resources if getattr(args, k) is not None}
+        if not move:
+            raise UsageError("%move: give the resources to move to, e.g. `%move --memory 8Gi --cpu 2` or "
+                             "`%move --gpu H100`")
+        try:  # a typo is named now, not after the cell
+            parse_gpu(move.get("gpu", ""))
+            check_cpu(move.get("cpu", 1.0))
+            parse_memory(move.get("memory", "1Gi"))
+            parse_disk(move.get("disk", "1Gi"))
+        except InvalidSpecError as e:
+            raise UsageError(f"%move: {e}") from e
+        if args.timeout < 0:
+            raise UsageError(f"%move --timeout {args.timeout:g} is not valid: give seconds above 0")
+        kernel = getattr(self.shell, "kernel", None)
+        if kernel is None or not os.environ.get("SNAPKERNEL_SANDBOX_ID"):
+            raise UsageError("%move works in snapkernel kernels only (this kernel runs outside a sandbox)")
+        move.update(allow_cpu_fallback=args.allow_cpu_fallback, timeout=args.timeout)
+        kernel.session.send(kernel.iopub_socket, REQUEST_MSG_TYPE, {"action": "move", "move": move},
+                            parent=kernel.get_parent("shell"))
+        what = ", ".join(f"{k} {v if v != '' else 'none'}" for k, v in move.items() if k in resources)
+        print(f"snapkernel: this kernel moves to {what} when this cell finishes; the next cell runs there, with "
+              "every variable")
 
     @cell_magic  # type: ignore[misc]
     def fanout(self, line: str, cell: str) -> Any:

@@ -9,11 +9,10 @@ import tornado.web
 from jupyter_client.jsonutil import json_default
 from jupyter_server.auth.decorator import authorized
 
-from snapkernel.errors import InvalidSpecError, NotFoundError
+from snapkernel.errors import InvalidSpecError
 from snapkernel.jupyter_ext.handlers import SnapKernelHandler, message_dict
-from snapkernel.jupyter_ext.kernels import start_kernel
+from snapkernel.jupyter_ext.kernels import RESOURCE_KEYS, start_kernel
 from snapkernel.kernel_provisioner.kernelspec import CPU_KERNEL
-from snapkernel.kernel_provisioner.provisioner import SnapKernelProvisioner
 from snapkernel.protocol.kinds import DEFAULT_SNAPSHOT_KIND, check_snapshot_kind
 from snapkernel.protocol.spec import check_sandbox_id, check_snapshot_id
 from snapkernel.protocol.v1 import backend_pb2 as pb
@@ -43,25 +42,13 @@ class SnapshotsHandler(SnapKernelHandler):
         body = self.json_body({"kernel_id": str, "sandbox_id": str, "kind": str, "name": str})
         if ("kernel_id" in body) == ("sandbox_id" in body):
             raise InvalidSpecError("give exactly one of kernel_id (a Jupyter kernel's id) or sandbox_id (sb-...)")
-        sandbox_id = (self.sandbox_of(body["kernel_id"]) if "kernel_id" in body
+        sandbox_id = (self.sandbox_of(body["kernel_id"], "snapshotted") if "kernel_id" in body
                       else check_sandbox_id(body["sandbox_id"]))
         kind, name = check_snapshot_kind(body.get("kind", DEFAULT_SNAPSHOT_KIND)), body.get("name", "")
         self.log.info("snapkernel sandbox_id=%s taking a %s snapshot", sandbox_id, kind)
         info = await self.backend_call(lambda c: c.create_snapshot(sandbox_id, kind, name))
         self.set_status(201)
         self.finish(json.dumps(self.snapshot_dict(info)))
-
-    def sandbox_of(self, kernel_id: str) -> str:
-        km: Any = self.kernel_manager
-        if kernel_id not in km:
-            raise NotFoundError(f"no kernel {kernel_id!r} on this server: GET /api/kernels lists them")
-        provisioner = getattr(km.get_kernel(kernel_id), "provisioner", None)
-        if not isinstance(provisioner, SnapKernelProvisioner):
-            raise InvalidSpecError(f"kernel {kernel_id!r} is not a snapkernel kernel: only kernels in sandboxes "
-                                   "can be snapshotted")
-        if provisioner.sandbox_id is None:
-            raise NotFoundError(f"kernel {kernel_id!r} has no sandbox yet: wait until it has started")
-        return provisioner.sandbox_id
 
 
 class SnapshotHandler(SnapKernelHandler):
@@ -79,19 +66,21 @@ class ResumeHandler(SnapKernelHandler):
     @tornado.web.authenticated
     @authorized
     async def post(self, snapshot_id: str) -> None:
-        """A kernel restored from the snapshot, with the snapshot's resources; with `path`, that notebook's
+        """A kernel restored from the snapshot, with the snapshot's resources or those the body gives (`gpu`,
+        `cpu`, `memory`, `disk`, `runtime`: a state snapshot resumes anywhere); with `path`, that notebook's
         session uses it."""
-        body = self.json_body({"path": str, "name": str})
+        body = self.json_body({"path": str, "name": str, **RESOURCE_KEYS})
         check_snapshot_id(snapshot_id)
         info = await self.backend_call(lambda c: c.get_snapshot(snapshot_id))
         spec: dict[str, Any] = {"restore_from": snapshot_id}
-        for key in ("gpu", "memory", "runtime"):
+        for key in ("gpu", "memory", "disk", "runtime"):
             if getattr(info.spec, key):
                 spec[key] = getattr(info.spec, key)
         if info.spec.cpu:
             spec["cpu"] = info.spec.cpu
         if info.runtime and "runtime" not in spec:
             spec["runtime"] = info.runtime
+        spec.update({key: body[key] for key in RESOURCE_KEYS if key in body})
         result = await start_kernel(self, body.get("name", CPU_KERNEL), spec, body.get("path"))
         self.log.info("snapkernel snapshot_id=%s resumed as kernel_id=%s", snapshot_id, result["kernel"]["id"])
         self.set_status(201)

@@ -256,3 +256,10 @@ def spec_from_config(config: Mapping[str, Any]) -> pb.SandboxSpec:
     if spec.runtime:
         check_runtime_name(spec.runtime)
     return spec
+
+
+def describe_spec(spec: ParsedSpec) -> str:
+    """A spec's resources for people: "gvisor, cpu 2, memory 2Gi, disk 10Gi" (with "gpu H100:2" first if any)."""
+    gpu = f"gpu {spec.gpu.model}:{spec.gpu.count}, " if spec.gpu else ""
+    return (f"{spec.runtime}, {gpu}cpu {spec.cpu:g}, memory {format_bytes(spec.memory)}, "
+            f"disk {format_bytes(spec.disk)}")

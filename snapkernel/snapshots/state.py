@@ -2,18 +2,20 @@
 
 Runs inside the kernel (the agent asks it to). Arrays and tensors (numpy, torch, cupy, jax) are written as
 raw `.npy` buffers, in parallel, with the device they lived on; modules are recorded by name and imported
-again; everything else goes through cloudpickle, one file per variable, so one object that cannot be
-saved only costs its own name, reported with the reason.
+again; closed files (left by every `with open(...) as f`) as placeholders; everything else goes through
+cloudpickle, one file per variable, so one object that cannot be saved only costs its own name, reported with
+the reason.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 # The namespace's index. Not `manifest.json`: that name is the store's own record of every snapshot;
 # state snapshots written before then keep their index there (`load` reads either).
@@ -60,6 +62,12 @@ def load_code(relative: str) -> str:
             f"__import__('os').path.join(__import__('os').environ['HOME'], {relative!r}))")
 
 
+def gpu_variables_code() -> str:
+    """Code for the kernel: print `gpu_variables()` as one JSON line (a move to a CPU-only spec checks it)."""
+    return ("print(__import__('json').dumps(__import__('snapkernel.snapshots.state', "
+            "fromlist=['gpu_variables']).gpu_variables()))")
+
+
 def _namespace() -> dict[str, Any]:
     from IPython import get_ipython
 
@@ -69,6 +77,63 @@ def _namespace() -> dict[str, Any]:
     hidden = set(getattr(ip, "user_ns_hidden", {}))
     ns: dict[str, Any] = ip.user_ns
     return {k: v for k, v in ns.items() if not k.startswith("_") and k not in _SKIP and k not in hidden}
+
+
+class ClosedFile:
+    """What a closed file object is saved and restored as: its name and mode, and a closed file's errors.
+
+    A closed file cannot be pickled, yet every `with open(...) as f` leaves one in the namespace; without a
+    stand-in it would block hibernating or moving the kernel. Module-level, so cloudpickle saves it by
+    reference.
+    """
+
+    closed = True
+
+    def __init__(self, name: str | int | None, mode: str | None) -> None:
+        self.name = name
+        self.mode = mode
+
+    def __repr__(self) -> str:
+        name = "" if self.name is None else f" {self.name!r}"
+        mode = "" if self.mode is None else f", mode {self.mode!r}"
+        return f"<closed file{name}{mode}>"
+
+    def _closed(self, *args: object, **kwargs: object) -> NoReturn:
+        raise ValueError("I/O operation on closed file.")
+
+    read = readline = readlines = write = writelines = seek = tell = truncate = fileno = flush = _closed
+    readable = writable = seekable = isatty = __iter__ = __next__ = __enter__ = _closed
+
+    def close(self) -> None:
+        """Closing a closed file does nothing, as for a real one."""
+
+    def __exit__(self, *exc: object) -> None:  # `with` needs it to reach __enter__'s error
+        self.close()
+
+
+def _file_types() -> tuple[type, ...]:
+    """The file objects saved as `ClosedFile` once closed (compressed ones where their module is loaded)."""
+    found: list[type] = [io.TextIOWrapper, io.BufferedReader, io.BufferedWriter, io.BufferedRandom, io.FileIO]
+    for module, cls in (("gzip", "GzipFile"), ("bz2", "BZ2File"), ("lzma", "LZMAFile")):
+        if module in sys.modules:
+            found.append(getattr(sys.modules[module], cls))
+    return tuple(found)
+
+
+def _file_facts(f: Any) -> tuple[bool, str | int | None, str | None]:
+    """(closed, name, mode) of a file object; name or mode None where it has none (e.g. a BZ2File)."""
+    try:
+        closed = bool(f.closed)
+    except ValueError:  # a TextIOWrapper whose buffer was detached: no file left behind it
+        closed = True
+    try:
+        name = f.name
+    except (AttributeError, ValueError):
+        name = None
+    mode = getattr(f, "mode", None)
+    if isinstance(mode, int):  # an older GzipFile: gzip.READ or gzip.WRITE
+        mode = {1: "rb", 2: "wb"}.get(mode)
+    return closed, name if isinstance(name, (str, int)) else None, mode if isinstance(mode, str) else None
 
 
 def _as_array(value: Any) -> tuple[Any, str] | None:
@@ -81,7 +146,7 @@ def _as_array(value: Any) -> tuple[Any, str] | None:
         return value.detach().cpu().numpy(), f"torch:{value.device}:{value.requires_grad}"
     cupy = sys.modules.get("cupy")
     if cupy is not None and isinstance(value, cupy.ndarray):
-        return cupy.asnumpy(value), "cupy"
+        return cupy.asnumpy(value), f"cupy:{value.device.id}"
     jax = sys.modules.get("jax")
     if jax is not None and isinstance(value, jax.Array):
         import numpy
@@ -138,12 +203,25 @@ def _collect() -> tuple[dict[str, Any], list[tuple[str, Any]], list[tuple[str, b
     """The namespace as (manifest, arrays to write, pickles to write), nothing written yet."""
     import cloudpickle
 
-    manifest: dict[str, Any] = {"arrays": {}, "pickles": [], "modules": {}, "skipped": {}}
+    # Closed files are pickles (of `ClosedFile`), named in "closed_files" too; `load` needs no more.
+    manifest: dict[str, Any] = {"arrays": {}, "pickles": [], "modules": {}, "skipped": {}, "closed_files": []}
     arrays: list[tuple[str, Any]] = []
     pickles: list[tuple[str, bytes]] = []
+    file_types = _file_types()
     for name, value in _namespace().items():
         if isinstance(value, types.ModuleType):
             manifest["modules"][name] = value.__name__
+            continue
+        if isinstance(value, file_types):
+            closed, file_name, mode = _file_facts(value)
+            if not closed:
+                what = "" if file_name is None else f" {file_name!r}" + ("" if mode is None else f" (mode {mode!r})")
+                manifest["skipped"][name] = (f"an open file{what}: only closed files are saved (they come back "
+                                             f"closed); close it (`{name}.close()`) and snapshot again")
+                continue
+            pickles.append((name, cloudpickle.dumps(ClosedFile(file_name, mode))))
+            manifest["pickles"].append(name)
+            manifest["closed_files"].append(name)
             continue
         try:
             as_array = _as_array(value)
@@ -179,21 +257,40 @@ def _write(base: Path, manifest: dict[str, Any], arrays: list[tuple[str, Any]],
     (base / MANIFEST).write_text(json.dumps(manifest))
 
 
+def _target_device(saved: str, gpu_count: int) -> str:
+    """The device for what was saved on `saved` ("cuda:1", "cpu") in a kernel that sees `gpu_count` GPUs.
+
+    A moved kernel sees its sandbox's GPUs only, numbered from 0, maybe fewer or none: a saved `cuda:N` keeps
+    its index where that GPU exists, goes to cuda:0 where not, and to the CPU where there is no GPU.
+    """
+    kind, _, index = saved.partition(":")
+    if kind != "cuda":
+        return saved
+    if gpu_count < 1:
+        return "cpu"
+    return f"cuda:{int(index) if index.isdigit() and int(index) < gpu_count else 0}"
+
+
 def _on_device(array: Any, origin: str) -> Any:
     if origin.startswith("torch:"):
         import torch
 
-        _, device, grad = origin.split(":", 2) if origin.count(":") >= 2 else (origin, "cpu", "False")
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            device = "cpu"  # portable: a GPU tensor lands on the CPU where no GPU is
-        return torch.from_numpy(array).to(device).requires_grad_(grad == "True")
-    if origin == "cupy":
+        # "torch:cuda:1:False": the device itself holds a colon.
+        device, _, grad = origin.removeprefix("torch:").rpartition(":")
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return torch.from_numpy(array).to(_target_device(device or "cpu", gpus)).requires_grad_(grad == "True")
+    if origin == "cupy" or origin.startswith("cupy:"):  # "cupy": saved before the device was recorded
         try:
             import cupy
 
-            return cupy.asarray(array)
+            device = _target_device(f"cuda:{origin.removeprefix('cupy').lstrip(':') or 0}",
+                                    cupy.cuda.runtime.getDeviceCount())
         except Exception:
+            return array  # no cupy, or no GPU: the array stays a numpy one
+        if device == "cpu":
             return array
+        with cupy.cuda.Device(int(device.removeprefix("cuda:"))):
+            return cupy.asarray(array)
     if origin == "jax":
         import jax.numpy as jnp
 
@@ -230,3 +327,34 @@ def load(path: str) -> dict[str, Any]:
               "failed": failed, "skipped_at_snapshot": manifest["skipped"]}
     print(json.dumps(report))
     return report
+
+
+def gpu_variables() -> dict[str, int]:
+    """The namespace's variables that live on a GPU, with their bytes there.
+
+    A move to a spec without a GPU brings arrays and tensors back on the CPU, and cannot load a torch module
+    pickled with CUDA tensors: the move asks first. Torch tensors and modules (their CUDA parameters and
+    buffers), cupy arrays and jax arrays, of the frameworks the kernel has imported; a variable that cannot
+    say where it lives is left out.
+    """
+    torch, cupy, jax = (sys.modules.get(m) for m in ("torch", "cupy", "jax"))
+    found: dict[str, int] = {}
+    for name, value in _namespace().items():
+        try:
+            if torch is not None and isinstance(value, torch.Tensor):
+                on_gpu, nbytes = value.is_cuda, value.element_size() * value.nelement()
+            elif torch is not None and isinstance(value, torch.nn.Module):
+                cuda = [t for t in (*value.parameters(), *value.buffers()) if t.is_cuda]
+                on_gpu, nbytes = bool(cuda), sum(t.element_size() * t.nelement() for t in cuda)
+            elif cupy is not None and isinstance(value, cupy.ndarray):
+                on_gpu, nbytes = True, int(value.nbytes)
+            elif jax is not None and isinstance(value, jax.Array):
+                on_gpu = any(d.platform in ("gpu", "cuda", "rocm") for d in value.devices())
+                nbytes = int(value.nbytes)
+            else:
+                continue
+        except Exception:
+            continue
+        if on_gpu:
+            found[name] = nbytes
+    return found

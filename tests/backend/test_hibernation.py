@@ -124,7 +124,7 @@ def test_a_failed_wake_says_why_in_the_notebook(backend: Backend) -> None:
         assert content["status"] == "error" and content["ename"] == "KernelWakeError"
         assert any("waking this kernel failed" in m["content"].get("text", "") for m in outputs)
         sb = get(backend, sandbox)
-        assert sb.state == pb.FAILED and "waking the kernel failed" in sb.message
+        assert sb.state == pb.FAILED and "waking this kernel failed" in sb.message
 
 
 def test_a_hibernated_kernel_survives_a_backend_restart(own_backend: Backend) -> None:

@@ -17,11 +17,13 @@ def test_state_snapshot_moves_variables_to_a_fresh_kernel(backend: Backend, kern
         run(kc, "import os, math, numpy as np, threading\n"
                 "table = {'rows': [1, 2, 3], 'name': 'fit'}\narr = np.arange(12, dtype=np.float32).reshape(3, 4)\n"
                 "def helper(x):\n    return x * 2 + len(table['rows'])\n"
-                "square = lambda v: v * v\nlock = threading.Lock()\n_private = 1")
+                "square = lambda v: v * v\nlock = threading.Lock()\n_private = 1\n"
+                "with open('notes.txt', 'w') as notes:\n    notes.write('x')\nlog = open('log.txt', 'w')")
         sandbox = value(kc, "os.environ['SNAPKERNEL_SANDBOX_ID']").strip("'")
         snap: pb.SnapshotInfo = backend_call(backend, lambda c: c.create_snapshot(sandbox, "state", "vars"))
         assert snap.kind == "state" and "arr.npy" in {f.name for f in snap.files}
-        assert dict(snap.skipped).keys() == {"lock"} and "pickle" in snap.skipped["lock"]
+        assert dict(snap.skipped).keys() == {"lock", "log"} and "pickle" in snap.skipped["lock"]
+        assert snap.skipped["log"].startswith("an open file 'log.txt' (mode 'w'): ")
         # The agent's own request left no trace in the notebook's session.
         _, outputs = run(kc, "1")
         assert not [m for m in outputs if m["msg_type"] == "stream"]
@@ -31,6 +33,7 @@ def test_state_snapshot_moves_variables_to_a_fresh_kernel(backend: Backend, kern
         assert value(kc, "arr.dtype.name, arr.shape, float(arr.sum())") == "('float32', (3, 4), 66.0)"
         assert value(kc, "helper(10), square(4), math.pi > 3, np.__name__") == "(23, 16, True, 'numpy')"
         assert value(kc, "'lock' in globals(), '_private' in globals()") == "(False, False)"
+        assert value(kc, "notes, notes.closed") == "(<closed file 'notes.txt', mode 'w'>, True)"
 
 
 @pytest.mark.gvisor

@@ -138,8 +138,9 @@ class SandboxRuntime(ABC):
     def prepare(self, record: SandboxRecord, spec: ParsedSpec, env: dict[str, str]) -> Launch:
         """The sandbox's entry point and limits (the agent is the entry point's stdio peer)."""
 
-    def prepare_restore(self, record: SandboxRecord, snapshot_dir: Path) -> Launch:
-        """The entry point that resumes a memory snapshot in this sandbox (`capabilities.restore`)."""
+    def prepare_restore(self, record: SandboxRecord, spec: ParsedSpec, snapshot_dir: Path) -> Launch:
+        """The entry point that resumes a memory snapshot in this sandbox (`capabilities.restore`), with the limits
+        of `spec` (a move or a resume may give it more memory or CPU than the image had)."""
         raise StateError(f"the {self.name} runtime cannot restore memory snapshots; use a state snapshot")
 
     async def checkpoint(self, record: SandboxRecord, image_dir: Path, leave_running: bool = True) -> None:
@@ -157,7 +158,7 @@ class SandboxRuntime(ABC):
         sets `record.pid`; returns how limits are applied."""
         sandbox_dir = Path(record.dir)
         (sandbox_dir / "workspace").mkdir(parents=True, exist_ok=True)
-        plan = self.prepare_restore(record, restore) if restore else self.prepare(record, spec, env)
+        plan = self.prepare_restore(record, spec, restore) if restore else self.prepare(record, spec, env)
         argv = [
             sys.executable, "-m", "snapkernel.backend.shim",
             "--socket", str(sandbox_dir / LINK_SOCKET),

@@ -132,6 +132,7 @@ def find_runsc(configured: str = "") -> str | None:
 
 ROOTFS = "rootfs"  # in the sandbox's directory: the skeleton of its minimal root filesystem
 PLATFORM = "dev.snapkernel.platform"  # OCI annotation: the gVisor platform the sandbox runs under
+RLIM_INFINITY = 2**64 - 1  # OCI's rlimits are uint64; this one is RLIM_INFINITY
 
 
 class GvisorRuntime(SandboxRuntime):
@@ -261,11 +262,6 @@ class GvisorRuntime(SandboxRuntime):
         mounts.append(bind(workspace, "rw"))
         user = self.user_for(spec)
         tasks = self.tasks_for(spec)
-        resources: dict[str, Any] = {
-            "memory": {"limit": spec.memory},
-            "cpu": {"quota": int(spec.cpu * 100000), "period": 100000},
-            "pids": {"limit": tasks * HOST_TASKS_PER_PROCESS + HOST_TASKS_BASE},
-        }
         # Started as root only to set the Sentry-enforced pids limit, then the agent becomes `user` for good.
         env = {**env, "SNAPKERNEL_RUN_AS": f"{user.uid}:{user.gid}", "SNAPKERNEL_PIDS_LIMIT": str(tasks)}
         setid_only = ["CAP_SETUID", "CAP_SETGID"]
@@ -288,8 +284,15 @@ class GvisorRuntime(SandboxRuntime):
             "mounts": mounts,
             "linux": {
                 "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")],
-                "resources": resources,
+                "resources": self.resources(spec),
             },
+        }
+
+    def resources(self, spec: ParsedSpec) -> dict[str, Any]:
+        return {
+            "memory": {"limit": spec.memory},
+            "cpu": {"quota": int(spec.cpu * 100000), "period": 100000},
+            "pids": {"limit": self.tasks_for(spec) * HOST_TASKS_PER_PROCESS + HOST_TASKS_BASE},
         }
 
     def tasks_for(self, spec: ParsedSpec) -> int:
@@ -343,9 +346,13 @@ class GvisorRuntime(SandboxRuntime):
             "rootfs": oci["root"]["path"] == str(Path(record.dir) / ROOTFS),
         }))
 
-    def prepare_restore(self, record: SandboxRecord, snapshot_dir: Path) -> Launch:
+    def prepare_restore(self, record: SandboxRecord, spec: ParsedSpec, snapshot_dir: Path) -> Launch:
         saved = json.loads((snapshot_dir / "sandbox.json").read_text())
         oci = saved["oci"]
+        # The sandbox's limits are this spec's (the Sentry's memory and CPU quota are set as it restores); the
+        # restored processes keep their own rlimits, which the agent raises to this memory (`Identity.memory`).
+        oci["linux"]["resources"].update(self.resources(spec))
+        oci["process"]["rlimits"] = self.rlimits(spec)
         # The restored processes expect every mount where it was; only the sources in the old sandbox's
         # directory (its workspace, its pyvenv.cfg) move to this one's.
         old = str(Path(saved["workspace"]).parent)
@@ -388,8 +395,9 @@ class GvisorRuntime(SandboxRuntime):
         if spec.gpu is None:
             # An address-space limit turns a memory hog into a MemoryError in its cell, reported to the
             # notebook, before the cgroup limit kills the whole sandbox. Not with GPUs: CUDA reserves far
-            # more address space than it ever touches.
-            limits.append({"type": "RLIMIT_AS", "hard": spec.memory, "soft": spec.memory})
+            # more address space than it ever touches. Only the soft limit: the Sentry's memory limit is the
+            # boundary, and a kernel moved to more memory raises its own (it runs unprivileged).
+            limits.append({"type": "RLIMIT_AS", "hard": RLIM_INFINITY, "soft": spec.memory})
         return limits
 
     def cleanup(self, record: SandboxRecord) -> None:

@@ -1,0 +1,188 @@
+"""Moving a live kernel to other resources: the same sandbox and Jupyter kernel, its variables intact, cells sent
+meanwhile run after it, once; what cannot be done is refused before anything stops, and a move that fails half-way
+leaves the kernel where it was."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from snapkernel.errors import InvalidSpecError, NoCapacityError, SnapkernelError, StateError
+from snapkernel.protocol.v1 import backend_pb2 as pb
+from tests.backend.test_hibernation import get, sandbox_of
+from tests.conftest import Backend
+from tests.kernel_provisioner.kernel_helpers import reply_to, run, running_kernel, value, write_kernelspec
+from tests.snapshots.test_memory import backend_call
+
+OTHER = {"process": "gvisor", "gvisor": "process"}
+SMALL = {"cpu": 1, "memory": "1Gi"}
+# Everything the issue names: numpy arrays, a DataFrame, a function and a class instance of the notebook's own,
+# an imported module, and the closed file `with open(...)` leaves behind.
+STATE = """
+import numpy as np, pandas as pd, json as js
+arr = np.arange(1_000_000, dtype=np.int64)
+df = pd.DataFrame({"a": [1, 2, 3], "b": ["x", "y", "z"]})
+def double(v):
+    return 2 * v
+class Point:
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+p = Point(3, 4)
+with open("notes.txt", "w") as fh:
+    fh.write("kept")
+counter = 0
+"""
+CHECK = ("(int(arr.sum()), df['b'].tolist(), double(21), (p.x, p.y), js.dumps([1]), fh.closed, "
+         "open('notes.txt').read(), counter)")
+EXPECTED = f"({sum(range(1_000_000))}, ['x', 'y', 'z'], 42, (3, 4), '[1]', True, 'kept', 1)"
+
+
+def move(backend: Backend, sandbox: str, **overrides: Any) -> pb.Sandbox:
+    request = pb.MoveSandboxRequest(id=sandbox, **overrides)
+    result: pb.Sandbox = backend_call(backend, lambda c: c.move_sandbox(request))
+    return result
+
+
+def wait_moving(backend: Backend, sandbox: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while get(backend, sandbox).state != pb.MOVING:
+        assert time.monotonic() < deadline, "the move never began"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("change", ["runtime", "cpu", "memory"])
+def test_a_moved_kernel_keeps_its_variables_and_runs_the_cell_sent_meanwhile_once(
+        backend: Backend, kernelspec_dir: Path, change: str) -> None:
+    name = write_kernelspec(kernelspec_dir, "snapkernel-test-move", SMALL)
+    overrides: dict[str, Any] = {"runtime": {"runtime": OTHER[backend.runtime]}, "cpu": {"cpu": 2},
+                                 "memory": {"memory": "2Gi"}}[change]
+    with running_kernel(name) as (km, kc):
+        sandbox = sandbox_of(kc)
+        before = get(backend, sandbox)
+        content, _ = run(kc, STATE)
+        assert content["status"] == "ok", content
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            moving = pool.submit(move, backend, sandbox, **overrides)
+            wait_moving(backend, sandbox)
+            sent = kc.execute("counter += 1")  # held while it moves, then run there, once
+            moved = moving.result(timeout=180)
+        assert reply_to(kc, sent, timeout=60)["content"]["status"] == "ok"
+        assert moved.id == sandbox and moved.kernel_id == before.kernel_id and moved.state == pb.RUNNING
+        assert "moved to" in moved.message, moved.message
+        for key, want in overrides.items():
+            assert getattr(moved.spec, key) == want, moved.spec
+        assert moved.runtime == overrides.get("runtime", backend.runtime)
+        assert value(kc, CHECK) == EXPECTED
+        assert km.is_alive()
+        if change == "memory":  # the new limit holds: more than the old 1Gi fits now
+            assert value(kc, "len(bytearray(1400 * 2**20))", timeout=120) == str(1400 * 2**20)
+        if change == "cpu" and moved.runtime == "process" and moved.limits == "cgroup2":
+            quota = Path(f"/sys/fs/cgroup/snapkernel/{sandbox}/cpu.max")
+            if quota.exists():
+                assert quota.read_text().split()[0] == "200000"
+
+
+def test_a_move_that_cannot_be_met_is_refused_before_anything_stops(backend: Backend, kernelspec_dir: Path) -> None:
+    name = write_kernelspec(kernelspec_dir, "snapkernel-test-move", SMALL)
+    with running_kernel(name) as (_km, kc):
+        sandbox = sandbox_of(kc)
+        run(kc, "kept = [1, 2, 3]\nballast = bytearray(100 * 2**20)")
+        pid = get(backend, sandbox).pid
+        refusals: list[tuple[dict[str, Any], type[SnapkernelError], str]] = [
+            ({"gpu": "H100"}, NoCapacityError, "no GPU of model 'H100' here"),
+            ({"memory": "1Ti"}, NoCapacityError, "more than this host's"),
+            ({"memory": "lots"}, InvalidSpecError, "'lots'"),
+            ({"cpu": -1.0}, InvalidSpecError, "cpu -1 is not valid"),
+            ({"runtime": "docker"}, InvalidSpecError, "runtime 'docker' is not known"),
+            ({"disk": "1Gi"}, InvalidSpecError, "a workspace can grow, not shrink"),
+            ({"cpu": 1.0, "memory": "1Gi"}, InvalidSpecError, "has .* already"),
+            ({"memory": "64Mi"}, NoCapacityError, "its kernel uses .* more than the 64Mi"),
+        ]
+        for overrides, error, match in refusals:
+            with pytest.raises(error, match=match):
+                move(backend, sandbox, **overrides)
+        with pytest.raises(InvalidSpecError, match="timeout -1"):
+            move(backend, sandbox, cpu=2, timeout=-1)
+        with pytest.raises(InvalidSpecError, match="sandbox id"):
+            move(backend, "sb-../../etc", cpu=2)
+        sb = get(backend, sandbox)
+        assert sb.state == pb.RUNNING and sb.pid == pid and sb.spec.memory == "1Gi"  # never stopped
+        assert value(kc, "kept") == "[1, 2, 3]"
+
+
+@pytest.mark.parametrize("backend", ["process"], indirect=True)
+def test_a_state_move_refuses_variables_it_cannot_carry(backend: Backend, kernelspec_dir: Path) -> None:
+    name = write_kernelspec(kernelspec_dir, "snapkernel-test-move", SMALL)
+    with running_kernel(name) as (_km, kc):
+        sandbox = sandbox_of(kc)
+        run(kc, "gen = (i for i in range(5))\nfirst = next(gen)")
+        pid = get(backend, sandbox).pid
+        with pytest.raises(StateError, match="gen"):
+            move(backend, sandbox, cpu=2)
+        sb = get(backend, sandbox)
+        assert sb.state == pb.RUNNING and sb.pid == pid and "could not move" in sb.message
+        assert value(kc, "next(gen)") == "1"
+
+
+@pytest.mark.parametrize("backend", [pytest.param("process", marks=pytest.mark.gvisor)], indirect=True)
+def test_a_move_whose_new_sandbox_fails_leaves_the_kernel_where_it_was(backend: Backend,
+                                                                      kernelspec_dir: Path) -> None:
+    # 300 MiB of variables fit the kernel's 1Gi where it runs, not a gvisor sandbox of 512Mi (a kernel there
+    # takes about that much address space by itself): the new sandbox fails as it loads them, or as it starts.
+    name = write_kernelspec(kernelspec_dir, "snapkernel-test-move", SMALL)
+    with running_kernel(name) as (_km, kc):
+        sandbox = sandbox_of(kc)
+        content, _ = run(kc, "import numpy\nbig = numpy.ones(300 * 2**20 // 8)\nx = 41")
+        assert content["status"] == "ok", content
+        with pytest.raises(StateError, match="could not move to gvisor, .*, so it runs where it was"):
+            move(backend, sandbox, runtime="gvisor", memory="512Mi")
+        sb = get(backend, sandbox)
+        assert sb.state == pb.RUNNING and sb.runtime == "process" and sb.spec.memory == "1Gi"
+        assert "could not move" in sb.message
+        outputs = run(kc, "x")[1]  # the next cell hears why
+        assert any("could not move" in m["content"].get("text", "") for m in outputs), outputs
+        assert value(kc, "(x + 1, int(big.sum()))") == f"(42, {300 * 2**20 // 8})"
+
+
+def test_move_magic_moves_when_the_cell_ends(backend: Backend, kernelspec_dir: Path) -> None:
+    name = write_kernelspec(kernelspec_dir, "snapkernel-test-move", SMALL)
+    with running_kernel(name) as (_km, kc):
+        sandbox = sandbox_of(kc)
+        content, outputs = run(kc, "y = 'before'\n%move --cpu 2")
+        assert content["status"] == "ok", content
+        assert any("moves to cpu 2.0 when this cell finishes" in m["content"].get("text", "") for m in outputs)
+        content, outputs = run(kc, "y", timeout=180)  # held until the move is done
+        assert content["status"] == "ok"
+        assert any("this kernel moved to" in m["content"].get("text", "") for m in outputs), outputs
+        assert get(backend, sandbox).spec.cpu == 2
+        content, _ = run(kc, "%move --memory lots")
+        assert content["status"] == "error" and "'lots'" in content["evalue"]
+        content, _ = run(kc, "%move")
+        assert content["status"] == "error" and "give the resources" in content["evalue"]
+        run(kc, "%move --memory 1Ti")  # refused by the backend: the next cell says so
+        time.sleep(1)
+        outputs = run(kc, "y")[1]
+        assert any("%move failed" in m["content"].get("text", "") and "1Ti" in m["content"]["text"]
+                   for m in outputs), outputs
+
+
+def test_sandboxes_move_command(backend: Backend, kernelspec_dir: Path) -> None:
+    name = write_kernelspec(kernelspec_dir, "snapkernel-test-move", SMALL)
+    env = {**backend.env(), "PATH": "/usr/bin:/bin"}
+    with running_kernel(name) as (_km, kc):
+        sandbox = sandbox_of(kc)
+        run(kc, "z = 7")
+        out = subprocess.run([sys.executable, "-m", "snapkernel.cli", "sandboxes", "move", sandbox, "--memory",
+                              "1536Mi"], capture_output=True, text=True, env=env, timeout=300)
+        assert out.returncode == 0, out.stderr
+        assert "moved to" in out.stdout and "saving the kernel" in out.stderr
+        assert value(kc, "z") == "7"
+        bad = subprocess.run([sys.executable, "-m", "snapkernel.cli", "sandboxes", "move", sandbox],
+                             capture_output=True, text=True, env=env, timeout=60)
+        assert bad.returncode != 0 and "give the resources to move to" in bad.stderr
