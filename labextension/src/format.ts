@@ -133,19 +133,23 @@ const ASLEEP = new Set(['hibernating', 'hibernated']);
 
 /**
  * The notification for a sandbox going from `previous` to `next` state, or null when there is
- * nothing to tell (first sight, no change, ordinary start). `resources` is what the kernel has in
- * `next` (resourcesSummary), for the end of a move.
+ * nothing to tell (first sight, no change, ordinary start). At the end of a move, `moved` says how
+ * it went: the sandbox's message ("could not move, so it runs where it was: …" when it did not)
+ * and its resources now (resourcesSummary).
  */
 export function transitionMessage(
   previous: string | undefined,
   next: string,
-  resources = ''
+  moved: { message: string; resources: string } = { message: '', resources: '' }
 ): { kind: 'info' | 'success' | 'error'; message: string } | null {
   if (previous === undefined || previous === next) {
     return null;
   }
   if (next === 'running' && previous === 'moving') {
-    const now = resources ? ` now ${resources},` : '';
+    if (moved.message.startsWith('could not move')) {
+      return { kind: 'error', message: `Kernel ${moved.message}` };
+    }
+    const now = moved.resources ? ` now ${moved.resources},` : '';
     return { kind: 'success', message: `Kernel moved:${now} every variable is where you left it.` };
   }
   if (next === 'hibernating') {

@@ -62,8 +62,9 @@ const plugin: JupyterFrontEndPlugin<void> = {
       }
     });
     let item: KernelStatusItem | null = null;
-    // After a move the item shows the new resources at once; the move's own notification tells it.
-    addMoveCommand(app, notebooks, fetchStatus, () => lastStatus, () => void item?.refresh(false));
+    addMoveCommand(app, notebooks, fetchStatus, () => lastStatus, (kernelId, move) =>
+      item?.follow(kernelId, move)
+    );
     if (palette !== null) {
       for (const command of [NEW_KERNEL_DIALOG, SNAPSHOT, CHANGE_RESOURCES]) {
         palette.addItem({ command, category: 'snapkernel' });

@@ -16,14 +16,14 @@ export const CHANGE_RESOURCES = 'snapkernel:change-resources';
 
 /**
  * The command; it is enabled when the current notebook's kernel is a snapkernel one (its kernelspec
- * among the backend's), and calls `moved` with the kernel id once a move is done.
+ * among the backend's), and gives each move it starts to `started` (the status bar follows it).
  */
 export function addMoveCommand(
   app: JupyterFrontEnd,
   notebooks: ActiveNotebook,
   status: () => Promise<IStatus>,
   lastStatus: () => IStatus | null,
-  moved: (kernelId: string) => void
+  started: (kernelId: string, move: Promise<IMoved>) => void
 ): void {
   const settings = app.serviceManager.serverSettings;
   app.commands.addCommand(CHANGE_RESOURCES, {
@@ -69,16 +69,14 @@ export function addMoveCommand(
         });
         return;
       }
-      const move = postAPI<IMoved>(settings, `kernels/${kernelId}/move`, request);
-      await withProgress(
-        move,
+      const move = withProgress(
+        postAPI<IMoved>(settings, `kernels/${kernelId}/move`, request),
         `Moving the kernel to ${what}…`,
         () => `Moved the kernel to ${what}: every variable is where you left it.`,
         'Could not move the kernel'
-      ).then(
-        () => moved(kernelId),
-        () => undefined
       );
+      started(kernelId, move);
+      await move.catch(() => undefined);
     }
   });
   // The menu and the palette ask isEnabled when shown; tell them when the kernel changes too.

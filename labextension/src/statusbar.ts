@@ -12,6 +12,7 @@ import { currentSpec, resourcesSummary, statusParts, transitionMessage } from '.
 import { ActiveNotebook } from './notebooks';
 
 const POLL_MS = 3000;
+const FOLLOW_MS = 1000;
 
 export class KernelStatusItem extends Widget {
   constructor(
@@ -34,10 +35,23 @@ export class KernelStatusItem extends Widget {
   }
 
   /**
-   * Read the current notebook's kernel and redraw; notify on state changes, unless `notify` is false
-   * (a move this tab asked for tells its own end).
+   * Follow a move this tab asked for: redraw every second while it runs (the tooltip shows its
+   * steps), and once more when it ends. Its own notification tells how it went, not the states.
    */
-  async refresh(notify = true): Promise<void> {
+  follow(kernelId: string, move: Promise<unknown>): void {
+    this._following.add(kernelId);
+    const timer = window.setInterval(() => void this.refresh(), FOLLOW_MS);
+    void this.refresh();
+    const done = (): void => {
+      window.clearInterval(timer);
+      void this.refresh().finally(() => this._following.delete(kernelId));
+    };
+    move.then(done, done);
+  }
+
+  /** Read the current notebook's kernel and redraw; notify on state changes. */
+  async refresh(): Promise<void> {
+    const seq = ++this._reads;
     const kernelId = this.notebooks.kernelId;
     if (kernelId === null || document.hidden) {
       if (kernelId === null) {
@@ -66,13 +80,16 @@ export class KernelStatusItem extends Widget {
       this._render([], '');
       return;
     }
-    const notice = transitionMessage(
-      this._states.get(kernelId),
-      info.state,
-      resourcesSummary(currentSpec(info))
-    );
+    if (seq < this._drawn) {
+      return; // a later read (a move's quicker ones cross the others) is drawn already
+    }
+    this._drawn = seq;
+    const notice = transitionMessage(this._states.get(kernelId), info.state, {
+      message: info.sandbox?.message ?? '',
+      resources: resourcesSummary(currentSpec(info))
+    });
     this._states.set(kernelId, info.state);
-    if (notice !== null && notify) {
+    if (notice !== null && !this._following.has(kernelId)) {
       Notification.emit(notice.message, notice.kind, { autoClose: 8000 });
     }
     const tooltip = [
@@ -96,4 +113,7 @@ export class KernelStatusItem extends Widget {
 
   private _timer: number;
   private _states = new Map<string, string>();
+  private _following = new Set<string>();
+  private _reads = 0;
+  private _drawn = 0;
 }

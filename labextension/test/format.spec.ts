@@ -122,9 +122,18 @@ describe('states and notifications', () => {
   it('labels a move, and tells where the kernel went when it ends', () => {
     expect(stateLabel('moving')).toBe('moving');
     expect(transitionMessage('running', 'moving')).toBeNull(); // the status bar shows it
-    expect(transitionMessage('moving', 'running', 'cpu 2 · 2Gi · gvisor')).toEqual({
+    const moved = {
+      message: 'moved to gvisor, cpu 2, memory 2Gi by memory in 1.2s',
+      resources: 'cpu 2 · 2Gi · gvisor'
+    };
+    expect(transitionMessage('moving', 'running', moved)).toEqual({
       kind: 'success',
       message: 'Kernel moved: now cpu 2 · 2Gi · gvisor, every variable is where you left it.'
+    });
+    const back = { message: 'could not move, so it runs where it was: no H100 free', resources: 'cpu 1' };
+    expect(transitionMessage('moving', 'running', back)).toEqual({
+      kind: 'error',
+      message: 'Kernel could not move, so it runs where it was: no H100 free'
     });
     expect(transitionMessage('moving', 'running')?.message).toBe(
       'Kernel moved: every variable is where you left it.'
