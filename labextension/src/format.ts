@@ -344,7 +344,13 @@ export function statusParts(info: IKernelInfo, status: IStatus | null): string[]
         `${gpu.model} ${gpu.utilization}% ${formatBytes(own)}/${formatBytes(gpu.memory_total)}`
       );
     }
-    parts.push(`CPU ${Math.round(usage.cpu_percent)}%`, `mem ${formatBytes(usage.memory_used)}`);
+    // With the limits: a move changes them, and a kernel near its memory limit is about to be killed.
+    const cores = usage.cpu_limit > 0 ? ` of ${usage.cpu_limit}` : '';
+    const memory = usage.memory_limit > 0 ? `/${formatBytes(usage.memory_limit)}` : '';
+    parts.push(
+      `CPU ${Math.round(usage.cpu_percent)}%${cores}`,
+      `mem ${formatBytes(usage.memory_used)}${memory}`
+    );
   }
   if (sandbox !== null) {
     const elapsed = Math.max(0, info.now - sandbox.created);

@@ -220,14 +220,14 @@ describe('statusParts', () => {
     usage_error: ''
   };
 
-  it('shows runtime, state, GPU, CPU, memory, elapsed time and cost', () => {
+  it('shows runtime, state, GPU, CPU and memory with their limits, elapsed time and cost', () => {
     // 312 s of one H100, 2 cores and 8 GiB: 312 * (0.001 + 0.00002 + 0.000016)
     expect(statusParts(info, status)).toEqual([
       'gvisor',
       'running',
       'H100 45% 3 GiB/80 GiB',
-      'CPU 12%',
-      'mem 1.5 GiB',
+      'CPU 12% of 2',
+      'mem 1.5 GiB/8 GiB',
       '5m 12s',
       '≈$0.3232'
     ]);
@@ -238,6 +238,11 @@ describe('statusParts', () => {
     const parts = statusParts({ ...info, usage: { ...info.usage!, gpus } }, null);
     expect(parts[2]).toBe('H100 45% 40 GiB/80 GiB');
     expect(parts.some(p => p.startsWith('≈'))).toBe(false);
+  });
+
+  it('leaves out limits it does not know', () => {
+    const usage = { ...info.usage!, gpus: [], cpu_limit: 0, memory_limit: 0 };
+    expect(statusParts({ ...info, usage }, null).slice(2, 4)).toEqual(['CPU 12%', 'mem 1.5 GiB']);
   });
 
   it('shows a hibernated kernel without usage', () => {
