@@ -336,7 +336,8 @@ export function launcherLabel(config: { gpu?: unknown }, gpus: IGpu[]): string {
 export function statusParts(info: IKernelInfo, status: IStatus | null): string[] {
   const sandbox = info.sandbox;
   const parts = [sandbox?.runtime ?? 'snapkernel', stateLabel(info.state)];
-  const usage = info.usage;
+  // Mid-move the figures are of neither sandbox (its processes are saved, or not started yet).
+  const usage = info.state === 'moving' ? null : info.usage;
   if (usage !== null) {
     for (const gpu of usage.gpus) {
       const own = gpu.sandbox_memory_known ? gpu.sandbox_memory_used : gpu.memory_used;

@@ -12,7 +12,7 @@ import { currentSpec, resourcesSummary, statusParts, transitionMessage } from '.
 import { ActiveNotebook } from './notebooks';
 
 const POLL_MS = 3000;
-const FOLLOW_MS = 1000;
+const FOLLOW_MS = 500; // a move takes a second or two: its `moving` shows
 
 export class KernelStatusItem extends Widget {
   constructor(
@@ -35,8 +35,8 @@ export class KernelStatusItem extends Widget {
   }
 
   /**
-   * Follow a move this tab asked for: redraw every second while it runs (the tooltip shows its
-   * steps), and once more when it ends. Its own notification tells how it went, not the states.
+   * Follow a move this tab asked for: redraw often while it runs (the tooltip shows its steps),
+   * and once more when it ends. Its own notification tells how it went, not the states.
    */
   follow(kernelId: string, move: Promise<unknown>): void {
     this._following.add(kernelId);

@@ -253,8 +253,8 @@ describe('statusParts', () => {
     ]);
   });
 
-  it('shows a kernel being moved', () => {
-    expect(statusParts({ ...info, state: 'moving', usage: null }, null)).toEqual([
+  it('shows a kernel being moved, without the figures of a sandbox in between', () => {
+    expect(statusParts({ ...info, state: 'moving' }, null)).toEqual([
       'gvisor',
       'moving',
       '5m 12s'
