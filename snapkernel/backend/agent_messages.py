@@ -45,7 +45,7 @@ class AgentHost(Protocol):
 
     def state_name(self, sb: LiveSandbox) -> str: ...
 
-    async def on_kernel_request(self, sb: LiveSandbox, request: pb.KernelRequest) -> None: ...
+    def on_kernel_request(self, sb: LiveSandbox, request: pb.KernelRequest) -> None: ...
 
 
 class AgentMessages:
@@ -89,7 +89,7 @@ class AgentMessages:
             self.m.set_state(sb, pb.RUNNING, "", pb.Progress(step="kernel", message="kernel running",
                                                               fraction=1.0))
         elif kind == "kernel_request":
-            self.m.spawn(self.m.on_kernel_request(sb, msg.kernel_request))
+            self.m.on_kernel_request(sb, msg.kernel_request)
         elif kind == "code_result":
             future = sb.code_results.pop(msg.code_result.id, None)
             if future is not None and not future.done():
@@ -117,7 +117,7 @@ class AgentMessages:
         if not internal:
             if sb.notice and cells.tell_cell(sb, msg, sb.notice):
                 sb.notice = ""
-            if sb.record.state in HELD:
+            if sb.record.state in HELD or sb.holding:
                 if len(sb.held) >= MAX_PENDING_FRAMES:
                     raise lifecycle.refuse(sb.record.id, "hold more messages",
                                            f"{self.m.state_name(sb)} with {MAX_PENDING_FRAMES} held already",

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+IDLE_POLL = 0.05  # seconds between looks at a busy kernel the move waits for
 # What a move may change (MoveSandboxRequest's fields).
 OVERRIDES: tuple[Literal["gpu", "cpu", "memory", "disk", "runtime"], ...] = ("gpu", "cpu", "memory", "disk", "runtime")
 
@@ -130,7 +131,11 @@ class Mover:
         except SnapkernelError as e:
             log.info("sandbox_id=%s %%move failed: %s", sb.record.id, e)
             if sb.record.state == pb.RUNNING and not sb.notice:
-                sb.notice = f"snapkernel: %move failed: {e}\n"
+                self._tell(sb, f"snapkernel: %move failed: {e}\n")
+        finally:
+            sb.holding = False
+            if sb.record.state == pb.RUNNING:
+                self.h.deliver_held(sb)
 
     async def _wait_for_room(self, sb: LiveSandbox, new: ParsedSpec, timeout: float) -> None:
         """Room for `new` once the sandbox gave back what it holds; for a GPU the move waits in line (the kernel
@@ -150,11 +155,12 @@ class Mover:
         if not sb.busy:
             return
         self._say(sb, "waiting for the running cell to finish")
-        try:
-            async with sb.changed:
-                await asyncio.wait_for(sb.changed.wait_for(lambda: not sb.busy or sb.record.ended), max(0.0, timeout))
-        except TimeoutError as e:
-            raise lifecycle.refuse(sb.record.id, "move", "busy (a cell is running)", "try again when it is idle") from e
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while sb.busy and sb.record.state == pb.RUNNING:  # `busy` changes with no event (on every cell)
+            if loop.time() >= deadline:
+                raise lifecycle.refuse(sb.record.id, "move", "busy (a cell is running)", "try again when it is idle")
+            await asyncio.sleep(IDLE_POLL)
         if sb.record.state != pb.RUNNING:
             raise lifecycle.refuse(sb.record.id, "move", self.m.state_name(sb), "only a running kernel can move")
 
@@ -256,8 +262,9 @@ class Mover:
 
     @staticmethod
     def _tell(sb: LiveSandbox, text: str) -> None:
-        """Under the cells that waited for the move; else under the next one."""
-        if not cells.tell_waiting(sb, text):
+        """Under the cells that waited for the move; else, after a `%move` (its outcome has no other way to the
+        notebook), under the next one."""
+        if not cells.tell_waiting(sb, text) and sb.holding:
             sb.notice = text
 
     def _say(self, sb: LiveSandbox, message: str, fraction: float = -1.0) -> None:

@@ -63,6 +63,7 @@ class LiveSandbox:
     # (should the new one fail, it starts again from it where it was).
     relaunching: bool = False
     whole_state: bool = False  # ... and its variables must all load there, or it goes back
+    holding: bool = False  # a `%move` is about to begin: the notebook's next cells wait for it (held)
     notice: str = ""  # for the next cell sent: how a `%move` went, when no cell waited to hear it
     busy: bool = False  # the kernel said `busy` on iopub and not yet `idle`
     detached_at: float = field(default_factory=time.time)  # when its last client left (see orphans.py)

@@ -377,12 +377,13 @@ class SandboxManager:
     async def move(self, req: pb.MoveSandboxRequest) -> pb.Sandbox:
         return await self.mover.move(self.get(req.id), req)
 
-    async def on_kernel_request(self, sb: LiveSandbox, request: pb.KernelRequest) -> None:
+    def on_kernel_request(self, sb: LiveSandbox, request: pb.KernelRequest) -> None:
         """`%snapshot` or `%move` in the kernel, once its cell has finished."""
         if request.action == "move":
-            await self.mover.on_kernel_request(sb, request.move)
+            sb.holding = True  # from now on: the next cell, sent once this one ended, runs after the move
+            self.spawn(self.mover.on_kernel_request(sb, request.move))
         elif request.action == "snapshot":
-            await self.snapshotter.on_kernel_request(sb, request)
+            self.spawn(self.snapshotter.on_kernel_request(sb, request))
         else:
             log.warning("sandbox_id=%s unknown kernel request %r", sb.record.id, request.action)
 

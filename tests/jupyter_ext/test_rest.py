@@ -38,6 +38,7 @@ ROUTES = [
     ("POST", ("snapshots",), {"sandbox_id": "sb-000000000000"}),
     ("DELETE", ("snapshots", "snap-000000000000"), None),
     ("POST", ("snapshots", "snap-000000000000", "resume"), {}),
+    ("POST", ("kernels", "0f3e8c1a-0000-0000-0000-000000000000", "move"), {"cpu": 2}),
 ]
 
 
@@ -84,6 +85,13 @@ BAD_REQUESTS = [
     ("DELETE", ("snapshots", "snap-000000000000"), None, 404, "snap-000000000000"),
     ("POST", ("snapshots", "snap-000000000000", "resume"), {"path": 3}, 400, "path 3 is not valid: expected a string"),
     ("POST", ("snapshots", "snap-000000000000", "resume"), {}, 404, "snap-000000000000"),
+    ("POST", ("snapshots", "snap-000000000000", "resume"), {"memory": []}, 400, "memory [] is not valid"),
+    ("POST", ("kernels", "k-1", "move"), {"cpu": 2}, 404, "no kernel 'k-1' on this server"),
+    ("POST", ("kernels", "k-1", "move"), {}, 400, "the move changes nothing: give one of gpu, cpu"),
+    ("POST", ("kernels", "k-1", "move"), {"memory": "lots"}, 400, "memory size 'lots' is not valid"),
+    ("POST", ("kernels", "k-1", "move"), {"cpu": 2, "allow_cpu_fallback": "yes"}, 400,
+     "allow_cpu_fallback 'yes' is not valid: expected true or false"),
+    ("POST", ("kernels", "k-1", "move"), {"gpus": 1}, 400, "unknown key(s) 'gpus'"),
 ]
 
 
@@ -164,6 +172,45 @@ async def test_snapshot_create_list_resume_delete(backend: Backend, jp_fetch: An
     status, error = await error_of(jp_fetch, "snapshots", snap["id"], method="DELETE")
     assert status == 404 and error["reason"] == "not_found"
     await jp_fetch("api", "sessions", started["session"]["id"], method="DELETE")
+
+
+async def test_move_keeps_the_kernel_and_its_variables(backend: Backend, jp_fetch: Any, jp_ws_fetch: Any) -> None:
+    started = await fetch_json(jp_fetch, "kernels", method="POST", body={"cpu": 1, "memory": "1Gi", "path": "m.ipynb"})
+    kernel_id = started["kernel"]["id"]
+    assert (await execute(jp_ws_fetch, kernel_id, "x = 41"))[0] == "ok"
+    moved = await fetch_json(jp_fetch, "kernels", kernel_id, "move", method="POST", body={"cpu": 2, "memory": "2Gi"})
+    assert moved["kernel"]["id"] == kernel_id and moved["sandbox"]["state"] == "running"
+    assert moved["sandbox"]["spec"]["cpu"] == 2 and moved["sandbox"]["spec"]["memory"] == "2Gi"
+    assert await execute(jp_ws_fetch, kernel_id, "x + 1") == ("ok", "42")
+    info = await fetch_json(jp_fetch, "kernels", kernel_id)
+    assert info["sandbox"]["id"] == moved["sandbox"]["id"] and info["usage"]["memory_limit"] == 2 << 30
+    sessions = json.loads((await jp_fetch("api", "sessions")).body)
+    assert [s["kernel"]["id"] for s in sessions if s["path"] == "m.ipynb"] == [kernel_id]  # the same session
+
+    status, error = await error_of(jp_fetch, "kernels", kernel_id, "move", method="POST", body={"memory": "1Ti"})
+    assert status == 409 and "more than this host's" in error["message"]
+    assert await execute(jp_ws_fetch, kernel_id, "x") == ("ok", "41")
+    await jp_fetch("api", "sessions", started["session"]["id"], method="DELETE")
+
+
+@pytest.mark.gvisor
+async def test_a_state_snapshot_resumes_with_other_resources(backend: Backend, jp_fetch: Any,
+                                                             jp_ws_fetch: Any) -> None:
+    started = await fetch_json(jp_fetch, "kernels", method="POST", body={"cpu": 1, "memory": "1Gi",
+                                                                        "runtime": "process"})
+    kernel_id = started["kernel"]["id"]
+    assert (await execute(jp_ws_fetch, kernel_id, "import numpy\na = numpy.arange(10)"))[0] == "ok"
+    snap = await fetch_json(jp_fetch, "snapshots", method="POST", body={"kernel_id": kernel_id, "kind": "state"})
+    resumed = await fetch_json(jp_fetch, "snapshots", snap["id"], "resume", method="POST",
+                               body={"runtime": "gvisor", "cpu": 2, "memory": "1536Mi"})
+    new_kernel = resumed["kernel"]["id"]
+    assert await execute(jp_ws_fetch, new_kernel, "int(a.sum())") == ("ok", "45")
+    info = await fetch_json(jp_fetch, "kernels", new_kernel)
+    assert info["sandbox"]["runtime"] == "gvisor" and info["sandbox"]["spec"]["cpu"] == 2
+    assert info["sandbox"]["spec"]["memory"] == "1536Mi"
+    for kernel in (kernel_id, new_kernel):
+        await jp_fetch("api", "kernels", kernel, method="DELETE")
+    await fetch_json(jp_fetch, "snapshots", snap["id"], method="DELETE")
 
 
 async def test_routes_serve_again_after_a_backend_restart(own_backend: Backend, jp_fetch: Any) -> None:

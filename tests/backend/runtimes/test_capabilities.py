@@ -21,8 +21,8 @@ from snapkernel.backend.runtimes.gvisor import GvisorRuntime, RunscFeatures
 from snapkernel.backend.runtimes.process import ProcessRuntime
 from snapkernel.backend.sandbox_db import SandboxRecord
 from snapkernel.backend.server import BackendApp
-from snapkernel.protocol.spec import parse_spec
 from snapkernel.errors import StateError
+from snapkernel.protocol.spec import parse_spec
 from snapkernel.protocol.v1 import backend_pb2 as pb
 
 
@@ -50,7 +50,8 @@ async def test_the_base_runtime_refuses_memory_images_clearly(tmp_path: Path) ->
     with pytest.raises(StateError, match="the process runtime cannot checkpoint"):
         runtime.save_bundle(record, tmp_path)
     with pytest.raises(StateError, match="the process runtime cannot restore memory snapshots"):
-        runtime.prepare_restore(record, parse_spec(pb.SandboxSpec(), default_runtime="process"), tmp_path)
+        runtime.prepare_restore(record, parse_spec(pb.SandboxSpec(), default_runtime="process", default_cpu=1,
+                                                  default_memory=1 << 30, default_disk=1 << 30), tmp_path)
 
 
 def test_gvisor_capabilities_follow_the_detected_runsc() -> None:
