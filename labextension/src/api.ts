@@ -48,14 +48,18 @@ export interface IUsage {
 export interface IKernelInfo {
   kernel: { id: string; name: string; execution_state: string };
   snapkernel: boolean;
+  /** The sandbox's state, lowercase ("running", "hibernated", "moving"…), or "starting" before it has one. */
   state: string;
   now: number;
   sandbox: {
     id: string;
     runtime: string;
     state: string;
+    /** Why it failed, was lost or exited; while moving, the step it is at. */
+    message: string;
     created: number;
-    spec: { gpu: string; cpu: number; memory: string };
+    /** As asked at launch (or by the last move): cpu absent, memory, disk or runtime "" for the default. */
+    spec: { gpu: string; cpu?: number; memory: string; disk?: string; runtime?: string };
   } | null;
   usage: IUsage | null;
   usage_error: string;
@@ -87,9 +91,27 @@ export interface ILaunchSpec {
   gpu?: string;
   cpu?: number;
   memory?: string;
+  disk?: string;
   runtime?: string;
   restore_from?: string;
   path?: string;
+}
+
+/** `POST /snapkernel/api/kernels/{id}/move`: only what changes; gpu "" is "no GPU". */
+export interface IMoveRequest {
+  gpu?: string;
+  cpu?: number;
+  memory?: string;
+  disk?: string;
+  runtime?: string;
+  /** A GPU kernel moving to no GPU: its GPU tensors go to host memory (refused without it). */
+  allow_cpu_fallback?: boolean;
+}
+
+/** What the move POST returns once the kernel runs in its new sandbox. */
+export interface IMoved {
+  kernel: { id: string; name: string };
+  sandbox: NonNullable<IKernelInfo['sandbox']>;
 }
 
 /**

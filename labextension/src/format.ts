@@ -1,8 +1,9 @@
 /**
  * Pure logic of the snapkernel front end (no JupyterLab imports): formatting of sizes, durations and
- * costs, sandbox state labels and notifications, snapshot ordering. Unit-tested with jest.
+ * costs, sandbox state labels and notifications, snapshot ordering, the body of a move. Unit-tested
+ * with jest.
  */
-import type { IKernelInfo, IStatus } from './api';
+import type { IKernelInfo, ILaunchSpec, IMoveRequest, IStatus } from './api';
 
 /** Prices from `GET /snapkernel/api/status` (SnapKernelApp traitlets). */
 export interface IPrices {
@@ -119,7 +120,8 @@ const STATE_LABELS: Record<string, string> = {
   deleted: 'deleted',
   hibernating: 'hibernating',
   hibernated: 'hibernated',
-  waking: 'waking'
+  waking: 'waking',
+  moving: 'moving'
 };
 
 /** The backend's sandbox state (lowercase proto name) as the status bar shows it. */
@@ -130,15 +132,25 @@ export function stateLabel(state: string): string {
 const ASLEEP = new Set(['hibernating', 'hibernated']);
 
 /**
- * The notification for a sandbox moving from `previous` to `next` state, or null when there is
- * nothing to tell (first sight, no change, ordinary start).
+ * The notification for a sandbox going from `previous` to `next` state, or null when there is
+ * nothing to tell (first sight, no change, ordinary start). At the end of a move, `moved` says how
+ * it went: the sandbox's message ("could not move, so it runs where it was: …" when it did not)
+ * and its resources now (resourcesSummary).
  */
 export function transitionMessage(
   previous: string | undefined,
-  next: string
+  next: string,
+  moved: { message: string; resources: string } = { message: '', resources: '' }
 ): { kind: 'info' | 'success' | 'error'; message: string } | null {
   if (previous === undefined || previous === next) {
     return null;
+  }
+  if (next === 'running' && previous === 'moving') {
+    if (moved.message.startsWith('could not move')) {
+      return { kind: 'error', message: `Kernel ${moved.message}` };
+    }
+    const now = moved.resources ? ` now ${moved.resources},` : '';
+    return { kind: 'success', message: `Kernel moved:${now} every variable is where you left it.` };
   }
   if (next === 'hibernating') {
     return {
@@ -166,6 +178,111 @@ export function transitionMessage(
     };
   }
   return null;
+}
+
+/** 4 GiB → "4Gi", 640 MiB → "640Mi": bytes as a memory or disk spec; 0 → "" (the default). */
+export function sizeSpec(bytes: number): string {
+  if (!Number.isFinite(bytes) || bytes <= 0) {
+    return '';
+  }
+  for (const [unit, size] of [
+    ['Ti', 1024 ** 4],
+    ['Gi', GIB],
+    ['Mi', 1024 ** 2],
+    ['Ki', 1024]
+  ] as const) {
+    if (bytes % size === 0) {
+      return `${bytes / size}${unit}`;
+    }
+  }
+  return String(Math.round(bytes));
+}
+
+/**
+ * What a kernel has now, as a launch spec: its sandbox's spec, with the CPU and memory limits in
+ * effect where it asked for the backend's defaults (known from its usage while it is awake).
+ */
+export function currentSpec(info: IKernelInfo): ILaunchSpec {
+  const sandbox = info.sandbox;
+  if (sandbox === null) {
+    return {};
+  }
+  const spec: ILaunchSpec = { gpu: sandbox.spec.gpu, runtime: sandbox.runtime };
+  const cpu = sandbox.spec.cpu ?? info.usage?.cpu_limit;
+  if (cpu) {
+    spec.cpu = cpu;
+  }
+  const memory = sandbox.spec.memory || sizeSpec(info.usage?.memory_limit ?? 0);
+  if (memory) {
+    spec.memory = memory;
+  }
+  if (sandbox.spec.disk) {
+    spec.disk = sandbox.spec.disk;
+  }
+  return spec;
+}
+
+/**
+ * The body of a move from `current` to the spec `chosen` in the dialog: only what differs. An
+ * emptied field keeps what the kernel has (a move has no "back to the default"); gpu "" is no GPU.
+ */
+export function moveRequest(
+  current: ILaunchSpec,
+  chosen: ILaunchSpec,
+  allowCpuFallback = false
+): IMoveRequest {
+  const request: IMoveRequest = {};
+  if ((chosen.gpu ?? '') !== (current.gpu ?? '')) {
+    request.gpu = chosen.gpu ?? '';
+  }
+  if (chosen.cpu !== undefined && chosen.cpu !== current.cpu) {
+    request.cpu = chosen.cpu;
+  }
+  for (const key of ['memory', 'disk', 'runtime'] as const) {
+    const value = chosen[key];
+    if (value && value !== current[key]) {
+      request[key] = value;
+    }
+  }
+  if (request.gpu === '' && allowCpuFallback) {
+    request.allow_cpu_fallback = true;
+  }
+  return request;
+}
+
+/** What a move changes, for its notifications: "cpu 2, memory 2Gi", "no GPU, cpu 4". */
+export function describeMove(request: IMoveRequest): string {
+  const parts: string[] = [];
+  if (request.gpu !== undefined) {
+    parts.push(request.gpu ? `GPU ${request.gpu}` : 'no GPU');
+  }
+  if (request.cpu !== undefined) {
+    parts.push(`cpu ${request.cpu}`);
+  }
+  for (const key of ['memory', 'disk', 'runtime'] as const) {
+    if (request[key]) {
+      parts.push(`${key} ${request[key]}`);
+    }
+  }
+  return parts.join(', ');
+}
+
+/** A kernel's resources in short: "2× H100 · cpu 8 · 64Gi · gvisor", "cpu 2 · 2Gi · process". */
+export function resourcesSummary(spec: ILaunchSpec): string {
+  const models = gpuModelsOfSpec(spec.gpu ?? '');
+  const parts: string[] = [];
+  if (models.length > 0) {
+    parts.push(models.length > 1 ? `${models.length}× ${models[0]}` : models[0]);
+  }
+  if (spec.cpu !== undefined) {
+    parts.push(`cpu ${spec.cpu}`);
+  }
+  for (const value of [spec.memory, spec.runtime]) {
+    if (value) {
+      parts.push(value);
+    }
+  }
+  return parts.join(' · ');
 }
 
 /** The fields of a snapshot that ordering needs. */
@@ -219,7 +336,8 @@ export function launcherLabel(config: { gpu?: unknown }, gpus: IGpu[]): string {
 export function statusParts(info: IKernelInfo, status: IStatus | null): string[] {
   const sandbox = info.sandbox;
   const parts = [sandbox?.runtime ?? 'snapkernel', stateLabel(info.state)];
-  const usage = info.usage;
+  // Mid-move the figures are of neither sandbox (its processes are saved, or not started yet).
+  const usage = info.state === 'moving' ? null : info.usage;
   if (usage !== null) {
     for (const gpu of usage.gpus) {
       const own = gpu.sandbox_memory_known ? gpu.sandbox_memory_used : gpu.memory_used;
@@ -227,7 +345,13 @@ export function statusParts(info: IKernelInfo, status: IStatus | null): string[]
         `${gpu.model} ${gpu.utilization}% ${formatBytes(own)}/${formatBytes(gpu.memory_total)}`
       );
     }
-    parts.push(`CPU ${Math.round(usage.cpu_percent)}%`, `mem ${formatBytes(usage.memory_used)}`);
+    // With the limits: a move changes them, and a kernel near its memory limit is about to be killed.
+    const cores = usage.cpu_limit > 0 ? ` of ${usage.cpu_limit}` : '';
+    const memory = usage.memory_limit > 0 ? `/${formatBytes(usage.memory_limit)}` : '';
+    parts.push(
+      `CPU ${Math.round(usage.cpu_percent)}%${cores}`,
+      `mem ${formatBytes(usage.memory_used)}${memory}`
+    );
   }
   if (sandbox !== null) {
     const elapsed = Math.max(0, info.now - sandbox.created);
@@ -237,7 +361,7 @@ export function statusParts(info: IKernelInfo, status: IStatus | null): string[]
         gpuModels: usage?.gpus.length
           ? usage.gpus.map(g => g.model)
           : gpuModelsOfSpec(sandbox.spec.gpu),
-        cpu: usage?.cpu_limit ?? sandbox.spec.cpu,
+        cpu: usage?.cpu_limit ?? sandbox.spec.cpu ?? 0,
         memory: usage?.memory_limit ?? 0
       });
       if (perSecond > 0) {

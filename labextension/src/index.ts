@@ -1,6 +1,7 @@
 /**
  * snapkernel's JupyterLab front end: launcher items and the "New GPU kernel…" dialog, the status bar
- * item of the current notebook's kernel, the Snapshots side panel, hibernate/wake notifications.
+ * item of the current notebook's kernel, the Snapshots side panel, hibernate/wake notifications,
+ * "Change resources…" (Kernel menu, palette, a click on the status bar item).
  */
 import {
   ILabShell,
@@ -9,10 +10,12 @@ import {
 } from '@jupyterlab/application';
 import { ICommandPalette } from '@jupyterlab/apputils';
 import { ILauncher } from '@jupyterlab/launcher';
+import { IMainMenu } from '@jupyterlab/mainmenu';
 import { IStatusBar } from '@jupyterlab/statusbar';
 
 import { IStatus, errorMessage, requestAPI } from './api';
 import { NEW_KERNEL_DIALOG, addLauncherItems } from './launcher';
+import { CHANGE_RESOURCES, addMoveCommand } from './move';
 import { ActiveNotebook } from './notebooks';
 import { SnapshotsPanel, snapshotIcon } from './snapshots';
 import { KernelStatusItem } from './statusbar';
@@ -24,13 +27,14 @@ const plugin: JupyterFrontEndPlugin<void> = {
   description: 'snapkernel: GPU kernels in sandboxes that hibernate.',
   autoStart: true,
   requires: [ILabShell],
-  optional: [ILauncher, IStatusBar, ICommandPalette],
+  optional: [ILauncher, IStatusBar, ICommandPalette, IMainMenu],
   activate: (
     app: JupyterFrontEnd,
     shell: ILabShell,
     launcher: ILauncher | null,
     statusBar: IStatusBar | null,
-    palette: ICommandPalette | null
+    palette: ICommandPalette | null,
+    mainMenu: IMainMenu | null
   ): void => {
     const settings = app.serviceManager.serverSettings;
     let lastStatus: IStatus | null = null;
@@ -57,14 +61,23 @@ const plugin: JupyterFrontEndPlugin<void> = {
         await panel.create();
       }
     });
+    let item: KernelStatusItem | null = null;
+    addMoveCommand(app, notebooks, fetchStatus, () => lastStatus, (kernelId, move) =>
+      item?.follow(kernelId, move)
+    );
     if (palette !== null) {
-      for (const command of [NEW_KERNEL_DIALOG, SNAPSHOT]) {
+      for (const command of [NEW_KERNEL_DIALOG, SNAPSHOT, CHANGE_RESOURCES]) {
         palette.addItem({ command, category: 'snapkernel' });
       }
     }
+    mainMenu?.kernelMenu.addGroup([{ command: CHANGE_RESOURCES }], 100);
 
     if (statusBar !== null) {
-      const item = new KernelStatusItem(settings, notebooks, () => lastStatus);
+      item = new KernelStatusItem(settings, notebooks, () => lastStatus, () => {
+        if (app.commands.isEnabled(CHANGE_RESOURCES)) {
+          void app.commands.execute(CHANGE_RESOURCES);
+        }
+      });
       statusBar.registerStatusItem('snapkernel:kernel-status', {
         item,
         align: 'left',

@@ -1,6 +1,7 @@
 /**
  * Launcher items for the installed snapkernel kernels (labelled with GPU model and memory) and the
- * "New GPU kernel…" dialog (GPU model and count from the backend's status, CPU, memory, runtime).
+ * "New GPU kernel…" dialog (GPU model and count from the backend's status, CPU, memory, disk,
+ * runtime), whose form "Change resources…" reuses.
  */
 import { JupyterFrontEnd } from '@jupyterlab/application';
 import { Dialog, Notification, showDialog } from '@jupyterlab/apputils';
@@ -9,7 +10,7 @@ import { LabIcon, kernelIcon } from '@jupyterlab/ui-components';
 import { Widget } from '@lumino/widgets';
 
 import { ILaunchSpec, IStarted, IStatus, errorMessage } from './api';
-import { formatBytes, gpuModels, gpuSpec, launcherLabel } from './format';
+import { formatBytes, gpuModels, gpuModelsOfSpec, gpuSpec, launcherLabel } from './format';
 import { launchKernel } from './notebooks';
 import { withProgress } from './progress';
 
@@ -37,31 +38,46 @@ function launchWithProgress(app: JupyterFrontEnd, spec: ILaunchSpec, cwd: string
   );
 }
 
-/** The form of the "New GPU kernel…" dialog. */
-class NewKernelForm extends Widget implements Dialog.IBodyWidget<ILaunchSpec> {
-  constructor(status: IStatus) {
+/**
+ * The form of the "New GPU kernel…" dialog, and of "Change resources…" with the kernel's `current`
+ * spec filled in: there a "Move GPU tensors to host memory" box shows when a GPU kernel is to get
+ * none.
+ */
+export class KernelSpecForm extends Widget implements Dialog.IBodyWidget<ILaunchSpec> {
+  constructor(status: IStatus, current: ILaunchSpec | null = null) {
     super();
     this.addClass('snapkernel-NewKernel');
     const models = gpuModels(status.gpus);
+    const [currentModel = '', ...more] = gpuModelsOfSpec(current?.gpu ?? '');
+    const currentCount = currentModel ? more.length + 1 : 0;
     this._gpu.append(new Option('none (CPU only)', ''));
     for (const [model, info] of models) {
       this._gpu.append(new Option(`${model} · ${formatBytes(info.memory)} (${info.count} here)`, model));
     }
-    const setMax = (): void => {
-      const max = models.get(this._gpu.value)?.count ?? 0;
+    if (currentModel && !models.has(currentModel)) {
+      this._gpu.append(new Option(`${currentModel} (current)`, currentModel)); // "any", or not here now
+    }
+    const update = (): void => {
+      const max =
+        models.get(this._gpu.value)?.count ?? (this._gpu.value === currentModel ? currentCount : 0);
       this._count.max = String(Math.max(1, max));
       this._count.disabled = max === 0;
+      this._fallbackRow.hidden = !(currentModel && this._gpu.value === '');
     };
-    this._gpu.addEventListener('change', setMax);
+    this._gpu.addEventListener('change', update);
+    this._gpu.value = currentModel;
     this._count.type = 'number';
     this._count.min = '1';
-    this._count.value = '1';
-    setMax();
+    this._count.value = String(Math.max(1, currentCount));
     this._cpu.type = 'number';
     this._cpu.min = '0.5';
     this._cpu.step = '0.5';
     this._cpu.placeholder = 'backend default';
-    this._memory.placeholder = "e.g. 8Gi (backend default if empty)";
+    this._cpu.value = current?.cpu !== undefined ? String(current.cpu) : '';
+    this._memory.placeholder = 'e.g. 8Gi (backend default if empty)';
+    this._memory.value = current?.memory ?? '';
+    this._disk.placeholder = 'e.g. 20Gi (backend default if empty)';
+    this._disk.value = current?.disk ?? '';
     this._runtime.append(new Option(`default (${status.default_runtime})`, ''));
     for (const runtime of status.runtimes) {
       const option = new Option(
@@ -71,6 +87,7 @@ class NewKernelForm extends Widget implements Dialog.IBodyWidget<ILaunchSpec> {
       option.disabled = !runtime.available;
       this._runtime.append(option);
     }
+    this._runtime.value = current?.runtime ?? '';
     if (models.size === 0) {
       const note = document.createElement('p');
       note.className = 'snapkernel-NewKernel-note';
@@ -82,6 +99,7 @@ class NewKernelForm extends Widget implements Dialog.IBodyWidget<ILaunchSpec> {
       ['GPU count', this._count],
       ['CPU cores', this._cpu],
       ['Memory', this._memory],
+      ['Disk', this._disk],
       ['Runtime', this._runtime]
     ] as const) {
       const row = document.createElement('label');
@@ -93,6 +111,13 @@ class NewKernelForm extends Widget implements Dialog.IBodyWidget<ILaunchSpec> {
       row.append(text, input);
       this.node.append(row);
     }
+    this._fallback.type = 'checkbox';
+    this._fallback.name = 'allow-cpu-fallback';
+    this._fallbackRow.className = 'snapkernel-NewKernel-fallback';
+    this._fallbackRow.append(this._fallback, ' Move GPU tensors to host memory');
+    this._fallbackRow.title = 'Without it, moving a kernel that holds GPU tensors to no GPU is refused';
+    this.node.append(this._fallbackRow);
+    update();
   }
 
   getValue(): ILaunchSpec {
@@ -104,8 +129,13 @@ class NewKernelForm extends Widget implements Dialog.IBodyWidget<ILaunchSpec> {
     if (this._cpu.value) {
       spec.cpu = Number(this._cpu.value);
     }
-    if (this._memory.value.trim()) {
-      spec.memory = this._memory.value.trim();
+    for (const [key, input] of [
+      ['memory', this._memory],
+      ['disk', this._disk]
+    ] as const) {
+      if (input.value.trim()) {
+        spec[key] = input.value.trim();
+      }
     }
     if (this._runtime.value) {
       spec.runtime = this._runtime.value;
@@ -113,11 +143,19 @@ class NewKernelForm extends Widget implements Dialog.IBodyWidget<ILaunchSpec> {
     return spec;
   }
 
+  /** Whether the user allows GPU tensors to go to host memory (the box shows, and is ticked). */
+  get allowCpuFallback(): boolean {
+    return !this._fallbackRow.hidden && this._fallback.checked;
+  }
+
   private _gpu = document.createElement('select');
   private _count = document.createElement('input');
   private _cpu = document.createElement('input');
   private _memory = document.createElement('input');
+  private _disk = document.createElement('input');
   private _runtime = document.createElement('select');
+  private _fallback = document.createElement('input');
+  private _fallbackRow = document.createElement('label');
 }
 
 /** The commands; the launcher items once the backend's status is known. */
@@ -132,7 +170,7 @@ export function addLauncherItems(
     icon: args => (args.gpu || String(args.label ?? '').includes('GPU') ? gpuIcon : kernelIcon),
     execute: args => {
       const spec: ILaunchSpec = { name: String(args.name ?? 'snapkernel-python') };
-      for (const key of ['gpu', 'memory', 'runtime'] as const) {
+      for (const key of ['gpu', 'memory', 'disk', 'runtime'] as const) {
         if (typeof args[key] === 'string' && args[key]) {
           spec[key] = args[key] as string;
         }
@@ -157,7 +195,7 @@ export function addLauncherItems(
       }
       const result = await showDialog({
         title: 'New GPU kernel',
-        body: new NewKernelForm(current),
+        body: new KernelSpecForm(current),
         buttons: [Dialog.cancelButton(), Dialog.okButton({ label: 'Start' })]
       });
       if (result.button.accept && result.value !== null) {

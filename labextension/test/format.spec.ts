@@ -1,5 +1,7 @@
 import type { IKernelInfo, IStatus } from '../src/api';
 import {
+  currentSpec,
+  describeMove,
   formatAge,
   formatBytes,
   formatCost,
@@ -8,7 +10,10 @@ import {
   gpuModelsOfSpec,
   gpuSpec,
   launcherLabel,
+  moveRequest,
   pricePerSecond,
+  resourcesSummary,
+  sizeSpec,
   sortSnapshots,
   stateLabel,
   statusParts,
@@ -113,6 +118,28 @@ describe('states and notifications', () => {
     expect(transitionMessage('hibernated', 'running')?.kind).toBe('success');
     expect(transitionMessage('running', 'failed')?.kind).toBe('error');
   });
+
+  it('labels a move, and tells where the kernel went when it ends', () => {
+    expect(stateLabel('moving')).toBe('moving');
+    expect(transitionMessage('running', 'moving')).toBeNull(); // the status bar shows it
+    const moved = {
+      message: 'moved to gvisor, cpu 2, memory 2Gi by memory in 1.2s',
+      resources: 'cpu 2 · 2Gi · gvisor'
+    };
+    expect(transitionMessage('moving', 'running', moved)).toEqual({
+      kind: 'success',
+      message: 'Kernel moved: now cpu 2 · 2Gi · gvisor, every variable is where you left it.'
+    });
+    const back = { message: 'could not move, so it runs where it was: no H100 free', resources: 'cpu 1' };
+    expect(transitionMessage('moving', 'running', back)).toEqual({
+      kind: 'error',
+      message: 'Kernel could not move, so it runs where it was: no H100 free'
+    });
+    expect(transitionMessage('moving', 'running')?.message).toBe(
+      'Kernel moved: every variable is where you left it.'
+    );
+    expect(transitionMessage('moving', 'failed')?.kind).toBe('error');
+  });
 });
 
 describe('sortSnapshots', () => {
@@ -168,6 +195,7 @@ describe('statusParts', () => {
       id: 'sb-0123456789ab',
       runtime: 'gvisor',
       state: 'running',
+      message: '',
       created: 1000,
       spec: { gpu: 'H100', cpu: 2, memory: '8Gi' }
     },
@@ -192,14 +220,14 @@ describe('statusParts', () => {
     usage_error: ''
   };
 
-  it('shows runtime, state, GPU, CPU, memory, elapsed time and cost', () => {
+  it('shows runtime, state, GPU, CPU and memory with their limits, elapsed time and cost', () => {
     // 312 s of one H100, 2 cores and 8 GiB: 312 * (0.001 + 0.00002 + 0.000016)
     expect(statusParts(info, status)).toEqual([
       'gvisor',
       'running',
       'H100 45% 3 GiB/80 GiB',
-      'CPU 12%',
-      'mem 1.5 GiB',
+      'CPU 12% of 2',
+      'mem 1.5 GiB/8 GiB',
       '5m 12s',
       '≈$0.3232'
     ]);
@@ -212,11 +240,111 @@ describe('statusParts', () => {
     expect(parts.some(p => p.startsWith('≈'))).toBe(false);
   });
 
+  it('leaves out limits it does not know', () => {
+    const usage = { ...info.usage!, gpus: [], cpu_limit: 0, memory_limit: 0 };
+    expect(statusParts({ ...info, usage }, null).slice(2, 4)).toEqual(['CPU 12%', 'mem 1.5 GiB']);
+  });
+
   it('shows a hibernated kernel without usage', () => {
     expect(statusParts({ ...info, state: 'hibernated', usage: null }, null)).toEqual([
       'gvisor',
       'hibernated',
       '5m 12s'
     ]);
+  });
+
+  it('shows a kernel being moved, without the figures of a sandbox in between', () => {
+    expect(statusParts({ ...info, state: 'moving' }, null)).toEqual([
+      'gvisor',
+      'moving',
+      '5m 12s'
+    ]);
+  });
+});
+
+describe('moves', () => {
+  it('writes sizes as specs', () => {
+    expect(sizeSpec(4 * GIB)).toBe('4Gi');
+    expect(sizeSpec(640 * 1024 ** 2)).toBe('640Mi');
+    expect(sizeSpec(2 * 1024 ** 4)).toBe('2Ti');
+    expect(sizeSpec(1000)).toBe('1000');
+    expect(sizeSpec(0)).toBe('');
+  });
+
+  const sandbox = {
+    id: 'sb-1',
+    runtime: 'gvisor',
+    state: 'running',
+    message: '',
+    created: 0,
+    spec: { gpu: 'H100:2', cpu: 8, memory: '64Gi', disk: '', runtime: '' }
+  };
+  const usage = {
+    cpu_percent: 0,
+    cpu_limit: 1,
+    memory_used: 0,
+    memory_limit: 4 * GIB,
+    gpus: [],
+    gpu_detail: ''
+  };
+  const info = (spec: object, withUsage = true): IKernelInfo => ({
+    kernel: { id: 'k', name: 'snapkernel-python', execution_state: 'idle' },
+    snapkernel: true,
+    state: 'running',
+    now: 0,
+    sandbox: { ...sandbox, spec: { ...sandbox.spec, ...spec } },
+    usage: withUsage ? usage : null,
+    usage_error: ''
+  });
+
+  it("reads the kernel's spec, with the limits in effect for the defaults", () => {
+    expect(currentSpec(info({ disk: '20Gi' }))).toEqual({
+      gpu: 'H100:2',
+      cpu: 8,
+      memory: '64Gi',
+      disk: '20Gi',
+      runtime: 'gvisor'
+    });
+    expect(currentSpec(info({ gpu: '', cpu: undefined, memory: '' }))).toEqual({
+      gpu: '',
+      cpu: 1,
+      memory: '4Gi',
+      runtime: 'gvisor'
+    });
+    // Hibernated: no usage, so the defaults stay unknown.
+    expect(currentSpec(info({ gpu: '', cpu: undefined, memory: '' }, false))).toEqual({
+      gpu: '',
+      runtime: 'gvisor'
+    });
+    expect(currentSpec({ ...info({}), sandbox: null })).toEqual({});
+  });
+
+  it('sends only what changed; an emptied field keeps its value; gpu "" is no GPU', () => {
+    const current = { gpu: 'H100', cpu: 1, memory: '4Gi', runtime: 'gvisor' };
+    expect(moveRequest(current, { gpu: 'H100', cpu: 2, memory: '1Gi', runtime: 'gvisor' })).toEqual({
+      cpu: 2,
+      memory: '1Gi'
+    });
+    expect(moveRequest(current, { ...current })).toEqual({});
+    expect(moveRequest(current, { gpu: 'H100', disk: '20Gi' })).toEqual({ disk: '20Gi' });
+    expect(moveRequest(current, { cpu: 1 }, true)).toEqual({ gpu: '', allow_cpu_fallback: true });
+    expect(moveRequest(current, { cpu: 1 })).toEqual({ gpu: '' });
+    expect(moveRequest({ gpu: '' }, { gpu: 'H100:2' }, true)).toEqual({ gpu: 'H100:2' });
+    expect(moveRequest(current, { ...current, runtime: 'process' })).toEqual({ runtime: 'process' });
+  });
+
+  it('describes a move and the resources it gave', () => {
+    expect(describeMove({ cpu: 2, memory: '2Gi' })).toBe('cpu 2, memory 2Gi');
+    expect(describeMove({ gpu: '', allow_cpu_fallback: true })).toBe('no GPU');
+    expect(describeMove({ gpu: 'H100:2', disk: '20Gi', runtime: 'gvisor' })).toBe(
+      'GPU H100:2, disk 20Gi, runtime gvisor'
+    );
+    expect(describeMove({})).toBe('');
+    expect(resourcesSummary({ gpu: 'H100:2', cpu: 8, memory: '64Gi', runtime: 'gvisor' })).toBe(
+      '2× H100 · cpu 8 · 64Gi · gvisor'
+    );
+    expect(resourcesSummary({ gpu: '', cpu: 2, memory: '2Gi', runtime: 'process' })).toBe(
+      'cpu 2 · 2Gi · process'
+    );
   });
 });

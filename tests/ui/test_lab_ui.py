@@ -1,14 +1,15 @@
 """Browser tests: the distribution's Chromium (Playwright, no browser download) against `snapkernel lab`.
 
 Open the launcher, start `snapkernel-python`, run a cell, see the status bar, snapshot the kernel in the
-Snapshots panel, resume it there and delete it; start a kernel from the "New GPU kernel…" dialog. Screenshots
-of each step go to test-artifacts/ui/.
+Snapshots panel, resume it there and delete it; start a kernel from the "New GPU kernel…" dialog; move a kernel to
+other resources with "Change resources…". Screenshots of each step go to test-artifacts/ui/.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -50,6 +51,12 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     (tmp / "config" / "labconfig").mkdir(parents=True)
     (tmp / "config" / "labconfig" / "page_config.json").write_text(json.dumps(
         {"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}}))
+    # This checkout's bundle (`npm run build:prod` builds it) comes first, ahead of the copy the editable install
+    # put into the venv, which is the bundle of whichever checkout ran `make install`.
+    bundle, extensions = ROOT / "snapkernel" / "labextension", tmp / "labextensions"
+    extensions.mkdir()
+    if (bundle / "package.json").exists():
+        (extensions / "snapkernel").symlink_to(bundle)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SNAPKERNEL_", "JUPYTER"))}
     env.update(SNAPKERNEL_STATE_DIR=str(tmp / "state"), JUPYTER_CONFIG_DIR=str(tmp / "config"),
                JUPYTER_RUNTIME_DIR=str(tmp / "runtime"))
@@ -59,6 +66,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
          f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={root}",
          f"--LabApp.workspaces_dir={tmp / 'workspaces'}", f"--LabApp.user_settings_dir={tmp / 'settings'}",
          "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+         f"--LabApp.extra_labextensions_path={extensions}",
          f"--SnapKernelApp.cpu_price_per_second={CPU_PRICE}"],
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )
@@ -218,3 +226,102 @@ def test_hibernation_shows_in_the_status_bar_and_the_next_cell_wakes_the_kernel(
     expect(page.locator(".jp-OutputArea-output").last).to_have_text("42")
     expect(status).to_contain_text("running")
     shot(page, "09-woken")
+
+
+def test_change_resources_moves_the_kernel_with_its_variables(lab: str, page: Any) -> None:
+    from playwright.sync_api import expect
+
+    page.goto(f"{lab}/lab/workspaces/move?token={TOKEN}")
+    page.locator(".jp-Launcher .jp-LauncherCard", has_text="Python 3 (snapkernel)").first.click()
+    status = page.locator(".snapkernel-StatusItem")
+    expect(status).to_contain_text("running")
+    run_cell(page, "x = 41")
+    expect(status).to_contain_text(" of 1 ")  # usage arrived: the backend's default limits, 1 core and 4 GiB
+    expect(status).to_contain_text("/4 GiB")
+    # Every state the item shows, with its tooltip, seen in the page: `moving` may last only a few of its reads.
+    page.evaluate("""() => {
+        const item = document.querySelector('.snapkernel-StatusItem');
+        window.snapkernelSeen = [];
+        new MutationObserver(() => window.snapkernelSeen.push([item.dataset.state, item.title]))
+            .observe(item, { attributes: true, attributeFilter: ['data-state', 'title'] });
+    }""")
+
+    page.locator(".lm-MenuBar-itemLabel", has_text="Kernel").click()
+    item = page.locator('.lm-Menu-item[data-command="snapkernel:change-resources"]')
+    expect(item).to_have_text("Change resources…")
+    expect(item).not_to_have_class(re.compile(r"\blm-mod-disabled\b"))
+    shot(page, "10-kernel-menu")
+    page.keyboard.press("Escape")
+
+    status.click()
+    dialog = page.locator(".jp-Dialog")
+    expect(dialog.locator(".jp-Dialog-header")).to_have_text("Change resources")
+    form = dialog.locator(".snapkernel-NewKernel")
+    expect(form.locator('input[name="cpu-cores"]')).to_have_value("1")  # what it has, defaults included
+    expect(form.locator('input[name="memory"]')).to_have_value("4Gi")
+    expect(form.locator('select[name="gpu-model"]')).to_have_value("")
+    expect(form.locator(".snapkernel-NewKernel-fallback")).to_be_hidden()  # no GPU to fall back from
+    form.locator('input[name="cpu-cores"]').fill("2")
+    form.locator('input[name="memory"]').fill("1Gi")
+    shot(page, "11-change-resources-dialog")
+    dialog.locator(".jp-Dialog-button.jp-mod-accept").click()
+    try:  # a picture of the move under way, where it lasts long enough to catch
+        expect(status).to_have_attribute("data-state", "moving", timeout=5000)
+        shot(page, "12-moving")
+    except AssertionError:
+        pass
+
+    expect(page.locator(".jp-toast-message", has_text="Moved the kernel to cpu 2, memory 1Gi")).to_be_visible()
+    expect(status).to_contain_text(" of 2 ")
+    expect(status).to_contain_text("/1 GiB")
+    expect(status).to_contain_text("running")
+    seen = page.evaluate("window.snapkernelSeen")
+    # While moving, the tooltip has the step the backend is at ("moving to … : saving the kernel", "starting …").
+    assert [t for s, t in seen if s == "moving" and ("moving to" in t or "starting" in t)], seen
+    shot(page, "13-moved")
+    run_cell(page, "x + 1")
+    expect(page.locator(".jp-OutputArea-output").last).to_have_text("42")
+
+    sessions = [s for s in get_json(lab, "api/sessions") if s["path"].endswith(".ipynb")]
+    moved = [get_json(lab, f"snapkernel/api/kernels/{s['kernel']['id']}") for s in sessions]
+    specs = [k["sandbox"]["spec"] for k in moved if k["sandbox"] and k["sandbox"]["spec"].get("memory") == "1Gi"]
+    assert len(specs) == 1 and specs[0]["cpu"] == 2, moved
+
+
+def test_change_resources_of_a_gpu_kernel_to_no_gpu_asks_to_move_its_tensors(lab: str, page: Any) -> None:
+    """The dialog of a GPU kernel. This host has none, so the page is told its kernel has an H100; the backend,
+    which knows better, refuses the move to no GPU as one that changes nothing."""
+    from playwright.sync_api import expect
+
+    def gpu_kernel(route: Any) -> None:
+        reply = route.fetch()
+        body = reply.json()
+        if body.get("sandbox"):
+            body["sandbox"]["spec"]["gpu"] = "H100"
+        route.fulfill(response=reply, json=body)
+
+    page.route(re.compile(r".*/snapkernel/api/kernels/[^/?]+(\?.*)?$"), gpu_kernel)
+    moves: list[Any] = []
+    page.on("request", lambda r: moves.append(json.loads(r.post_data or "null")) if "/move" in r.url else None)
+    page.goto(f"{lab}/lab/workspaces/fallback?token={TOKEN}")
+    page.locator(".jp-Launcher .jp-LauncherCard", has_text="Python 3 (snapkernel)").first.click()
+    status = page.locator(".snapkernel-StatusItem")
+    expect(status).to_contain_text("running")
+
+    status.click()
+    form = page.locator(".jp-Dialog .snapkernel-NewKernel")
+    expect(form.locator('select[name="gpu-model"]')).to_have_value("H100")
+    expect(form.locator('select[name="gpu-model"] option:checked')).to_have_text("H100 (current)")
+    fallback = form.locator(".snapkernel-NewKernel-fallback")
+    expect(fallback).to_be_hidden()
+    form.locator('select[name="gpu-model"]').select_option("")
+    expect(fallback).to_be_visible()
+    expect(fallback).to_have_text("Move GPU tensors to host memory")
+    fallback.locator("input").check()
+    shot(page, "14-gpu-to-cpu-dialog")
+    page.locator(".jp-Dialog .jp-Dialog-button.jp-mod-accept").click()
+
+    expect(page.locator(".jp-toast-message", has_text="Could not move the kernel: sandbox sb-")).to_contain_text(
+        "already")
+    assert moves == [{"gpu": "", "allow_cpu_fallback": True}], moves
+    shot(page, "15-move-refused")
