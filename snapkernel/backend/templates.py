@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -87,6 +88,17 @@ class Template:
                            used=self.used, mode=self.mode)
 
 
+@functools.cache
+def code_fingerprint() -> str:
+    """A hash of snapkernel's own code: a template holds the agent, magics and snapshot code of the snapkernel that
+    built it, so another one's (an upgrade, a checkout with changes) builds its own."""
+    root = Path(snapkernel.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def mode(spec: ParsedSpec) -> str:
     """What a sandbox of this spec runs, as far as templates go: a kernel (no variables of its own), a plain
     fan-out worker (`worker_spec` of a kernel without variables of its own), or "" (anything else boots)."""
@@ -122,7 +134,8 @@ class Templates:
 
     # --- which template a spec gets -------------------------------------------------------------
     def key(self, spec: ParsedSpec, runtime: SandboxRuntime) -> str:
-        parts = [runtime.name, runtime.image_settings(), snapkernel.__version__, sys.version, repr(spec.cpu),
+        parts = [runtime.name, runtime.image_settings(), snapkernel.__version__, code_fingerprint(), sys.version,
+                 repr(spec.cpu),
                  str(spec.memory), str(spec.disk), str(spec.network), *self.preimport]
         if mode(spec) == WORKER:  # kernels' keys as they were before worker templates
             parts.append("mode=worker")

@@ -101,3 +101,26 @@ def test_a_template_that_many_restores_fail_at_once_is_rebuilt_once(tmp_path: Pa
         assert templates.templates["k"].state == "ready" and not templates._builds
 
     asyncio.run(go())
+
+
+def test_the_key_follows_snapkernels_own_code(tmp_path: Path, runtime: ProcessRuntime) -> None:
+    # A template holds the agent and magics of the code that built it: a changed checkout (or an upgrade under the
+    # same version number) builds its own.
+    import shutil
+
+    import snapkernel
+    from snapkernel.backend import templates as module
+
+    copy = tmp_path / "snapkernel"
+    shutil.copytree(Path(snapkernel.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__", "labextension"))
+    original = module.code_fingerprint()
+    (copy / "agent" / "kernel_bridge.py").write_text((copy / "agent" / "kernel_bridge.py").read_text() + "\n# changed\n")
+    real_file = snapkernel.__file__
+    try:
+        snapkernel.__file__ = str(copy / "__init__.py")
+        module.code_fingerprint.cache_clear()
+        assert module.code_fingerprint() != original
+    finally:
+        snapkernel.__file__ = real_file
+        module.code_fingerprint.cache_clear()
+    assert module.code_fingerprint() == original
