@@ -112,9 +112,11 @@ def test_the_key_follows_snapkernels_own_code(tmp_path: Path, runtime: ProcessRu
     from snapkernel.backend import templates as module
 
     copy = tmp_path / "snapkernel"
-    shutil.copytree(Path(snapkernel.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__", "labextension"))
+    shutil.copytree(Path(snapkernel.__file__).parent, copy,
+                    ignore=shutil.ignore_patterns("__pycache__", "labextension"))
     original = module.code_fingerprint()
-    (copy / "agent" / "kernel_bridge.py").write_text((copy / "agent" / "kernel_bridge.py").read_text() + "\n# changed\n")
+    bridge = copy / "agent" / "kernel_bridge.py"
+    bridge.write_text(bridge.read_text() + "\n# changed\n")
     real_file = snapkernel.__file__
     try:
         snapkernel.__file__ = str(copy / "__init__.py")
