@@ -228,7 +228,9 @@ class Mover:
         self.m.set_state(sb, pb.RUNNING, f"moved to {what} by {method} in {took:.1f}s",
                          pb.Progress(step="move", message=f"moved in {took:.1f}s", fraction=1.0))
         log.info("sandbox_id=%s moved to %s by %s in %.2fs", r.id, what, method, took)
-        self._tell(sb, f"snapkernel: this kernel moved to {what} in {took:.1f}s; its variables are as they were\n")
+        if sb.holding:  # after %move the notebook hears how it went here (a caller of MoveSandbox hears it there)
+            self._tell(sb, f"snapkernel: this kernel moved to {what} in {took:.1f}s; its variables are as they "
+                           "were\n")
         self.h.deliver_held(sb)
         return r.to_pb()
 

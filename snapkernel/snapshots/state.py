@@ -204,7 +204,11 @@ def _collect() -> tuple[dict[str, Any], list[tuple[str, Any]], list[tuple[str, b
     import cloudpickle
 
     # Closed files are pickles (of `ClosedFile`), named in "closed_files" too; `load` needs no more.
-    manifest: dict[str, Any] = {"arrays": {}, "pickles": [], "modules": {}, "skipped": {}, "closed_files": []}
+    from IPython import get_ipython
+
+    # The cell count goes too: the notebook's next cell is [N+1] in the kernel that loads it, as it would have been.
+    manifest: dict[str, Any] = {"arrays": {}, "pickles": [], "modules": {}, "skipped": {}, "closed_files": [],
+                                "execution_count": getattr(get_ipython(), "execution_count", 0)}
     arrays: list[tuple[str, Any]] = []
     pickles: list[tuple[str, bytes]] = []
     file_types = _file_types()
@@ -306,10 +310,12 @@ def load(path: str) -> dict[str, Any]:
     import numpy as np
     from IPython import get_ipython
 
-    ns = get_ipython().user_ns
+    ip = get_ipython()
+    ns = ip.user_ns
     base = Path(path)
     index = base / MANIFEST if (base / MANIFEST).is_file() else base / _OLD_MANIFEST
     manifest = json.loads(index.read_text())
+    ip.execution_count = max(ip.execution_count, int(manifest.get("execution_count", 0)))
     failed: dict[str, str] = {}
     for name, module in manifest["modules"].items():
         try:

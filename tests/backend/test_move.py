@@ -68,6 +68,7 @@ def test_a_moved_kernel_keeps_its_variables_and_runs_the_cell_sent_meanwhile_onc
         before = get(backend, sandbox)
         content, _ = run(kc, STATE)
         assert content["status"] == "ok", content
+        cells = int(value(kc, "get_ipython().execution_count"))
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             moving = pool.submit(move, backend, sandbox, **overrides)
             wait_moving(backend, sandbox)
@@ -80,6 +81,7 @@ def test_a_moved_kernel_keeps_its_variables_and_runs_the_cell_sent_meanwhile_onc
             assert getattr(moved.spec, key) == want, moved.spec
         assert moved.runtime == overrides.get("runtime", backend.runtime)
         assert value(kc, CHECK) == EXPECTED
+        assert int(value(kc, "get_ipython().execution_count")) > cells  # the notebook's cell numbers go on
         assert km.is_alive()
         if change == "memory":  # the new limit holds: more than the old 1Gi fits now
             assert value(kc, "len(bytearray(1400 * 2**20))", timeout=120) == str(1400 * 2**20)
