@@ -59,6 +59,8 @@ class MoveHost(Protocol):
 
     def runtime_for(self, spec: ParsedSpec) -> SandboxRuntime: ...
 
+    def hibernate_after(self, spec: ParsedSpec) -> float: ...
+
     def set_state(self, sb: LiveSandbox, state: int, message: str | None = None,
                   progress: pb.Progress | None = None) -> None: ...
 
@@ -241,6 +243,7 @@ class Mover:
         grow = new.disk > sb.spec.disk
         owner_changes = was.owner(sb.spec) != runtime.owner(new)
         r.spec, sb.spec, r.runtime = target, new, new.runtime
+        r.hibernate_after = self.m.hibernate_after(new)  # a GPU kernel's default differs from a CPU kernel's
         if grow:
             await asyncio.to_thread(self.m.workspaces.grow, Path(r.dir), new.disk)
         if owner_changes:  # what the kernel wrote, and its variables, are read by another user now
@@ -257,6 +260,7 @@ class Mover:
             sb.link = None
         sb.state_error = ""
         r.spec, sb.spec, r.runtime = old.request, old.spec, old.runtime.name
+        r.hibernate_after = self.m.hibernate_after(old.spec)
         self._say(sb, f"the move failed ({why}); starting the kernel again where it was", 0.7)
         try:
             await self.h.relaunch(sb, method)

@@ -168,7 +168,7 @@ class SandboxManager:
         if (not building and not req.kernel_id.startswith(POOL_KERNEL_ID) and eligible(spec, runtime)
                 and mode(spec) == KERNEL):
             handed = await self.pool.hand_out(self.templates.key(spec, runtime), req, spec,
-                                              self._hibernate_after(spec))
+                                              self.hibernate_after(spec))
             if handed is not None:
                 return handed
         self.workspaces.check(spec.disk, req.spec.disk or format_bytes(spec.disk))
@@ -194,7 +194,7 @@ class SandboxManager:
             id=sandbox_id, kernel_id=req.kernel_id, runtime=spec.runtime, spec=req.spec,
             dir=str(self.sandbox_root / sandbox_id), gpu_indices=gpus, created=time.time(),
             notebook_path=req.notebook_path, kernel=req.kernel, last_activity=time.time(),
-            hibernate_after=self._hibernate_after(spec),
+            hibernate_after=self.hibernate_after(spec),
         )
         sb = LiveSandbox(record, spec)
         if restore_source is not None:
@@ -212,7 +212,7 @@ class SandboxManager:
                 raise
         return record.to_pb()
 
-    def _hibernate_after(self, spec: ParsedSpec) -> float:
+    def hibernate_after(self, spec: ParsedSpec) -> float:
         if spec.hibernate_after is not None:
             return spec.hibernate_after
         return self.defaults.hibernate_after_gpu if spec.gpu else self.defaults.hibernate_after_cpu

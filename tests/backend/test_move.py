@@ -187,3 +187,40 @@ def test_sandboxes_move_command(backend: Backend, kernelspec_dir: Path) -> None:
         bad = subprocess.run([sys.executable, "-m", "snapkernel.cli", "sandboxes", "move", sandbox],
                              capture_output=True, text=True, env=env, timeout=60, check=False)
         assert bad.returncode != 0 and "give the resources to move to" in bad.stderr
+
+
+def _torch_kernel(kernelspec_dir: Path, gpu: str) -> str:
+    if not __import__("importlib.util").util.find_spec("torch"):
+        pytest.skip("needs torch (bench/gpu_wheels.sh fetches it)")
+    return write_kernelspec(kernelspec_dir, "snapkernel-test-move-gpu", {"gpu": gpu, "runtime": "process"})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["process"], indirect=True)
+def test_a_cuda_tensor_lands_on_the_gpu_of_the_new_sandbox(backend: Backend, kernelspec_dir: Path) -> None:
+    from snapkernel.host.gpus import inventory
+
+    gpus = inventory()[0]
+    with running_kernel(_torch_kernel(kernelspec_dir, "any:1")) as (_km, kc):
+        sandbox = sandbox_of(kc)
+        run(kc, "import torch\nx = torch.arange(1 << 20, device='cuda', dtype=torch.float32)")
+        before = get(backend, sandbox).gpu_indices
+        # Two GPUs where there are two (the tensor lands on the new sandbox's first); else more memory, same GPU.
+        moved = move(backend, sandbox, gpu="any:2") if len(gpus) > 1 else move(backend, sandbox, memory="6Gi")
+        assert moved.state == pb.RUNNING and len(moved.gpu_indices) == (2 if len(gpus) > 1 else 1), before
+        assert value(kc, "(str(x.device), float(x.sum()), torch.cuda.device_count())") == \
+            f"('cuda:0', {float(sum(range(1 << 20)))}, {2 if len(gpus) > 1 else 1})"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["process"], indirect=True)
+def test_gpu_tensors_go_to_host_memory_only_when_allowed(backend: Backend, kernelspec_dir: Path) -> None:
+    with running_kernel(_torch_kernel(kernelspec_dir, "any:1")) as (_km, kc):
+        sandbox = sandbox_of(kc)
+        run(kc, "import torch\nweights = torch.ones(1 << 20, device='cuda')")
+        with pytest.raises(StateError, match=r"holds GPU tensors .*weights \(4Mi\).*allow_cpu_fallback"):
+            move(backend, sandbox, gpu="")
+        assert value(kc, "str(weights.device)") == "'cuda:0'"  # it stayed, on its GPU
+        moved = move(backend, sandbox, gpu="", allow_cpu_fallback=True)
+        assert moved.state == pb.RUNNING and list(moved.gpu_indices) == []
+        assert value(kc, "(str(weights.device), float(weights.sum()))") == f"('cpu', {float(1 << 20)})"
