@@ -56,12 +56,12 @@ def wait_moving(backend: Backend, sandbox: str, timeout: float = 60) -> None:
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("change", ["runtime", "cpu", "memory"])
+@pytest.mark.parametrize("change", ["runtime", "cpu", "memory", "disk"])
 def test_a_moved_kernel_keeps_its_variables_and_runs_the_cell_sent_meanwhile_once(
         backend: Backend, kernelspec_dir: Path, change: str) -> None:
     name = write_kernelspec(kernelspec_dir, "snapkernel-test-move", SMALL)
     choices: dict[str, dict[str, Any]] = {"runtime": {"runtime": OTHER[backend.runtime]}, "cpu": {"cpu": 2},
-                                          "memory": {"memory": "2Gi"}}
+                                          "memory": {"memory": "2Gi"}, "disk": {"disk": "12Gi"}}
     overrides = choices[change]
     with running_kernel(name) as (km, kc):
         sandbox = sandbox_of(kc)
@@ -85,6 +85,11 @@ def test_a_moved_kernel_keeps_its_variables_and_runs_the_cell_sent_meanwhile_onc
         assert km.is_alive()
         if change == "memory":  # the new limit holds: more than the old 1Gi fits now
             assert value(kc, "len(bytearray(1400 * 2**20))", timeout=120) == str(1400 * 2**20)
+        quota = subprocess.run(["findmnt", "-n", f"{backend.state_dir}/sandboxes/{sandbox}/workspace"],
+                               capture_output=True, check=False).returncode == 0
+        if change == "disk" and quota:  # the workspace's file system grew, files and all
+            total = int(value(kc, "__import__('shutil').disk_usage(__import__('os').environ['HOME']).total"))
+            assert 11 << 30 < total <= 12 << 30, total
         if change == "cpu" and moved.runtime == "process" and moved.limits == "cgroup2":
             quota = Path(f"/sys/fs/cgroup/snapkernel/{sandbox}/cpu.max")
             if quota.exists():
