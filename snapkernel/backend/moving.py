@@ -180,9 +180,9 @@ class Mover:
                                   "(del large variables) first")
         if r.gpu_indices and new.gpu is None and not allow_cpu_fallback:
             result = await self.m.run_in_kernel(sb, state.gpu_variables_code(), self.m.defaults.start_timeout)
-            tensors: dict[str, int] = json.loads(result.output.strip().splitlines()[-1]) if result.ok else {}
             if not result.ok:
                 raise StateError(f"sandbox {r.id}: its GPU tensors could not be listed: {result.error}")
+            tensors: dict[str, int] = json.loads(result.output.strip().splitlines()[-1])
             if tensors:
                 names = ", ".join(f"{k} ({format_bytes(v)})" for k, v in sorted(tensors.items())[:8])
                 raise StateError(f"sandbox {r.id} holds GPU tensors and the new spec has no GPU: {names}. Move "
@@ -219,11 +219,13 @@ class Mover:
             sb.whole_state = False  # back where it was, what loads is better than nothing
             why = str(e) if isinstance(e, SnapkernelError) else f"{type(e).__name__}: {e}"
             log.warning("sandbox_id=%s could not move to %s (%s); starting it again where it was", r.id, what, why)
-            await self._back(sb, old, method, why)
+            if not await self._back(sb, old, method, why):
+                raise StateError(f"sandbox {r.id} could not move to {what} ({why}), nor start again where it was: "
+                                 f"{r.message}; restart the kernel") from e
             raise StateError(f"sandbox {r.id} could not move to {what}, so it runs where it was: {why}") from e
         finally:
             sb.relaunching = sb.whole_state = False
-        await asyncio.to_thread(shutil.rmtree, Path(r.dir) / WORKSPACE / STATE_DIR, True)
+            await asyncio.to_thread(shutil.rmtree, Path(r.dir) / WORKSPACE / STATE_DIR, True)
         took = time.perf_counter() - started
         r.hibernation = ""
         r.last_activity = time.time()
@@ -249,8 +251,9 @@ class Mover:
         if owner_changes:  # what the kernel wrote, and its variables, are read by another user now
             await asyncio.to_thread(self.m.workspaces.give, Path(r.dir) / WORKSPACE, runtime.owner(new))
 
-    async def _back(self, sb: LiveSandbox, old: Placed, method: str, why: str) -> None:
-        """The new sandbox did not come up: the kernel starts again from what was saved, with its old spec."""
+    async def _back(self, sb: LiveSandbox, old: Placed, method: str, why: str) -> bool:
+        """The new sandbox did not come up: the kernel starts again from what was saved, with its old spec.
+        Whether it did (else its sandbox has failed)."""
         r = sb.record
         self.m.scheduler.release(r.id)
         with contextlib.suppress(Exception):
@@ -268,12 +271,13 @@ class Mover:
             again = str(e) if isinstance(e, SnapkernelError) else f"{type(e).__name__}: {e}"
             await self.h.lost_in_wake(sb, f"moving the kernel failed ({why}) and so did starting it again where it "
                                     f"was ({again})")
-            return
+            return False
         r.hibernation = ""
         r.last_activity = time.time()
         self.m.set_state(sb, pb.RUNNING, f"could not move, so it runs where it was: {why}")
         self._tell(sb, f"snapkernel: this kernel could not move, so it runs where it was: {why}\n")
         self.h.deliver_held(sb)
+        return True
 
     @staticmethod
     def _tell(sb: LiveSandbox, text: str) -> None:
