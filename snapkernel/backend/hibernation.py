@@ -395,6 +395,7 @@ class Hibernator:
         await asyncio.to_thread(self.m.prepare_workspace, sb)  # mounted again if the host rebooted meanwhile
         if method == "memory":
             r.limits = await runtime.launch(r, sb.spec, {}, Path(r.dir) / IMAGE_DIR)
+            self.m.set_state(sb, r.state)  # on disk with its new process (and spec): a restarted backend finds it
             await self.m.connect(sb, runtime, self.m.defaults.start_timeout)
             if memory:
                 await self.m.messages.give_identity(sb, sb.identity_env(r.kernel), self.m.defaults.start_timeout,
@@ -407,6 +408,7 @@ class Hibernator:
             return
         sb.restore_state = STATE_DIR
         r.limits = await runtime.launch(r, sb.spec, sb.env(r.kernel))
+        self.m.set_state(sb, r.state)
         await self.m.connect(sb, runtime, self.m.defaults.start_timeout)
         async with sb.changed:  # the new kernel starts, then loads the variables (see SandboxManager)
             await asyncio.wait_for(sb.changed.wait_for(lambda: sb.restore_state is None or r.ended),

@@ -208,7 +208,7 @@ class Mover:
         except Exception as e:
             raise await self.h.back_to_running(sb, e, "could not move, so it runs where it was") from e
         old = Placed(r.spec, sb.spec, self.m.runtimes[r.runtime])
-        sb.relaunching = True
+        sb.record.relaunching = True
         sb.state_error = ""
         try:
             self._say(sb, f"starting a {new.runtime} sandbox with {what}", 0.4)
@@ -224,7 +224,7 @@ class Mover:
                                  f"{r.message}; restart the kernel") from e
             raise StateError(f"sandbox {r.id} could not move to {what}, so it runs where it was: {why}") from e
         finally:
-            sb.relaunching = sb.whole_state = False
+            sb.record.relaunching = sb.whole_state = False
             await asyncio.to_thread(shutil.rmtree, Path(r.dir) / WORKSPACE / STATE_DIR, True)
         took = time.perf_counter() - started
         r.hibernation = ""

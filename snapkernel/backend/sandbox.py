@@ -59,10 +59,7 @@ class LiveSandbox:
     restore_state: str | None = None  # a state dir in the workspace to load once the kernel runs
     restore_source: Path | None = None  # where to copy that dir from first (a snapshot in the store)
     state_error: str = ""  # why loading it failed
-    # A move past saving the kernel: a new sandbox starts from what was saved, which stays until the kernel runs
-    # (should the new one fail, it starts again from it where it was).
-    relaunching: bool = False
-    whole_state: bool = False  # ... and its variables must all load there, or it goes back
+    whole_state: bool = False  # a move's new kernel: its variables must all load there, or it goes back
     holding: bool = False  # a `%move` is about to begin: the notebook's next cells wait for it (held)
     notice: str = ""  # for the next cell sent: how a `%move` went, when no cell waited to hear it
     busy: bool = False  # the kernel said `busy` on iopub and not yet `idle`

@@ -40,6 +40,10 @@ class SandboxRecord:
     last_activity: float = 0.0
     hibernation: str = ""  # how it is hibernated ("memory", "suspend", "state"); "" while awake
     hibernate_after: float = 0.0
+    # A move past saving the kernel: a new sandbox starts from what was saved, which stays until the kernel runs
+    # (should the new one fail, it starts again from it where it was). On disk: a restarted backend knows which
+    # sandbox of a move it finds alive.
+    relaunching: bool = False
 
     @property
     def ended(self) -> bool:
@@ -57,9 +61,10 @@ class SandboxRecord:
 
 _COLUMNS = ("id", "kernel_id", "runtime", "spec", "dir", "state", "message", "exit_code", "gpu_indices",
             "limits", "created", "notebook_path", "pid", "kernel_generation", "kernel", "last_activity",
-            "hibernation", "hibernate_after")
+            "hibernation", "hibernate_after", "relaunching")
 # Columns added after the first release, with their SQL types: databases of older backends get them added.
-_ADDED = {"kernel": "BLOB", "last_activity": "REAL", "hibernation": "TEXT", "hibernate_after": "REAL"}
+_ADDED = {"kernel": "BLOB", "last_activity": "REAL", "hibernation": "TEXT", "hibernate_after": "REAL",
+          "relaunching": "INTEGER"}
 
 
 class SandboxDB:
@@ -81,7 +86,7 @@ class SandboxDB:
         values = (r.id, r.kernel_id, r.runtime, r.spec.SerializeToString(), r.dir, r.state, r.message,
                   r.exit_code, json.dumps(r.gpu_indices), r.limits, r.created, r.notebook_path, r.pid,
                   r.kernel_generation, r.kernel.SerializeToString(), r.last_activity, r.hibernation,
-                  r.hibernate_after)
+                  r.hibernate_after, int(r.relaunching))
         marks = ",".join("?" * len(_COLUMNS))
         self._write(r.id, f"INSERT OR REPLACE INTO sandboxes ({','.join(_COLUMNS)}) VALUES ({marks})", values)
 
@@ -109,7 +114,7 @@ class SandboxDB:
             kernel = pb.KernelConfig()
             kernel.ParseFromString(d.pop("kernel") or b"")
             d.update(last_activity=d["last_activity"] or 0.0, hibernation=d["hibernation"] or "",
-                     hibernate_after=d["hibernate_after"] or 0.0)
+                     hibernate_after=d["hibernate_after"] or 0.0, relaunching=bool(d["relaunching"]))
             out.append(SandboxRecord(spec=spec, kernel=kernel, **d))
         return out
 

@@ -20,10 +20,10 @@ from typing import Any
 from snapkernel.backend import lifecycle
 from snapkernel.backend.agent_link import AgentLink
 from snapkernel.backend.agent_messages import AgentMessages
-from snapkernel.backend.hibernation import Hibernator, remove_image
+from snapkernel.backend.hibernation import IMAGE_DIR, STATE_DIR, Hibernator, remove_image
 from snapkernel.backend.lifecycle import Activity
 from snapkernel.backend.moving import Mover
-from snapkernel.backend.runtimes.base import EXIT_FILE, LINK_SOCKET, LOG_FILE, SandboxRuntime
+from snapkernel.backend.runtimes.base import EXIT_FILE, LINK_SOCKET, LOG_FILE, SELF_EXIT_WAIT, SandboxRuntime
 from snapkernel.backend.sandbox import POOL_KERNEL_ID, TEMPLATE_KERNEL_ID, Defaults, LiveSandbox
 from snapkernel.backend.sandbox_db import SandboxDB, SandboxRecord
 from snapkernel.backend.scheduler import Scheduler
@@ -31,7 +31,7 @@ from snapkernel.backend.snapshotting import Snapshotter
 from snapkernel.backend.starting import Starter
 from snapkernel.backend.templates import KERNEL, Templates, eligible, mode
 from snapkernel.backend.warm_pool import WarmPool
-from snapkernel.backend.workspace import Workspaces
+from snapkernel.backend.workspace import WORKSPACE, Workspaces
 from snapkernel.errors import (
     InvalidSpecError,
     NoCapacityError,
@@ -253,7 +253,7 @@ class SandboxManager:
             sb.fail_code_results(f"the restored sandbox ended{_log_tail(Path(sb.record.dir) / LOG_FILE, 2)}")
             return
         if sb.record.state in HELD:  # stopped on purpose; or, while waking or moving, the new sandbox died
-            if sb.record.state == pb.WAKING or sb.relaunching:
+            if sb.record.state == pb.WAKING or sb.record.relaunching:
                 sb.state_error = f"the sandbox ended while waking{_log_tail(Path(sb.record.dir) / LOG_FILE)}"
                 sb.restore_state = None
                 sb.fail_code_results(sb.state_error)
@@ -404,6 +404,8 @@ class SandboxManager:
             if record.ended:
                 continue
             alive = runtime is not None and runtime.is_alive(record)
+            if record.state in (pb.HIBERNATING, pb.WAKING, pb.MOVING) and alive and runtime is not None:
+                alive = await self._half_way(sb, runtime)
             if record.state in HELD and record.hibernation in ("memory", "state") and not alive:
                 # Its image or variables are on disk: it stays hibernated, holding nothing.
                 self.set_state(sb, pb.HIBERNATED, "hibernated (backend restarted); the next message wakes it")
@@ -428,6 +430,29 @@ class SandboxManager:
                     continue
             self.scheduler.claim(record.id, spec.cpu, spec.memory, record.gpu_indices)
             await self.ended_on_its_own(sb, runtime)
+
+    async def _half_way(self, sb: LiveSandbox, runtime: SandboxRuntime) -> bool:
+        """A sandbox the restart found alive half-way through being saved or started again from what was saved:
+        whether it goes on running. One whose image is being written ends once it is (then it is hibernated); a new
+        kernel that may not have loaded its variables yet goes (they are loaded again on the next message)."""
+        r = sb.record
+        starting = r.state == pb.WAKING or r.relaunching
+        state_dir = Path(r.dir) / WORKSPACE / STATE_DIR
+        if not starting and r.hibernation == "memory" and (Path(r.dir) / IMAGE_DIR).exists():
+            # Being written, or written with the sandbox about to end (it ends on its own then).
+            writing = runtime.checkpointing(r)
+            log.info("sandbox_id=%s its memory image is %s: waiting for the sandbox to end", r.id,
+                     "being written" if writing else "there")
+            await runtime.ended(r, self.defaults.wake_timeout if writing else SELF_EXIT_WAIT)
+        elif starting and r.hibernation == "state" and state_dir.exists():
+            log.info("sandbox_id=%s its new kernel may not have its variables yet: starting it again", r.id)
+            await runtime.stop(r)
+        elif not starting and r.hibernation == "state":  # saved half-way or not at all: it runs on as it was
+            await asyncio.to_thread(shutil.rmtree, state_dir, True)
+        r.relaunching = False
+        if runtime.is_alive(r) and r.hibernation == "memory":  # it runs: its image (whole or not) is of no use
+            await asyncio.to_thread(remove_image, r)
+        return runtime.is_alive(r)
 
     async def start_templates(self) -> None:
         """Load the templates an earlier backend built, and build the default spec's if it has none."""

@@ -116,7 +116,7 @@ class Snapshotter:
                 self.m.set_state(sb, pb.FAILED, str(e))
             return
         finally:
-            if not sb.relaunching:
+            if not sb.record.relaunching:
                 await asyncio.to_thread(shutil.rmtree, host, True)
             sb.restore_state = sb.restore_source = None
             self.m.notify(sb)

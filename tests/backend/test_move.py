@@ -5,6 +5,7 @@ leaves the kernel where it was."""
 from __future__ import annotations
 
 import concurrent.futures
+import signal
 import subprocess
 import sys
 import time
@@ -85,15 +86,17 @@ def test_a_moved_kernel_keeps_its_variables_and_runs_the_cell_sent_meanwhile_onc
         assert km.is_alive()
         if change == "memory":  # the new limit holds: more than the old 1Gi fits now
             assert value(kc, "len(bytearray(1400 * 2**20))", timeout=120) == str(1400 * 2**20)
-        quota = subprocess.run(["findmnt", "-n", f"{backend.state_dir}/sandboxes/{sandbox}/workspace"],
-                               capture_output=True, check=False).returncode == 0
-        if change == "disk" and quota:  # the workspace's file system grew, files and all
+        mounted = subprocess.run(["findmnt", "-n", f"{backend.state_dir}/sandboxes/{sandbox}/workspace"],
+                                 capture_output=True, check=False).returncode == 0
+        if change == "disk" and mounted:  # the workspace's file system grew, files and all
             total = int(value(kc, "__import__('shutil').disk_usage(__import__('os').environ['HOME']).total"))
             assert 11 << 30 < total <= 12 << 30, total
-        if change == "cpu" and moved.runtime == "process" and moved.limits == "cgroup2":
-            quota = Path(f"/sys/fs/cgroup/snapkernel/{sandbox}/cpu.max")
-            if quota.exists():
-                assert quota.read_text().split()[0] == "200000"
+        if change == "cpu" and moved.runtime == "process":  # the new limit holds
+            if moved.limits == "cgroup2":
+                assert Path(f"/sys/fs/cgroup/snapkernel/{sandbox}/cpu.max").read_text().split()[0] == "200000"
+            else:  # pinned to as many cores
+                assert value(kc, "len(__import__('os').sched_getaffinity(0))") == str(min(2, len(
+                    __import__("os").sched_getaffinity(0))))
 
 
 def test_a_move_that_cannot_be_met_is_refused_before_anything_stops(backend: Backend, kernelspec_dir: Path) -> None:
@@ -229,3 +232,28 @@ def test_gpu_tensors_go_to_host_memory_only_when_allowed(backend: Backend, kerne
         moved = move(backend, sandbox, gpu="", allow_cpu_fallback=True)
         assert moved.state == pb.RUNNING and list(moved.gpu_indices) == []
         assert value(kc, "(str(weights.device), float(weights.sum()))") == f"('cpu', {float(1 << 20)})"
+
+
+def test_a_backend_killed_while_a_kernel_moves_loses_nothing(own_backend: Backend, kernelspec_dir: Path) -> None:
+    # SIGKILLed as the kernel is saved (or its new sandbox starts): the next backend finds it running, or saved
+    # and hibernated, and the next cell has every variable.
+    name = write_kernelspec(kernelspec_dir, "snapkernel-test-move", {"cpu": 1, "memory": "2Gi"})
+    with running_kernel(name) as (_km, kc):
+        sandbox = sandbox_of(kc)
+        run(kc, "import numpy\ndata = numpy.random.default_rng(0).integers(0, 255, 400 << 20, dtype=numpy.uint8)\n"
+                "check = int(data[::4096].sum())")
+        check = value(kc, "check")
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            moving = pool.submit(move, own_backend, sandbox, cpu=2)
+            wait_moving(own_backend, sandbox)
+            own_backend.stop(signal.SIGKILL)
+            with pytest.raises(SnapkernelError):
+                moving.result(timeout=60)
+        own_backend.start()
+        deadline = time.monotonic() + 120
+        while (sb := get(own_backend, sandbox)).state not in (pb.RUNNING, pb.HIBERNATED):
+            assert time.monotonic() < deadline and sb.state == pb.MOVING, sb
+            time.sleep(0.2)
+        assert value(kc, "int(data[::4096].sum())", timeout=120) == check
+        assert get(own_backend, sandbox).state == pb.RUNNING
+        assert not list((own_backend.state_dir / "sandboxes" / sandbox / "workspace").glob(".snapkernel-*"))

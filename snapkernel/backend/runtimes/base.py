@@ -29,6 +29,7 @@ LINK_SOCKET = "link.sock"
 EXIT_FILE = "exit.json"
 LOG_FILE = "sandbox.log"
 STOP_GRACE = 3.0
+SELF_EXIT_WAIT = 5.0  # seconds a sandbox whose memory image is written (no --leave-running) has to end on its own
 
 
 @dataclass
@@ -207,6 +208,10 @@ class SandboxRuntime(ABC):
                 os.killpg(record.pid, signal.SIGKILL)
         await self.reap(record, timeout=1.0)
         await asyncio.to_thread(self.cleanup, record)
+
+    def checkpointing(self, record: SandboxRecord) -> bool:
+        """Whether the sandbox's memory image is being written now (by an earlier backend, say)."""
+        return False
 
     async def ended(self, record: SandboxRecord, timeout: float) -> bool:
         """Wait up to `timeout` seconds for the sandbox to end on its own; whether it did."""

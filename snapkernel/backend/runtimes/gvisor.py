@@ -28,6 +28,7 @@ from jupyter_core.paths import jupyter_runtime_dir
 from snapkernel.backend.runtimes import rootfs
 from snapkernel.backend.runtimes.base import (
     DEFAULT_PIDS_LIMIT,
+    SELF_EXIT_WAIT,
     Launch,
     RuntimeCapabilities,
     RuntimeInfo,
@@ -144,7 +145,6 @@ def find_runsc(configured: str = "") -> str | None:
 
 ROOTFS = "rootfs"  # in the sandbox's directory: the skeleton of its minimal root filesystem
 PLATFORM = "dev.snapkernel.platform"  # OCI annotation: the gVisor platform the sandbox runs under
-SELF_EXIT_WAIT = 5.0  # seconds a sandbox checkpointed without --leave-running is given to end on its own
 RLIM_INFINITY = 2**64 - 1  # OCI's rlimits are uint64; this one is RLIM_INFINITY
 
 
@@ -395,6 +395,15 @@ class GvisorRuntime(SandboxRuntime):
             argv.append("--direct")  # O_DIRECT reads of the pages file: a 1 GiB resume took 2.7 s, now 2.1 s
         argv.append(record.id)
         return Launch(argv, {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}, {}, "runsc")
+
+    def checkpointing(self, record: SandboxRecord) -> bool:
+        """A `runsc checkpoint` of this sandbox runs (it outlives the backend that started it)."""
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            with contextlib.suppress(OSError):
+                argv = cmdline.read_bytes().split(b"\0")
+                if b"checkpoint" in argv and record.id.encode() in argv and str(self.root).encode() in argv:
+                    return True
+        return False
 
     async def stop(self, record: SandboxRecord) -> None:
         """runsc's own kill first: the sandbox ends and runsc records it, so `runsc delete` is quick (signalled
