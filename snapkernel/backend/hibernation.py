@@ -200,12 +200,14 @@ class Hibernator:
             target.symlink_to(MEMORY_IMAGES / r.id)
         else:
             target.mkdir(mode=0o700)
+        # What a restore needs besides the image goes first: should this backend die while the image is written,
+        # the sandbox still ends once it is, and the next backend finds the whole of it.
+        runtime.save_bundle(r, target)
         try:
             await runtime.checkpoint(r, target / "image", leave_running=False)
         except SnapkernelError:
             await asyncio.to_thread(remove_image, r)
             raise
-        runtime.save_bundle(r, target)
         await self._stop_sandbox(sb)
 
     async def to_state(self, sb: LiveSandbox) -> None:
