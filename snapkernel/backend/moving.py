@@ -152,8 +152,15 @@ class Mover:
         if new.gpu is None:
             fit()
             return
-        await self.m.scheduler.wait_in_line(r.id, fit, lambda why: self._say(sb, f"waiting for a GPU: {why}"),
-                                            max(0.0, timeout))
+        told = False
+
+        def waiting(why: str) -> None:
+            nonlocal told
+            self._say(sb, f"waiting for a GPU: {why}")
+            if not told:  # the cells a %move holds meanwhile hear why they wait
+                told = cells.tell_waiting(sb, f"snapkernel: this kernel waits for a GPU to move to: {why}\n")
+
+        await self.m.scheduler.wait_in_line(r.id, fit, waiting, max(0.0, timeout))
 
     async def _wait_until_idle(self, sb: LiveSandbox, timeout: float) -> None:
         if not sb.busy:

@@ -257,3 +257,18 @@ def test_a_backend_killed_while_a_kernel_moves_loses_nothing(own_backend: Backen
         assert value(kc, "int(data[::4096].sum())", timeout=120) == check
         assert get(own_backend, sandbox).state == pb.RUNNING
         assert not list((own_backend.state_dir / "sandboxes" / sandbox / "workspace").glob(".snapkernel-*"))
+
+
+@pytest.mark.parametrize("backend", [pytest.param("gvisor", marks=pytest.mark.gvisor)], indirect=True)
+def test_a_memory_snapshot_resumes_with_more_memory(backend: Backend, kernelspec_dir: Path) -> None:
+    name = write_kernelspec(kernelspec_dir, "snapkernel-test-move", SMALL)
+    with running_kernel(name) as (_km, kc):
+        sandbox = sandbox_of(kc)
+        run(kc, "kept = 'from the snapshot'")
+        snap: pb.SnapshotInfo = backend_call(backend, lambda c: c.create_snapshot(sandbox, "memory"))
+    bigger = write_kernelspec(kernelspec_dir, "snapkernel-test-move-resume", {"restore_from": snap.id, "cpu": 2,
+                                                                             "memory": "2Gi"})
+    with running_kernel(bigger) as (_km, kc):
+        assert value(kc, "kept") == "'from the snapshot'"
+        assert value(kc, "len(bytearray(1400 * 2**20))", timeout=120) == str(1400 * 2**20)  # over the old 1Gi
+    backend_call(backend, lambda c: c.delete_snapshot(snap.id))
