@@ -34,11 +34,17 @@ from snapkernel.protocol.v1 import backend_pb2 as pb
 from snapkernel.snapshots import cuda
 
 if TYPE_CHECKING:
-    from snapkernel.backend.agent_messages import AgentMessages
     from snapkernel.backend.runtimes.base import SandboxRuntime
     from snapkernel.backend.sandbox import Defaults, LiveSandbox
     from snapkernel.backend.sandbox_db import SandboxRecord
     from snapkernel.backend.scheduler import Scheduler
+
+
+class IdentityGiver(Protocol):
+    """The agent messages' part (agent_messages.py) that a kernel restored with other resources needs."""
+
+    async def give_identity(self, sb: LiveSandbox, env: dict[str, str], timeout: float | None,
+                            memory: int = 0) -> None: ...
 
 
 class SandboxHost(Protocol):
@@ -46,7 +52,7 @@ class SandboxHost(Protocol):
     between the two, so neither reaches into the other's internals."""
 
     live: dict[str, LiveSandbox]
-    messages: AgentMessages
+    messages: IdentityGiver
     runtimes: dict[str, SandboxRuntime]
     scheduler: Scheduler
     defaults: Defaults
