@@ -83,7 +83,7 @@ log = logging.getLogger(__name__)
 IDLE_CHECK_INTERVAL = 1.0  # seconds between looks for idle kernels
 IMAGE_DIR = "hibernation"  # in the sandbox's directory: the memory image while hibernated
 # A move's memory image, where the host's memory has room for it: written and read again at memory speed (a 1 GiB
-# move took 4.8 s through the disk, 2.6 s so), and gone once the kernel runs again. IMAGE_DIR links to it.
+# move took 4.8 s through the disk, 3.2 s so), and gone once the kernel runs again. IMAGE_DIR links to it.
 MEMORY_IMAGES = Path("/dev/shm/snapkernel")
 STATE_DIR = ".snapkernel-hibernation"  # in the workspace: the variables while hibernated
 OFFLOAD_CODE = "__import__('snapkernel.snapshots.gpu_offload', fromlist=['run']).run({action!r}, **{options!r})"
@@ -189,7 +189,7 @@ class Hibernator:
             self.deliver_held(sb)
         else:  # it died on the way (a checkpoint that failed half-way)
             await self.m.ended_on_its_own(sb, runtime)
-            self.tell_notebook(sb, f"snapkernel: this kernel's sandbox ended while it was being saved: {why}\n"
+            cells.tell_waiting(sb, f"snapkernel: this kernel's sandbox ended while it was being saved: {why}\n"
                                    "Restart the kernel.", fail=True)
         return e if isinstance(e, SnapkernelError) else StateError(f"sandbox {r.id} {outcome}: {why}")
 
@@ -348,14 +348,14 @@ class Hibernator:
         with contextlib.suppress(Exception):
             await self.m.runtimes[sb.record.runtime].stop(sb.record)
         self.m.set_state(sb, pb.FAILED, why)
-        self.tell_notebook(sb, f"snapkernel: {why}\nRestart the kernel (its variables could not be brought back).",
+        cells.tell_waiting(sb, f"snapkernel: {why}\nRestart the kernel (its variables could not be brought back).",
                            fail=True)
 
     def _waiting(self, sb: LiveSandbox, why: str) -> None:
         self.m.progress(sb, "wake", why)
         if not sb.told_waiting:
             sb.told_waiting = True
-            self.tell_notebook(sb, f"snapkernel: this kernel is hibernated and waits for its GPU to wake: {why}\n")
+            cells.tell_waiting(sb, f"snapkernel: this kernel is hibernated and waits for its GPU to wake: {why}\n")
 
     async def _resume(self, sb: LiveSandbox) -> None:
         r = sb.record
@@ -429,6 +429,3 @@ class Hibernator:
         held, sb.held = sb.held, []
         for msg in held:
             self.m.send_to_agent(sb, msg)
-
-    def tell_notebook(self, sb: LiveSandbox, text: str, fail: bool = False) -> None:
-        cells.tell_waiting(sb, text, fail)
