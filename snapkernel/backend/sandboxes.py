@@ -254,7 +254,7 @@ class SandboxManager:
             return
         if sb.record.state in HELD:  # stopped on purpose; or, while waking or moving, the new sandbox died
             if sb.record.state == pb.WAKING or sb.record.relaunching:
-                sb.state_error = f"the sandbox ended while waking{_log_tail(Path(sb.record.dir) / LOG_FILE)}"
+                sb.state_error = f"the sandbox ended as it started again{_log_tail(Path(sb.record.dir) / LOG_FILE)}"
                 sb.restore_state = None
                 sb.fail_code_results(sb.state_error)
                 self.notify(sb)
