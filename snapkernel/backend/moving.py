@@ -115,6 +115,8 @@ class Mover:
         if new.disk < sb.spec.disk:
             raise InvalidSpecError(f"disk {req.disk!r} is smaller than the workspace's {format_bytes(sb.spec.disk)}: "
                                    "a workspace can grow, not shrink")
+        if new.disk > sb.spec.disk:
+            self.m.workspaces.check(new.disk - sb.spec.disk, req.disk)
         self.m.scheduler.check_host(new)
         method = self.method(sb, runtime, new)
         with sb.doing(Activity.MOVING, "move", "wait for it to finish"):

@@ -112,6 +112,7 @@ def test_a_move_that_cannot_be_met_is_refused_before_anything_stops(backend: Bac
             ({"cpu": -1.0}, InvalidSpecError, "cpu -1 is not valid"),
             ({"runtime": "docker"}, InvalidSpecError, "runtime 'docker' is not known"),
             ({"disk": "1Gi"}, InvalidSpecError, "a workspace can grow, not shrink"),
+            ({"disk": "1Pi"}, InvalidSpecError, "disk '1Pi' is more than this host has"),
             ({"cpu": 1.0, "memory": "1Gi"}, InvalidSpecError, "has .* already"),
             ({"memory": "64Mi"}, NoCapacityError, "its kernel uses .* more than the 64Mi"),
         ]
