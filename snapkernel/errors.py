@@ -33,6 +33,11 @@ class SnapkernelError(Exception):
         return grpc.StatusCode[self.status]
 
 
+def describe(e: BaseException) -> str:
+    """What went wrong, for a user: a snapkernel error's own message; anything else with its type named."""
+    return str(e) if isinstance(e, SnapkernelError) else f"{type(e).__name__}: {e}"
+
+
 class InvalidSpecError(SnapkernelError):
     """A request or spec value that is not accepted (names the value and what is accepted)."""
 

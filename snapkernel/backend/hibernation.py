@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from snapkernel.backend import cells, lifecycle
 from snapkernel.backend.lifecycle import Activity
 from snapkernel.backend.tasks import stop_task
-from snapkernel.errors import SnapkernelError, StateError
+from snapkernel.errors import SnapkernelError, StateError, describe
 from snapkernel.protocol.states import ASLEEP
 from snapkernel.protocol.v1 import backend_pb2 as pb
 from snapkernel.snapshots import cuda
@@ -182,7 +182,7 @@ class Hibernator:
         meanwhile; or, had it died on the way, it has ended. Returns the error to raise."""
         r = sb.record
         r.hibernation = ""
-        why = str(e) if isinstance(e, SnapkernelError) else f"{type(e).__name__}: {e}"
+        why = describe(e)
         self.m.set_state(sb, pb.RUNNING, f"{outcome}: {why}")
         runtime = self.m.runtimes[r.runtime]
         if runtime.is_alive(r):
@@ -328,7 +328,7 @@ class Hibernator:
             else:
                 await self.relaunch(sb, method)
         except Exception as e:
-            why = str(e) if isinstance(e, SnapkernelError) else f"{type(e).__name__}: {e}"
+            why = describe(e)
             log.exception("sandbox_id=%s could not wake", r.id)
             await self.lost_in_wake(sb, f"waking this kernel failed: {why}")
             return

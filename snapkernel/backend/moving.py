@@ -26,7 +26,7 @@ from snapkernel.backend import cells, lifecycle
 from snapkernel.backend.hibernation import STATE_DIR, Hibernator
 from snapkernel.backend.lifecycle import Activity
 from snapkernel.backend.workspace import WORKSPACE
-from snapkernel.errors import InvalidSpecError, NoCapacityError, SnapkernelError, StateError
+from snapkernel.errors import InvalidSpecError, NoCapacityError, SnapkernelError, StateError, describe
 from snapkernel.host.processes import sample_tree
 from snapkernel.host.resources import host_memory
 from snapkernel.protocol.spec import ParsedSpec, describe_spec, format_bytes
@@ -226,7 +226,7 @@ class Mover:
             await self.h.relaunch(sb, method, memory=new.memory if new.memory != old.spec.memory else 0)
         except Exception as e:
             sb.whole_state = False  # back where it was, what loads is better than nothing
-            why = str(e) if isinstance(e, SnapkernelError) else f"{type(e).__name__}: {e}"
+            why = describe(e)
             log.warning("sandbox_id=%s could not move to %s (%s); starting it again where it was", r.id, what, why)
             if not await self._back(sb, old, method, why):
                 raise StateError(f"sandbox {r.id} could not move to {what} ({why}), nor start again where it was: "
@@ -277,7 +277,7 @@ class Mover:
         try:
             await self.h.relaunch(sb, method)
         except Exception as e:
-            again = str(e) if isinstance(e, SnapkernelError) else f"{type(e).__name__}: {e}"
+            again = describe(e)
             await self.h.lost_in_wake(sb, f"moving the kernel failed ({why}) and so did starting it again where it "
                                     f"was ({again})")
             return False

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from snapkernel.backend.lifecycle import Activity
 from snapkernel.backend.templates import WORKER, mode
-from snapkernel.errors import SnapkernelError
+from snapkernel.errors import describe
 from snapkernel.protocol.v1 import backend_pb2 as pb
 from snapkernel.snapshots import memory
 
@@ -80,7 +80,7 @@ class Starter:
                 await self._undo_start(sb, runtime)
                 await self.start(sb, runtime, kernel, None)
                 return
-            why = str(e) if isinstance(e, SnapkernelError) else f"{type(e).__name__}: {e}"
+            why = describe(e)
             if sb.deleting:  # deleted while it started: its start was cut short, nothing went wrong
                 log.info("sandbox_id=%s deleted while starting (%s)", r.id, why)
             else:

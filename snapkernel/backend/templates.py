@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Protocol
 import snapkernel
 from snapkernel.backend.lifecycle import Activity
 from snapkernel.backend.sandbox import MODE_ENV, TEMPLATE_KERNEL_ID
-from snapkernel.errors import SnapkernelError
+from snapkernel.errors import SnapkernelError, describe
 from snapkernel.protocol.spec import ParsedSpec, format_bytes, parse_disk, parse_memory
 from snapkernel.protocol.v1 import backend_pb2 as pb
 from snapkernel.snapshots import memory
@@ -262,7 +262,7 @@ class Templates:
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            why = str(e) if isinstance(e, SnapkernelError) else f"{type(e).__name__}: {e}"
+            why = describe(e)
             t.state, t.created = f"failed: {why}"[:300], time.time()
             log.warning("template %s could not be built (%ss of its class boot instead): %s", key, t.mode, why)
             await asyncio.to_thread(shutil.rmtree, partial, True)
