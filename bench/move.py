@@ -19,20 +19,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernel_latency import Backend
-from snapshots import Kernel, kernelspec, run_cell
+from snapshots import Kernel, gvisor_backend, kernelspec, run_cell
 
 from snapkernel.client import BackendClient
-from snapkernel.kernel_provisioner.kernelspec import install
 from snapkernel.protocol.v1 import backend_pb2 as pb
 
 TARGET_1GIB_S = 3.0
@@ -93,23 +89,8 @@ def main() -> int:
     if not shutil.which("runsc"):
         print("runsc is not installed: `make install` as root installs it", file=sys.stderr)
         return 2
-    tmp = Path(tempfile.mkdtemp(prefix="snapkernel-bench-move-"))
-    (tmp / "state").mkdir()
-    backend = Backend(tmp / "state", runtime="gvisor", extra=("--BackendApp.templates=False",))
-    ok = False
-    try:
-        backend.start()
-        install({}, prefix=str(tmp / "prefix"))
-        specs = tmp / "prefix" / "share" / "jupyter"
-        os.environ["JUPYTER_PATH"] = str(specs)
+    with gvisor_backend("snapkernel-bench-move-", extra=("--BackendApp.templates=False",)) as (_, specs):
         rows = [measure(mib, path, specs) for mib in args.sizes for path in PATHS]
-        ok = True
-    finally:
-        backend.stop()
-        if ok:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            print(f"kept {tmp} (backend log: {tmp / 'state' / 'backend.log'})", file=sys.stderr)
     header = (f"{'kernel data':>12} {'path':>7} {'change':>18} {'move s':>7} {'to output s':>12} {'re-run s':>9} "
               f"{'move/re-run':>12}")
     print(header + "\n" + "-" * len(header))

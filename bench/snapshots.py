@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +148,29 @@ def notebook(specs: Path) -> dict[str, Any]:
     return {"rerun_s": rerun_s, "resume_s": resume_s, "speedup": rerun_s / resume_s, "score": score}
 
 
+@contextlib.contextmanager
+def gvisor_backend(prefix: str, extra: tuple[str, ...] = ()) -> Iterator[tuple[Path, Path]]:
+    """A gvisor backend in a temporary dir with the kernelspecs installed first on JUPYTER_PATH; yields (that dir,
+    the kernelspecs' dir). The dir goes afterwards, or is kept, and named, when the bench failed."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    (tmp / "state").mkdir()
+    backend = Backend(tmp / "state", runtime="gvisor", extra=extra)
+    ok = False
+    try:
+        backend.start()
+        install({}, prefix=str(tmp / "prefix"))
+        specs = tmp / "prefix" / "share" / "jupyter"
+        os.environ["JUPYTER_PATH"] = str(specs)
+        yield tmp, specs
+        ok = True
+    finally:
+        backend.stop()
+        if ok:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            print(f"kept {tmp} (backend log: {tmp / 'state' / 'backend.log'})", file=sys.stderr)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 1024], help="kernel data sizes in MiB")
@@ -154,27 +179,12 @@ def main() -> int:
     if not shutil.which("runsc"):
         print("runsc is not installed: `make install` as root installs it", file=sys.stderr)
         return 2
-    tmp = Path(tempfile.mkdtemp(prefix="snapkernel-bench-"))
-    (tmp / "state").mkdir()
-    backend = Backend(tmp / "state", runtime="gvisor")
-    ok = False
     nb: dict[str, Any] | None = None
-    try:
-        backend.start()
-        install({}, prefix=str(tmp / "prefix"))
-        specs = tmp / "prefix" / "share" / "jupyter"
-        os.environ["JUPYTER_PATH"] = str(specs)
+    with gvisor_backend("snapkernel-bench-") as (tmp, specs):
         disk_write, disk_read = dd_bandwidth(tmp, 1024)
         rows = [measure(size, kind, specs) for size in args.sizes for kind in ("memory", "state")]
         if all(importlib.util.find_spec(m) for m in ("pandas", "scipy", "sklearn")):
             nb = notebook(specs)
-        ok = True
-    finally:
-        backend.stop()
-        if ok:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            print(f"kept {tmp} (backend log: {tmp / 'state' / 'backend.log'})", file=sys.stderr)
     print(f"disk (dd, direct I/O): write {disk_write:.2f} GiB/s, read {disk_read:.2f} GiB/s\n")
     header = (f"{'kernel data':>12} {'kind':>7} {'snapshot':>10} {'snapshot s':>11} {'GiB/s':>7} {'resume s':>9} "
               f"{'GiB/s':>7} {'resume/disk read':>17}")
