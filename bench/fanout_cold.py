@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import kernel_latency as kl  # the bench's backend and percentile
+import kernel_latency as kl  # the bench's backend, percentile and table
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "bench" / "results" / "fanout_cold.json"
@@ -260,14 +260,7 @@ def print_table(rows: list[dict[str, Any]], comps: list[dict[str, Any]]) -> None
         table.append([r["setup"], f"{r['cell_cold']['p50_s']:.3f}", f"{r['cell_cold']['mean_s']:.3f}",
                       f"{r['cell_cold']['max_s']:.3f}", f"{r['map_cold']['p50_s']:.3f}",
                       f"{r['cell_warm']['p50_s']:.3f}", f"{r['workers_restored']}/{r['workers_started']}"])
-    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
-    print()
-    for n, row in enumerate(table):
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths,
-                                                                                               strict=True))))
-        if n == 0:
-            print("  ".join("-" * w for w in widths))
-    print()
+    kl.print_rows(table)
     for c in comps:
         print(f"{c['what']}: {c['ratio']:.2f}x")
     for r in rows:

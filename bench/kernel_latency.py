@@ -299,14 +299,9 @@ def comparisons(kinds: list[KernelKind], results: list[KindResult]) -> list[dict
     return out
 
 
-def print_table(summaries: list[dict[str, Any]], comps: list[dict[str, Any]]) -> None:
-    cols = [("kernel", "kernel", "{}"), ("start_mean_s", "start mean s", "{:.3f}"),
-            ("start_p50_s", "start p50 s", "{:.3f}"), ("start_max_s", "start max s", "{:.3f}"),
-            ("rtt_p50_ms", "rtt p50 ms", "{:.3f}"), ("rtt_p99_ms", "rtt p99 ms", "{:.3f}")]
-    rows = [[h for _, h, _ in cols]]
-    for s in summaries:
-        rows.append([fmt.format(s[key]) if key in s else "FAILED" for key, _, fmt in cols])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
+def print_rows(rows: list[list[str]]) -> None:
+    """A table: its first row the header, the first column left-aligned, the rest right-aligned."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     print()
     for n, row in enumerate(rows):
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths,
@@ -314,6 +309,16 @@ def print_table(summaries: list[dict[str, Any]], comps: list[dict[str, Any]]) ->
         if n == 0:
             print("  ".join("-" * w for w in widths))
     print()
+
+
+def print_table(summaries: list[dict[str, Any]], comps: list[dict[str, Any]]) -> None:
+    cols = [("kernel", "kernel", "{}"), ("start_mean_s", "start mean s", "{:.3f}"),
+            ("start_p50_s", "start p50 s", "{:.3f}"), ("start_max_s", "start max s", "{:.3f}"),
+            ("rtt_p50_ms", "rtt p50 ms", "{:.3f}"), ("rtt_p99_ms", "rtt p99 ms", "{:.3f}")]
+    rows = [[h for _, h, _ in cols]]
+    for s in summaries:
+        rows.append([fmt.format(s[key]) if key in s else "FAILED" for key, _, fmt in cols])
+    print_rows(rows)
     for c in comps:
         rtt_ok = "OK" if c["rtt_p50_ratio_ok"] else "MISSED"
         start_ok = "OK" if c["start_mean_diff_ok"] else "MISSED"
