@@ -33,7 +33,7 @@ $(STAMP): $(SOURCES) scripts/install-runsc.sh | check-python
 	$(PY) -m pip install -q --upgrade -c constraints.txt pip
 	@# The build hook skips npm when a bundle exists: drop it so changed sources are rebuilt.
 	rm -rf snapkernel/labextension
-	$(PY) -m pip install -q -c constraints.txt --build-constraint constraints.txt -e ".[test,dev]"
+	$(PY) -m pip install -q -c constraints.txt --build-constraint constraints.txt -e ".[test,dev,cluster]"
 	@touch $(STAMP)
 
 run: install
