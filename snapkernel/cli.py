@@ -280,6 +280,46 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cluster_up(args: argparse.Namespace) -> int:
+    from snapkernel.backend.cluster import local_cluster as lc
+    from snapkernel.protocol.connection import default_state_dir
+
+    state_dir = args.state_dir or str(default_state_dir() / "cluster")
+    runtimes = [args.runtime] if args.runtime else lc.host_runtimes()
+    nodes = [lc.NodeConfig(f"node-{i + 1}", args.cpus_per_node, args.memory_per_node, runtimes)
+             for i in range(args.nodes)]
+    print(f"starting a Ray head, {args.nodes} node(s) and the front in {state_dir} ...", file=sys.stderr)
+    state = lc.up(lc.ClusterConfig(state_dir, nodes, [f"--runtime={args.runtime}"] if args.runtime else []))
+    if args.json:
+        print(json.dumps(state, indent=1))
+        return 0
+    print(f"cluster up: Ray at {state['address']}, nodes {', '.join(n['name'] for n in state['nodes'])}")
+    print(f"  export SNAPKERNEL_BACKEND=unix://{state_dir}/backend.sock SNAPKERNEL_TOKEN=$(cat {state_dir}/token)")
+    print(f"  stop it: snapkernel cluster down --state-dir {state_dir}")
+    return 0
+
+
+def cmd_cluster_down(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from snapkernel.backend.cluster import local_cluster as lc
+    from snapkernel.protocol.connection import default_state_dir
+
+    state_dir = Path(args.state_dir or default_state_dir() / "cluster").absolute()
+    if not lc.down(state_dir):
+        print(f"no cluster runs in {state_dir}", file=sys.stderr)
+        return 1
+    print(f"cluster in {state_dir} stopped")
+    return 0
+
+
+def cmd_cluster_resources(args: argparse.Namespace) -> int:
+    from snapkernel.backend.cluster import local_cluster as lc
+
+    print(json.dumps(lc.host_resources()))
+    return 0
+
+
 def cmd_kernels_install(args: argparse.Namespace) -> int:
     from snapkernel.kernel_provisioner import kernelspec
 
@@ -374,6 +414,22 @@ def build_parser() -> argparse.ArgumentParser:
     _resource_args(s, "for state snapshots: where to resume (a runtime `snapkernel status` lists)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_resume)
+
+    c = sub.add_parser("cluster", help="a local Ray cluster of snapkernel nodes, and its front").add_subparsers(
+        dest="action", required=True)
+    s = c.add_parser("up", help="start a Ray head, N nodes and the front on this machine")
+    s.add_argument("--nodes", type=int, default=2, metavar="N")
+    s.add_argument("--state-dir", default="", metavar="DIR", help="default: cluster/ in the state dir")
+    s.add_argument("--cpus-per-node", type=float, default=2.0, metavar="N")
+    s.add_argument("--memory-per-node", default="4Gi", metavar="M")
+    s.add_argument("--runtime", default="", help="the nodes' runtime (default: gvisor where runsc works)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_cluster_up)
+    s = c.add_parser("down", help="stop the cluster and remove its sandboxes (snapshots stay)")
+    s.add_argument("--state-dir", default="", metavar="DIR")
+    s.set_defaults(func=cmd_cluster_down)
+    s = c.add_parser("resources", help="this host's `ray start --resources` (its runtimes and GPU models)")
+    s.set_defaults(func=cmd_cluster_resources)
 
     k = sub.add_parser("kernels", help="install or list kernelspecs").add_subparsers(dest="action", required=True)
     s = k.add_parser("install", help="install snapkernel-python and one kernel per GPU model")

@@ -24,6 +24,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from snapkernel.backend.fanout_job import Job
+from snapkernel.backend.fanout_upstream import UpstreamRelay
 from snapkernel.backend.sandbox import LiveSandbox
 from snapkernel.backend.sandboxes import SandboxManager
 from snapkernel.backend.workers import WorkerPools
@@ -38,8 +39,9 @@ __all__ = ["FanoutManager", "Job"]
 
 
 class FanoutManager:
-    def __init__(self, manager: SandboxManager, idle_timeout: float) -> None:
+    def __init__(self, manager: SandboxManager, idle_timeout: float, upstream: UpstreamRelay | None = None) -> None:
         self.manager = manager
+        self.upstream = upstream  # a cluster node's: its kernels' jobs go to the front
         self.pools = WorkerPools(manager, idle_timeout)
         self.pools.on_owner_gone = self._owner_gone
         self.functions: OrderedDict[str, bytes] = OrderedDict()
@@ -101,6 +103,8 @@ class FanoutManager:
             self._on_clone_frame(clone.sandbox_id, frame)
             return
         key = (sb.record.id, frame.stream)
+        if self.upstream is not None and self._relay(sb, key, frame):
+            return
         job = self.streams.get(key)
         if frame.closed:
             if job is not None:
@@ -122,6 +126,33 @@ class FanoutManager:
             job.fail(f"malformed fan-out request of {len(frame.data)} bytes: {e}")
             return
         self.spawn(self.handle(job, req))
+
+    def _relay(self, sb: LiveSandbox, key: tuple[str, int], frame: pb.FanoutFrame) -> bool:
+        """Whether the frame is of a job that goes to the cluster's front (and went there)."""
+        assert self.upstream is not None
+        if frame.closed:
+            if key not in self.upstream.jobs:
+                return False
+            self.upstream.closed(key)
+            return True
+        if key in self.streams:
+            return False
+        req = pb.MapRequest()
+        with contextlib.suppress(Exception):  # a malformed one: the local job answers it
+            req.ParseFromString(frame.data)
+        if not self.upstream.takes(key, req):
+            return False
+
+        def send(resp: pb.MapResponse, stream: int = frame.stream) -> None:
+            with contextlib.suppress(SnapkernelError):
+                self.manager.send_to_agent(sb, pb.AgentMessage(fanout=pb.FanoutFrame(
+                    stream=stream, data=resp.SerializeToString())))
+
+        if key in self.upstream.jobs:
+            self.upstream.forward(key, req)
+        else:
+            self.upstream.open(key, sb, req, send)
+        return True
 
     def _on_clone_frame(self, sandbox_id: str, frame: pb.FanoutFrame) -> None:
         """A clone's hello and results; anything else its copy of the cell sends is its original's business."""
@@ -147,4 +178,6 @@ class FanoutManager:
             task.cancel()
         for job in list(self.jobs.values()):
             job.closed()
+        if self.upstream is not None:
+            await self.upstream.close()
         await self.pools.close()

@@ -8,7 +8,9 @@ from collections.abc import AsyncGenerator, Callable
 
 from google.protobuf.json_format import ParseDict
 
+from snapkernel.backend.exporting import export_sandbox
 from snapkernel.backend.fanout import FanoutManager, Job
+from snapkernel.backend.fanout_upstream import UpstreamRelay
 from snapkernel.backend.orphans import OrphanReaper, remove_all
 from snapkernel.backend.placement import Attachment, MapJob, Placement
 from snapkernel.backend.runtimes.base import RuntimeInfo
@@ -69,9 +71,10 @@ class _LocalMapJob:
 class LocalPlacement(Placement):
 
     def __init__(self, manager: SandboxManager, runtime_infos: Callable[[], list[RuntimeInfo]], default_runtime: str,
-                 *, fanout_idle_timeout: float, orphan_timeout: float, restart_timeout: float = 60.0) -> None:
+                 *, fanout_idle_timeout: float, orphan_timeout: float, restart_timeout: float = 60.0,
+                 fanout_upstream: UpstreamRelay | None = None) -> None:
         self.manager = manager
-        self.fanout = FanoutManager(manager, fanout_idle_timeout)
+        self.fanout = FanoutManager(manager, fanout_idle_timeout, fanout_upstream)
         self.orphans = OrphanReaper(manager, orphan_timeout)
         self.runtime_infos = runtime_infos
         self.default_runtime = default_runtime
@@ -156,6 +159,9 @@ class LocalPlacement(Placement):
             if own is not None:
                 usage.memory_used = own
         return usage
+
+    async def export(self, sandbox_id: str) -> pb.SnapshotInfo:
+        return snapshot_info(await export_sandbox(self.manager, sandbox_id))
 
     async def create_snapshot(self, request: pb.CreateSnapshotRequest) -> pb.SnapshotInfo:
         return snapshot_info(await self.manager.snapshot(request))

@@ -87,6 +87,10 @@ class Placement(ABC):
     async def usage(self, sandbox_id: str) -> pb.SandboxUsage: ...
 
     @abstractmethod
+    async def export(self, sandbox_id: str) -> pb.SnapshotInfo:
+        """A hibernated sandbox leaves this daemon as a snapshot (a cluster's front resumes it on another node)."""
+
+    @abstractmethod
     async def create_snapshot(self, request: pb.CreateSnapshotRequest) -> pb.SnapshotInfo: ...
 
     @abstractmethod

@@ -39,6 +39,7 @@ from snapkernel.errors import (
     RuntimeUnavailableError,
     SandboxFailedError,
     SnapkernelError,
+    StateError,
     TimeoutError_,
 )
 from snapkernel.protocol.spec import ParsedSpec, check_sandbox_id, format_bytes, parse_spec
@@ -176,7 +177,7 @@ class SandboxManager:
         if spec.mount_dir and (Path(spec.mount_dir) == state or state in Path(spec.mount_dir).parents):
             raise InvalidSpecError(f"mount_dir {spec.mount_dir!r} is inside the backend's state dir: mount a "
                                    "notebook directory elsewhere")
-        sandbox_id = f"sb-{secrets.token_hex(6)}"
+        sandbox_id = self._new_id(req.sandbox_id)
         try:
             gpus = self.scheduler.allocate(sandbox_id, spec)
         except NoCapacityError:
@@ -211,6 +212,14 @@ class SandboxManager:
                 await self.delete(sandbox_id)
                 raise
         return record.to_pb()
+
+    def _new_id(self, asked: str) -> str:
+        """A new sandbox's id: a fresh one, or the one a cluster's front gives a sandbox it re-places here."""
+        if not asked:
+            return f"sb-{secrets.token_hex(6)}"
+        if check_sandbox_id(asked) in self.live:
+            raise StateError(f"sandbox_id {asked!r} is taken here already: leave sandbox_id empty for a new id")
+        return asked
 
     def hibernate_after(self, spec: ParsedSpec) -> float:
         if spec.hibernate_after is not None:

@@ -20,7 +20,9 @@ from traitlets.config import Application
 
 from snapkernel import __version__
 from snapkernel.backend.auth import TokenInterceptor, ensure_token
+from snapkernel.backend.fanout_upstream import UpstreamRelay
 from snapkernel.backend.local_placement import LocalPlacement
+from snapkernel.backend.placement import Placement
 from snapkernel.backend.runtimes.base import (
     BUILTIN_RUNTIMES,
     DEFAULT_PIDS_LIMIT,
@@ -140,6 +142,29 @@ class BackendApp(Application):
     stop_on_stdin_eof = Bool(False, help="Stop cleanly when stdin reaches end of file: a parent holding the other "
                                          "end of a pipe takes the backend with it however it dies. Set by "
                                          "`snapkernel lab`.").tag(config=True)
+    placement = Unicode("local", help="Where sandboxes run: `local` (this host), or `ray`: on the nodes of the Ray "
+                                      "cluster at --ray-address, each running a backend daemon of its own that "
+                                      "this one (the front) starts there, places sandboxes on and proxies to."
+                        ).tag(config=True)
+    ray_address = Unicode("", help="--placement ray: the Ray cluster's address, e.g. 127.0.0.1:6379 (`ray start "
+                                   "--head` prints it; default $RAY_ADDRESS).").tag(config=True)
+    node_args = List(Unicode(), help="--placement ray: more `snapkernel backend` arguments for every node's daemon, "
+                                     "e.g. --BackendApp.node_args=--BackendApp.hibernate_after_cpu=600 (a node's "
+                                     "own come from SNAPKERNEL_NODE_ARGS in its raylet's environment)."
+                     ).tag(config=True)
+    replace_lost = Bool(False, help="--placement ray: a sandbox whose node is lost starts again on another node "
+                                    "from its newest snapshot (same sandbox id; the notebook sees its kernel come "
+                                    "back as of that snapshot) instead of turning `lost`.").tag(config=True)
+    node_lost_after = Float(30.0, help="--placement ray: seconds a node's daemon may not answer (its Ray node "
+                                       "alive) before its sandboxes are lost; a node Ray declares dead is lost at "
+                                       "once.").tag(config=True)
+    placement_timeout = Float(10.0, help="--placement ray: seconds a new sandbox may wait for a node with room "
+                                         "before it is refused, naming what each node has free.").tag(config=True)
+    fanout_upstream = Unicode("", help="A node of a cluster: fan-out jobs of this daemon's kernels go to the front "
+                                       "at this address (set by the front), so their workers spread over all "
+                                       "nodes; --clone jobs stay here.").tag(config=True)
+    fanout_upstream_token_file = Unicode("", help="The front's token, for --BackendApp.fanout_upstream (a 0600 "
+                                                  "file).").tag(config=True)
     tls_cert = Unicode("", help="PEM certificate file: serve TCP addresses with TLS.").tag(config=True)
     tls_key = Unicode("", help="PEM private key file for --tls-cert.").tag(config=True)
 
@@ -154,6 +179,8 @@ class BackendApp(Application):
         "tls-cert": "BackendApp.tls_cert",
         "tls-key": "BackendApp.tls_key",
         "fanout-idle-timeout": "BackendApp.fanout_idle_timeout",
+        "placement": "BackendApp.placement",
+        "ray-address": "BackendApp.ray_address",
     }
 
     @default("state_dir")
@@ -215,6 +242,13 @@ class BackendApp(Application):
                                        "as numpy or os.path")
         return list(proposal["value"])
 
+    @validate("placement")
+    def _check_placement(self, proposal: dict[str, Any]) -> str:
+        if proposal["value"] not in ("local", "ray"):
+            raise InvalidSpecError(f"placement {proposal['value']!r} is not valid: use local (this host) or ray "
+                                   "(the nodes of a Ray cluster, with --ray-address)")
+        return str(proposal["value"])
+
     @validate("runtime")
     def _check_runtime(self, proposal: dict[str, Any]) -> str:
         return check_runtime_name(proposal["value"]) if proposal["value"] else ""
@@ -248,11 +282,8 @@ class BackendApp(Application):
                 missing.append(RuntimeInfo(name, False, "", f"could not be loaded: {e}"))
         return runtimes, missing
 
-    async def serve(self, ready: asyncio.Event | None = None) -> None:
-        state = Path(self.state_dir).absolute()
-        state.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(state, 0o700)
-        token = ensure_token(state / "token")
+    async def local_placement(self, state: Path) -> tuple[Placement, str]:
+        """This host's sandboxes: its runtimes, GPUs and scheduler."""
         gpus, driver, why = await asyncio.to_thread(inventory)
         log.info("GPUs: %s", ", ".join(f"{g.index}:{g.name}" for g in gpus) or why)
         runtimes, missing = await asyncio.to_thread(self.build_runtimes, state, driver)  # runs runsc to probe it
@@ -286,8 +317,41 @@ class BackendApp(Application):
             found = [r.probe() for r in runtimes.values()]
             return [replace(i, detail=f"{i.detail}; {quota}") for i in found] + missing
 
+        upstream = (UpstreamRelay(self.fanout_upstream, self.fanout_upstream_token_file)
+                    if self.fanout_upstream else None)
         placement = LocalPlacement(manager, infos, default_runtime, fanout_idle_timeout=self.fanout_idle_timeout,
-                                   orphan_timeout=self.orphan_timeout)
+                                   orphan_timeout=self.orphan_timeout, fanout_upstream=upstream)
+        return placement, default_runtime
+
+    async def ray_placement(self, state: Path, token: str) -> tuple[Placement, str]:
+        """The front of a Ray cluster: sandboxes go to its nodes' daemons (snapkernel/backend/cluster)."""
+        from snapkernel.backend.cluster.ray_placement import FrontSettings, RayPlacement
+
+        address = self.ray_address or os.environ.get("RAY_ADDRESS", "")
+        if not address:
+            raise InvalidSpecError("--placement ray needs the Ray cluster's address: --ray-address HOST:PORT (or "
+                                   "RAY_ADDRESS), e.g. 127.0.0.1:6379")
+        node_args = ["--BackendApp.warm_pool=0", *self.node_args]  # a pool would hold room Ray does not know of
+        if self.runtime:
+            node_args.append(f"--BackendApp.runtime={self.runtime}")
+        settings = FrontSettings(
+            ray_address=address, state_dir=state, default_runtime=self.runtime, default_cpu=self.default_cpu,
+            default_memory=parse_memory(self.default_memory), default_disk=parse_disk(self.default_disk),
+            node_args=node_args, front_address=grpc_target(self.listen), front_token=token,
+            placement_timeout=self.placement_timeout, node_lost_after=self.node_lost_after,
+            replace_lost=self.replace_lost)
+        placement = RayPlacement(settings)
+        return placement, placement.default_runtime
+
+    async def serve(self, ready: asyncio.Event | None = None) -> None:
+        state = Path(self.state_dir).absolute()
+        state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(state, 0o700)
+        token = ensure_token(state / "token")
+        if self.placement == "ray":
+            placement, default_runtime = await self.ray_placement(state, token)
+        else:
+            placement, default_runtime = await self.local_placement(state)
         removed = await placement.start(remove_leftovers=self.remove_leftovers)
         if removed:
             # On stdout: `snapkernel lab` shows this line on its terminal.

@@ -130,6 +130,10 @@ class BackendService(pb_grpc.BackendServicer):
         return await self.placement.move(request)
 
     @_translate
+    async def ExportSandbox(self, request: pb.ExportSandboxRequest, context: Ctx) -> pb.SnapshotInfo:
+        return await self.placement.export(check_sandbox_id(request.id))
+
+    @_translate
     async def GetSandboxUsage(self, request: pb.GetSandboxUsageRequest, context: Ctx) -> pb.SandboxUsage:
         return await self.placement.usage(check_sandbox_id(request.id))
 

@@ -105,6 +105,25 @@ IOPUB: Channel.ValueType  # 4
 Global___Channel: _TypeAlias = Channel  # noqa: Y015
 
 @_typing.final
+class ExportSandboxRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportSandboxRequest: _TypeAlias = ExportSandboxRequest  # noqa: Y015
+
+@_typing.final
 class MoveSandboxRequest(_message.Message):
     """What changes in a move; a field left out keeps the sandbox's current value."""
 
@@ -571,10 +590,13 @@ class CreateSandboxRequest(_message.Message):
     KERNEL_FIELD_NUMBER: _builtins.int
     KERNEL_ID_FIELD_NUMBER: _builtins.int
     NOTEBOOK_PATH_FIELD_NUMBER: _builtins.int
+    SANDBOX_ID_FIELD_NUMBER: _builtins.int
     kernel_id: _builtins.str
     """the Jupyter kernel id, for listing"""
     notebook_path: _builtins.str
     """optional"""
+    sandbox_id: _builtins.str
+    """Many hosts: the id the front chose (a sandbox re-placed on another node keeps its id); "" = a new one."""
     @_builtins.property
     def spec(self) -> Global___SandboxSpec: ...
     @_builtins.property
@@ -586,10 +608,11 @@ class CreateSandboxRequest(_message.Message):
         kernel: Global___KernelConfig | None = ...,
         kernel_id: _builtins.str = ...,
         notebook_path: _builtins.str = ...,
+        sandbox_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["kernel", b"kernel", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kernel", b"kernel", "kernel_id", b"kernel_id", "notebook_path", b"notebook_path", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kernel", b"kernel", "kernel_id", b"kernel_id", "notebook_path", b"notebook_path", "sandbox_id", b"sandbox_id", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -656,6 +679,7 @@ class Sandbox(_message.Message):
     LAST_ACTIVITY_FIELD_NUMBER: _builtins.int
     HIBERNATION_FIELD_NUMBER: _builtins.int
     HIBERNATE_AFTER_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     kernel_id: _builtins.str
     runtime: _builtins.str
@@ -679,6 +703,10 @@ class Sandbox(_message.Message):
     """how it hibernates: "memory", "suspend", "state"; "" when awake"""
     hibernate_after: _builtins.float
     """the idle seconds in effect (the spec's, else the backend's default); 0 = never"""
+    node: _builtins.str
+    """Fields 17-19 are kept for hibernation, 20-29 for usage (issue 7).
+    many hosts: the node it runs on (its name); "" on a single-host backend
+    """
     @_builtins.property
     def spec(self) -> Global___SandboxSpec: ...
     @_builtins.property
@@ -702,10 +730,11 @@ class Sandbox(_message.Message):
         last_activity: _builtins.float = ...,
         hibernation: _builtins.str = ...,
         hibernate_after: _builtins.float = ...,
+        node: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "exit_code", b"exit_code", "gpu_indices", b"gpu_indices", "hibernate_after", b"hibernate_after", "hibernation", b"hibernation", "id", b"id", "kernel_generation", b"kernel_generation", "kernel_id", b"kernel_id", "last_activity", b"last_activity", "limits", b"limits", "message", b"message", "notebook_path", b"notebook_path", "pid", b"pid", "runtime", b"runtime", "spec", b"spec", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "exit_code", b"exit_code", "gpu_indices", b"gpu_indices", "hibernate_after", b"hibernate_after", "hibernation", b"hibernation", "id", b"id", "kernel_generation", b"kernel_generation", "kernel_id", b"kernel_id", "last_activity", b"last_activity", "limits", b"limits", "message", b"message", "node", b"node", "notebook_path", b"notebook_path", "pid", b"pid", "runtime", b"runtime", "spec", b"spec", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1137,6 +1166,7 @@ class Status(_message.Message):
     DRIVER_VERSION_FIELD_NUMBER: _builtins.int
     TEMPLATES_FIELD_NUMBER: _builtins.int
     WARM_POOL_FIELD_NUMBER: _builtins.int
+    NODES_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     default_runtime: _builtins.str
     sandboxes: _builtins.int
@@ -1153,6 +1183,10 @@ class Status(_message.Message):
     def templates(self) -> _containers.RepeatedCompositeFieldContainer[Global___Template]: ...
     @_builtins.property
     def warm_pool(self) -> Global___WarmPool: ...
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Node]:
+        """many hosts (`--placement ray`): each node; capacity and sandboxes are their sums"""
+
     def __init__(
         self,
         *,
@@ -1166,14 +1200,69 @@ class Status(_message.Message):
         driver_version: _builtins.str = ...,
         templates: _abc.Iterable[Global___Template] | None = ...,
         warm_pool: Global___WarmPool | None = ...,
+        nodes: _abc.Iterable[Global___Node] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "warm_pool", b"warm_pool"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "default_runtime", b"default_runtime", "driver_version", b"driver_version", "gpu_detail", b"gpu_detail", "gpus", b"gpus", "runtimes", b"runtimes", "sandboxes", b"sandboxes", "templates", b"templates", "version", b"version", "warm_pool", b"warm_pool"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "default_runtime", b"default_runtime", "driver_version", b"driver_version", "gpu_detail", b"gpu_detail", "gpus", b"gpus", "nodes", b"nodes", "runtimes", b"runtimes", "sandboxes", b"sandboxes", "templates", b"templates", "version", b"version", "warm_pool", b"warm_pool"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Status: _TypeAlias = Status  # noqa: Y015
+
+@_typing.final
+class Node(_message.Message):
+    """One node of a cluster front (`snapkernel backend --placement ray`): a Ray node running a backend daemon."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    RAY_NODE_ID_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    ALIVE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    RUNTIMES_FIELD_NUMBER: _builtins.int
+    GPUS_FIELD_NUMBER: _builtins.int
+    CAPACITY_FIELD_NUMBER: _builtins.int
+    SANDBOXES_FIELD_NUMBER: _builtins.int
+    DRIVER_VERSION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """e.g. "node-2" (`snapkernel cluster up`) or the host name"""
+    ray_node_id: _builtins.str
+    address: _builtins.str
+    """its daemon's gRPC address"""
+    alive: _builtins.bool
+    message: _builtins.str
+    """why it is not alive"""
+    sandboxes: _builtins.int
+    driver_version: _builtins.str
+    @_builtins.property
+    def runtimes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Runtime]: ...
+    @_builtins.property
+    def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___Gpu]: ...
+    @_builtins.property
+    def capacity(self) -> Global___Capacity: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        ray_node_id: _builtins.str = ...,
+        address: _builtins.str = ...,
+        alive: _builtins.bool = ...,
+        message: _builtins.str = ...,
+        runtimes: _abc.Iterable[Global___Runtime] | None = ...,
+        gpus: _abc.Iterable[Global___Gpu] | None = ...,
+        capacity: Global___Capacity | None = ...,
+        sandboxes: _builtins.int = ...,
+        driver_version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "alive", b"alive", "capacity", b"capacity", "driver_version", b"driver_version", "gpus", b"gpus", "message", b"message", "name", b"name", "ray_node_id", b"ray_node_id", "runtimes", b"runtimes", "sandboxes", b"sandboxes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Node: _TypeAlias = Node  # noqa: Y015
 
 @_typing.final
 class WarmPool(_message.Message):

@@ -124,6 +124,11 @@ class BackendStub:
                 request_serializer=snapkernel_dot_v1_dot_backend__pb2.MoveSandboxRequest.SerializeToString,
                 response_deserializer=snapkernel_dot_v1_dot_backend__pb2.Sandbox.FromString,
                 _registered_method=True)
+        self.ExportSandbox = channel.unary_unary(
+                '/snapkernel.v1.Backend/ExportSandbox',
+                request_serializer=snapkernel_dot_v1_dot_backend__pb2.ExportSandboxRequest.SerializeToString,
+                response_deserializer=snapkernel_dot_v1_dot_backend__pb2.SnapshotInfo.FromString,
+                _registered_method=True)
 
 
 class BackendServicer:
@@ -258,6 +263,15 @@ class BackendServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportSandbox(self, request, context):
+        """Many hosts: a hibernated sandbox leaves this node daemon. Its saved image becomes a snapshot (pushed to the
+        shared snapshot store) and the sandbox is removed here, so that the front (`--placement ray`) resumes it on
+        another node under the same id. Called by the front only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BackendServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -350,6 +364,11 @@ def add_BackendServicer_to_server(servicer, server):
                     servicer.MoveSandbox,
                     request_deserializer=snapkernel_dot_v1_dot_backend__pb2.MoveSandboxRequest.FromString,
                     response_serializer=snapkernel_dot_v1_dot_backend__pb2.Sandbox.SerializeToString,
+            ),
+            'ExportSandbox': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportSandbox,
+                    request_deserializer=snapkernel_dot_v1_dot_backend__pb2.ExportSandboxRequest.FromString,
+                    response_serializer=snapkernel_dot_v1_dot_backend__pb2.SnapshotInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -838,6 +857,33 @@ class Backend:
             '/snapkernel.v1.Backend/MoveSandbox',
             snapkernel_dot_v1_dot_backend__pb2.MoveSandboxRequest.SerializeToString,
             snapkernel_dot_v1_dot_backend__pb2.Sandbox.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportSandbox(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snapkernel.v1.Backend/ExportSandbox',
+            snapkernel_dot_v1_dot_backend__pb2.ExportSandboxRequest.SerializeToString,
+            snapkernel_dot_v1_dot_backend__pb2.SnapshotInfo.FromString,
             options,
             channel_credentials,
             insecure,

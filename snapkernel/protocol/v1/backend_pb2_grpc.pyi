@@ -78,6 +78,11 @@ class BackendStub:
     variables (a `state` move). Messages sent meanwhile are held and run after it. Returns once it runs with
     the new resources; on failure it runs where it was and the error says why. Progress on WatchSandbox.
     """
+    ExportSandbox: _grpc.UnaryUnaryMultiCallable[_backend_pb2.ExportSandboxRequest, _backend_pb2.SnapshotInfo]
+    """Many hosts: a hibernated sandbox leaves this node daemon. Its saved image becomes a snapshot (pushed to the
+    shared snapshot store) and the sandbox is removed here, so that the front (`--placement ray`) resumes it on
+    another node under the same id. Called by the front only.
+    """
 
 @_typing.type_check_only
 class BackendAsyncStub(BackendStub):
@@ -125,6 +130,11 @@ class BackendAsyncStub(BackendStub):
     the same sandbox id and Jupyter kernel: by its memory image where the new spec can take it, else by its
     variables (a `state` move). Messages sent meanwhile are held and run after it. Returns once it runs with
     the new resources; on failure it runs where it was and the error says why. Progress on WatchSandbox.
+    """
+    ExportSandbox: _aio.UnaryUnaryMultiCallable[_backend_pb2.ExportSandboxRequest, _backend_pb2.SnapshotInfo]  # type: ignore[assignment]
+    """Many hosts: a hibernated sandbox leaves this node daemon. Its saved image becomes a snapshot (pushed to the
+    shared snapshot store) and the sandbox is removed here, so that the front (`--placement ray`) resumes it on
+    another node under the same id. Called by the front only.
     """
 
 class BackendServicer(metaclass=_abc_1.ABCMeta):
@@ -278,6 +288,17 @@ class BackendServicer(metaclass=_abc_1.ABCMeta):
         the same sandbox id and Jupyter kernel: by its memory image where the new spec can take it, else by its
         variables (a `state` move). Messages sent meanwhile are held and run after it. Returns once it runs with
         the new resources; on failure it runs where it was and the error says why. Progress on WatchSandbox.
+        """
+
+    @_abc_1.abstractmethod
+    def ExportSandbox(
+        self,
+        request: _backend_pb2.ExportSandboxRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_backend_pb2.SnapshotInfo, _abc.Awaitable[_backend_pb2.SnapshotInfo]]:
+        """Many hosts: a hibernated sandbox leaves this node daemon. Its saved image becomes a snapshot (pushed to the
+        shared snapshot store) and the sandbox is removed here, so that the front (`--placement ray`) resumes it on
+        another node under the same id. Called by the front only.
         """
 
 def add_BackendServicer_to_server(servicer: BackendServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
