@@ -74,6 +74,15 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"{format_bytes(cap.memory_allocated)}/{format_bytes(cap.memory_total)} ({memory_policy}), GPUs "
           f"{cap.gpus_allocated}/{cap.gpus_total} (never shared)")
     print(f"sandboxes: {status.sandboxes}")
+    if status.nodes:
+        print("nodes:")
+    for n in status.nodes:
+        c = n.capacity
+        runtimes = ", ".join(r.name for r in n.runtimes if r.available) or "-"
+        gpus = ", ".join(g.model for g in n.gpus) or "no GPU"
+        print(f"  {n.name:10} {'alive' if n.alive else 'LOST':5} {n.address:22} cpu {c.cpu_allocated:g}/"
+              f"{c.cpu_total:g}, memory {format_bytes(c.memory_allocated)}/{format_bytes(c.memory_total)}, {gpus}, "
+              f"runtimes {runtimes}, {n.sandboxes} sandbox(es){': ' + n.message if n.message else ''}")
     pool = status.warm_pool
     print(f"warm pool: {pool.ready} of {pool.size} ready, {pool.handed_out} handed out" if pool.size
           else "warm pool: off")
@@ -103,7 +112,11 @@ def cmd_sandboxes_list(args: argparse.Namespace) -> int:
         return 0
     rows = [[s.id, s.kernel_id or "-", s.runtime, STATE_NAMES[s.state], s.spec.gpu or "-",
              ",".join(map(str, s.gpu_indices)) or "-", s.message] for s in sandboxes]
-    _print_table(rows, ["ID", "KERNEL", "RUNTIME", "STATE", "GPU", "GPU IDX", "MESSAGE"])
+    header = ["ID", "KERNEL", "RUNTIME", "STATE", "GPU", "GPU IDX", "MESSAGE"]
+    if any(s.node for s in sandboxes):  # a cluster's front: where each runs
+        rows = [[*row[:3], s.node or "-", *row[3:]] for row, s in zip(rows, sandboxes, strict=True)]
+        header = [*header[:3], "NODE", *header[3:]]
+    _print_table(rows, header)
     return 0
 
 

@@ -17,7 +17,9 @@ class NodeLink:
     def __init__(self, name: str, ray_node_id: str, address: str, token: str) -> None:
         self.name, self.ray_node_id, self.address = name, ray_node_id, address
         self.metadata = call_metadata(token)
-        options = [*GRPC_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+        # A daemon that restarts is back within seconds: try again soon, not after gRPC's minutes of backoff.
+        options = [*GRPC_OPTIONS, ("grpc.use_local_subchannel_pool", 1), ("grpc.initial_reconnect_backoff_ms", 100),
+                   ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
         self.channel = grpc.aio.insecure_channel(address, options=options)
         self.stub = pb_grpc.BackendStub(self.channel)
         self.alive = True

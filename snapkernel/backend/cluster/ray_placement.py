@@ -44,6 +44,7 @@ from snapkernel.protocol.v1 import backend_pb2 as pb
 log = logging.getLogger(__name__)
 
 DB = "front.db"
+RETRY_DELAY = 0.5  # seconds between tries to reach a node's daemon that restarts
 
 
 @dataclass
@@ -438,6 +439,9 @@ class RayPlacement(Placement):
                         yield event
                 except NotFoundError:
                     pass
+                except BackendUnavailableError:  # its daemon restarts (the node's keeper starts another)
+                    await asyncio.sleep(RETRY_DELAY)
+                    continue
                 if sandbox_id not in self.placed or self.links.get(self.placed[sandbox_id].ray_node_id) is link:
                     return  # it ended or went; a sandbox woken elsewhere is followed there
         return events()
@@ -600,18 +604,31 @@ class RayPlacement(Placement):
 
     # --- status and fan-out ----------------------------------------------------------------------
     async def status(self) -> pb.Status:
+        """The nodes as Ray accounts for them (what it has given out is what placement groups hold), with the
+        runtimes each advertises and each daemon's GPUs."""
+        import ray
+
+        free = await asyncio.to_thread(ray._private.state.state.available_resources_per_node)
+
         async def of(link: NodeLink) -> pb.Node:
             node = pb.Node(name=link.name, ray_node_id=link.ray_node_id, address=link.address, alive=link.alive,
                            message=link.message)
+            total = self.ray_nodes.get(link.ray_node_id, {}).get("Resources", {})
+            left = free.get(link.ray_node_id, total)
+            node.capacity.CopyFrom(pb.Capacity(
+                cpu_total=total.get("CPU", 0), cpu_allocated=total.get("CPU", 0) - left.get("CPU", 0),
+                cpu_limit=total.get("CPU", 0), cpu_overcommit=1, memory_total=int(total.get("memory", 0)),
+                memory_allocated=int(total.get("memory", 0) - left.get("memory", 0)),
+                memory_limit=int(total.get("memory", 0)), memory_overcommit=1, gpus_total=int(total.get("GPU", 0)),
+                gpus_allocated=int(total.get("GPU", 0) - left.get("GPU", 0))))
             if link.alive:
                 try:
                     st: pb.Status = await link.call("GetStatus", pb.GetStatusRequest(), timeout=5.0)
                 except SnapkernelError as e:
                     node.message = f"does not answer: {e}"
-                else:
-                    node.runtimes.extend(st.runtimes)
+                else:  # the runtimes Ray places for on this node, as its daemon has them
+                    node.runtimes.extend(r for r in st.runtimes if resources.runtime_resource(r.name) in total)
                     node.gpus.extend(st.gpus)
-                    node.capacity.CopyFrom(st.capacity)
                     node.sandboxes, node.driver_version = st.sandboxes, st.driver_version
             return node
 
@@ -626,20 +643,12 @@ class RayPlacement(Placement):
                                                   detail=f"on {node.name}: {r.detail}")
             status.gpus.extend(node.gpus)
             c = node.capacity
-            cap.cpu_total += c.cpu_total
-            cap.cpu_allocated += c.cpu_allocated
-            cap.cpu_limit += c.cpu_limit
-            cap.memory_total += c.memory_total
-            cap.memory_allocated += c.memory_allocated
-            cap.memory_limit += c.memory_limit
-            cap.gpus_total += c.gpus_total
-            cap.gpus_allocated += c.gpus_allocated
+            for name in ("cpu_total", "cpu_allocated", "cpu_limit", "memory_total", "memory_allocated",
+                         "memory_limit", "gpus_total", "gpus_allocated"):
+                setattr(cap, name, getattr(cap, name) + getattr(c, name))
             status.sandboxes += node.sandboxes
         status.runtimes.extend(runtimes.values())
-        if cap.cpu_total:
-            cap.cpu_overcommit = cap.cpu_limit / cap.cpu_total
-        if cap.memory_total:
-            cap.memory_overcommit = cap.memory_limit / cap.memory_total
+        cap.cpu_overcommit = cap.memory_overcommit = 1  # Ray gives out what the nodes were started with
         if not status.gpus:
             status.gpu_detail = "no node of the cluster has a GPU"
         return status
