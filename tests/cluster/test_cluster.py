@@ -33,7 +33,7 @@ def sandbox_of(cluster: Cluster, km: KernelManager) -> pb.Sandbox:
 
 
 def cli(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "snapkernel.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "snapkernel.cli", *args], capture_output=True, text=True, check=False,
                           env={**os.environ, **cluster.env()}, timeout=120)
 
 
