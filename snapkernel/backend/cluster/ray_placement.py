@@ -388,7 +388,13 @@ class RayPlacement(Placement):
         link = self.links.get(p.ray_node_id)
         if link is None or not link.alive:
             return p.last
-        sb: pb.Sandbox = await link.call("GetSandbox", pb.GetSandboxRequest(id=sandbox_id))
+        try:
+            sb: pb.Sandbox = await link.call("GetSandbox", pb.GetSandboxRequest(id=sandbox_id), timeout=5.0)
+        except BackendUnavailableError as e:  # as it was last seen: its node may be dying, or its daemon restarting
+            last = pb.Sandbox()
+            last.CopyFrom(p.last)
+            last.message = f"{link.describe()} does not answer ({e}); this is how it was last seen"
+            return last
         await self._observe(p, sb)
         return sb
 
