@@ -73,6 +73,13 @@ def _answers(address: str) -> bool:
         return False
 
 
+def last_wins(args: list[str]) -> list[str]:
+    """`--Name=value` settings given twice (the node's own, then the front's) once, the later value: traitlets
+    refuses a scalar setting given twice."""
+    latest = {a.partition("=")[0]: i for i, a in enumerate(args) if a.startswith("--") and "=" in a}
+    return [a for i, a in enumerate(args) if not (a.startswith("--") and "=" in a) or latest[a.partition("=")[0]] == i]
+
+
 def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
@@ -176,7 +183,7 @@ class NodeAgent:
                 f.write(front_token + "\n")
             args += [f"--BackendApp.fanout_upstream={front_address}",
                      f"--BackendApp.fanout_upstream_token_file={token_file}"]
-        self.daemon = NodeDaemon(self.state_dir.absolute(), self.host, args)
+        self.daemon = NodeDaemon(self.state_dir.absolute(), self.host, last_wins(args))
         self.daemon.ensure()
         self._stopping = False
         threading.Thread(target=self._keep, name="snapkernel-keeper", daemon=True).start()

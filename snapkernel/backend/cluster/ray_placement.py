@@ -77,6 +77,7 @@ class RayPlacement(Placement):
         self.busy: dict[str, asyncio.Lock] = {}  # one wake, hibernation or move of a sandbox at a time
         self._poller: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.join_errors: dict[str, str] = {}  # by Ray node id: why a node's daemon is not there
 
     # --- Ray -------------------------------------------------------------------------------------
     def _connect(self) -> None:
@@ -118,8 +119,11 @@ class RayPlacement(Placement):
         try:
             info = await asyncio.wait_for(agent.info.remote(), 90.0)
         except Exception as e:
-            log.error("node %s: its daemon did not start: %s", node.get("NodeName"), describe(e))
+            name = node.get("NodeName") or node_id[:8]
+            self.join_errors[node_id] = f"{name}: its daemon did not start ({describe(e)})"
+            log.error("node %s", self.join_errors[node_id])
             return
+        self.join_errors.pop(node_id, None)
         name = str(node.get("NodeName") or node_id[:8])
         if any(link.name == name for link in self.links.values()):
             name = f"{name}-{node_id[:6]}"  # several Ray nodes of one host share its address as their name
@@ -212,8 +216,14 @@ class RayPlacement(Placement):
 
     def _nodes_text(self, per_node: dict[str, dict[str, float]]) -> str:
         names = {link.ray_node_id: link.name for link in self.links.values()}
-        return "; ".join(f"{names[n]}: {resources.describe(r)}" for n, r in per_node.items() if n in names) or \
-            "no node runs a snapkernel daemon (start nodes with `snapkernel cluster up` or `ray start`)"
+        found = "; ".join(f"{names[n]}: {resources.describe(r)}" for n, r in per_node.items() if n in names)
+        if found:
+            return found
+        why = "; ".join(self.join_errors.values())
+        return "no node runs a snapkernel daemon " + (f"({why})" if why else "(start nodes with `snapkernel cluster "
+                                                                            "up`, or `ray start` with the "
+                                                                            "resources of `snapkernel cluster "
+                                                                            "resources`)")
 
     async def _reserve(self, wants: dict[str, float], name: str, near: str = "", strict: bool = False) -> str:
         """A placement group for `wants` (on node `near` if it can, or only there with `strict`); returns the
