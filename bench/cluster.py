@@ -77,6 +77,8 @@ def starts(env: dict[str, str], count: int) -> list[float]:
         async for event in client.watch(sb.id):
             if event.sandbox.state == pb.RUNNING:
                 break
+            if event.sandbox.state in (pb.FAILED, pb.EXITED, pb.LOST):
+                raise SystemExit(f"sandbox {sb.id} did not start: {event.sandbox.message}")
         took = time.perf_counter() - t
         await client.delete_sandbox(sb.id)
         return took

@@ -25,7 +25,10 @@ from snapkernel.agent.kernel_process import KernelProcess  # noqa: E402
 signal.signal(signal.SIGINT, signal.SIG_IGN)  # interrupts are for the kernel, not the agent
 key = os.environ.pop("SNAPKERNEL_KERNEL_KEY", "").encode()
 scheme = os.environ.pop("SNAPKERNEL_SIGNATURE_SCHEME", "hmac-sha256")
-runtime_dir = tempfile.mkdtemp(prefix="ska-")  # short: unix socket paths are limited to 107 bytes
+# Short: unix socket paths are limited to 107 bytes, and a process sandbox's TMPDIR is deep in a state dir that
+# may be deep itself (a cluster node's, DIR/nodes/NAME/sandboxes/ID/...).
+base = tempfile.gettempdir()
+runtime_dir = tempfile.mkdtemp(prefix="ska-", dir=base if len(base) <= 60 else "/tmp")
 # Fan-out calls of the kernel's code reach the backend through this socket of the agent's.
 os.environ["SNAPKERNEL_FANOUT_SOCKET"] = os.path.join(runtime_dir, "fanout.sock")
 launched = KernelProcess.launch(key, scheme, runtime_dir, generation=1)

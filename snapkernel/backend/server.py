@@ -39,7 +39,7 @@ from snapkernel.backend.service import BackendService
 from snapkernel.errors import InvalidSpecError, SnapkernelError
 from snapkernel.host.gpus import inventory
 from snapkernel.host.resources import HostResources
-from snapkernel.protocol.connection import GRPC_OPTIONS, default_state_dir, grpc_target
+from snapkernel.protocol.connection import GRPC_OPTIONS, default_state_dir, grpc_target, token_path
 from snapkernel.protocol.spec import check_runtime_name, parse_disk, parse_memory, parse_size, spec_from_config
 from snapkernel.protocol.v1 import backend_pb2 as pb
 from snapkernel.protocol.v1 import backend_pb2_grpc as pb_grpc
@@ -347,7 +347,7 @@ class BackendApp(Application):
         state = Path(self.state_dir).absolute()
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(state, 0o700)
-        token = ensure_token(state / "token")
+        token = ensure_token(token_path(state))
         if self.placement == "ray":
             placement, default_runtime = await self.ray_placement(state, token)
         else:

@@ -1,11 +1,13 @@
 """Where the backend listens and how calls to it authenticate, for the daemon and its clients alike.
 
 ADDR is `unix:///path.sock` or `HOST:PORT`; clients find it in SNAPKERNEL_BACKEND (default: `backend.sock`
-in the state dir) and the token in SNAPKERNEL_TOKEN or the state dir's `token` file.
+in the state dir) and the token in SNAPKERNEL_TOKEN, the file SNAPKERNEL_TOKEN_FILE or the state dir's `token`
+file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -43,7 +45,8 @@ def grpc_target(address: str) -> str:
 def read_token(path: Path) -> str:
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:
-        os.chmod(path, 0o600)  # never leave a readable secret behind
+        with contextlib.suppress(OSError):  # a read-only mount (a Kubernetes Secret) is its admin's to guard
+            os.chmod(path, 0o600)  # never leave a readable secret behind
     return path.read_text().strip()
 
 
@@ -55,11 +58,17 @@ def default_address() -> str:
     return os.environ.get("SNAPKERNEL_BACKEND") or f"unix://{default_state_dir().absolute() / 'backend.sock'}"
 
 
+def token_path(state_dir: Path) -> Path:
+    """Where the token is: `SNAPKERNEL_TOKEN_FILE` (a file an admin gives every daemon, e.g. a Kubernetes
+    Secret mounted read-only), else `token` in the state dir."""
+    return Path(os.environ.get("SNAPKERNEL_TOKEN_FILE") or state_dir / "token")
+
+
 def default_token(address: str) -> str:
     token = os.environ.get("SNAPKERNEL_TOKEN")
     if token:
         return token
-    path = default_state_dir() / "token"
+    path = token_path(default_state_dir())
     try:
         return read_token(path)
     except OSError as e:

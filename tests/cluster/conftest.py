@@ -25,6 +25,7 @@ from tests.conftest import sandbox_processes
 NODE_CPUS = 2.0
 FRONT_ARGS = ["--runtime=process", "--BackendApp.default_memory=512Mi", "--BackendApp.placement_timeout=3",
               "--BackendApp.node_lost_after=5"]
+SHARED = "shared-snapshots"  # in the cluster's state dir: the snapshot store every node shares
 NODE_ARGS = ["--BackendApp.templates=False", "--BackendApp.memory_overcommit=4"]
 
 
@@ -82,6 +83,23 @@ class Cluster:
             assert proc.poll() is None and time.monotonic() < deadline, self.log("front.log")
             time.sleep(0.05)
 
+    @contextlib.contextmanager
+    def ray_holds(self, node: str, cpus: float) -> Iterator[None]:
+        """Another Ray workload holds `cpus` of `node` (a placement group of its own) while the block runs."""
+        code = ("import sys, ray\nfrom ray.util.placement_group import placement_group\n"
+                "ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False)\n"
+                "g = placement_group([{'CPU': float(sys.argv[3])}], bundle_label_selector=[{'ray.io/node-id': "
+                "sys.argv[2]}])\nray.get(g.ready(), timeout=60)\nprint('held', flush=True)\nsys.stdin.read()\n")
+        proc = subprocess.Popen([sys.executable, "-c", code, self.state["address"], self.node(node)["node_id"],
+                                 str(cpus)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == b"held"
+            yield
+        finally:
+            assert proc.stdin is not None
+            proc.stdin.close()
+            proc.wait(30)
+
     def log(self, name: str) -> str:
         return (self.state_dir / name).read_text(errors="replace")[-5000:]
 
@@ -108,7 +126,8 @@ class Cluster:
 @contextlib.contextmanager
 def running_cluster(front_args: list[str] | None = None) -> Iterator[Cluster]:
     with tempfile.TemporaryDirectory(prefix="snapkernel-cluster-") as tmp:
-        cluster = Cluster(Path(tmp), [*FRONT_ARGS, *(front_args or [])])
+        store = f"--BackendApp.snapshot_store=file://{Path(tmp) / SHARED}"
+        cluster = Cluster(Path(tmp), [*FRONT_ARGS, store, *(front_args or [])])
         saved = {k: os.environ.get(k) for k in cluster.env()}
         os.environ.update(cluster.env())
         try:

@@ -18,7 +18,7 @@ from jupyter_client.manager import KernelManager
 
 from snapkernel.errors import NoCapacityError
 from snapkernel.protocol.v1 import backend_pb2 as pb
-from tests.cluster.conftest import Cluster
+from tests.cluster.conftest import NODE_CPUS, Cluster
 from tests.kernel_provisioner.kernel_helpers import run, running_kernel, value, write_kernelspec
 
 
@@ -77,6 +77,21 @@ def test_a_request_no_node_can_meet_is_refused_naming_what_exists(cluster: Clust
     with pytest.raises(NoCapacityError, match=r"runtimes imaginary.*node-1: .*runtimes process"):
         cluster.call(lambda c: c.create_sandbox(pb.CreateSandboxRequest(spec=pb.SandboxSpec(runtime="imaginary"))))
     assert cluster.call(lambda c: c.list_sandboxes()) == []
+
+
+def test_a_kernel_hibernated_on_a_node_that_is_full_wakes_on_the_other(cluster: Cluster,
+                                                                        kernelspec_dir: Path) -> None:
+    name = kernelspec(kernelspec_dir, "cluster-sleep")
+    with running_kernel(name) as (km, kc):
+        run(kc, "kept = [1, 2, 3]\nword = 'here'")
+        sb = sandbox_of(cluster, km)
+        cluster.call(lambda c: c.hibernate_sandbox(sb.id))
+        assert cluster.call(lambda c: c.get_sandbox(sb.id)).state == pb.HIBERNATED
+        with cluster.ray_holds(sb.node, NODE_CPUS):  # its node is full now (its room went back at hibernation)
+            assert value(kc, "word + str(sum(kept))", timeout=120) == "'here6'"
+        woke = sandbox_of(cluster, km)
+        assert woke.id == sb.id and woke.node != sb.node and woke.state == pb.RUNNING
+        assert value(kc, "kept.append(4); sum(kept)") == "10"
 
 
 def test_fanout_from_a_kernel_spreads_over_both_nodes_in_order(cluster: Cluster, kernelspec_dir: Path) -> None:

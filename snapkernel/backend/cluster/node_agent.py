@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from snapkernel.errors import BackendUnavailableError
-from snapkernel.protocol.connection import default_state_dir, read_token
+from snapkernel.protocol.connection import default_state_dir, read_token, token_path
 
 log = logging.getLogger(__name__)
 
@@ -144,13 +144,13 @@ class NodeDaemon:
         while time.monotonic() < deadline:
             if not _alive(pid):
                 return False
-            if (self.state_dir / "token").exists() and _answers(address):
+            if token_path(self.state_dir).exists() and _answers(address):
                 return True
             time.sleep(0.05)
         return False
 
     def token(self) -> str:
-        return read_token(self.state_dir / "token")
+        return read_token(token_path(self.state_dir))
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM: the daemon stops, leaving its sandboxes for the next one (or `remove_on_stop`)."""
