@@ -41,6 +41,7 @@ from snapkernel.protocol.connection import GRPC_OPTIONS, default_state_dir, grpc
 from snapkernel.protocol.spec import check_runtime_name, parse_disk, parse_memory, parse_size, spec_from_config
 from snapkernel.protocol.v1 import backend_pb2 as pb
 from snapkernel.protocol.v1 import backend_pb2_grpc as pb_grpc
+from snapkernel.snapshots.shared import SharedStore, parse_url
 from snapkernel.snapshots.staging import DEFAULT_BUFFER_BYTES, DEFAULT_BUFFERS, check_staging
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,15 @@ class BackendApp(Application):
     stop_on_stdin_eof = Bool(False, help="Stop cleanly when stdin reaches end of file: a parent holding the other "
                                          "end of a pipe takes the backend with it however it dies. Set by "
                                          "`snapkernel lab`.").tag(config=True)
+    snapshot_store = Unicode("", help="Shared storage for snapshots, for daemons on several nodes: "
+                                      "file:///absolute/dir (a directory every node mounts, e.g. an NFS volume or "
+                                      "a PVC) or s3://bucket/prefix (credentials, region and endpoint from "
+                                      "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION or "
+                                      "AWS_DEFAULT_REGION and AWS_ENDPOINT_URL, e.g. http://minio:9000). Snapshots "
+                                      "taken here are uploaded to it, those resumed here are fetched from it into "
+                                      "the state dir's store (a cache), listings show both. Checked at start: a "
+                                      "store that cannot be used stops the daemon. Default: none (this node's "
+                                      "store only). Needs obstore (the `cluster` extra).").tag(config=True)
     tls_cert = Unicode("", help="PEM certificate file: serve TCP addresses with TLS.").tag(config=True)
     tls_key = Unicode("", help="PEM private key file for --tls-cert.").tag(config=True)
 
@@ -215,6 +225,12 @@ class BackendApp(Application):
                                        "as numpy or os.path")
         return list(proposal["value"])
 
+    @validate("snapshot_store")
+    def _check_snapshot_store(self, proposal: dict[str, Any]) -> str:
+        if proposal["value"]:
+            parse_url(proposal["value"])  # the URL's form now; the store itself is opened at start
+        return str(proposal["value"])
+
     @validate("runtime")
     def _check_runtime(self, proposal: dict[str, Any]) -> str:
         return check_runtime_name(proposal["value"]) if proposal["value"] else ""
@@ -253,6 +269,10 @@ class BackendApp(Application):
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(state, 0o700)
         token = ensure_token(state / "token")
+        shared = None
+        if self.snapshot_store:  # one real request: a store that cannot be used stops the daemon now
+            shared = await asyncio.to_thread(SharedStore.open, self.snapshot_store)
+            log.info("snapshots are shared through %s", shared.url)
         gpus, driver, why = await asyncio.to_thread(inventory)
         log.info("GPUs: %s", ", ".join(f"{g.index}:{g.name}" for g in gpus) or why)
         runtimes, missing = await asyncio.to_thread(self.build_runtimes, state, driver)  # runs runsc to probe it
@@ -279,7 +299,7 @@ class BackendApp(Application):
             wake_timeout=self.wake_timeout, templates=self.templates,
             template_preimport=tuple(self.template_preimport), warm_pool=self.warm_pool,
             warm_pool_classes=tuple(pool_class(cls) for cls in self.warm_pool_classes)),
-            known_runtimes=[*runtimes, *(m.name for m in missing)])
+            known_runtimes=[*runtimes, *(m.name for m in missing)], shared_store=shared)
 
         def infos() -> list[RuntimeInfo]:
             quota = manager.workspaces.describe()
