@@ -268,13 +268,12 @@ class SharedStore:
         return f"{ROOT}/{check_snapshot_id(snapshot_id)}/{name}"
 
     # --- reading --------------------------------------------------------------------------------
-    def _read_manifest(self, snapshot_id: str) -> tuple[bytes, str] | None:
-        """The manifest's bytes and its e_tag, or None when the snapshot has none (absent or half written)."""
+    def _read_manifest(self, snapshot_id: str) -> bytes | None:
+        """The manifest's bytes, or None when the snapshot has none (absent, half written or half deleted)."""
         import obstore
 
         try:
-            result = obstore.get(self.store, self.key(snapshot_id))
-            return bytes(result.bytes()), str(result.meta.get("e_tag") or "")
+            return bytes(obstore.get(self.store, self.key(snapshot_id)).bytes())
         except FileNotFoundError:
             return None
         except Exception as e:
@@ -299,7 +298,7 @@ class SharedStore:
         if found is None:
             raise NotFoundError(f"no snapshot {snapshot_id!r} here or in the {self.name}; `snapkernel snapshots "
                                 "list` shows them")
-        return self._parse(snapshot_id, found[0])
+        return self._parse(snapshot_id, found)
 
     def list(self) -> list[Snapshot]:
         """Every snapshot with a manifest, newest first; one whose manifest cannot be read is listed with
@@ -329,7 +328,7 @@ class SharedStore:
                     read = self._read_manifest(snapshot_id)
                     if read is None:
                         continue  # deleted since the listing
-                    snap = self._parse(snapshot_id, read[0])
+                    snap = self._parse(snapshot_id, read)
                     self._manifests[(snapshot_id, tag)] = snap
                 except SnapshotCorruptError as e:
                     snap = Snapshot(id=snapshot_id, kind="", damaged=str(e)[:500])
@@ -455,7 +454,7 @@ class SharedStore:
         if found is None:
             return False
         try:
-            same = json.loads(found[0]) == json.loads(body)
+            same = json.loads(found) == json.loads(body)
         except ValueError:
             same = False
         if not same:
