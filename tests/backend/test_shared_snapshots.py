@@ -96,3 +96,27 @@ def test_a_store_that_cannot_be_used_stops_the_daemon(s3: S3Server, tmp_path: Pa
     assert proc.returncode == 2, proc.stderr
     assert message.replace("ENDPOINT", s3.endpoint) in proc.stderr
     assert not (tmp_path / "backend.sock").exists()
+
+
+@pytest.mark.gvisor
+def test_a_memory_snapshot_resumes_on_another_daemon_with_its_kernel_key(s3: S3Server, kernelspec_dir: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    for k, v in s3.env().items():
+        monkeypatch.setenv(k, v)
+    with node(f"s3://{BUCKET}/memory") as a, node(f"s3://{BUCKET}/memory") as b:
+        use(monkeypatch, a)
+        spec = write_kernelspec(kernelspec_dir, "snapkernel-test-shared-gvisor", {"runtime": "gvisor"})
+        with running_kernel(spec) as (_km, kc):
+            run(kc, "import os\nstate = {'answer': 42}\nopen('notes.txt', 'w').write('kept')")
+            sandbox = value(kc, "os.environ['SNAPKERNEL_SANDBOX_ID']").strip("'")
+            snap: pb.SnapshotInfo = backend_call(a, lambda c: c.create_snapshot(sandbox, "memory"))
+        info: pb.SnapshotInfo = backend_call(b, lambda c: c.get_snapshot(snap.id))
+        assert info.kernel_key and not (b.state_dir / "snapshots" / snap.id).exists()  # the bundle file alone
+        use(monkeypatch, b)
+        resume = write_kernelspec(kernelspec_dir, "snapkernel-test-shared-resume-memory",
+                                  {"runtime": "gvisor", "restore_from": snap.id})
+        with running_kernel(resume) as (_km, kc):
+            assert value(kc, "state['answer']") == "42"
+            assert value(kc, "open('notes.txt').read()") == "'kept'"
+        backend_call(b, lambda c: c.delete_snapshot(snap.id))
+        assert snap.id not in ids(a) and snap.id not in ids(b)
