@@ -2,8 +2,9 @@
 sandbox goes. A cluster's front then resumes it on another node under the same id (cluster/ray_placement.py).
 
 A memory image becomes a memory snapshot (the image, the sandbox's bundle and a copy of its workspace, as
-`snapkernel snapshots create` writes one); saved variables become a state snapshot. The files are copied, not
-moved: until the snapshot is committed the sandbox can still wake here, so a failure loses nothing.
+`snapkernel snapshots create` writes one); saved variables become a state snapshot. It is uploaded to the
+shared snapshot store, where the other node finds it. The files are copied, not moved: until the snapshot is
+committed and uploaded the sandbox can still wake here, so a failure loses nothing.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ async def export_sandbox(manager: SandboxManager, sandbox_id: str) -> Snapshot:
     if r.hibernation not in ("memory", "state"):
         raise StateError(f"sandbox {sandbox_id} is suspended ({r.hibernation}): its kernel process stays on its "
                          "node and wakes there")
+    if manager.shared.shared is None:
+        raise StateError(f"sandbox {sandbox_id} cannot leave this node: it has no shared snapshot store for another "
+                         "node to find it in (--BackendApp.snapshot_store)")
     workspace = Path(r.dir) / WORKSPACE
     meta = Snapshot(id="", kind=r.hibernation, name=f"handover-{sandbox_id}", sandbox_id=sandbox_id,
                     notebook_path=r.notebook_path, runtime=r.runtime)
@@ -55,5 +59,6 @@ async def export_sandbox(manager: SandboxManager, sandbox_id: str) -> Snapshot:
         saved = workspace / STATE_DIR
         async with manager.snapshots.writing(meta, _size(saved)) as d:
             await asyncio.to_thread(shutil.copytree, saved, d, dirs_exist_ok=True)
+    await manager.shared.publish(meta)  # where the node it resumes on finds it; fails here, the sandbox stays
     await manager.delete(sandbox_id)
     return meta

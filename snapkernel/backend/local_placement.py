@@ -19,7 +19,6 @@ from snapkernel.backend.sandboxes import SandboxManager
 from snapkernel.backend.usage import UsageSampler
 from snapkernel.host.gpus import inventory
 from snapkernel.protocol.v1 import backend_pb2 as pb
-from snapkernel.snapshots import memory
 from snapkernel.snapshots.store import Snapshot
 
 
@@ -164,24 +163,21 @@ class LocalPlacement(Placement):
         return snapshot_info(await export_sandbox(self.manager, sandbox_id))
 
     async def create_snapshot(self, request: pb.CreateSnapshotRequest) -> pb.SnapshotInfo:
-        return snapshot_info(await self.manager.snapshot(request))
+        snap = await self.manager.snapshot(request)
+        await self.manager.shared.publish(snap)  # for every node: the call returns once it is there
+        return snapshot_info(snap)
 
     async def get_snapshot(self, snapshot_id: str) -> pb.SnapshotInfo:
-        def read() -> pb.SnapshotInfo:  # the catalog's SQLite and the image's files: off the event loop
-            snap = self.manager.snapshots.get(snapshot_id)
-            info = snapshot_info(snap)
-            if snap.kind == "memory":
-                info.kernel_key = memory.kernel_key(self.manager.snapshots.path(snap.id))
-            return info
-
-        return await asyncio.to_thread(read)
+        snap, kernel_key = await self.manager.shared.get(snapshot_id)
+        info = snapshot_info(snap)
+        info.kernel_key = kernel_key
+        return info
 
     async def list_snapshots(self, notebook_path: str) -> list[pb.SnapshotInfo]:
-        snaps = await asyncio.to_thread(self.manager.snapshots.list, notebook_path or None)
-        return [snapshot_info(s) for s in snaps]
+        return [snapshot_info(s) for s in await self.manager.shared.list(notebook_path or None)]
 
     async def delete_snapshot(self, snapshot_id: str) -> None:
-        await asyncio.to_thread(self.manager.snapshots.delete, snapshot_id)
+        await self.manager.shared.delete(snapshot_id)
 
     async def status(self) -> pb.Status:
         gpus, driver, why = await asyncio.to_thread(inventory)

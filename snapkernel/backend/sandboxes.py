@@ -15,7 +15,7 @@ import shutil
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from snapkernel.backend import lifecycle
 from snapkernel.backend.agent_link import AgentLink
@@ -27,6 +27,7 @@ from snapkernel.backend.runtimes.base import EXIT_FILE, LINK_SOCKET, LOG_FILE, S
 from snapkernel.backend.sandbox import POOL_KERNEL_ID, TEMPLATE_KERNEL_ID, Defaults, LiveSandbox
 from snapkernel.backend.sandbox_db import SandboxDB, SandboxRecord
 from snapkernel.backend.scheduler import Scheduler
+from snapkernel.backend.shared_snapshots import SharedSnapshots
 from snapkernel.backend.snapshotting import Snapshotter
 from snapkernel.backend.starting import Starter
 from snapkernel.backend.templates import KERNEL, Templates, eligible, mode
@@ -47,12 +48,16 @@ from snapkernel.protocol.states import HELD, STATE_NAMES
 from snapkernel.protocol.v1 import backend_pb2 as pb
 from snapkernel.snapshots.store import Snapshot, SnapshotStore
 
+if TYPE_CHECKING:
+    from snapkernel.snapshots.shared import SharedStore
+
 log = logging.getLogger(__name__)
 
 
 class SandboxManager:
     def __init__(self, state_dir: Path, runtimes: dict[str, SandboxRuntime], scheduler: Scheduler,
-                 defaults: Defaults, known_runtimes: Sequence[str] = ()) -> None:
+                 defaults: Defaults, known_runtimes: Sequence[str] = (), *, shared_store: SharedStore | None = None
+                 ) -> None:
         self.state_dir = state_dir
         self.sandbox_root = state_dir / "sandboxes"
         self.sandbox_root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -63,6 +68,8 @@ class SandboxManager:
         self.defaults = defaults
         self.live: dict[str, LiveSandbox] = {}
         self.snapshots = SnapshotStore(state_dir / "snapshots")
+        # The store above as a cache of a shared one, when there is one.
+        self.shared = SharedSnapshots(self.snapshots, shared_store, state_dir / "shared_snapshots")
         self.workspaces = Workspaces(state_dir)
         self._tasks: set[asyncio.Task[None]] = set()
         self.hibernator = Hibernator(self)
@@ -152,6 +159,7 @@ class SandboxManager:
         restore_source: Path | None = None
         snap: Snapshot | None = None
         if spec.restore_from:
+            await self.shared.ensure_local(spec.restore_from, spec.runtime, runtime.capabilities.version)
             snap = await asyncio.to_thread(self.snapshots.check, spec.restore_from, spec.runtime,
                                            runtime.capabilities.version)
             if snap.kind == "memory":

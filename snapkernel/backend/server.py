@@ -43,6 +43,7 @@ from snapkernel.protocol.connection import GRPC_OPTIONS, default_state_dir, grpc
 from snapkernel.protocol.spec import check_runtime_name, parse_disk, parse_memory, parse_size, spec_from_config
 from snapkernel.protocol.v1 import backend_pb2 as pb
 from snapkernel.protocol.v1 import backend_pb2_grpc as pb_grpc
+from snapkernel.snapshots.shared import SharedStore, parse_url
 from snapkernel.snapshots.staging import DEFAULT_BUFFER_BYTES, DEFAULT_BUFFERS, check_staging
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,15 @@ class BackendApp(Application):
                                        "nodes; --clone jobs stay here.").tag(config=True)
     fanout_upstream_token_file = Unicode("", help="The front's token, for --BackendApp.fanout_upstream (a 0600 "
                                                   "file).").tag(config=True)
+    snapshot_store = Unicode("", help="Shared storage for snapshots, for daemons on several nodes: "
+                                      "file:///absolute/dir (a directory every node mounts, e.g. an NFS volume or "
+                                      "a PVC) or s3://bucket/prefix (credentials, region and endpoint from "
+                                      "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION or "
+                                      "AWS_DEFAULT_REGION and AWS_ENDPOINT_URL, e.g. http://minio:9000). Snapshots "
+                                      "taken here are uploaded to it, those resumed here are fetched from it into "
+                                      "the state dir's store (a cache), listings show both. Checked at start: a "
+                                      "store that cannot be used stops the daemon. Default: none (this node's "
+                                      "store only). Needs obstore (the `cluster` extra).").tag(config=True)
     tls_cert = Unicode("", help="PEM certificate file: serve TCP addresses with TLS.").tag(config=True)
     tls_key = Unicode("", help="PEM private key file for --tls-cert.").tag(config=True)
 
@@ -249,6 +259,12 @@ class BackendApp(Application):
                                    "(the nodes of a Ray cluster, with --ray-address)")
         return str(proposal["value"])
 
+    @validate("snapshot_store")
+    def _check_snapshot_store(self, proposal: dict[str, Any]) -> str:
+        if proposal["value"]:
+            parse_url(proposal["value"])  # the URL's form now; the store itself is opened at start
+        return str(proposal["value"])
+
     @validate("runtime")
     def _check_runtime(self, proposal: dict[str, Any]) -> str:
         return check_runtime_name(proposal["value"]) if proposal["value"] else ""
@@ -284,6 +300,7 @@ class BackendApp(Application):
 
     async def local_placement(self, state: Path) -> tuple[Placement, str]:
         """This host's sandboxes: its runtimes, GPUs and scheduler."""
+        shared = await self.shared_store()
         gpus, driver, why = await asyncio.to_thread(inventory)
         log.info("GPUs: %s", ", ".join(f"{g.index}:{g.name}" for g in gpus) or why)
         runtimes, missing = await asyncio.to_thread(self.build_runtimes, state, driver)  # runs runsc to probe it
@@ -310,7 +327,7 @@ class BackendApp(Application):
             wake_timeout=self.wake_timeout, templates=self.templates,
             template_preimport=tuple(self.template_preimport), warm_pool=self.warm_pool,
             warm_pool_classes=tuple(pool_class(cls) for cls in self.warm_pool_classes)),
-            known_runtimes=[*runtimes, *(m.name for m in missing)])
+            known_runtimes=[*runtimes, *(m.name for m in missing)], shared_store=shared)
 
         def infos() -> list[RuntimeInfo]:
             quota = manager.workspaces.describe()
@@ -323,6 +340,14 @@ class BackendApp(Application):
                                    orphan_timeout=self.orphan_timeout, fanout_upstream=upstream)
         return placement, default_runtime
 
+    async def shared_store(self) -> SharedStore | None:
+        """The shared snapshot store, opened with one real request: one that cannot be used stops the daemon."""
+        if not self.snapshot_store:
+            return None
+        shared = await asyncio.to_thread(SharedStore.open, self.snapshot_store)
+        log.info("snapshots are shared through %s", shared.url)
+        return shared
+
     async def ray_placement(self, state: Path, token: str) -> tuple[Placement, str]:
         """The front of a Ray cluster: sandboxes go to its nodes' daemons (snapkernel/backend/cluster)."""
         from snapkernel.backend.cluster.ray_placement import FrontSettings, RayPlacement
@@ -332,6 +357,9 @@ class BackendApp(Application):
             raise InvalidSpecError("--placement ray needs the Ray cluster's address: --ray-address HOST:PORT (or "
                                    "RAY_ADDRESS), e.g. 127.0.0.1:6379")
         node_args = ["--BackendApp.warm_pool=0", *self.node_args]  # a pool would hold room Ray does not know of
+        shared = await self.shared_store() is not None  # checked here too: a bad one stops the front at once
+        if shared:
+            node_args.append(f"--BackendApp.snapshot_store={self.snapshot_store}")
         if self.runtime:
             node_args.append(f"--BackendApp.runtime={self.runtime}")
         settings = FrontSettings(
@@ -339,7 +367,7 @@ class BackendApp(Application):
             default_memory=parse_memory(self.default_memory), default_disk=parse_disk(self.default_disk),
             node_args=node_args, front_address=grpc_target(self.listen), front_token=token,
             placement_timeout=self.placement_timeout, node_lost_after=self.node_lost_after,
-            replace_lost=self.replace_lost)
+            replace_lost=self.replace_lost, shared_store=shared)
         placement = RayPlacement(settings)
         return placement, placement.default_runtime
 

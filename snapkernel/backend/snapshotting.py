@@ -28,6 +28,7 @@ from snapkernel.snapshots import memory, state
 from snapkernel.snapshots.store import Snapshot, is_disk_full
 
 if TYPE_CHECKING:
+    from snapkernel.backend.shared_snapshots import SharedSnapshots
     from snapkernel.backend.workspace import Workspaces
     from snapkernel.snapshots.store import SnapshotStore
 
@@ -41,6 +42,7 @@ class SnapshotHost(Protocol):
 
     runtimes: dict[str, SandboxRuntime]
     snapshots: SnapshotStore
+    shared: SharedSnapshots
     workspaces: Workspaces
 
     def get(self, sandbox_id: str) -> LiveSandbox: ...
@@ -76,6 +78,7 @@ class Snapshotter:
         try:
             snap = await self.snapshot(pb.CreateSnapshotRequest(sandbox_id=sb.record.id, kind=request.kind,
                                                                 name=request.name))
+            await self.m.shared.publish(snap)
             log.info("sandbox_id=%s %%snapshot took %s", sb.record.id, snap.id)
         except SnapkernelError as e:
             self.m.progress(sb, "snapshot", f"%snapshot failed: {e}")

@@ -12,14 +12,20 @@ import asyncio
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 IMAGE = "image"  # runsc checkpoint's files
 WORKSPACE = "workspace"  # the sandbox's workspace files as they were
+BUNDLE = "sandbox.json"  # what the runtime saved of the sandbox (its OCI spec, the kernel's key)
 
 
 def kernel_key(snapshot_dir: Path) -> bytes:
     """The Jupyter session key the snapshotted kernel signs with (a resumed kernel keeps it)."""
-    saved = json.loads((snapshot_dir / "sandbox.json").read_text())
+    return kernel_key_of(json.loads((snapshot_dir / BUNDLE).read_text()))
+
+
+def kernel_key_of(saved: Any) -> bytes:
+    """`kernel_key` of the runtime's saved bundle, already read (from the shared store, say)."""
     if "kernel_key" in saved:
         return str(saved["kernel_key"]).encode()
     for entry in saved["oci"]["process"]["env"]:  # images saved before the key was

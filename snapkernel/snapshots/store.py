@@ -97,6 +97,22 @@ def _record(meta: Snapshot) -> dict[str, object]:
     return d
 
 
+def manifest_json(meta: Snapshot) -> str:
+    """The snapshot's record as its manifest and catalog row hold it (and the shared store's manifest)."""
+    return json.dumps(_record(meta))
+
+
+def check_restorable(snap: Snapshot, runtime: str, runtime_version: str = "") -> None:
+    """StateError unless `runtime` (at `runtime_version`, when given) can restore the snapshot."""
+    if snap.kind == "memory" and (snap.runtime != runtime or
+                                  (runtime_version and snap.runtime_version != runtime_version)):
+        raise StateError(
+            f"snapshot {snap.id} is a memory snapshot written by {snap.runtime} {snap.runtime_version}; "
+            f"this backend restores with {runtime} {runtime_version}: use a state snapshot to move a "
+            "kernel across runtimes"
+        )
+
+
 def _differences(catalog: dict[str, object], manifest: dict[str, object]) -> list[str]:
     """What differs between the catalog's record of a snapshot and its manifest, in words."""
     out = []
@@ -185,7 +201,7 @@ class SnapshotStore:
                       for p in _data_files(partial)]
         meta.created = time.time()
         meta.format = FORMAT
-        body = json.dumps(_record(meta))
+        body = manifest_json(meta)
         (partial / MANIFEST).write_text(body)
         _fsync_tree(partial)
         os.rename(partial, self.root / meta.id)
@@ -196,6 +212,52 @@ class SnapshotStore:
         except BaseException:
             shutil.rmtree(self.root / meta.id, ignore_errors=True)  # not recorded: not kept
             raise
+
+    def begin_adopt(self, snapshot_id: str, expected_size: int) -> Path:
+        """The empty directory to receive a snapshot written elsewhere (another node's, from the shared store)
+        that keeps its id; `adopt` commits it."""
+        check_snapshot_id(snapshot_id)
+        self.check_free_space(expected_size)
+        partial = self.root / f"{_PARTIAL}{snapshot_id}-{secrets.token_hex(4)}"
+        partial.mkdir(mode=0o700)
+        return partial
+
+    def adopt(self, meta: Snapshot, partial: Path) -> None:
+        """Commit a snapshot written elsewhere under its own id and record, unchanged (slow: call off the loop).
+
+        The caller has checked every file against the record's checksums; here the directory must hold exactly
+        the files the record lists, with their sizes. Its manifest and catalog row are the record, as `commit`'s.
+        """
+        check_snapshot_kind(meta.kind)
+        if self.has(meta.id):
+            raise StateError(f"snapshot {meta.id} is already in this node's store")
+        listed = {f.name: f.size for f in meta.files}
+        found = {p.relative_to(partial).as_posix(): p.stat().st_size for p in _data_files(partial)}
+        if found != listed:
+            odd = sorted(set(found) ^ set(listed)) or sorted(n for n in listed if found[n] != listed[n])
+            raise SnapshotCorruptError(f"snapshot {meta.id}: the files received are not those its record lists "
+                                       f"({', '.join(odd[:5])}); it is not kept")
+        body = manifest_json(meta)
+        if meta.format >= 1:  # a format 0 snapshot never had one (`check` refuses one that appears)
+            (partial / MANIFEST).write_text(body)
+        _fsync_tree(partial)
+        target = self.root / meta.id
+        if target.exists():  # left by a crash between a rename and its catalog row: never recorded, not kept
+            shutil.rmtree(target)
+        os.rename(partial, target)
+        try:
+            with self.lock:
+                self.db.execute("INSERT INTO snapshots VALUES (?, ?, ?, ?)",
+                                (meta.id, meta.notebook_path, meta.created, body))
+        except BaseException:
+            shutil.rmtree(target, ignore_errors=True)
+            raise
+
+    def has(self, snapshot_id: str) -> bool:
+        """Whether the catalog has a row for this id (readable or not)."""
+        with self.lock:
+            return self.db.execute("SELECT 1 FROM snapshots WHERE id = ?",
+                                   (check_snapshot_id(snapshot_id),)).fetchone() is not None
 
     @staticmethod
     def abort(partial: Path) -> None:
@@ -277,13 +339,7 @@ class SnapshotStore:
         """The snapshot, once the runtime can restore it and its files are those its record lists, with their
         sizes (the quick part of `verify`: no file is read)."""
         snap = self.get(snapshot_id)
-        if snap.kind == "memory" and (snap.runtime != runtime or
-                                      (runtime_version and snap.runtime_version != runtime_version)):
-            raise StateError(
-                f"snapshot {snapshot_id} is a memory snapshot written by {snap.runtime} {snap.runtime_version}; "
-                f"this backend restores with {runtime} {runtime_version}: use a state snapshot to move a "
-                "kernel across runtimes"
-            )
+        check_restorable(snap, runtime, runtime_version)
         base = self.path(snapshot_id)
         self._check_manifest(snap, base)
         listed = {f.name for f in snap.files}
@@ -346,7 +402,8 @@ class SnapshotStore:
         self.db.close()
 
 
-def _from_json(body: str) -> Snapshot:
+def snapshot_from_json(body: str | bytes) -> Snapshot:
+    """The snapshot of a record (`manifest_json`'s); ValueError, TypeError or KeyError when it is not one."""
     d = json.loads(body)
     if not isinstance(d, dict):
         raise ValueError(f"the record is a JSON {type(d).__name__}, not an object")
@@ -360,7 +417,7 @@ def _from_row(row_id: object, body: object) -> Snapshot:
     try:
         if not isinstance(body, str):
             raise ValueError(f"the record is {type(body).__name__}, not JSON text")
-        snap = _from_json(body)
+        snap = snapshot_from_json(body)
         if snap.id != row_id:
             raise ValueError(f"the record names {snap.id!r}, the row {row_id!r}")
         return snap

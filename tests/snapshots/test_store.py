@@ -244,3 +244,21 @@ def test_reads_restores_and_deletes_work_on_a_full_disk(small_fs: Path) -> None:
         assert s.verify(first.id, "gvisor") == first
     reopened.delete(second.id)
     assert [x.id for x in store.list()] == [first.id]
+
+
+def test_adopted_snapshot_keeps_its_id_and_record(tmp_path: Path) -> None:
+    first, second = SnapshotStore(tmp_path / "a"), SnapshotStore(tmp_path / "b")
+    snap = write_one(first)
+    partial = second.begin_adopt(snap.id, snap.size)
+    (partial / "checkpoint.img").write_bytes(b"x" * 1000)
+    with pytest.raises(SnapshotCorruptError, match=f"snapshot {snap.id}: the files received are not those its "
+                                                   r"record lists \(workspace/data.csv\)"):
+        second.adopt(snap, partial)
+    (partial / "workspace").mkdir()
+    (partial / "workspace" / "data.csv").write_text("a,b\n")
+    second.adopt(snap, partial)
+    assert second.verify(snap.id, "gvisor", "0.0~20240729.0") == snap == first.get(snap.id)
+    assert second.has(snap.id) and not list((tmp_path / "b").glob(".partial-*"))
+    again = second.begin_adopt(snap.id, snap.size)
+    with pytest.raises(StateError, match=f"snapshot {snap.id} is already in this node's store"):
+        second.adopt(snap, again)

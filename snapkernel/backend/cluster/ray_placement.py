@@ -56,6 +56,7 @@ class FrontSettings:
     default_memory: int
     default_disk: int
     node_args: list[str]  # more `snapkernel backend` arguments for every node's daemon
+    shared_store: bool = False  # the nodes share a snapshot store: a sandbox can wake and move across nodes
     front_address: str = ""  # where the nodes' daemons send their kernels' fan-out jobs
     front_token: str = ""
     poll_interval: float = 0.5
@@ -495,7 +496,9 @@ class RayPlacement(Placement):
                 return await self.get(sandbox_id)
             spec = self._parse(p.last.spec)
             group = f"sk-{sandbox_id}-{secrets.token_hex(3)}"
-            node_id = await self._reserve(resources.bundle(spec), group, near=p.ray_node_id)
+            # Elsewhere only through a shared snapshot store; without one it waits for room on its own node.
+            node_id = await self._reserve(resources.bundle(spec), group, near=p.ray_node_id,
+                                          strict=not self.s.shared_store)
             p.group = group
             self.db.save(p)
             if node_id == p.ray_node_id:
@@ -554,6 +557,8 @@ class RayPlacement(Placement):
             try:
                 await self._reserve(wants, group, near=p.ray_node_id, strict=True)
             except NoCapacityError:
+                if not self.s.shared_store:
+                    raise
                 node_id = await self._reserve(wants, group)
                 await link.call("HibernateSandbox", pb.HibernateSandboxRequest(id=request.id), timeout=None)
                 await self._release(p)
