@@ -124,9 +124,11 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def running_cluster(front_args: list[str] | None = None) -> Iterator[Cluster]:
+def running_cluster(front_args: list[str] | None = None, store: str = "") -> Iterator[Cluster]:
+    """A cluster whose nodes share `store` (default: a directory of its state dir)."""
     with tempfile.TemporaryDirectory(prefix="snapkernel-cluster-") as tmp:
-        store = f"--BackendApp.snapshot_store=file://{Path(tmp) / SHARED}"
+        (Path(tmp) / SHARED).mkdir()
+        store = f"--BackendApp.snapshot_store={store or f'file://{Path(tmp) / SHARED}'}"
         cluster = Cluster(Path(tmp), [*FRONT_ARGS, store, *(front_args or [])])
         saved = {k: os.environ.get(k) for k in cluster.env()}
         os.environ.update(cluster.env())

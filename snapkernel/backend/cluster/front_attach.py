@@ -88,7 +88,11 @@ class FrontAttachment:
         """Carry frames through `link` until its stream ends; True when the sandbox may be reached again
         (woken elsewhere, its daemon restarted)."""
         call = link.attach()
-        await call.write(pb.AttachRequest(open=pb.AttachOpen(sandbox_id=self.sandbox_id)))
+        try:
+            await call.write(pb.AttachRequest(open=pb.AttachOpen(sandbox_id=self.sandbox_id)))
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError) as e:  # its daemon restarts: frames wait meanwhile
+            log.info("sandbox_id=%s: %s does not take Attach (%s)", self.sandbox_id, link.describe(), e.__class__)
+            return True
 
         async def read() -> None:
             async for resp in call:

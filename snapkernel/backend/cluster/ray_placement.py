@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import socket
 import time
 from collections.abc import AsyncGenerator, Callable, Coroutine
 from dataclasses import dataclass
@@ -84,6 +85,16 @@ class RayPlacement(Placement):
     def _connect(self) -> None:
         import ray
 
+        host, _, port = self.s.ray_address.rpartition(":")
+        if not host or not port.isdigit():
+            raise InvalidSpecError(f"--ray-address {self.s.ray_address!r} is not valid: give the Ray head's HOST:PORT "
+                                   "(its GCS port, 6379 unless `ray start --head --port` chose another)")
+        try:  # Ray itself would retry an address that does not answer for minutes
+            socket.create_connection((host.strip("[]"), int(port)), timeout=5.0).close()
+        except OSError as e:
+            raise BackendUnavailableError(
+                f"cannot reach the Ray cluster at --ray-address {self.s.ray_address!r} ({e}): start its head with "
+                "`ray start --head` (or `snapkernel cluster up`) and give its address, e.g. 127.0.0.1:6379") from e
         try:
             ray.init(address=self.s.ray_address, namespace=NAMESPACE, logging_level=logging.WARNING,
                      log_to_driver=False, configure_logging=False)
