@@ -60,8 +60,14 @@ class Cluster:
         return int(json.loads((Path(self.node(name)["state_dir"]) / "daemon.json").read_text())["pid"])
 
     def kill_node(self, name: str) -> None:
-        """SIGKILL the node's raylet and its daemon, as a machine that dies."""
+        """SIGKILL the node's raylet, its daemon's keeper (the Ray worker of its NodeAgent, which would start
+        the daemon again before it noticed the raylet gone) and its daemon, as a machine that dies."""
         os.kill(self.node(name)["raylet_pid"], signal.SIGKILL)
+        marker = f"SNAPKERNEL_NODE_STATE_DIR={self.node(name)['state_dir']}\0".encode()
+        for pid in sandbox_processes("NodeAgent"):
+            with contextlib.suppress(OSError):
+                if marker in Path(f"/proc/{pid}/environ").read_bytes():
+                    os.kill(pid, signal.SIGKILL)
         os.kill(self.daemon_pid(name), signal.SIGKILL)
 
     def restart_front(self, sig: int = signal.SIGKILL) -> None:

@@ -55,15 +55,16 @@ def test_a_node_lost_mid_job_the_job_completes_its_kernel_is_lost_the_other_runs
         assert [n.alive for n in status.nodes if n.name == b.node] == [False]
 
 
-def test_with_replace_lost_a_kernel_of_a_lost_node_comes_back_from_its_snapshot(kernelspec_dir: Path) -> None:
+def test_with_replace_lost_a_sandbox_of_a_lost_node_starts_again_elsewhere_from_its_snapshot(
+        kernelspec_dir: Path) -> None:
     with running_cluster(["--BackendApp.replace_lost=True"]) as cluster:
-        name = kernelspec(kernelspec_dir, "cluster-replace")
-        with running_kernel(name) as (km, kc):
-            run(kc, "kept = 'from the snapshot'")
-            sb = sandbox_of(cluster, km)
-            snap = cluster.call(lambda c: c.create_snapshot(sb.id, kind="state"))
-            cluster.kill_node(sb.node)
-            assert value(kc, "kept", timeout=120) == "'from the snapshot'"
-            back = sandbox_of(cluster, km)
-            assert back.id == sb.id and back.node != sb.node and back.state == pb.RUNNING
-            assert back.spec.restore_from == snap.id
+        sb = cluster.call(lambda c: c.create_sandbox(pb.CreateSandboxRequest(spec=pb.SandboxSpec(cpu=1))))
+        while (sb := cluster.call(lambda c: c.get_sandbox(sb.id))).state != pb.RUNNING:
+            time.sleep(0.1)
+        snap = cluster.call(lambda c: c.create_snapshot(sb.id, kind="state"))
+        cluster.kill_node(sb.node)
+        deadline = time.monotonic() + 60
+        while (back := cluster.call(lambda c: c.get_sandbox(sb.id))).node == sb.node or back.state != pb.RUNNING:
+            assert back.state != pb.LOST and time.monotonic() < deadline, back
+            time.sleep(0.2)
+        assert back.spec.restore_from == snap.id

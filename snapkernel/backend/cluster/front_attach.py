@@ -34,6 +34,12 @@ class AttachHost(Protocol):
 
     def asleep(self, sandbox_id: str) -> bool: ...
 
+    async def started(self, sandbox_id: str) -> None:
+        """Once a sandbox that started on another node runs there (or has ended)."""
+
+    def ended(self, sandbox_id: str) -> bool:
+        """It has ended (lost with its node, for one): nothing to wait for."""
+
     async def wake(self, sandbox_id: str) -> pb.Sandbox: ...
 
 
@@ -44,6 +50,7 @@ class FrontAttachment:
         for frame in front.unsent.pop(sandbox_id, []):  # what the last client may not have had
             self.outgoing.put_nowait(frame)
         self.to_kernel: asyncio.Queue[pb.KernelFrame] = asyncio.Queue()
+        self.unanswered: list[pb.KernelFrame] = []  # written to the node since its last output
         self.task = asyncio.ensure_future(self._run())
 
     def send(self, frame: pb.KernelFrame) -> None:
@@ -64,6 +71,7 @@ class FrontAttachment:
 
     async def _run(self) -> None:
         pending: list[pb.KernelFrame] = []  # taken from to_kernel, not yet written to a node
+        last: NodeLink | None = None
         try:
             while True:
                 try:
@@ -71,8 +79,17 @@ class FrontAttachment:
                 except NotFoundError:
                     return
                 if not link.alive:
-                    log.info("sandbox_id=%s: its node %s is lost: Attach ends", self.sandbox_id, link.name)
-                    return
+                    if self.front.ended(self.sandbox_id):
+                        log.info("sandbox_id=%s: its node %s is lost: Attach ends", self.sandbox_id, link.name)
+                        return
+                    await asyncio.sleep(RECONNECT_DELAY)  # being re-placed from a snapshot (replace_lost)
+                    continue
+                if last is not None and link is not last and not last.alive:
+                    # Its node died: what it took and never answered goes to the sandbox re-placed from its snapshot.
+                    pending[:0], self.unanswered = self.unanswered, []
+                if last is not None and link is not last:
+                    await self.front.started(self.sandbox_id)  # its variables load before the first cell runs
+                last = link
                 moved = await self._through(link, base, pending)
                 if not moved:
                     return
@@ -97,6 +114,7 @@ class FrontAttachment:
         async def read() -> None:
             async for resp in call:
                 frame = resp.frame
+                self.unanswered.clear()
                 if frame.seq:
                     frame.seq += base
                     self.front.seq_out[self.sandbox_id] = max(frame.seq, self.front.seq_out.get(self.sandbox_id, 0))
@@ -117,7 +135,7 @@ class FrontAttachment:
                     if self.front.link_of(self.sandbox_id)[0] is not link:
                         return True
                 await call.write(pb.AttachRequest(frame=pending[0]))
-                pending.pop(0)
+                self.unanswered.append(pending.pop(0))
         except (grpc.aio.AioRpcError, grpc.aio.UsageError) as e:
             log.info("sandbox_id=%s: Attach to %s broke (%s)", self.sandbox_id, link.describe(), e)
         except SnapkernelError as e:

@@ -228,7 +228,8 @@ class RayPlacement(Placement):
 
     def _nodes_text(self, per_node: dict[str, dict[str, float]]) -> str:
         names = {link.ray_node_id: link.name for link in self.links.values()}
-        found = "; ".join(f"{names[n]}: {resources.describe(r)}" for n, r in per_node.items() if n in names)
+        found = "; ".join(f"{names[n]}: {resources.describe(r)}"
+                          for n, r in sorted(per_node.items(), key=lambda i: names.get(i[0], "")) if n in names)
         if found:
             return found
         why = "; ".join(self.join_errors.values())
@@ -398,6 +399,18 @@ class RayPlacement(Placement):
     def asleep(self, sandbox_id: str) -> bool:
         p = self.placed.get(sandbox_id)
         return p is not None and p.last.state in ASLEEP and not p.group
+
+    async def started(self, sandbox_id: str, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.ended(sandbox_id):
+            with contextlib.suppress(SnapkernelError):
+                if (await self.get(sandbox_id)).state not in (pb.PENDING, pb.STARTING, pb.WAKING):
+                    return
+            await asyncio.sleep(0.1)
+
+    def ended(self, sandbox_id: str) -> bool:
+        p = self.placed.get(sandbox_id)
+        return p is None or p.last.state in ENDED
 
     async def create(self, request: pb.CreateSandboxRequest) -> pb.Sandbox:
         if request.sandbox_id:

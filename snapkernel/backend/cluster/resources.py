@@ -46,13 +46,13 @@ def bundle(spec: ParsedSpec) -> dict[str, float]:
 
 
 def describe(resources: Mapping[str, float]) -> str:
-    """A node's (or a bundle's) resources for people: '2 CPU, 8.0 GiB, gpus 2 H100, runtimes process, gvisor'."""
+    """A node's (or a bundle's) resources for people: '2 CPU, 8Gi, GPUs 2 H100, runtimes gvisor, process'."""
     parts = [f"{resources.get('CPU', 0):g} CPU", format_bytes(int(resources.get("memory", 0)))]
-    gpus = [f"{n:g} {k[len('snapkernel_gpu_'):]}" for k, n in sorted(resources.items())
-            if k.startswith("snapkernel_gpu_")]
+    mine = {k: v for k, v in resources.items() if "_group_" not in k}  # not Ray's own per placement group
+    gpus = [f"{n:g} {k[len('snapkernel_gpu_'):]}" for k, n in sorted(mine.items()) if k.startswith("snapkernel_gpu_")]
     if gpus or resources.get("GPU"):
         parts.append("GPUs " + (", ".join(gpus) or f"{resources.get('GPU', 0):g}"))
-    runtimes = [k[len("snapkernel_runtime_"):] for k in sorted(resources) if k.startswith("snapkernel_runtime_")]
+    runtimes = [k[len("snapkernel_runtime_"):] for k in sorted(mine) if k.startswith("snapkernel_runtime_")]
     parts.append("runtimes " + (", ".join(runtimes) or "none"))
     return ", ".join(parts)
 
