@@ -14,9 +14,9 @@ import contextlib
 import logging
 import secrets
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -26,12 +26,21 @@ from snapkernel.errors import SnapkernelError, describe
 from snapkernel.protocol.spec import check_cpu, parse_gpu, parse_memory
 from snapkernel.protocol.v1 import backend_pb2 as pb
 
-if TYPE_CHECKING:
-    from snapkernel.backend.cluster.ray_placement import RayPlacement
-
 log = logging.getLogger(__name__)
 WINDOW_PER_WORKER = 4  # items a node holds per worker: enough to keep its workers busy between two batches
 WORKER_MEMORY = 512 * 1024**2  # a worker's memory in Ray's books when the job does not say
+
+
+class FanoutHost(Protocol):
+    """What a job needs of the front (ray_placement.py)."""
+
+    links: dict[str, NodeLink]
+
+    async def reserve_spread(self, wants: dict[str, float], count: int, name: str) -> dict[str, int]: ...
+
+    async def remove_group(self, name: str) -> None: ...
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None: ...
 
 
 @dataclass(eq=False)
@@ -47,7 +56,7 @@ class _Branch:
 
 
 class FrontMapJob:
-    def __init__(self, front: RayPlacement, send: Callable[[pb.MapResponse], None]) -> None:
+    def __init__(self, front: FanoutHost, send: Callable[[pb.MapResponse], None]) -> None:
         self.front, self.send = front, send
         self.start: pb.MapStart | None = None
         self.function = b""
