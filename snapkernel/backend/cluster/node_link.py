@@ -58,9 +58,3 @@ class NodeLink:
 
     async def close(self) -> None:
         await self.channel.close(None)
-
-
-def with_node(sb: pb.Sandbox, node: str) -> pb.Sandbox:
-    sb.node = node
-    return sb
-
